@@ -1,0 +1,261 @@
+"""Reads and checks an HC18 directory in the Zenodo layout, without TensorFlow.
+
+The layout (Zenodo record 1327317):
+
+  training_set/NNN_[k]HC.png              8-bit grayscale scans
+  training_set/NNN_[k]HC_Annotation.png   the sonographer's ellipse outline
+  training_set_pixel_size_and_HC.csv      filename,pixel size(mm),head circumference (mm)
+  test_set/NNN_[k]HC.png
+  test_set_pixel_size.csv                 filename,pixel size(mm)
+
+`scan_split` reads every file once, checks it and fits the reference ellipse.
+It collects every problem instead of stopping at the first, so a broken copy
+is reported in one go; conversions that are safe (an RGB scan to grayscale)
+are done with a warning that names the file. The TFDS builder
+(`hc_jax.hc18_tfds`) and the NumPy export both stand on it.
+"""
+
+import csv
+import dataclasses
+import math
+import os
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from hc_jax import ellipse as ellipse_lib
+from hc_jax import folds
+
+SPLITS = {
+    'train': ('training_set', 'training_set_pixel_size_and_HC.csv'),
+    'test': ('test_set', 'test_set_pixel_size.csv'),
+}
+ZENODO_RECORD = 'https://zenodo.org/records/1327317/files/'
+ZENODO_FILES = ('training_set.zip', 'test_set.zip',
+                'training_set_pixel_size_and_HC.csv', 'test_set_pixel_size.csv')
+ANNOTATION_SUFFIX = '_Annotation.png'
+# The fitted perimeter reproduces the CSV's HC to 0.05 mm on HC18; a larger
+# gap means the annotation and the CSV row do not belong together.
+MAX_HC_DISAGREEMENT_MM = 1.0
+
+
+class HC18Error(ValueError):
+  """An HC18 directory that cannot be read; the message lists every problem."""
+
+  def __init__(self, root: str, problems: list[str]):
+    self.problems = list(problems)
+    lines = '\n'.join(f'  {p}' for p in self.problems)
+    super().__init__(
+        f'HC18 data at {root} has {len(self.problems)} problem(s):\n{lines}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One checked image of a split (annotation fields are NaN in 'test')."""
+  filename: str
+  image_path: str
+  subject_id: int
+  frame: int
+  pixel_size_mm: float
+  hc_mm: float = math.nan
+  ellipse: ellipse_lib.Ellipse | None = None
+
+  @property
+  def hc_px(self) -> float:
+    """Head circumference in pixels of the original image."""
+    return self.hc_mm / self.pixel_size_mm
+
+
+def read_grayscale(path: str) -> tuple[np.ndarray, str | None]:
+  """Reads an 8-bit grayscale PNG.
+
+  Args:
+    path: the file.
+
+  Returns:
+    ([H, W] uint8 array, a warning or None). Colour and palette images are
+    converted to grayscale with a warning.
+
+  Raises:
+    ValueError: for a missing, corrupt, truncated or 16-bit file.
+  """
+  try:
+    with Image.open(path) as image:
+      image.load()
+      mode = image.mode
+      if mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+        raise ValueError(f'{mode} image: expected 8-bit grayscale, got '
+                         f'{"16" if "16" in mode else "32"}-bit')
+      note = None
+      if mode != 'L':
+        note = f'{mode} image converted to 8-bit grayscale'
+        image = image.convert('L')
+      return np.asarray(image, dtype=np.uint8), note
+  except FileNotFoundError:
+    raise ValueError('file is missing') from None
+  except (OSError, SyntaxError) as e:  # PIL's errors for bad PNG data.
+    raise ValueError(f'corrupt or truncated image ({e})') from None
+
+
+def _read_csv(path: str, columns: int, problems: list[str]) -> list[list[str]]:
+  """Reads CSV rows after the header, recording malformed rows."""
+  name = os.path.basename(path)
+  if not os.path.isfile(path):
+    problems.append(f'{name}: file is missing')
+    return []
+  with open(path, newline='') as f:
+    rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+  if not rows:
+    problems.append(f'{name}: file is empty')
+    return []
+  good = []
+  for line, row in enumerate(rows[1:], start=2):
+    if len(row) < columns:
+      problems.append(f'{name} line {line}: expected {columns} columns, '
+                      f'got {len(row)}')
+    else:
+      good.append([cell.strip() for cell in row[:columns]])
+  return good
+
+
+def _positive_number(text: str, what: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise ValueError(f'{what} {text!r} is not a number') from None
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(f'{what} {text!r} is not a positive number')
+  return value
+
+
+def scan_split(root: str, split: str, *, image_dir: str | None = None
+               ) -> tuple[list[Record], list[str]]:
+  """Reads and checks one split of an HC18 directory.
+
+  Every image is decoded and every annotation fitted, so a returned record is
+  known to be usable.
+
+  Args:
+    root: the directory holding the CSVs (and the image folders).
+    split: 'train' or 'test'.
+    image_dir: where the split's PNGs are, when not `root/<split folder>`
+      (an extracted Zenodo zip).
+
+  Returns:
+    (records sorted by filename, problems): each problem is one line naming the
+    file and what is wrong with it. Records are returned only for good files.
+  """
+  folder, csv_name = SPLITS[split]
+  image_dir = image_dir or os.path.join(root, folder)
+  labelled = split == 'train'
+  problems = []
+  rows = _read_csv(os.path.join(root, csv_name), 3 if labelled else 2,
+                   problems)
+  if not os.path.isdir(image_dir):
+    problems.append(f'{folder}/: directory is missing')
+    return [], problems
+
+  on_disk = {name for name in os.listdir(image_dir)
+             if name.lower().endswith('.png')
+             and not name.endswith(ANNOTATION_SUFFIX)}
+  seen = set()
+  records = []
+  for row in rows:
+    filename = row[0]
+    where = f'{folder}/{filename}'
+    if filename in seen:
+      problems.append(f'{where}: duplicated filename in {csv_name}')
+      continue
+    seen.add(filename)
+    errors = []
+    try:
+      subject_id, frame = folds.parse_filename(filename)
+    except ValueError as e:
+      errors.append(str(e))
+      subject_id = frame = -1
+    pixel_size_mm = hc_mm = math.nan
+    try:
+      pixel_size_mm = _positive_number(row[1], 'pixel size (mm)')
+    except ValueError as e:
+      errors.append(str(e))
+    if labelled:
+      try:
+        hc_mm = _positive_number(row[2], 'head circumference (mm)')
+      except ValueError as e:
+        errors.append(str(e))
+    image_path = os.path.join(image_dir, filename)
+    image_shape = None
+    if filename not in on_disk:
+      errors.append('listed in the CSV but the image is missing')
+    else:
+      try:
+        image, note = read_grayscale(image_path)
+        image_shape = image.shape
+        if note:
+          warnings.warn(f'{where}: {note}', stacklevel=2)
+      except ValueError as e:
+        errors.append(str(e))
+    fitted = None
+    if labelled:
+      annotation_name = filename[:-len('.png')] + ANNOTATION_SUFFIX
+      try:
+        annotation, _ = read_grayscale(os.path.join(image_dir, annotation_name))
+        if image_shape is not None and annotation.shape != image_shape:
+          raise ValueError(f'size {annotation.shape[::-1]} differs from the '
+                           f'image\'s {image_shape[::-1]}')
+        fitted = ellipse_lib.fit_annotation(annotation)
+        gap = abs(fitted.perimeter_px * pixel_size_mm - hc_mm)
+        if gap > MAX_HC_DISAGREEMENT_MM:  # False when either is NaN.
+          raise ValueError(
+              f'fitted ellipse gives HC {fitted.perimeter_px * pixel_size_mm:.2f}'
+              f' mm, the CSV says {hc_mm:.2f} mm')
+      except ValueError as e:
+        errors.append(f'annotation {annotation_name}: {e}')
+    if errors:
+      problems.append(f'{where}: ' + '; '.join(errors))
+      continue
+    records.append(Record(filename=filename, image_path=image_path,
+                          subject_id=subject_id, frame=frame,
+                          pixel_size_mm=pixel_size_mm, hc_mm=hc_mm,
+                          ellipse=fitted))
+  for filename in sorted(on_disk - seen):
+    problems.append(f'{folder}/{filename}: image has no row in {csv_name}')
+  records.sort(key=lambda r: r.filename)
+  return records, problems
+
+
+def scan(root: str) -> dict[str, list[Record]]:
+  """Reads and checks both splits of an HC18 directory.
+
+  Args:
+    root: a directory in the Zenodo layout.
+
+  Returns:
+    {'train': records, 'test': records}.
+
+  Raises:
+    HC18Error: listing every bad file, when any is found.
+  """
+  if not os.path.isdir(root):
+    raise HC18Error(root, ['directory does not exist'])
+  out, problems = {}, []
+  for split in SPLITS:
+    out[split], split_problems = scan_split(root, split)
+    problems += split_problems
+  if problems:
+    raise HC18Error(root, problems)
+  return out
+
+
+def default_dir() -> str | None:
+  """Where HC18 is on this machine: $HC18_DIR, else ../shared/hc18 beside the
+  checkout, else None."""
+  candidates = [os.environ.get('HC18_DIR'),
+                os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
+                             'hc18')]
+  for path in candidates:
+    if path and os.path.isfile(
+        os.path.join(path, 'training_set_pixel_size_and_HC.csv')):
+      return os.path.abspath(path)
+  return None

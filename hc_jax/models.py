@@ -1,0 +1,362 @@
+"""Regression CNNs that map a 2D ultrasound image to a head circumference.
+
+The architectures follow Zhang et al., "Direct estimation of fetal head
+circumference from ultrasound images based on regression CNN" (MIDL 2020):
+two small custom CNNs (the paper's "263K" and "1M" networks) and two standard
+backbones (VGG16, ResNet50) with a one-unit regression head.
+
+Every model takes a batch of single-channel images in NHWC layout,
+`[batch, height, width, 1]`, and returns a float32 vector `[batch]`: one linear
+unit with no activation, so the output is in whatever units the targets are in
+(normalised head circumference in practice).
+
+BatchNorm uses batch statistics when `train=True` (apply with
+`mutable=['batch_stats']`) and running statistics when `train=False`. Dropout
+is active only when `train=True` and then needs a 'dropout' rng.
+
+Models are looked up by their config name in `MODELS`; `create_model` does the
+lookup with a clear error for an unknown name.
+"""
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max pooling with stride 2 and no padding (Keras' `MaxPooling2D()`).
+
+  Kept as a module-level function so that a faster implementation with the
+  same mathematics can be swapped in without touching the models.
+
+  Args:
+    x: Feature maps, `[batch, height, width, channels]`. An odd height or width
+      is floored, as in Keras.
+
+  Returns:
+    Pooled feature maps, `[batch, height // 2, width // 2, channels]`.
+  """
+  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
+
+
+def keras_batch_norm(train: bool, **kwargs) -> ModuleDef:
+  """BatchNorm with Keras' defaults (momentum 0.99, epsilon 1e-3).
+
+  The paper's custom CNNs were built in Keras, so they use its defaults. Kept
+  as one factory so that a faster BatchNorm can be swapped in later.
+
+  Args:
+    train: Whether to normalise with batch statistics (and update the running
+      ones) rather than with the running statistics.
+    **kwargs: Further `nn.BatchNorm` arguments, e.g. `name`.
+
+  Returns:
+    An `nn.BatchNorm` module.
+  """
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.99, epsilon=1e-3, **kwargs)
+
+
+def _check_images(images: jax.Array) -> None:
+  """Raises ValueError unless `images` is a batch `[batch, height, width, c]`.
+
+  An unbatched or channel-less array would otherwise be silently misread by
+  `nn.Conv` (e.g. `[batch, height, width]` as one image with `width` channels).
+  """
+  if images.ndim != 4:
+    raise ValueError(
+        f'Expected images of shape [batch, height, width, 1], got {images.shape}.')
+
+
+def _regression_output(x: jax.Array) -> jax.Array:
+  """Turns the `[batch, 1]` output of the last Dense into a float32 `[batch]`."""
+  return jnp.asarray(x[..., 0], jnp.float32)
+
+
+class CNN263K(nn.Module):
+  """The paper's small regression CNN ("263K" parameters).
+
+  Conv(8) -> ReLU -> BN -> pool, Conv(16) -> ReLU -> BN -> pool, Flatten,
+  Dense(16) -> ReLU -> BN -> Dropout(0.5), Dense(8) -> ReLU, Dense(1).
+  Convolutions are 3x3 with 'SAME' padding; pools are 2x2/2.
+
+  Parameter count depends on the input size through the Flatten. At 128x128
+  (the paper's input size) the flattened features are 32 * 32 * 16 = 16,384
+  and the model has 263,633 parameters (262,160 of them in the Dense(16)),
+  plus 80 BatchNorm running statistics; Keras would report 263,713 in total.
+  'SAME' padding is what matches the paper's name: with 'VALID' padding the
+  features would be 30 * 30 * 16 = 14,400 and the count about 232K.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Predicts one value per image.
+
+    Args:
+      x: Images, `[batch, height, width, 1]`.
+      train: Whether to use batch statistics and dropout.
+
+    Returns:
+      Predictions, float32 `[batch]`.
+    """
+    _check_images(x)
+    for i, features in enumerate((8, 16), start=1):
+      x = nn.Conv(features, (3, 3), padding='SAME', name=f'conv{i}')(x)
+      x = nn.relu(x)
+      x = keras_batch_norm(train, name=f'conv{i}_bn')(x)
+      x = max_pool_2x2(x)
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(16, name='dense1')(x))
+    x = keras_batch_norm(train, name='dense1_bn')(x)
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = nn.relu(nn.Dense(8, name='dense2')(x))
+    x = nn.Dense(1, name='head')(x)
+    return _regression_output(x)
+
+
+class CNN1M(nn.Module):
+  """The paper's larger regression CNN ("1M" parameters).
+
+  Conv(16), Conv(32), Conv(64), each 3x3 'SAME' -> ReLU -> BN -> 2x2/2 pool;
+  Flatten; Dense(16) -> ReLU -> BN -> Dropout(0.5); Dense(32) -> ReLU;
+  Dense(8) -> ReLU; Dense(1).
+
+  The layers are as drawn in the paper; the parameter count depends on the
+  input size through the Flatten:
+    * 128x128 input (the paper's stated input size, which our configs use):
+      16 * 16 * 64 = 16,384 features, 286,529 parameters (about 0.29M).
+    * 256x256 input: 32 * 32 * 64 = 65,536 features, 1,072,961 parameters
+      (about 1.07M) - the count that the paper's name "1M" matches.
+  BatchNorm running statistics (256 values) are not counted.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Predicts one value per image.
+
+    Args:
+      x: Images, `[batch, height, width, 1]`.
+      train: Whether to use batch statistics and dropout.
+
+    Returns:
+      Predictions, float32 `[batch]`.
+    """
+    _check_images(x)
+    for i, features in enumerate((16, 32, 64), start=1):
+      x = nn.Conv(features, (3, 3), padding='SAME', name=f'conv{i}')(x)
+      x = nn.relu(x)
+      x = keras_batch_norm(train, name=f'conv{i}_bn')(x)
+      x = max_pool_2x2(x)
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(16, name='dense1')(x))
+    x = keras_batch_norm(train, name='dense1_bn')(x)
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = nn.relu(nn.Dense(32, name='dense2')(x))
+    x = nn.relu(nn.Dense(8, name='dense3')(x))
+    x = nn.Dense(1, name='head')(x)
+    return _regression_output(x)
+
+
+# VGG16's convolution stack: number of filters per 3x3 conv, 'M' a 2x2 pool.
+VGG16_LAYERS = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M',
+                512, 512, 512, 'M', 512, 512, 512, 'M')
+
+
+class VGG16(nn.Module):
+  """VGG16 convolution stack with a global-average-pool regression head.
+
+  The thirteen 3x3 'SAME' convolutions with ReLU and five 2x2/2 max pools are
+  the standard VGG16 ones (named like Keras': `block1_conv1`, ...). The head is
+  global average pooling -> Dense(256) -> ReLU -> Dropout(0.5) -> Dense(1).
+  Global average pooling instead of VGG's Flatten + two Dense(4096) keeps the
+  model usable at any input size of at least 32x32 and keeps the head small
+  (131,585 parameters) for a few hundred training images.
+
+  With one input channel the model has 14,845,121 parameters at any input
+  size (14,713,536 in the convolutions); `batch_norm=True` adds 8,448.
+
+  Attributes:
+    batch_norm: Whether to put BatchNorm (Flax defaults: momentum 0.99,
+      epsilon 1e-5) between each convolution and its ReLU, as in `vgg16_bn`.
+  """
+
+  batch_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Predicts one value per image.
+
+    Args:
+      x: Images, `[batch, height, width, 1]`, height and width at least 32.
+      train: Whether to use batch statistics and dropout.
+
+    Returns:
+      Predictions, float32 `[batch]`.
+    """
+    _check_images(x)
+    block, conv_in_block = 1, 1
+    for layer in VGG16_LAYERS:
+      if layer == 'M':
+        x = max_pool_2x2(x)
+        block, conv_in_block = block + 1, 1
+        continue
+      name = f'block{block}_conv{conv_in_block}'
+      x = nn.Conv(layer, (3, 3), padding='SAME', name=name)(x)
+      if self.batch_norm:
+        x = nn.BatchNorm(use_running_average=not train, name=f'{name}_bn')(x)
+      x = nn.relu(x)
+      conv_in_block += 1
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.relu(nn.Dense(256, name='head_hidden')(x))
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = nn.Dense(1, name='head')(x)
+    return _regression_output(x)
+
+
+class BottleneckBlock(nn.Module):
+  """ResNet-v1.5 bottleneck block: 1x1, 3x3 (strided), 1x1 convolutions.
+
+  Sub-layers are named like Keras' ResNet50 (`1_conv`, `1_bn`, ..., with the
+  projection shortcut `0_conv`, `0_bn`), so that joining a parameter path with
+  '_' gives the Keras layer name, e.g. `conv2_block1` / `1_conv` ->
+  `conv2_block1_1_conv`.
+
+  Attributes:
+    filters: Width of the bottleneck; the block outputs `4 * filters` channels.
+    conv: Convolution module factory (bias-free, compute dtype bound).
+    norm: BatchNorm module factory (train mode and dtype bound).
+    strides: Strides of the 3x3 convolution and of the projection shortcut.
+  """
+
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: tuple[int, int] = (1, 1)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: Feature maps, `[batch, height, width, channels]`.
+
+    Returns:
+      Feature maps, `[batch, height / stride, width / stride, 4 * filters]`.
+    """
+    residual = x
+    y = self.conv(self.filters, (1, 1), name='1_conv')(x)
+    y = nn.relu(self.norm(name='1_bn')(y))
+    y = self.conv(self.filters, (3, 3), self.strides, name='2_conv')(y)
+    y = nn.relu(self.norm(name='2_bn')(y))
+    y = self.conv(self.filters * 4, (1, 1), name='3_conv')(y)
+    # Zero-initialised scale: each block starts as the identity (Goyal et al.).
+    y = self.norm(scale_init=nn.initializers.zeros_init(), name='3_bn')(y)
+    if residual.shape != y.shape:
+      residual = self.conv(
+          self.filters * 4, (1, 1), self.strides, name='0_conv')(residual)
+      residual = self.norm(name='0_bn')(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet50(nn.Module):
+  """ResNet50 (v1.5) with a one-unit regression head.
+
+  As in Flax's `examples/imagenet/models.py`: a 7x7/2 stem convolution, BN,
+  ReLU and a 3x3/2 max pool; bottleneck stages of [3, 4, 6, 3] blocks with the
+  stride on the 3x3 convolution (v1.5); bias-free convolutions; BatchNorm with
+  momentum 0.9 and epsilon 1e-5; global average pooling; Dense(1).
+
+  Layer names follow Keras' `ResNet50` (`conv1_conv`, `conv1_bn`,
+  `conv2_block1/1_conv`, ...) to ease importing its ImageNet weights. Keras'
+  convolutions have biases where these do not: a bias just before BatchNorm
+  cancels in training and folds into the running mean in evaluation
+  (`mean - bias`). Keras' ResNet50 is v1 (stride on the first 1x1
+  convolution); the kernel shapes are the same. The stem pool pads one pixel
+  on each side, like Keras' `ZeroPadding2D(1)` before its pool.
+
+  With one input channel the model has 23,503,809 parameters at any input size.
+
+  Attributes:
+    dtype: Compute dtype (e.g. `jnp.bfloat16`); parameters stay float32 and the
+      output is always float32.
+    stage_sizes: Number of bottleneck blocks per stage.
+  """
+
+  dtype: Any = jnp.float32
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Predicts one value per image.
+
+    Args:
+      x: Images, `[batch, height, width, 1]`.
+      train: Whether to use batch statistics.
+
+    Returns:
+      Predictions, float32 `[batch]`.
+    """
+    _check_images(x)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.9,
+        epsilon=1e-5, dtype=self.dtype)
+    x = conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name='conv1_conv')(x)
+    x = nn.relu(norm(name='conv1_bn')(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
+        x = BottleneckBlock(
+            64 * 2**stage, conv=conv, norm=norm, strides=strides,
+            name=f'conv{stage + 2}_block{block + 1}')(x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(1, dtype=self.dtype, name='head')(x)
+    return _regression_output(x)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    'cnn_263k': CNN263K,
+    'cnn_1m': CNN1M,
+    'vgg16': VGG16,
+    'resnet50': ResNet50,
+}
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+  """Builds the model registered under a config name.
+
+  Args:
+    name: A key of `MODELS`, e.g. 'cnn_263k'.
+    **kwargs: Module attributes, e.g. `batch_norm=True` for 'vgg16' or
+      `dtype=jnp.bfloat16` for 'resnet50'.
+
+  Returns:
+    The unbound Flax module.
+
+  Raises:
+    ValueError: If `name` is not a key of `MODELS`.
+  """
+  if name not in MODELS:
+    raise ValueError(
+        f'Unknown model {name!r}; known models: {", ".join(sorted(MODELS))}.')
+  return MODELS[name](**kwargs)
+
+
+def count_params(params: Any) -> int:
+  """Counts the scalars in a pytree of arrays.
+
+  Args:
+    params: A pytree of arrays or `jax.ShapeDtypeStruct`s, e.g.
+      `variables['params']` or the output of `jax.eval_shape`.
+
+  Returns:
+    The total number of elements over all leaves.
+  """
+  return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))

@@ -1,0 +1,414 @@
+"""Phantom HC18 data: ultrasound-like scans of elliptical skulls, laid out as HC18.
+
+Writes a directory with the file names, image formats and CSV files of the
+published HC18 data set, so that the pipeline runs end to end without the data:
+
+  training_set/NNN_HC.png, NNN_2HC.png, ...      8-bit grayscale ('L') scans
+  training_set/NNN_[k]HC_Annotation.png          1-pixel ellipse outline, 255 on 0
+  training_set_pixel_size_and_HC.csv             filename,pixel size(mm),head circumference (mm)
+  test_set/NNN_HC.png                            scans without annotations
+  test_set_pixel_size.csv                        filename,pixel size(mm)
+
+As in the real data, some subjects have several frames, a few images are a few
+pixels off 800x540, and subject numbers rise with head size, so folds drawn as
+contiguous subject ranges are visibly unbalanced.
+
+This module needs only numpy and PIL (no TensorFlow, no JAX). Run it as
+
+  python -m hc_jax.synthetic --out /tmp/hc18_phantom --num_train 40 --num_test 10
+"""
+
+import argparse
+import csv
+import functools
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+IMAGE_WIDTH = 800
+IMAGE_HEIGHT = 540
+TRAIN_CSV_HEADER = ('filename', 'pixel size(mm)', 'head circumference (mm)')
+TEST_CSV_HEADER = ('filename', 'pixel size(mm)')
+
+# Ranges of the phantom heads, close to those of the real data.
+HC_MM_RANGE = (45.0, 330.0)
+SEMI_MAJOR_PX_RANGE = (60.0, 250.0)
+ASPECT_RATIO_RANGE = (0.7, 0.95)  # semi-minor / semi-major.
+PIXEL_SIZE_MM_RANGE = (0.05, 0.25)
+OFF_SIZE_FRACTION = 0.05
+# Probabilities of a subject having 1, 2 or 3 frames.
+FRAMES_PER_SUBJECT_PROBS = (0.8, 0.15, 0.05)
+
+_TRAIN_STREAM, _TEST_STREAM = 0, 1
+
+
+def ramanujan_perimeter(a, b):
+  """Ramanujan's approximation of the perimeter of an ellipse.
+
+  Args:
+    a: semi-axis (scalar or array).
+    b: other semi-axis, broadcastable with `a`, in the same units.
+
+  Returns:
+    pi * (3 (a + b) - sqrt((3a + b)(a + 3b))), as a numpy array (0-d for
+    scalars), in the units of `a` and `b`.
+  """
+  a = np.asarray(a, dtype=np.float64)
+  b = np.asarray(b, dtype=np.float64)
+  return np.pi * (3.0 * (a + b) - np.sqrt((3.0 * a + b) * (a + 3.0 * b)))
+
+
+def _chebyshev_adjacent(p, q):
+  return abs(p[0] - q[0]) <= 1 and abs(p[1] - q[1]) <= 1
+
+
+def ellipse_outline_pixels(center_x, center_y, a, b, angle_rad):
+  """Pixels of a closed, 1-pixel wide, 8-connected ellipse outline.
+
+  The parametric ellipse is sampled densely, rounded to pixels, and then
+  thinned: a pixel is dropped whenever its two neighbours along the curve
+  already touch (8-connectivity), so no corner pixels of 4-connected staircases
+  remain.
+
+  Args:
+    center_x: column of the centre, in pixels.
+    center_y: row of the centre, in pixels.
+    a: first semi-axis, in pixels (along `angle_rad`).
+    b: second semi-axis, in pixels.
+    angle_rad: angle of the `a` axis, from +x (columns) towards +y (rows).
+
+  Returns:
+    An int array of shape (num_pixels, 2) of (row, column) in curve order; may
+    extend outside any image.
+  """
+  num_samples = max(64, int(math.ceil(4.0 * float(ramanujan_perimeter(a, b)))))
+  t = np.linspace(0.0, 2.0 * np.pi, num_samples, endpoint=False)
+  cos_angle, sin_angle = math.cos(angle_rad), math.sin(angle_rad)
+  x = center_x + a * np.cos(t) * cos_angle - b * np.sin(t) * sin_angle
+  y = center_y + a * np.cos(t) * sin_angle + b * np.sin(t) * cos_angle
+  points = np.stack([np.rint(y), np.rint(x)], axis=1).astype(np.int64)
+  # Consecutive duplicates, cyclically.
+  keep = np.any(points != np.roll(points, 1, axis=0), axis=1)
+  keep[0] |= not keep.any()  # A sub-pixel ellipse is one pixel.
+  points = [tuple(p) for p in points[keep].tolist()]
+
+  outline = []
+  for point in points:
+    while len(outline) >= 2 and _chebyshev_adjacent(outline[-2], point):
+      outline.pop()
+    if outline and outline[-1] == point:
+      continue
+    outline.append(point)
+  # Thin across the seam where the curve closes on itself.
+  changed = True
+  while changed and len(outline) > 4:
+    changed = False
+    if _chebyshev_adjacent(outline[-2], outline[0]):
+      outline.pop()
+      changed = True
+    if _chebyshev_adjacent(outline[-1], outline[1]):
+      outline.pop(0)
+      changed = True
+  return np.asarray(outline, dtype=np.int64)
+
+
+def draw_ellipse_outline(height, width, center_x, center_y, a, b, angle_rad):
+  """Draws an ellipse as an HC18 annotation: a 1-pixel outline, 255 on 0.
+
+  Args:
+    height: image height (rows).
+    width: image width (columns).
+    center_x: column of the centre, in pixels.
+    center_y: row of the centre, in pixels.
+    a: first semi-axis, in pixels (along `angle_rad`).
+    b: second semi-axis, in pixels.
+    angle_rad: angle of the `a` axis, from +x (columns) towards +y (rows).
+
+  Returns:
+    uint8 array of shape (height, width): 255 on the closed, 8-connected,
+    1-pixel wide outline, 0 elsewhere (outline parts off the image are cut).
+  """
+  annotation = np.zeros((height, width), dtype=np.uint8)
+  pixels = ellipse_outline_pixels(center_x, center_y, a, b, angle_rad)
+  rows, cols = pixels[:, 0], pixels[:, 1]
+  inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+  annotation[rows[inside], cols[inside]] = 255
+  return annotation
+
+
+def ellipse_distance_px(rows, cols, center_x, center_y, a, b, angle_rad):
+  """Approximate signed distance in pixels to an ellipse (negative inside).
+
+  Uses the first-order approximation (q - 1) / |grad q| of the normalised
+  radius q = sqrt((u / a)^2 + (v / b)^2), exact on the ellipse itself.
+
+  Args:
+    rows: array of row coordinates.
+    cols: array of column coordinates, broadcastable with `rows`.
+    center_x: column of the centre.
+    center_y: row of the centre.
+    a: first semi-axis, in pixels (along `angle_rad`).
+    b: second semi-axis, in pixels.
+    angle_rad: angle of the `a` axis, from +x towards +y.
+
+  Returns:
+    A tuple (distance_px, along_minor_px, normalised_radius) of float32 arrays;
+    `along_minor_px` is the coordinate along the `b` axis (for the midline).
+  """
+  dx = cols - np.float32(center_x)
+  dy = rows - np.float32(center_y)
+  cos_angle, sin_angle = np.float32(math.cos(angle_rad)), np.float32(math.sin(angle_rad))
+  along_major = dx * cos_angle + dy * sin_angle
+  along_minor = -dx * sin_angle + dy * cos_angle
+  normalised_radius = np.sqrt((along_major / a) ** 2 + (along_minor / b) ** 2)
+  # |grad q| lies in [1 / max(a, b), 1 / min(a, b)]; clamping keeps the centre finite.
+  gradient = np.sqrt((along_major / a**2) ** 2 + (along_minor / b**2) ** 2)
+  gradient = np.maximum(gradient / np.maximum(normalised_radius, 1e-6), 1.0 / max(a, b))
+  distance = (normalised_radius - 1.0) / gradient
+  return distance.astype(np.float32), along_minor, normalised_radius
+
+
+@functools.lru_cache(maxsize=8)
+def _fan_mask(height, width):
+  """Soft sector-shaped field of view, apex above the top centre of the image."""
+  rows = np.arange(height, dtype=np.float32)[:, None]
+  cols = np.arange(width, dtype=np.float32)[None, :]
+  apex_row, apex_col = -0.3 * height, 0.5 * width
+  depth = np.hypot(rows - apex_row, cols - apex_col)
+  beam_angle = np.abs(np.arctan2(cols - apex_col, rows - apex_row))
+  half_angle, edge = np.float32(np.deg2rad(48.0)), np.float32(np.deg2rad(2.0))
+  lateral = np.clip((half_angle - beam_angle) / edge, 0.0, 1.0)
+  far_depth = 1.25 * height
+  axial = np.clip((far_depth - depth) / 10.0, 0.0, 1.0)
+  attenuation = np.exp(-depth / (3.0 * height))
+  mask = (lateral * axial * attenuation).astype(np.float32)
+  mask.setflags(write=False)
+  return mask
+
+
+def _speckle(rng, height, width):
+  """Unit-mean Rayleigh speckle, correlated over ~2 pixels by upsampling."""
+  coarse_height, coarse_width = height // 2 + 1, width // 2 + 1
+  uniform = rng.random((coarse_height, coarse_width), dtype=np.float32)
+  rayleigh = np.sqrt(-2.0 * np.log1p(-uniform)) * np.float32(math.sqrt(2.0 / math.pi))
+  upsampled = Image.fromarray(rayleigh).resize((width, height), Image.BILINEAR)
+  return np.asarray(upsampled, dtype=np.float32)
+
+
+def render_scan(rng, height, width, center_x, center_y, a, b, angle_rad):
+  """Renders a phantom ultrasound scan whose skull ring centreline is the ellipse.
+
+  Args:
+    rng: numpy Generator for the speckle and the tissue levels.
+    height: image height (rows).
+    width: image width (columns).
+    center_x: column of the ellipse centre.
+    center_y: row of the ellipse centre.
+    a: first semi-axis, in pixels (along `angle_rad`).
+    b: second semi-axis, in pixels.
+    angle_rad: angle of the `a` axis, from +x towards +y.
+
+  Returns:
+    uint8 array of shape (height, width).
+  """
+  tissue_level = rng.uniform(30.0, 55.0)
+  brain_level = rng.uniform(12.0, 25.0)
+  skull_level = rng.uniform(170.0, 230.0)
+  skull_sigma_px = rng.uniform(2.0, 4.0)  # Ring full width ~2.4 sigma: 5-10 px.
+  intensity = tissue_level * _fan_mask(height, width)
+
+  # Only the bounding box of the head (plus the ring's half width) is touched.
+  margin = 4.0 * skull_sigma_px + 2.0
+  cos_angle, sin_angle = math.cos(angle_rad), math.sin(angle_rad)
+  half_extent_x = math.hypot(a * cos_angle, b * sin_angle) + margin
+  half_extent_y = math.hypot(a * sin_angle, b * cos_angle) + margin
+  row0 = max(0, int(center_y - half_extent_y))
+  row1 = min(height, int(math.ceil(center_y + half_extent_y)) + 1)
+  col0 = max(0, int(center_x - half_extent_x))
+  col1 = min(width, int(math.ceil(center_x + half_extent_x)) + 1)
+  rows = np.arange(row0, row1, dtype=np.float32)[:, None]
+  cols = np.arange(col0, col1, dtype=np.float32)[None, :]
+  distance, along_minor, normalised_radius = ellipse_distance_px(
+      rows, cols, center_x, center_y, a, b, angle_rad)
+
+  head = intensity[row0:row1, col0:col1]
+  inside = np.clip(0.5 - distance, 0.0, 1.0)  # Anti-aliased interior.
+  head = head * (1.0 - inside) + brain_level * inside
+  midline = np.exp(-0.5 * (along_minor / 1.5) ** 2) * (normalised_radius < 0.85)
+  head = head + 0.8 * tissue_level * midline
+  skull = np.exp(-0.5 * (distance / skull_sigma_px) ** 2)
+  head = np.maximum(head, skull_level * skull)
+  intensity = intensity.copy()
+  intensity[row0:row1, col0:col1] = head
+
+  scan = intensity * _speckle(rng, height, width)
+  scan += rng.normal(0.0, 2.0, size=(height, width)).astype(np.float32)
+  return np.clip(np.rint(scan), 0, 255).astype(np.uint8)
+
+
+def _frame_counts(rng, num_images):
+  """Frames per subject (1, 2 or 3) summing to `num_images`."""
+  counts = []
+  while sum(counts) < num_images:
+    frames = int(rng.choice(3, p=FRAMES_PER_SUBJECT_PROBS)) + 1
+    counts.append(min(frames, num_images - sum(counts)))
+  return counts
+
+
+def _image_sizes(rng, num_images):
+  """(height, width) per image: mostly 800x540, some a few pixels off."""
+  off_size = rng.random(num_images) < OFF_SIZE_FRACTION
+  if num_images >= 10 and not off_size.any():
+    off_size[rng.integers(num_images)] = True
+  sizes = []
+  for is_off in off_size:
+    height, width = IMAGE_HEIGHT, IMAGE_WIDTH
+    while is_off and (height, width) == (IMAGE_HEIGHT, IMAGE_WIDTH):
+      height = IMAGE_HEIGHT + int(rng.integers(-1, 6))
+      width = IMAGE_WIDTH - int(rng.integers(0, 21))
+    sizes.append((height, width))
+  return sizes
+
+
+def _subject_heads(rng, num_subjects):
+  """Head circumference (mm), semi-axes (px) and pixel size of each subject.
+
+  Subjects are numbered by rising head size (with some noise), as in HC18.
+  """
+  hc_mm = np.sort(rng.uniform(*HC_MM_RANGE, size=num_subjects))
+  hc_mm = np.clip(hc_mm * (1.0 + rng.normal(0.0, 0.05, num_subjects)), *HC_MM_RANGE)
+  aspect = rng.uniform(*ASPECT_RATIO_RANGE, size=num_subjects)
+  perimeter_per_semi_major = ramanujan_perimeter(1.0, aspect)
+  # Semi-major axes for which the pixel size stays in PIXEL_SIZE_MM_RANGE.
+  smallest = np.maximum(SEMI_MAJOR_PX_RANGE[0],
+                        hc_mm / (PIXEL_SIZE_MM_RANGE[1] * perimeter_per_semi_major))
+  largest = np.minimum(SEMI_MAJOR_PX_RANGE[1],
+                       hc_mm / (PIXEL_SIZE_MM_RANGE[0] * perimeter_per_semi_major))
+  semi_axis_a = rng.uniform(smallest, largest)
+  semi_axis_b = aspect * semi_axis_a
+  pixel_size_mm = hc_mm / ramanujan_perimeter(semi_axis_a, semi_axis_b)
+  return semi_axis_a, semi_axis_b, pixel_size_mm
+
+
+def _place_head(rng, height, width, a, b, angle_rad):
+  """A random centre (x, y) keeping the whole skull ring inside the image."""
+  margin = 14.0
+  half_extent_x = math.hypot(a * math.cos(angle_rad), b * math.sin(angle_rad))
+  half_extent_y = math.hypot(a * math.sin(angle_rad), b * math.cos(angle_rad))
+  center_x = rng.uniform(half_extent_x + margin, width - 1 - half_extent_x - margin)
+  center_y = rng.uniform(half_extent_y + margin, height - 1 - half_extent_y - margin)
+  return center_x, center_y
+
+
+def _split_records(seed, stream, num_images, multi_frame):
+  """Ground truth of every image of one split, in file-name order."""
+  rng = np.random.default_rng((seed, stream))
+  frame_counts = _frame_counts(rng, num_images) if multi_frame else [1] * num_images
+  semi_a, semi_b, pixel_sizes = _subject_heads(rng, len(frame_counts))
+  sizes = iter(_image_sizes(rng, num_images))
+  significant_digits = 9 if stream == _TRAIN_STREAM else 12  # As HC18's two CSVs.
+  records = []
+  for subject_id, num_frames in enumerate(frame_counts):
+    angle_rad = rng.uniform(0.0, np.pi)
+    for frame in range(1, num_frames + 1):
+      a, b, pixel_size_mm = semi_a[subject_id], semi_b[subject_id], pixel_sizes[subject_id]
+      frame_angle = angle_rad
+      if frame > 1:  # Another frame of the same head: slightly different ellipse.
+        a = float(np.clip(a * (1.0 + rng.normal(0.0, 0.02)), *SEMI_MAJOR_PX_RANGE))
+        b = min(a, b * (1.0 + rng.normal(0.0, 0.02)))
+        frame_angle = (angle_rad + rng.normal(0.0, 0.05)) % np.pi
+        pixel_size_mm = np.clip(pixel_size_mm * (1.0 + rng.normal(0.0, 0.002)),
+                                *PIXEL_SIZE_MM_RANGE)
+      height, width = next(sizes)
+      center_x, center_y = _place_head(rng, height, width, a, b, frame_angle)
+      # Ground truth uses the pixel size exactly as the CSV writes it.
+      pixel_size_text = f'{pixel_size_mm:.{significant_digits}g}'
+      hc_mm = float(ramanujan_perimeter(a, b)) * float(pixel_size_text)
+      prefix = f'{subject_id:03d}_' + ('' if frame == 1 else str(frame))
+      records.append(dict(
+          filename=prefix + 'HC.png', subject_id=subject_id, height=height, width=width,
+          center_x=float(center_x), center_y=float(center_y), semi_axis_a=float(a),
+          semi_axis_b=float(b), angle_rad=float(frame_angle),
+          pixel_size_mm=float(pixel_size_text), pixel_size_text=pixel_size_text,
+          hc_mm=round(hc_mm, 2)))
+  records.sort(key=lambda record: record['filename'])  # As HC18's CSVs ('010_2HC' < '010_HC').
+  return records
+
+
+def _format_hc_mm(hc_mm):
+  """Two decimals without trailing zeros, like HC18's CSV ('69', '44.3', '56.81')."""
+  return f'{hc_mm:.2f}'.rstrip('0').rstrip('.')
+
+
+def _write_split(root, seed, stream, records, with_annotations):
+  directory = os.path.join(root, 'training_set' if with_annotations else 'test_set')
+  os.makedirs(directory, exist_ok=True)
+  for index, record in enumerate(records):
+    ellipse = (record['center_x'], record['center_y'], record['semi_axis_a'],
+               record['semi_axis_b'], record['angle_rad'])
+    rng = np.random.default_rng((seed, stream, index))
+    scan = render_scan(rng, record['height'], record['width'], *ellipse)
+    Image.fromarray(scan).save(os.path.join(directory, record['filename']), compress_level=1)
+    if with_annotations:
+      annotation = draw_ellipse_outline(record['height'], record['width'], *ellipse)
+      annotation_name = record['filename'].replace('.png', '_Annotation.png')
+      Image.fromarray(annotation).save(os.path.join(directory, annotation_name))
+
+
+def write_hc18(root, num_train=20, num_test=5, seed=0):
+  """Writes a phantom HC18 directory, the same bytes for the same arguments.
+
+  Args:
+    root: directory to write into (created if missing).
+    num_train: number of training images (not subjects: some subjects have 2 or
+      3 frames).
+    num_test: number of test images, one per subject.
+    seed: non-negative integer seed.
+
+  Returns:
+    A dict with 'root' and, for 'train' and 'test', a list per image (in CSV
+    order) of dicts: filename, subject_id, height, width, center_x, center_y
+    (pixels; x is the column), semi_axis_a >= semi_axis_b (pixels), angle_rad
+    (of the a axis, from +x towards +y), pixel_size_mm and hc_mm (as written
+    to the CSV, 2 decimals; also given for the test set).
+  """
+  os.makedirs(root, exist_ok=True)
+  train = _split_records(seed, _TRAIN_STREAM, num_train, multi_frame=True)
+  test = _split_records(seed, _TEST_STREAM, num_test, multi_frame=False)
+  _write_split(root, seed, _TRAIN_STREAM, train, with_annotations=True)
+  _write_split(root, seed, _TEST_STREAM, test, with_annotations=False)
+
+  with open(os.path.join(root, 'training_set_pixel_size_and_HC.csv'), 'w', newline='') as f:
+    writer = csv.writer(f, lineterminator='\n')
+    writer.writerow(TRAIN_CSV_HEADER)
+    for record in train:
+      writer.writerow((record['filename'], record['pixel_size_text'],
+                       _format_hc_mm(record['hc_mm'])))
+  with open(os.path.join(root, 'test_set_pixel_size.csv'), 'w', newline='') as f:
+    writer = csv.writer(f, lineterminator='\n')
+    writer.writerow(TEST_CSV_HEADER)
+    for record in test:
+      writer.writerow((record['filename'], record['pixel_size_text']))
+
+  for record in train + test:
+    del record['pixel_size_text']
+  return {'root': str(root), 'train': train, 'test': test}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--out', required=True, help='Directory to write.')
+  parser.add_argument('--num_train', type=int, default=20, help='Training images.')
+  parser.add_argument('--num_test', type=int, default=5, help='Test images.')
+  parser.add_argument('--seed', type=int, default=0, help='Non-negative seed.')
+  args = parser.parse_args(argv)
+  summary = write_hc18(args.out, args.num_train, args.num_test, args.seed)
+  num_subjects = len({record['subject_id'] for record in summary['train']})
+  print(f'Wrote {len(summary["train"])} training images of {num_subjects} subjects '
+        f'and {len(summary["test"])} test images to {summary["root"]}')
+
+
+if __name__ == '__main__':
+  main()
