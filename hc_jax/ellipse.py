@@ -76,7 +76,7 @@ def fit_ellipse(x, y) -> Ellipse:
   x0, y0 = x.mean(), y.mean()
   scale = max(x.std(), y.std())
   if not scale > 0:
-    raise ValueError('outline points are all the same point')
+    raise ValueError('no ellipse fits the outline (all points coincide)')
   xs, ys = (x - x0) / scale, (y - y0) / scale
   quadratic = np.stack([xs * xs, xs * ys, ys * ys], axis=1)
   linear = np.stack([xs, ys, np.ones_like(xs)], axis=1)
@@ -89,7 +89,7 @@ def fit_ellipse(x, y) -> Ellipse:
     m = np.array([m[2] / 2, -m[1], m[0] / 2])
     _, eigenvectors = np.linalg.eig(m)
   except np.linalg.LinAlgError as e:
-    raise ValueError(f'degenerate outline ({e})') from None
+    raise ValueError(f'no ellipse fits the outline ({e})') from None
   eigenvectors = np.real(eigenvectors)
   is_ellipse = 4 * eigenvectors[0] * eigenvectors[2] - eigenvectors[1] ** 2 > 0
   if not is_ellipse.any():

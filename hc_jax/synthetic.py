@@ -27,6 +27,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from hc_jax.ellipse import ramanujan_perimeter
+
 IMAGE_WIDTH = 800
 IMAGE_HEIGHT = 540
 TRAIN_CSV_HEADER = ('filename', 'pixel size(mm)', 'head circumference (mm)')
@@ -42,22 +44,6 @@ OFF_SIZE_FRACTION = 0.05
 FRAMES_PER_SUBJECT_PROBS = (0.8, 0.15, 0.05)
 
 _TRAIN_STREAM, _TEST_STREAM = 0, 1
-
-
-def ramanujan_perimeter(a, b):
-  """Ramanujan's approximation of the perimeter of an ellipse.
-
-  Args:
-    a: semi-axis (scalar or array).
-    b: other semi-axis, broadcastable with `a`, in the same units.
-
-  Returns:
-    pi * (3 (a + b) - sqrt((3a + b)(a + 3b))), as a numpy array (0-d for
-    scalars), in the units of `a` and `b`.
-  """
-  a = np.asarray(a, dtype=np.float64)
-  b = np.asarray(b, dtype=np.float64)
-  return np.pi * (3.0 * (a + b) - np.sqrt((3.0 * a + b) * (a + 3.0 * b)))
 
 
 def _chebyshev_adjacent(p, q):

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from hc_jax import ellipse
 from hc_jax import synthetic
 
 NUM_TRAIN = 40
@@ -45,14 +46,14 @@ def _neighbour_counts(mask):
 
 def test_ramanujan_perimeter_of_circle_is_two_pi_r():
   radii = np.array([1.0, 10.0, 123.4])
-  np.testing.assert_allclose(synthetic.ramanujan_perimeter(radii, radii), 2 * np.pi * radii)
-  assert float(synthetic.ramanujan_perimeter(5.0, 5.0)) == pytest.approx(10 * np.pi)
+  np.testing.assert_allclose(ellipse.ramanujan_perimeter(radii, radii), 2 * np.pi * radii)
+  assert float(ellipse.ramanujan_perimeter(5.0, 5.0)) == pytest.approx(10 * np.pi)
 
 
 def test_ramanujan_perimeter_of_ellipse():
   # Exact perimeter of a=2, b=1 is 9.688448...; Ramanujan is accurate to ~1e-5 here.
-  assert float(synthetic.ramanujan_perimeter(2.0, 1.0)) == pytest.approx(9.688448, abs=1e-4)
-  assert float(synthetic.ramanujan_perimeter(1.0, 2.0)) == pytest.approx(9.688448, abs=1e-4)
+  assert float(ellipse.ramanujan_perimeter(2.0, 1.0)) == pytest.approx(9.688448, abs=1e-4)
+  assert float(ellipse.ramanujan_perimeter(1.0, 2.0)) == pytest.approx(9.688448, abs=1e-4)
 
 
 @pytest.mark.parametrize('seed', range(40))
@@ -74,7 +75,7 @@ def test_outline_is_closed_and_one_pixel_wide(seed):
   _, num_regions = ndimage.label(~on_outline)
   assert num_regions == 2
   # An 8-connected digital curve has 0.71..1 pixel per unit of length.
-  ratio = on_outline.sum() / synthetic.ramanujan_perimeter(a, b)
+  ratio = on_outline.sum() / ellipse.ramanujan_perimeter(a, b)
   assert 0.8 < ratio <= 1.0
   # The outline lies on the ellipse.
   rows, cols = np.nonzero(on_outline)
@@ -156,7 +157,7 @@ def test_annotations_are_outlines_of_true_ellipses(phantom):
     annotation = np.asarray(Image.open(path))
     assert set(np.unique(annotation)) == {0, 255}
     on_outline = annotation > 0
-    perimeter_px = synthetic.ramanujan_perimeter(record['semi_axis_a'], record['semi_axis_b'])
+    perimeter_px = ellipse.ramanujan_perimeter(record['semi_axis_a'], record['semi_axis_b'])
     assert 0.8 * perimeter_px < on_outline.sum() <= perimeter_px
     assert np.all(_neighbour_counts(on_outline)[on_outline] == 2)
     # The whole head is in the image: the outline keeps off the border.
@@ -183,7 +184,7 @@ def test_csv_hc_is_ramanujan_perimeter_times_pixel_size(phantom):
     assert 0.05 <= pixel_size_mm <= 0.25
     assert pixel_size_mm == record['pixel_size_mm'] and hc_mm == record['hc_mm']
     assert len(hc_text.partition('.')[2]) <= 2
-    perimeter_px = synthetic.ramanujan_perimeter(record['semi_axis_a'], record['semi_axis_b'])
+    perimeter_px = ellipse.ramanujan_perimeter(record['semi_axis_a'], record['semi_axis_b'])
     assert hc_mm == pytest.approx(perimeter_px * pixel_size_mm, abs=0.005 + 1e-9)
   for (filename, pixel_size_text), record in zip(
       _read_csv(root / 'test_set_pixel_size.csv')[1:], summary['test']):
