@@ -22,7 +22,6 @@ an .npz for the TensorFlow-free path (`hc_jax.numpy_data.load_numpy`).
 TensorFlow only feeds data here, so building a pipeline hides the GPUs from it.
 """
 
-import dataclasses
 import os
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 

@@ -29,7 +29,12 @@ from typing import Optional, Tuple
 
 import tensorflow as tf
 
-RESIZE_MODES = ('stretch', 'letterbox')
+# Targets live in a TF-free module; re-exported for the pipeline's users.
+from hc_jax.targets import RESIZE_MODES
+from hc_jax.targets import hc_mm_from_target  # pylint: disable=unused-import
+from hc_jax.targets import hc_px_from_target  # pylint: disable=unused-import
+from hc_jax.targets import hc_target
+
 
 # Smallest standard deviation zscore divides by, so a blank frame gives zeros.
 ZSCORE_EPS = 1e-6
@@ -297,40 +302,3 @@ def augment(image, seed, config):
     hc_scale = _uniform(scale_seed, [], *config.scale_range)
   image = affine_warp(image, angle_rad, translate_xy, hc_scale)
   return image, hc_scale
-
-
-# ----------------------------------------------------------------------------
-# Targets. Plain arithmetic: works on Python floats, NumPy, TF and JAX arrays.
-# ----------------------------------------------------------------------------
-
-
-def hc_target(hc_px, normaliser_px):
-  """Regression target from HC in pixels of the original image.
-
-  Args:
-    hc_px: head circumference in original-image pixels.
-    normaliser_px: constant that brings the target near 1.
-
-  Returns:
-    `hc_px / normaliser_px`.
-  """
-  return hc_px / normaliser_px
-
-
-def hc_px_from_target(target, normaliser_px):
-  """HC in original-image pixels from a target or prediction."""
-  return target * normaliser_px
-
-
-def hc_mm_from_target(target, normaliser_px, pixel_size_mm):
-  """HC in millimetres from a target or prediction.
-
-  Args:
-    target: target or prediction, as made by `hc_target`.
-    normaliser_px: the same constant used to make the target.
-    pixel_size_mm: pixel size of the original image, in mm.
-
-  Returns:
-    `target * normaliser_px * pixel_size_mm`, for either resize mode.
-  """
-  return target * normaliser_px * pixel_size_mm

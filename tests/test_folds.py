@@ -50,8 +50,13 @@ def _subject(filename: str) -> int:
 
 def _hc_balance_problems(fold_by_filename: dict[str, int],
                          hc_by_filename: dict[str, float],
-                         rel_tolerance: float = 0.03) -> list[str]:
-  """Ways in which the folds' HC distributions differ from the whole set's."""
+                         rel_tolerance: float = 0.05) -> list[str]:
+  """Ways in which the folds' HC distributions differ from the whole set's.
+
+  Stratification puts a fold's k-th smallest subject in the k-th block of
+  num_folds HC-sorted subjects, so a fold's median can be off by about one
+  block's HC width: some % with only 24 subjects a fold (10 folds of 240).
+  """
   all_hc = np.asarray(list(hc_by_filename.values()))
   low_decile, high_decile = np.quantile(all_hc, [0.1, 0.9])
   problems = []
@@ -337,4 +342,5 @@ def test_real_hc18_training_set():
   _check_assignment(assignment, filenames, hc_mm)
   # With 900 images, the folds are balanced per image too.
   assert _hc_balance_problems({f: assignment.fold_of(f) for f in filenames},
-                              dict(zip(filenames, hc_mm))) == []
+                              dict(zip(filenames, hc_mm)),
+                              rel_tolerance=0.03) == []

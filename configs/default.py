@@ -1,0 +1,60 @@
+"""Default hc_jax configuration: the paper's 263K CNN with MSE on HC18, fold 0.
+
+  python -m hc_jax.main --config=configs/default.py --workdir=runs/default
+
+Every other config starts from this one and changes only what differs.
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the default configuration."""
+  config = ml_collections.ConfigDict()
+
+  # Model and loss, by their names in hc_jax.models.MODELS / losses.LOSSES.
+  config.model = 'cnn_263k'
+  config.dtype = 'float32'  # Compute dtype of ResNet50/VGG16: or 'bfloat16'.
+  config.loss = 'mse'
+  config.huber_delta = 0.5  # The paper's δ.
+
+  # Data.
+  config.data = ml_collections.ConfigDict()
+  config.data.source = 'hc18'  # 'hc18' or 'synthetic' (phantom scans).
+  # HC18 in the Zenodo layout; '' means $HC18_DIR or ../shared/hc18, and
+  # 'download' fetches it from Zenodo.
+  config.data.hc18_dir = ''
+  config.data.tfds_data_dir = ''  # '' means TFDS's default.
+  config.data.num_synthetic = 60  # Phantom training images, source 'synthetic'.
+  config.image_size = 128
+  config.resize_mode = 'stretch'  # The paper's; or 'letterbox'.
+  # Targets are HC in px of the original image divided by this; 0 means the
+  # largest HC of the training images (the paper's choice).
+  config.hc_normaliser_px = 0.0
+
+  # Subject-grouped cross-validation.
+  config.num_folds = 5
+  config.fold = 0
+  config.fold_seed = 0
+  config.val_fraction = 0.1  # Of the training folds' subjects, for selection.
+
+  # Augmentation (the paper's: flip, ±5 px shift, ±10° rotation).
+  config.augment = ml_collections.ConfigDict()
+  config.augment.flip = True
+  config.augment.max_translate_px = 5.0
+  config.augment.max_rotate_deg = 10.0
+  config.augment.scale_range = ml_collections.FieldReference(None, field_type=tuple)
+
+  # Optimisation (the paper's: Adam, lr 1e-3, batch 8).
+  config.batch_size = 8
+  config.eval_batch_size = 32
+  config.num_epochs = 250
+  config.learning_rate = 1e-3
+  config.lr_schedule = 'constant'  # Or 'cosine' (with warmup).
+  config.warmup_epochs = 0
+  config.weight_decay = 0.0  # Decoupled (AdamW) when > 0.
+
+  config.seed = 0
+  config.log_every_steps = 50
+  config.distributed = False  # jax.distributed.initialize() for multi-host.
+  return config

@@ -1,0 +1,14 @@
+"""vgg16 trained with the mse loss at 224x224 (the paper's setting).
+
+  python -m hc_jax.main --config=configs/vgg16_mse.py --config.fold=0
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model = 'vgg16'
+  config.loss = 'mse'
+  config.image_size = 224
+  return config

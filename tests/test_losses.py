@@ -1,0 +1,120 @@
+"""Tests for hc_jax.losses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hc_jax import losses
+
+# Residuals predictions - targets: -1.0, 0.25, 2.0, 0.0.
+PREDICTIONS = jnp.array([1.0, 2.25, 5.0, 4.0])
+TARGETS = jnp.array([2.0, 2.0, 3.0, 4.0])
+
+
+def test_mae():
+  # (1 + 0.25 + 2 + 0) / 4
+  np.testing.assert_allclose(losses.mae(PREDICTIONS, TARGETS), 0.8125)
+
+
+def test_mse():
+  # (1 + 0.0625 + 4 + 0) / 4
+  np.testing.assert_allclose(losses.mse(PREDICTIONS, TARGETS), 1.265625)
+
+
+def test_huber_default_delta():
+  # delta 0.5: |r| = 1 -> 0.5 * (1 - 0.25) = 0.375; 0.25 -> 0.5 * 0.0625
+  # = 0.03125; 2 -> 0.5 * (2 - 0.25) = 0.875; 0 -> 0. Mean 1.28125 / 4.
+  np.testing.assert_allclose(
+      losses.huber(PREDICTIONS, TARGETS), 0.3203125, rtol=1e-6)
+
+
+def test_huber_delta_one():
+  # delta 1: 0.5, 0.03125, 1 * (2 - 0.5) = 1.5, 0. Mean 2.03125 / 4.
+  np.testing.assert_allclose(
+      losses.huber(PREDICTIONS, TARGETS, delta=1.0), 0.5078125, rtol=1e-6)
+
+
+@pytest.mark.parametrize('delta', [0.1, 0.5, 1.0, 3.0])
+def test_huber_matches_optax(delta):
+  predictions = jax.random.normal(jax.random.key(0), (64,)) * 2
+  targets = jax.random.normal(jax.random.key(1), (64,))
+  np.testing.assert_allclose(
+      losses.huber(predictions, targets, delta=delta),
+      optax.huber_loss(predictions, targets, delta=delta).mean(),
+      rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['mae', 'mse', 'huber'])
+@pytest.mark.parametrize('mask_dtype', [jnp.bool_, jnp.float32, jnp.int32])
+def test_masked_entries_do_not_matter(name, mask_dtype):
+  loss_fn = losses.get_loss(name)
+  mask = jnp.array([1, 1, 0, 1], mask_dtype)
+  # Garbage, even NaN and inf, in masked-out entries must not leak.
+  garbage_predictions = PREDICTIONS.at[2].set(jnp.nan)
+  garbage_targets = TARGETS.at[2].set(jnp.inf)
+  kept = jnp.array([0, 1, 3])
+  expected = loss_fn(PREDICTIONS[kept], TARGETS[kept])
+  np.testing.assert_allclose(
+      loss_fn(garbage_predictions, garbage_targets, mask), expected, rtol=1e-6)
+  gradient = jax.grad(loss_fn)(garbage_predictions, garbage_targets, mask)
+  assert np.all(np.isfinite(gradient))
+  assert gradient[2] == 0
+
+
+@pytest.mark.parametrize('name', ['mae', 'mse', 'huber'])
+def test_all_masked_returns_zero(name):
+  loss_fn = losses.get_loss(name)
+  mask = jnp.zeros(4, jnp.bool_)
+  assert loss_fn(PREDICTIONS, TARGETS, mask) == 0
+  gradient = jax.grad(loss_fn)(PREDICTIONS, TARGETS, mask)
+  np.testing.assert_array_equal(gradient, np.zeros(4))
+
+
+@pytest.mark.parametrize('name', ['mae', 'mse', 'huber'])
+def test_all_ones_mask_equals_no_mask(name):
+  loss_fn = losses.get_loss(name)
+  np.testing.assert_allclose(
+      loss_fn(PREDICTIONS, TARGETS, jnp.ones(4)),
+      loss_fn(PREDICTIONS, TARGETS), rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['mae', 'mse', 'huber'])
+def test_gradient_finite_at_zero_residual(name):
+  loss_fn = losses.get_loss(name)
+  gradient = jax.grad(loss_fn)(TARGETS, TARGETS)
+  assert np.all(np.isfinite(gradient))
+  if name != 'mae':  # Smooth losses have a zero gradient at the minimum.
+    np.testing.assert_array_equal(gradient, np.zeros(4))
+
+
+def test_huber_gradient():
+  # d/dr: r for |r| <= delta, delta * sign(r) beyond; divided by the count.
+  gradient = jax.grad(losses.huber)(PREDICTIONS, TARGETS)
+  np.testing.assert_allclose(gradient, np.array([-0.5, 0.25, 0.5, 0.0]) / 4)
+
+
+def test_losses_jit():
+  mask = jnp.array([True, False, True, True])
+  for name in losses.LOSSES:
+    loss_fn = losses.get_loss(name)
+    np.testing.assert_allclose(
+        jax.jit(loss_fn)(PREDICTIONS, TARGETS, mask),
+        loss_fn(PREDICTIONS, TARGETS, mask), rtol=1e-6)
+
+
+def test_get_loss_binds_delta():
+  loss_fn = losses.get_loss('huber', delta=1.0)
+  np.testing.assert_allclose(loss_fn(PREDICTIONS, TARGETS), 0.5078125)
+  assert losses.get_loss('mae') is losses.mae
+
+
+def test_get_loss_rejects_unknown_setting():
+  with pytest.raises(TypeError):
+    losses.get_loss('mae', delta=1.0)
+
+
+def test_unknown_loss_raises():
+  with pytest.raises(ValueError, match='known losses: huber, mae, mse'):
+    losses.get_loss('l1')

@@ -1,0 +1,216 @@
+"""Tests for hc_jax.models."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hc_jax import models
+
+# Exact parameter counts ('params' collection only), one input channel.
+# The custom CNNs depend on the input size through their Flatten; VGG16 and
+# ResNet50 end in global average pooling, so theirs do not.
+CNN_263K_PARAMS_128 = 263_633
+CNN_1M_PARAMS_128 = 286_529
+CNN_1M_PARAMS_256 = 1_072_961
+VGG16_PARAMS = 14_845_121
+VGG16_BN_PARAMS = 14_853_569
+RESNET50_PARAMS = 23_503_809
+
+
+def _abstract_variables(model, image_size, batch_size=1):
+  """Shapes and dtypes of the model's variables, without computing them."""
+  images = jnp.zeros((batch_size, image_size, image_size, 1), jnp.float32)
+  return jax.eval_shape(
+      lambda: model.init(jax.random.key(0), images, train=False))
+
+
+@pytest.mark.parametrize(
+    'name, image_size, kwargs, expected',
+    [
+        ('cnn_263k', 128, {}, CNN_263K_PARAMS_128),
+        ('cnn_1m', 128, {}, CNN_1M_PARAMS_128),
+        ('cnn_1m', 256, {}, CNN_1M_PARAMS_256),
+        ('vgg16', 64, {}, VGG16_PARAMS),
+        ('vgg16', 64, {'batch_norm': True}, VGG16_BN_PARAMS),
+        ('resnet50', 64, {}, RESNET50_PARAMS),
+    ],
+)
+def test_param_count(name, image_size, kwargs, expected):
+  model = models.create_model(name, **kwargs)
+  variables = _abstract_variables(model, image_size)
+  assert models.count_params(variables['params']) == expected
+
+
+@pytest.mark.parametrize('name', ['vgg16', 'resnet50'])
+def test_param_count_independent_of_image_size(name):
+  model = models.create_model(name)
+  counts = {models.count_params(_abstract_variables(model, size)['params'])
+            for size in (32, 96, 224)}
+  assert len(counts) == 1
+
+
+@pytest.mark.parametrize(
+    'name, kwargs',
+    [
+        ('cnn_263k', {}),
+        ('cnn_1m', {}),
+        ('vgg16', {}),
+        ('vgg16', {'batch_norm': True}),
+        ('resnet50', {}),
+        ('resnet50', {'dtype': jnp.bfloat16}),
+    ],
+)
+@pytest.mark.parametrize('train', [False, True])
+def test_output_shape_and_dtype(name, kwargs, train):
+  model = models.create_model(name, **kwargs)
+  batch_size = 3
+  images = jnp.zeros((batch_size, 64, 64, 1), jnp.float32)
+  variables = _abstract_variables(model, 64)
+
+  def apply(variables):
+    return model.apply(
+        variables, images, train=train, mutable=['batch_stats'] if train else [],
+        rngs={'dropout': jax.random.key(1)} if train else {})
+
+  predictions, _ = jax.eval_shape(apply, variables)
+  assert predictions.shape == (batch_size,)
+  assert predictions.dtype == jnp.float32
+
+
+def test_resnet50_bfloat16_keeps_float32_params():
+  model = models.ResNet50(dtype=jnp.bfloat16)
+  variables = _abstract_variables(model, 64)
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves(variables)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+
+
+def test_resnet50_layer_names_follow_keras():
+  params = _abstract_variables(models.ResNet50(), 64)['params']
+  assert {'conv1_conv', 'conv1_bn', 'conv5_block3', 'head'} <= set(params)
+  assert set(params['conv2_block1']) == {
+      '0_conv', '0_bn', '1_conv', '1_bn', '2_conv', '2_bn', '3_conv', '3_bn'}
+  assert params['conv1_conv']['kernel'].shape == (7, 7, 1, 64)
+
+
+@pytest.fixture(scope='module')
+def cnn_263k():
+  """The small CNN, its initial variables and a batch of 64x64 images."""
+  model = models.CNN263K()
+  images = jax.random.normal(jax.random.key(0), (4, 64, 64, 1))
+  variables = model.init(jax.random.key(1), images, train=False)
+  return model, variables, images
+
+
+def test_train_mode_updates_batch_stats(cnn_263k):
+  model, variables, images = cnn_263k
+  _, updates = model.apply(
+      variables, images, train=True, mutable=['batch_stats'],
+      rngs={'dropout': jax.random.key(2)})
+  old = jax.tree.leaves(variables['batch_stats'])
+  new = jax.tree.leaves(updates['batch_stats'])
+  assert len(old) == len(new) == 6
+  assert all(not np.allclose(a, b) for a, b in zip(old, new))
+
+
+def test_eval_mode_uses_running_statistics(cnn_263k):
+  model, variables, images = cnn_263k
+  predictions = model.apply(variables, images, train=False)
+  # Each prediction depends on its own image only, not on the batch.
+  np.testing.assert_allclose(
+      model.apply(variables, images[:1], train=False), predictions[:1],
+      rtol=1e-5, atol=1e-6)
+  # ... and on the running statistics: updating them changes the prediction.
+  _, updates = model.apply(
+      variables, images, train=True, mutable=['batch_stats'],
+      rngs={'dropout': jax.random.key(2)})
+  updated = {'params': variables['params'], **updates}
+  assert not np.allclose(model.apply(updated, images, train=False), predictions)
+
+
+def test_eval_mode_is_deterministic(cnn_263k):
+  model, variables, images = cnn_263k
+  np.testing.assert_array_equal(
+      model.apply(variables, images, train=False),
+      model.apply(variables, images, train=False))
+
+
+def test_dropout_depends_on_rng_in_train_mode(cnn_263k):
+  model, variables, images = cnn_263k
+
+  def train_predictions(seed):
+    predictions, _ = model.apply(
+        variables, images, train=True, mutable=['batch_stats'],
+        rngs={'dropout': jax.random.key(seed)})
+    return predictions
+
+  np.testing.assert_array_equal(train_predictions(3), train_predictions(3))
+  assert not np.allclose(train_predictions(3), train_predictions(4))
+
+
+def test_train_mode_needs_dropout_rng(cnn_263k):
+  model, variables, images = cnn_263k
+  with pytest.raises(flax.errors.InvalidRngError):
+    model.apply(variables, images, train=True, mutable=['batch_stats'])
+
+
+def test_cnn_1m_runs_at_128():
+  model = models.CNN1M()
+  images = jax.random.normal(jax.random.key(0), (2, 128, 128, 1))
+  variables = model.init(jax.random.key(1), images, train=False)
+  predictions, _ = model.apply(
+      variables, images, train=True, mutable=['batch_stats'],
+      rngs={'dropout': jax.random.key(2)})
+  assert predictions.shape == (2,)
+  assert np.all(np.isfinite(predictions))
+
+
+@pytest.mark.parametrize(
+    'name, kwargs',
+    [
+        ('vgg16', {'batch_norm': True}),  # About 9 s on 2 CPU cores.
+        pytest.param(  # About 20 s on 2 CPU cores.
+            'resnet50', {'dtype': jnp.bfloat16}, marks=pytest.mark.slow),
+    ],
+)
+def test_big_models_run(name, kwargs):
+  model = models.create_model(name, **kwargs)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
+  variables = jax.jit(
+      lambda key: model.init(key, images, train=False))(jax.random.key(1))
+  predictions, _ = model.apply(
+      variables, images, train=True, mutable=['batch_stats'],
+      rngs={'dropout': jax.random.key(2)})
+  eval_predictions = model.apply(variables, images, train=False)
+  for output in (predictions, eval_predictions):
+    assert output.shape == (2,)
+    assert output.dtype == jnp.float32
+    assert np.all(np.isfinite(output))
+
+
+def test_max_pool_2x2_floors_odd_sizes():
+  feature_maps = jnp.arange(2 * 5 * 5 * 3, dtype=jnp.float32).reshape(
+      2, 5, 5, 3)
+  pooled = models.max_pool_2x2(feature_maps)
+  expected = np.asarray(feature_maps)[:, :4, :4, :].reshape(
+      2, 2, 2, 2, 2, 3).max(axis=(2, 4))
+  np.testing.assert_array_equal(pooled, expected)
+
+
+def test_unknown_model_raises():
+  with pytest.raises(ValueError, match='known models: cnn_1m, cnn_263k'):
+    models.create_model('resnet18')
+
+
+def test_unbatched_images_raise(cnn_263k):
+  model, variables, images = cnn_263k
+  with pytest.raises(ValueError, match='batch, height, width, 1'):
+    model.apply(variables, images[0], train=False)
+
+
+def test_count_params():
+  params = {'dense': {'kernel': jnp.zeros((3, 4)), 'bias': jnp.zeros((4,))},
+            'scale': jax.ShapeDtypeStruct((2, 5), jnp.float32)}
+  assert models.count_params(params) == 26
+  assert models.count_params({}) == 0
