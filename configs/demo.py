@@ -11,8 +11,8 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data.source = 'synthetic'
-  config.data.num_synthetic = 120
+  config.data.num_synthetic = 200
   config.image_size = 64
-  config.num_epochs = 8
+  config.num_epochs = 40
   config.log_every_steps = 20
   return config
