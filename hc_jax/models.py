@@ -32,8 +32,11 @@ ModuleDef = Any
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling with stride 2 and no padding (Keras' `MaxPooling2D()`).
 
-  Kept as a module-level function so that a faster implementation with the
-  same mathematics can be swapped in without touching the models.
+  Written as a reshape and a max rather than `nn.max_pool`: the same values,
+  and on the CPU 3-4x faster, mostly in the backward pass (XLA's
+  select-and-scatter for `reduce_window` is slow there). Where a window holds
+  tied maxima the gradient is shared among them instead of going to the
+  first; both are valid subgradients.
 
   Args:
     x: Feature maps, `[batch, height, width, channels]`. An odd height or width
@@ -42,7 +45,10 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   Returns:
     Pooled feature maps, `[batch, height // 2, width // 2, channels]`.
   """
-  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
+  batch, height, width, channels = x.shape
+  x = x[:, :height // 2 * 2, :width // 2 * 2, :]
+  x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+  return x.max(axis=(2, 4))
 
 
 def keras_batch_norm(train: bool, **kwargs) -> ModuleDef:

@@ -214,3 +214,17 @@ def test_count_params():
             'scale': jax.ShapeDtypeStruct((2, 5), jnp.float32)}
   assert models.count_params(params) == 26
   assert models.count_params({}) == 0
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (1, 9, 7, 2)])
+def test_max_pool_2x2_matches_flax_values_and_gradients(shape):
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  feature_maps = jax.random.normal(jax.random.key(0), shape)  # No ties.
+  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+  np.testing.assert_allclose(models.max_pool_2x2(feature_maps),
+                             reference(feature_maps))
+  weights = jax.random.normal(jax.random.key(1),
+                              reference(feature_maps).shape)
+  grad = lambda pool: jax.grad(lambda x: (pool(x) * weights).sum())(
+      feature_maps)
+  np.testing.assert_allclose(grad(models.max_pool_2x2), grad(reference))
