@@ -17,6 +17,9 @@ def get_config():
   config.dtype = 'float32'  # Compute dtype of ResNet50/VGG16: or 'bfloat16'.
   config.loss = 'mse'
   config.huber_delta = 0.5  # The paper's δ.
+  # Pretrained weights to start from ('' for none): a Keras ResNet50 .h5 or
+  # .keras file in the keras.applications layout (see hc_jax/pretrained.py).
+  config.init_from = ''
 
   # Data.
   config.data = ml_collections.ConfigDict()

@@ -22,7 +22,6 @@ from typing import Any
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -43,7 +42,7 @@ class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config) -> None:
   """Raises ValueError with one clear line for a config that cannot run."""
   if config.model not in models.MODELS:
     raise ValueError(f'unknown model {config.model!r}; choose one of '
@@ -169,12 +168,11 @@ def _eta(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains one fold, selects on validation, scores the test fold.
 
   Args:
-    config: a config from `configs/`.
+    config: a config from `configs/` (an ml_collections.ConfigDict).
     workdir: where the run leaves config.json, folds.json, metrics.jsonl,
       TensorBoard events, checkpoints, the test predictions and results.json;
       an existing workdir of the same run is resumed.
@@ -208,6 +206,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   model = create_model(config)
   state = create_train_state(config, model, init_key,
                              create_optimizer(config, steps_per_epoch))
+  if config.get('init_from'):
+    from hc_jax import pretrained  # pylint: disable=import-outside-toplevel
+    state = pretrained.load_into(state, config.init_from, config.model)
+    _log(f'initialised from {config.init_from}')
   _log(f'{models.count_params(state.params):,} parameters')
   checkpoints = checkpoint.Checkpoints(workdir)
   state, progress = checkpoints.restore_latest(state)
