@@ -137,8 +137,9 @@ def train_dataset(prepared: tf.data.Dataset,
                   num_epochs: Optional[int] = None) -> tf.data.Dataset:
   """Shuffled, augmented training batches.
 
-  cache -> shuffle -> repeat -> enumerate -> map(augment, zscore, target)
-  -> batch(drop_remainder) -> prefetch. Each example's augmentation draws from
+  cache -> shuffle -> repeat -> enumerate -> map(draw augmentation)
+  -> batch(drop_remainder) -> map(warp, zscore, target) -> prefetch. Each
+  example's augmentation draws from
   a stateless seed made of `seed` and its position in the stream, so a pipeline
   built twice with the same seed yields the same batches.
 
@@ -166,19 +167,25 @@ def train_dataset(prepared: tf.data.Dataset,
   dataset = dataset.repeat(num_epochs)
   global_seed = tf.constant(seed, tf.int64)
 
-  def train_features(index, example):
-    example_seed = tf.stack([global_seed, index])
-    image, hc_scale = preprocess.augment(example['image'], example_seed,
-                                         config)
-    hc_px = example['hc_px'] * hc_scale
+  def draw_augmentation(index, example):
+    params = preprocess.augment_params(tf.stack([global_seed, index]), config)
+    return {'image': example['image'],
+            'hc_px': example['hc_px'] * params['hc_scale'], **params}
+
+  def train_features(batch):
+    images = preprocess.apply_augment(batch['image'], batch, config)
     return {
-        'image': preprocess.zscore(image),
-        'target': preprocess.hc_target(hc_px, normaliser_px),
+        'image': preprocess.zscore(images),
+        'target': preprocess.hc_target(batch['hc_px'], normaliser_px),
     }
 
+  # Parameters are drawn per example; the warp runs once per batch, which is
+  # several times faster than warping image by image.
   dataset = dataset.enumerate().map(
-      train_features, num_parallel_calls=AUTOTUNE, deterministic=True)
+      draw_augmentation, num_parallel_calls=AUTOTUNE, deterministic=True)
   dataset = dataset.batch(batch_size, drop_remainder=True)
+  dataset = dataset.map(train_features, num_parallel_calls=AUTOTUNE,
+                        deterministic=True)
   return dataset.prefetch(AUTOTUNE)
 
 

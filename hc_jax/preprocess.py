@@ -100,10 +100,11 @@ def to_uint8(image):
 
 
 def zscore(image, eps=ZSCORE_EPS):
-  """Standardises one image to zero mean and unit standard deviation.
+  """Standardises each image to zero mean and unit standard deviation.
 
   Args:
-    image: image of any real dtype.
+    image: `[H, W, C]` image, or a batch `[B, H, W, C]` (each image on its
+      own), of any real dtype.
     eps: lower bound on the standard deviation, so a constant image maps to
       zeros rather than NaN.
 
@@ -111,8 +112,8 @@ def zscore(image, eps=ZSCORE_EPS):
     float32 image of the same shape.
   """
   image = tf.cast(image, tf.float32)
-  mean = tf.reduce_mean(image)
-  std = tf.math.reduce_std(image)
+  mean = tf.reduce_mean(image, axis=[-3, -2, -1], keepdims=True)
+  std = tf.math.reduce_std(image, axis=[-3, -2, -1], keepdims=True)
   return (image - mean) / tf.maximum(std, eps)
 
 
@@ -165,6 +166,22 @@ def _uniform(seed, shape, minval, maxval):
       shape, seed=seed, minval=minval, maxval=maxval, dtype=tf.float32)
 
 
+def _inverse_transforms(angle_rad, translate_xy, scale, height, width):
+  """ImageProjectiveTransform vectors ([..., 8]) of `affine_warp`'s map."""
+  center_x = (tf.cast(width, tf.float32) - 1.0) / 2.0
+  center_y = (tf.cast(height, tf.float32) - 1.0) / 2.0
+  cos = tf.cos(angle_rad) / scale
+  sin = tf.sin(angle_rad) / scale
+  # Inverse linear part A = R(-angle) / scale, offset b = c - A (c + t).
+  a0, a1, a3, a4 = cos, sin, -sin, cos
+  shifted_x = center_x + translate_xy[..., 0]
+  shifted_y = center_y + translate_xy[..., 1]
+  a2 = center_x - a0 * shifted_x - a1 * shifted_y
+  a5 = center_y - a3 * shifted_x - a4 * shifted_y
+  zero = tf.zeros_like(a0)
+  return tf.stack([a0, a1, a2, a3, a4, a5, zero, zero], axis=-1)
+
+
 def affine_warp(image, angle_rad=0.0, translate_xy=(0.0, 0.0), scale=1.0):
   """Rotates, zooms and shifts an image about its centre in one resample.
 
@@ -175,38 +192,31 @@ def affine_warp(image, angle_rad=0.0, translate_xy=(0.0, 0.0), scale=1.0):
   `p_in = c + R(-angle) (p_out - c - t) / scale`. Bilinear, zero fill.
 
   Args:
-    image: `[H, W, C]` image.
+    image: `[H, W, C]` image, or a batch `[B, H, W, C]` with per-image
+      `angle_rad` [B], `translate_xy` [B, 2] and `scale` [B].
     angle_rad: rotation angle in radians.
     translate_xy: `(tx, ty)` shift in output pixels.
     scale: zoom factor (> 1 enlarges the head).
 
   Returns:
-    float32 `[H, W, C]` warped image.
+    float32 warped image(s), the shape of `image`.
   """
   image = tf.cast(tf.convert_to_tensor(image), tf.float32)
-  angle_rad = tf.cast(angle_rad, tf.float32)
-  translate_xy = tf.cast(translate_xy, tf.float32)
-  scale = tf.cast(scale, tf.float32)
-  height_width = tf.shape(image)[:2]
-  center_x = (tf.cast(height_width[1], tf.float32) - 1.0) / 2.0
-  center_y = (tf.cast(height_width[0], tf.float32) - 1.0) / 2.0
-  cos = tf.cos(angle_rad) / scale
-  sin = tf.sin(angle_rad) / scale
-  # Inverse linear part A = R(-angle) / scale, offset b = c - A (c + t).
-  a0, a1, a3, a4 = cos, sin, -sin, cos
-  shifted_x = center_x + translate_xy[0]
-  shifted_y = center_y + translate_xy[1]
-  a2 = center_x - a0 * shifted_x - a1 * shifted_y
-  a5 = center_y - a3 * shifted_x - a4 * shifted_y
-  transform = tf.stack([a0, a1, a2, a3, a4, a5, 0.0, 0.0])[tf.newaxis]
+  batched = image.shape.rank == 4
+  images = image if batched else image[tf.newaxis]
+  height_width = tf.shape(images)[1:3]
+  transforms = _inverse_transforms(
+      tf.cast(angle_rad, tf.float32), tf.cast(translate_xy, tf.float32),
+      tf.cast(scale, tf.float32), height_width[0], height_width[1])
+  transforms = tf.reshape(transforms, [-1, 8])
   warped = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[tf.newaxis],
-      transforms=transform,
+      images=images,
+      transforms=transforms,
       output_shape=height_width,
       fill_value=tf.constant(0.0, tf.float32),
       interpolation='BILINEAR',
-      fill_mode='CONSTANT')[0]
-  return tf.ensure_shape(warped, image.shape)
+      fill_mode='CONSTANT')
+  return tf.ensure_shape(warped if batched else warped[0], image.shape)
 
 
 def random_flip(image, seed):
@@ -271,11 +281,62 @@ def random_scale(image, seed, min_scale, max_scale):
   return affine_warp(image, scale=scale), scale
 
 
-def augment(image, seed, config):
-  """Applies a flip, then one combined rotation/translation/zoom.
+def augment_params(seed, config):
+  """Draws one image's augmentation: flip, rotation, shift and zoom.
+
+  Drawing (per example) is split from applying (`apply_augment`, per batch)
+  so the pipeline can warp a whole batch in one call.
+
+  Args:
+    seed: int tensor of shape [2].
+    config: an `AugmentConfig`.
+
+  Returns:
+    {'flip': bool, 'angle_rad': float32, 'translate_xy': float32 [2],
+    'hc_scale': float32 (the factor by which HC changes; 1 without zoom)}.
+  """
+  flip_seed, rotate_seed, translate_seed, scale_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, num=4))
+  flip = _uniform(flip_seed, [], 0.0, 1.0) < 0.5
+  params = {
+      'flip': tf.logical_and(flip, config.flip),
+      'angle_rad': _uniform(rotate_seed, [], -config.max_rotate_deg,
+                            config.max_rotate_deg) * (math.pi / 180.0),
+      'translate_xy': _uniform(translate_seed, [2], -config.max_translate_px,
+                               config.max_translate_px),
+      'hc_scale': tf.constant(1.0, tf.float32),
+  }
+  if config.scale_range is not None:
+    params['hc_scale'] = _uniform(scale_seed, [], *config.scale_range)
+  return params
+
+
+def apply_augment(images, params, config):
+  """Applies drawn augmentations to a batch: flip, then one combined warp.
 
   Composing the affine parts into one warp costs a single resample (one
   bilinear blur) however many are enabled.
+
+  Args:
+    images: `[B, H, W, C]` images, values in 0..255.
+    params: `augment_params` outputs stacked over the batch.
+    config: the `AugmentConfig` they were drawn with.
+
+  Returns:
+    float32 `[B, H, W, C]` augmented images.
+  """
+  images = tf.cast(tf.convert_to_tensor(images), tf.float32)
+  if config.flip:
+    images = tf.where(params['flip'][:, tf.newaxis, tf.newaxis, tf.newaxis],
+                      tf.reverse(images, axis=[2]), images)
+  if not config.has_affine:
+    return images
+  return affine_warp(images, params['angle_rad'], params['translate_xy'],
+                     params['hc_scale'])
+
+
+def augment(image, seed, config):
+  """Applies a flip, then one combined rotation/translation/zoom, to one image.
 
   Args:
     image: `[H, W, C]` image, values in 0..255.
@@ -286,19 +347,8 @@ def augment(image, seed, config):
     `(image, hc_scale)`: the float32 augmented image and the float32 scalar
     factor by which HC changed (1 unless `config.scale_range` is set).
   """
-  flip_seed, rotate_seed, translate_seed, scale_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, num=4))
-  image = tf.cast(tf.convert_to_tensor(image), tf.float32)
-  hc_scale = tf.constant(1.0, tf.float32)
-  if config.flip:
-    image = random_flip(image, flip_seed)
-  if not config.has_affine:
-    return image, hc_scale
-  angle_rad = _uniform(rotate_seed, [], -config.max_rotate_deg,
-                       config.max_rotate_deg) * (math.pi / 180.0)
-  translate_xy = _uniform(translate_seed, [2], -config.max_translate_px,
-                          config.max_translate_px)
-  if config.scale_range is not None:
-    hc_scale = _uniform(scale_seed, [], *config.scale_range)
-  image = affine_warp(image, angle_rad, translate_xy, hc_scale)
-  return image, hc_scale
+  params = augment_params(seed, config)
+  batch = {name: value[tf.newaxis] for name, value in params.items()}
+  image = apply_augment(tf.convert_to_tensor(image)[tf.newaxis], batch, config)
+  return tf.ensure_shape(image[0], tf.convert_to_tensor(image).shape[1:]), (
+      params['hc_scale'])
