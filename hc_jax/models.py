@@ -26,6 +26,8 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from hc_jax import fast_layers
+
 ModuleDef = Any
 
 
@@ -51,22 +53,44 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return x.max(axis=(2, 4))
 
 
-def keras_batch_norm(train: bool, **kwargs) -> ModuleDef:
+def keras_batch_norm(train: bool, fast: bool = True, **kwargs) -> ModuleDef:
   """BatchNorm with Keras' defaults (momentum 0.99, epsilon 1e-3).
 
-  The paper's custom CNNs were built in Keras, so they use its defaults. Kept
-  as one factory so that a faster BatchNorm can be swapped in later.
+  The paper's custom CNNs were built in Keras, so they use its defaults.
 
   Args:
     train: Whether to normalise with batch statistics (and update the running
       ones) rather than with the running statistics.
-    **kwargs: Further `nn.BatchNorm` arguments, e.g. `name`.
+    fast: Whether to use `fast_layers.BatchNorm` (the same variables and
+      values, a closed-form backward pass that is faster on a CPU) instead of
+      `nn.BatchNorm`.
+    **kwargs: Further module arguments, e.g. `name`.
 
   Returns:
-    An `nn.BatchNorm` module.
+    A BatchNorm module.
   """
-  return nn.BatchNorm(
+  batch_norm = fast_layers.BatchNorm if fast else nn.BatchNorm
+  return batch_norm(
       use_running_average=not train, momentum=0.99, epsilon=1e-3, **kwargs)
+
+
+def conv_3x3(features: int, in_channels: int, fast: bool = True,
+             **kwargs) -> ModuleDef:
+  """A 3x3 'SAME' convolution with bias (Keras' `Conv2D(f, 3, padding='same')`).
+
+  Args:
+    features: Number of output channels.
+    in_channels: Number of input channels.
+    fast: Whether to use `fast_layers.SingleChannelConv3x3` (the same
+      variables and values, faster on a CPU) where `in_channels` is 1.
+    **kwargs: Further module arguments, e.g. `name`.
+
+  Returns:
+    A convolution module.
+  """
+  if fast and in_channels == 1:
+    return fast_layers.SingleChannelConv3x3(features, **kwargs)
+  return nn.Conv(features, (3, 3), padding='SAME', **kwargs)
 
 
 def _check_images(images: jax.Array) -> None:
@@ -98,7 +122,14 @@ class CNN263K(nn.Module):
   plus 80 BatchNorm running statistics; Keras would report 263,713 in total.
   'SAME' padding is what matches the paper's name: with 'VALID' padding the
   features would be 30 * 30 * 16 = 14,400 and the count about 232K.
+
+  Attributes:
+    fast_layers: Whether to use the CPU-fast drop-ins of `hc_jax.fast_layers`
+      for the first convolution and the BatchNorms (the same variables and,
+      up to float rounding, the same values and gradients).
   """
+
+  fast_layers: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -113,13 +144,14 @@ class CNN263K(nn.Module):
     """
     _check_images(x)
     for i, features in enumerate((8, 16), start=1):
-      x = nn.Conv(features, (3, 3), padding='SAME', name=f'conv{i}')(x)
+      x = conv_3x3(features, x.shape[-1], self.fast_layers,
+                   name=f'conv{i}')(x)
       x = nn.relu(x)
-      x = keras_batch_norm(train, name=f'conv{i}_bn')(x)
+      x = keras_batch_norm(train, self.fast_layers, name=f'conv{i}_bn')(x)
       x = max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(16, name='dense1')(x))
-    x = keras_batch_norm(train, name='dense1_bn')(x)
+    x = keras_batch_norm(train, self.fast_layers, name='dense1_bn')(x)
     x = nn.Dropout(0.5, deterministic=not train)(x)
     x = nn.relu(nn.Dense(8, name='dense2')(x))
     x = nn.Dense(1, name='head')(x)
@@ -140,7 +172,14 @@ class CNN1M(nn.Module):
     * 256x256 input: 32 * 32 * 64 = 65,536 features, 1,072,961 parameters
       (about 1.07M) - the count that the paper's name "1M" matches.
   BatchNorm running statistics (256 values) are not counted.
+
+  Attributes:
+    fast_layers: Whether to use the CPU-fast drop-ins of `hc_jax.fast_layers`
+      for the first convolution and the BatchNorms (the same variables and,
+      up to float rounding, the same values and gradients).
   """
+
+  fast_layers: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -155,13 +194,14 @@ class CNN1M(nn.Module):
     """
     _check_images(x)
     for i, features in enumerate((16, 32, 64), start=1):
-      x = nn.Conv(features, (3, 3), padding='SAME', name=f'conv{i}')(x)
+      x = conv_3x3(features, x.shape[-1], self.fast_layers,
+                   name=f'conv{i}')(x)
       x = nn.relu(x)
-      x = keras_batch_norm(train, name=f'conv{i}_bn')(x)
+      x = keras_batch_norm(train, self.fast_layers, name=f'conv{i}_bn')(x)
       x = max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(16, name='dense1')(x))
-    x = keras_batch_norm(train, name='dense1_bn')(x)
+    x = keras_batch_norm(train, self.fast_layers, name='dense1_bn')(x)
     x = nn.Dropout(0.5, deterministic=not train)(x)
     x = nn.relu(nn.Dense(32, name='dense2')(x))
     x = nn.relu(nn.Dense(8, name='dense3')(x))
@@ -226,7 +266,10 @@ class VGG16(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-  """ResNet-v1.5 bottleneck block: 1x1, 3x3 (strided), 1x1 convolutions.
+  """ResNet bottleneck block: 1x1, 3x3, 1x1 convolutions.
+
+  The stride is on the 3x3 convolution (v1.5) or, with `v1=True`, on the
+  first 1x1 convolution (v1, as in Keras' ResNet50).
 
   Sub-layers are named like Keras' ResNet50 (`1_conv`, `1_bn`, ..., with the
   projection shortcut `0_conv`, `0_bn`), so that joining a parameter path with
@@ -237,13 +280,16 @@ class BottleneckBlock(nn.Module):
     filters: Width of the bottleneck; the block outputs `4 * filters` channels.
     conv: Convolution module factory (bias-free, compute dtype bound).
     norm: BatchNorm module factory (train mode and dtype bound).
-    strides: Strides of the 3x3 convolution and of the projection shortcut.
+    strides: Strides of the block: of its 3x3 convolution (or, with `v1`, of
+      its first 1x1 convolution) and of the projection shortcut.
+    v1: Whether to put the stride on the first 1x1 convolution.
   """
 
   filters: int
   conv: ModuleDef
   norm: ModuleDef
   strides: tuple[int, int] = (1, 1)
+  v1: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -256,9 +302,11 @@ class BottleneckBlock(nn.Module):
       Feature maps, `[batch, height / stride, width / stride, 4 * filters]`.
     """
     residual = x
-    y = self.conv(self.filters, (1, 1), name='1_conv')(x)
+    strides_1x1, strides_3x3 = ((self.strides, (1, 1)) if self.v1
+                                else ((1, 1), self.strides))
+    y = self.conv(self.filters, (1, 1), strides_1x1, name='1_conv')(x)
     y = nn.relu(self.norm(name='1_bn')(y))
-    y = self.conv(self.filters, (3, 3), self.strides, name='2_conv')(y)
+    y = self.conv(self.filters, (3, 3), strides_3x3, name='2_conv')(y)
     y = nn.relu(self.norm(name='2_bn')(y))
     y = self.conv(self.filters * 4, (1, 1), name='3_conv')(y)
     # Zero-initialised scale: each block starts as the identity (Goyal et al.).
@@ -283,8 +331,10 @@ class ResNet50(nn.Module):
   convolutions have biases where these do not: a bias just before BatchNorm
   cancels in training and folds into the running mean in evaluation
   (`mean - bias`). Keras' ResNet50 is v1 (stride on the first 1x1
-  convolution); the kernel shapes are the same. The stem pool pads one pixel
-  on each side, like Keras' `ZeroPadding2D(1)` before its pool.
+  convolution) with BatchNorm epsilon 1.001e-5; the kernel shapes are the
+  same, and `keras_v1=True` makes the model compute what Keras' does with the
+  same weights (see `hc_jax.pretrained`). The stem pool pads one pixel on each
+  side, like Keras' `ZeroPadding2D(1)` before its pool.
 
   With one input channel the model has 23,503,809 parameters at any input size.
 
@@ -292,10 +342,14 @@ class ResNet50(nn.Module):
     dtype: Compute dtype (e.g. `jnp.bfloat16`); parameters stay float32 and the
       output is always float32.
     stage_sizes: Number of bottleneck blocks per stage.
+    keras_v1: Whether to place the strides (on the first 1x1 convolution of a
+      block) and set the BatchNorm epsilon (1.001e-5) like Keras' ResNet50, for
+      its pretrained weights. Same parameters either way.
   """
 
   dtype: Any = jnp.float32
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  keras_v1: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -312,7 +366,7 @@ class ResNet50(nn.Module):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9,
-        epsilon=1e-5, dtype=self.dtype)
+        epsilon=1.001e-5 if self.keras_v1 else 1e-5, dtype=self.dtype)
     x = conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name='conv1_conv')(x)
     x = nn.relu(norm(name='conv1_bn')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -321,7 +375,7 @@ class ResNet50(nn.Module):
         strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
         x = BottleneckBlock(
             64 * 2**stage, conv=conv, norm=norm, strides=strides,
-            name=f'conv{stage + 2}_block{block + 1}')(x)
+            v1=self.keras_v1, name=f'conv{stage + 2}_block{block + 1}')(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(1, dtype=self.dtype, name='head')(x)
     return _regression_output(x)

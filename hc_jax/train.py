@@ -73,8 +73,11 @@ def check_config(config) -> None:
 
 def create_model(config) -> Any:
   kwargs = {}
-  if 'dtype' in models.MODELS[config.model].__dataclass_fields__:
+  fields = models.MODELS[config.model].__dataclass_fields__
+  if 'dtype' in fields:
     kwargs['dtype'] = jnp.dtype(config.dtype)
+  if 'keras_v1' in fields and config.get('init_from'):
+    kwargs['keras_v1'] = True  # Keras' weights need its stride placement.
   return models.create_model(config.model, **kwargs)
 
 
