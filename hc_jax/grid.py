@@ -1,0 +1,435 @@
+"""Cross-validation grid: configs × folds, one run after another, then a table.
+
+  python -m hc_jax.grid --configs=configs/cnn263k_mse.py,configs/cnn263k_mae.py \
+      --folds=0,1,2,3,4 --root=runs/grid [--override num_epochs=100 ...]
+  python -m hc_jax.grid --root=runs/grid --aggregate_only
+
+Each run is `train.train_and_evaluate(config, ROOT/<config stem>/fold<k>)` in
+this process. `--override KEY=VALUE` (or `--config.KEY=VALUE`, as for
+`hc_jax.main`) changes a field of every config; a misspelt field is an error.
+Running the command again skips finished runs (those with a results.json) and
+resumes unfinished ones; a workdir that was run with a different config is an
+error, not a silent mix.
+
+The table is the paper's: for each configuration, MAE in px, percentage MAE
+and MAE in mm, each mean ± SD over every image of the test folds pooled (not a
+mean of fold means), the folds and images present (rows short of
+`num_folds` folds are flagged), and a two-sided paired Wilcoxon signed-rank
+test of the best configuration (lowest pooled MAE in mm; complete rows are
+preferred) against each other one, on per-image absolute errors in mm paired
+by filename. It is printed and written to ROOT/results.md and ROOT/results.csv.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+from hc_jax import metrics
+
+RESULTS_FILE = 'results.json'  # As hc_jax.train writes them.
+PREDICTIONS_FILE = 'predictions_test.csv'
+CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.jsonl'
+FOLD_DIR = re.compile(r'^fold(\d+)$')
+# Fields that may differ between a finished run and a rerun of the grid: they
+# say where things are or how often to log, not what is trained.
+RERUN_MAY_CHANGE = ('data.hc18_dir', 'data.tfds_data_dir', 'log_every_steps',
+                    'eval_batch_size', 'distributed')
+TABLE_COLUMNS = ('config', 'model', 'loss', 'folds', 'num_folds',
+                 'num_folds_expected', 'num_images', 'mae_px', 'mae_px_std',
+                 'pmae', 'pmae_std', 'mae_mm', 'mae_mm_std', 'bias_mm', 'best',
+                 'wilcoxon_num_pairs', 'wilcoxon_p', 'complete')
+
+
+def load_config(path: str, overrides: Sequence[str] = ()):
+  """Loads a config file as `hc_jax.main` does, with `KEY=VALUE` overrides.
+
+  Args:
+    path: a config file with `get_config()` (e.g. configs/resnet_huber.py).
+    overrides: e.g. ('num_epochs=10', 'data.hc18_dir=/data/hc18'); values are
+      parsed by the field's type, as `--config.KEY=VALUE` flags are.
+
+  Returns:
+    The locked ml_collections.ConfigDict.
+
+  Raises:
+    ValueError: for a missing file or a bad override, in one line.
+  """
+  # pylint: disable=import-outside-toplevel
+  from absl import flags
+  from ml_collections import config_flags
+  if not os.path.isfile(path):
+    raise ValueError(f'config file {path!r} not found')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if repo not in sys.path:  # The configs do `from configs import default`.
+    sys.path.insert(0, repo)
+  argv = ['grid', f'--config={path}']
+  for override in overrides:
+    key, sep, value = override.partition('=')
+    if not sep or not key:
+      raise ValueError(f'override {override!r} is not KEY=VALUE')
+    argv.append(f'--config.{key}={value}')
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  try:
+    flag_values(argv)
+    config = flag_values.config
+    config.model  # pylint: disable=pointless-statement  # Raises if unloaded.
+  except (flags.Error, IOError, KeyError, AttributeError, TypeError) as e:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    message = ' '.join(str(text).split())
+    raise ValueError(f'{path} with {list(overrides)}: {message}') from None
+  return config
+
+
+def config_stem(path: str) -> str:
+  """configs/cnn263k_mse.py -> 'cnn263k_mse' (the run's directory name)."""
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def check_same_config(workdir: str, config) -> None:
+  """Raises ValueError if `workdir` holds a run of a different config."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    saved = _flatten(json.load(f))
+  # Through JSON, so that tuples compare equal to the saved lists.
+  wanted = _flatten(json.loads(json.dumps(config.to_dict())))
+  differ = [f'{key}={saved.get(key)!r} there, {wanted.get(key)!r} now'
+            for key in sorted(set(saved) | set(wanted))
+            if key not in RERUN_MAY_CHANGE
+            and saved.get(key) != wanted.get(key)]
+  if differ:
+    raise ValueError(f'{workdir} was run with another config '
+                     f'({"; ".join(differ)}); use another --root or the same '
+                     'overrides')
+
+
+def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
+             overrides: Sequence[str] = ()) -> dict[str, list[str]]:
+  """Trains every config on every fold, skipping finished runs.
+
+  All configs are loaded and checked before the first run starts. A run that
+  stops on a NaN loss is reported and the grid goes on; any other error stops
+  the grid.
+
+  Args:
+    config_paths: config files.
+    folds: test folds to run.
+    root: the grid directory; runs go to ROOT/<config stem>/fold<k>.
+    overrides: `KEY=VALUE` changes applied to every config.
+
+  Returns:
+    {'trained': [...], 'skipped': [...], 'failed': [...]} workdirs.
+  """
+  from hc_jax import train  # pylint: disable=import-outside-toplevel
+  stems = [config_stem(path) for path in config_paths]
+  if len(set(stems)) != len(stems):
+    raise ValueError(f'config file names must differ: {list(config_paths)}')
+  runs = []
+  for path, stem in zip(config_paths, stems):
+    for fold in folds:
+      config = load_config(path, list(overrides) + [f'fold={fold}'])
+      train.check_config(config)
+      workdir = os.path.join(root, stem, f'fold{fold}')
+      check_same_config(workdir, config)
+      runs.append((config, workdir))
+  done = {'trained': [], 'skipped': [], 'failed': []}
+  for i, (config, workdir) in enumerate(runs, 1):
+    if os.path.isfile(os.path.join(workdir, RESULTS_FILE)):
+      print(f'[{i}/{len(runs)}] {workdir}: finished, skipped', flush=True)
+      done['skipped'].append(workdir)
+      continue
+    print(f'[{i}/{len(runs)}] {workdir}', flush=True)
+    try:
+      train.train_and_evaluate(config, workdir)
+    except FloatingPointError as e:
+      print(f'[{i}/{len(runs)}] {workdir} failed: {e}', flush=True)
+      done['failed'].append(workdir)
+      continue
+    done['trained'].append(workdir)
+  return done
+
+
+def read_predictions(path: str) -> dict[str, np.ndarray]:
+  """Reads a predictions_test.csv into columns (str or float64 arrays)."""
+  with open(path, newline='') as f:
+    rows = list(csv.DictReader(f))
+  missing = [c for c in metrics.PREDICTION_COLUMNS if rows and c not in rows[0]]
+  if missing:
+    raise ValueError(f'{path} lacks the column(s) {", ".join(missing)}')
+  columns = {}
+  for name in metrics.PREDICTION_COLUMNS:
+    values = [row[name] for row in rows]
+    columns[name] = (np.array(values, dtype=str) if name == 'filename'
+                     else np.array(values, dtype=np.float64))
+  return columns
+
+
+def fold_dirs(config_dir: str) -> dict[int, str]:
+  """{fold: workdir} of the fold<k> directories in ROOT/<config stem>."""
+  found = {}
+  for name in os.listdir(config_dir):
+    match = FOLD_DIR.match(name)
+    if match and os.path.isdir(os.path.join(config_dir, name)):
+      found[int(match.group(1))] = os.path.join(config_dir, name)
+  return dict(sorted(found.items()))
+
+
+def finished(workdir: str) -> bool:
+  return all(os.path.isfile(os.path.join(workdir, name))
+             for name in (RESULTS_FILE, PREDICTIONS_FILE))
+
+
+def pool_predictions(workdirs: Sequence[str]) -> dict[str, np.ndarray]:
+  """The test predictions of several finished runs, one row per image.
+
+  Args:
+    workdirs: runs of one configuration on different test folds.
+
+  Returns:
+    The columns of predictions_test.csv concatenated, plus 'workdir'.
+
+  Raises:
+    ValueError: when an image is in the test fold of two runs (the runs then
+      do not share one fold assignment and must not be pooled).
+  """
+  parts = []
+  for workdir in workdirs:
+    part = read_predictions(os.path.join(workdir, PREDICTIONS_FILE))
+    part['workdir'] = np.full(len(part['filename']), workdir, dtype=object)
+    parts.append(part)
+  names = list(metrics.PREDICTION_COLUMNS) + ['workdir']
+  pooled = {name: np.concatenate([part[name] for part in parts])
+            if parts else np.array([]) for name in names}
+  unique, counts = np.unique(pooled['filename'], return_counts=True)
+  if (counts > 1).any():
+    raise ValueError(f'{", ".join(unique[counts > 1][:5])} in the test fold of '
+                     f'more than one of {", ".join(workdirs)}')
+  return pooled
+
+
+def absolute_errors_mm(predictions: dict[str, np.ndarray]) -> np.ndarray:
+  """Per-image |predicted - true| HC in mm, as in `metrics.hc_errors`."""
+  return np.abs(predictions['hc_px_pred'] - predictions['hc_px_true']
+                ) * predictions['pixel_size_mm']
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  with open(path) as f:
+    return json.load(f)
+
+
+def summarise_config(config_dir: str) -> tuple[dict[str, Any], dict]:
+  """One row of the table (without the test) and the pooled predictions."""
+  workdirs = fold_dirs(config_dir)
+  done = {fold: w for fold, w in workdirs.items() if finished(w)}
+  info = {}  # model, loss, num_folds: the same in every run of the config.
+  for workdir in workdirs.values():
+    for name in (CONFIG_FILE, RESULTS_FILE):
+      if os.path.isfile(os.path.join(workdir, name)):
+        info.update(_read_json(os.path.join(workdir, name)))
+  row = {'config': os.path.basename(config_dir),
+         'model': info.get('model', '?'), 'loss': info.get('loss', '?'),
+         'folds': sorted(done), 'num_folds': len(done),
+         'num_folds_expected': int(info.get('num_folds', 5)),
+         'best': False, 'wilcoxon_num_pairs': 0, 'wilcoxon_p': math.nan}
+  pooled = pool_predictions(list(done.values()))
+  if len(pooled['filename']):
+    row.update(metrics.hc_errors(pooled['hc_px_true'], pooled['hc_px_pred'],
+                                 pooled['pixel_size_mm']))
+  else:
+    row.update(dict.fromkeys(('mae_px', 'mae_px_std', 'mae_mm', 'mae_mm_std',
+                              'pmae', 'pmae_std', 'bias_mm'), math.nan),
+               num_images=0)
+  row['complete'] = row['num_folds'] >= row['num_folds_expected']
+  return row, pooled
+
+
+def paired_wilcoxon(best: dict[str, np.ndarray], other: dict[str, np.ndarray]
+                    ) -> tuple[int, float]:
+  """Wilcoxon signed-rank test on absolute errors (mm) of shared images.
+
+  Args:
+    best, other: pooled predictions of two configurations.
+
+  Returns:
+    (number of images in both, two-sided p-value; NaN without shared images).
+  """
+  best_errors = dict(zip(best['filename'], absolute_errors_mm(best)))
+  other_errors = dict(zip(other['filename'], absolute_errors_mm(other)))
+  shared = sorted(set(best_errors) & set(other_errors))
+  if not shared:
+    return 0, math.nan
+  with warnings.catch_warnings():  # scipy warns when every difference is 0.
+    warnings.simplefilter('ignore', RuntimeWarning)
+    result = stats.wilcoxon([best_errors[f] for f in shared],
+                            [other_errors[f] for f in shared])
+  return len(shared), float(result.pvalue)
+
+
+def aggregate(root: str) -> list[dict[str, Any]]:
+  """The table's rows for every configuration under ROOT, best one marked.
+
+  Args:
+    root: a grid directory (ROOT/<config stem>/fold<k>/ runs).
+
+  Returns:
+    Rows sorted by model, loss and config name, with the keys of
+    `TABLE_COLUMNS` (plus 'folds').
+
+  Raises:
+    ValueError: when ROOT holds no fold<k> runs.
+  """
+  if not os.path.isdir(root):
+    raise ValueError(f'grid root {root!r} does not exist')
+  config_dirs = [os.path.join(root, name) for name in sorted(os.listdir(root))
+                 if os.path.isdir(os.path.join(root, name))
+                 and fold_dirs(os.path.join(root, name))]
+  if not config_dirs:
+    raise ValueError(f'{root} holds no <config>/fold<k> runs')
+  rows, pooled = [], {}
+  for config_dir in config_dirs:
+    row, predictions = summarise_config(config_dir)
+    rows.append(row)
+    pooled[row['config']] = predictions
+  scored = [row for row in rows if row['num_images']]
+  candidates = [row for row in scored if row['complete']] or scored
+  if candidates:
+    best = min(candidates, key=lambda row: row['mae_mm'])
+    best['best'] = True
+    for row in scored:
+      if row is not best:
+        row['wilcoxon_num_pairs'], row['wilcoxon_p'] = paired_wilcoxon(
+            pooled[best['config']], pooled[row['config']])
+  rows.sort(key=lambda row: (row['model'], row['loss'], row['config']))
+  return rows
+
+
+def _mean_sd(row: dict[str, Any], key: str) -> str:
+  if not row['num_images']:
+    return '–'
+  return f'{row[key]:.2f} ± {row[key + "_std"]:.2f}'
+
+
+def _p_value(row: dict[str, Any]) -> str:
+  if row['best']:
+    return 'best'
+  if math.isnan(row['wilcoxon_p']):
+    return '–'
+  p_text = '< 0.001' if row['wilcoxon_p'] < 1e-3 else f'{row["wilcoxon_p"]:.3f}'
+  if row['wilcoxon_num_pairs'] < row['num_images']:
+    p_text += f' (n={row["wilcoxon_num_pairs"]})'
+  return p_text
+
+
+def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
+  """The table in markdown, with a note on what its numbers are."""
+  lines = ['| Config | Model | Loss | Folds | Images | MAE (px) | PMAE (%) | '
+           'MAE (mm) | Wilcoxon p vs best | Note |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  for row in rows:
+    note = '' if row['complete'] else (
+        f'incomplete: {row["num_folds"]}/{row["num_folds_expected"]} folds')
+    lines.append(
+        f'| {row["config"]} | {row["model"]} | {row["loss"]} | '
+        f'{row["num_folds"]}/{row["num_folds_expected"]} | {row["num_images"]} '
+        f'| {_mean_sd(row, "mae_px")} | {_mean_sd(row, "pmae")} | '
+        f'{_mean_sd(row, "mae_mm")} | {_p_value(row)} | {note} |')
+  lines += ['', 'Mean ± SD over every image of the test folds pooled. p: '
+            'two-sided paired Wilcoxon signed-rank test of the per-image '
+            'absolute errors (mm) against the best configuration (lowest '
+            'pooled MAE in mm among complete rows), on the images both have.']
+  return '\n'.join(lines) + '\n'
+
+
+def write_tables(rows: Sequence[dict[str, Any]], root: str) -> tuple[str, str]:
+  """Writes ROOT/results.md and ROOT/results.csv; returns their paths."""
+  md_path = os.path.join(root, 'results.md')
+  csv_path = os.path.join(root, 'results.csv')
+  with open(md_path, 'w') as f:
+    f.write(format_markdown(rows))
+  with open(csv_path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, extrasaction='ignore')
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({**row, 'folds': ' '.join(str(k) for k in row['folds'])})
+  return md_path, csv_path
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='python -m hc_jax.grid', description=__doc__.splitlines()[0])
+  parser.add_argument('--configs', default='',
+                      help='Comma-separated config files.')
+  parser.add_argument('--folds', default='0,1,2,3,4',
+                      help='Comma-separated test folds.')
+  parser.add_argument('--root', required=True, help='The grid directory.')
+  parser.add_argument('--override', action='append', default=[],
+                      metavar='KEY=VALUE',
+                      help='Config field for every run (repeatable).')
+  parser.add_argument('--aggregate_only', action='store_true',
+                      help='Only write the table of the runs under --root.')
+  args, unknown = parser.parse_known_args(argv)
+  for arg in unknown:  # --config.KEY=VALUE, as hc_jax.main takes them.
+    if not arg.startswith('--config.'):
+      parser.error(f'unrecognised argument {arg}')
+    args.override.append(arg[len('--config.'):])
+  if not args.aggregate_only and not args.configs:
+    parser.error('--configs is required unless --aggregate_only')
+  try:
+    args.folds = [int(fold) for fold in args.folds.split(',') if fold.strip()]
+  except ValueError:
+    parser.error(f'--folds must be comma-separated integers, not {args.folds}')
+  args.configs = [path for path in args.configs.split(',') if path.strip()]
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line; returns the exit status."""
+  args = _parse_args(sys.argv[1:] if argv is None else argv)
+  failed = []
+  try:
+    if not args.aggregate_only:
+      os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+      from absl import logging  # pylint: disable=import-outside-toplevel
+      logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+      failed = run_grid(args.configs, args.folds, args.root,
+                        args.override)['failed']
+    rows = aggregate(args.root)
+  except ValueError as e:  # hc18.HC18Error is one too.
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  md_path, csv_path = write_tables(rows, args.root)
+  print(format_markdown(rows))
+  print(f'wrote {md_path} and {csv_path}')
+  if failed:
+    print(f'error: {len(failed)} run(s) failed: {", ".join(failed)}',
+          file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
