@@ -31,14 +31,24 @@ from hc_jax import fast_layers
 ModuleDef = Any
 
 
+def _pool_windows(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, H//2, 2, W//2, 2, C], an odd last row/column dropped."""
+  batch, height, width, channels = x.shape
+  x = x[:, :height // 2 * 2, :width // 2 * 2, :]
+  return x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+
+
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling with stride 2 and no padding (Keras' `MaxPooling2D()`).
 
-  Written as a reshape and a max rather than `nn.max_pool`: the same values,
-  and on the CPU 3-4x faster, mostly in the backward pass (XLA's
-  select-and-scatter for `reduce_window` is slow there). Where a window holds
-  tied maxima the gradient is shared among them instead of going to the
-  first; both are valid subgradients.
+  Written as a reshape and a max, with a hand-written backward pass that sends
+  each window's gradient to its first maximum, as `nn.max_pool` (XLA's
+  select-and-scatter) and Keras do, ties included. The same values and
+  gradients as `nn.max_pool`, and on the CPU over 10x faster with its
+  backward pass. (Plain autodiff through the reshaped max shares tied
+  gradients by dividing by the tie count, which is slower and gave NaNs with
+  `jax_disable_most_optimizations`.)
 
   Args:
     x: Feature maps, `[batch, height, width, channels]`. An odd height or width
@@ -47,10 +57,30 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   Returns:
     Pooled feature maps, `[batch, height // 2, width // 2, channels]`.
   """
-  batch, height, width, channels = x.shape
-  x = x[:, :height // 2 * 2, :width // 2 * 2, :]
-  x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
-  return x.max(axis=(2, 4))
+  return _pool_windows(x).max(axis=(2, 4))
+
+
+def _max_pool_2x2_forward(x):
+  windows = _pool_windows(x)
+  return windows.max(axis=(2, 4)), (x.shape, windows)
+
+
+def _max_pool_2x2_backward(residuals, pooled_grad):
+  shape, windows = residuals
+  batch, rows, _, cols, _, channels = windows.shape
+  flat = windows.transpose(0, 1, 3, 5, 2, 4).reshape(
+      batch, rows, cols, channels, 4)
+  first_max = jnp.argmax(flat, axis=-1)
+  grad = jnp.where(first_max[..., None] == jnp.arange(4),
+                   pooled_grad[..., None], jnp.zeros((), pooled_grad.dtype))
+  grad = grad.reshape(batch, rows, cols, channels, 2, 2).transpose(
+      0, 1, 4, 2, 5, 3).reshape(batch, rows * 2, cols * 2, channels)
+  grad = jnp.pad(grad, ((0, 0), (0, shape[1] - rows * 2),
+                        (0, shape[2] - cols * 2), (0, 0)))
+  return (grad,)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_forward, _max_pool_2x2_backward)
 
 
 def keras_batch_norm(train: bool, fast: bool = True, **kwargs) -> ModuleDef:

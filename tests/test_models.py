@@ -228,3 +228,14 @@ def test_max_pool_2x2_matches_flax_values_and_gradients(shape):
   grad = lambda pool: jax.grad(lambda x: (pool(x) * weights).sum())(
       feature_maps)
   np.testing.assert_allclose(grad(models.max_pool_2x2), grad(reference))
+
+
+def test_max_pool_2x2_gradient_goes_to_the_first_of_tied_maxima():
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  feature_maps = jnp.zeros((1, 4, 5, 2))  # All tied, odd width.
+  weights = jnp.arange(1.0, 9.0).reshape(1, 2, 2, 2)
+  grad = lambda pool: jax.grad(lambda x: (pool(x) * weights).sum())(
+      feature_maps)
+  reference = grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)))
+  np.testing.assert_array_equal(grad(models.max_pool_2x2), reference)
+  assert float(reference[0, 0, 0, 0]) == 1.0 and float(reference[0, 1, 1, 0]) == 0.0
