@@ -1,0 +1,141 @@
+"""hc_jax.fast_layers against the plain Flax layers: values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from hc_jax import fast_layers
+from hc_jax import models
+
+
+def _close(actual, expected, rtol=1e-5, atol=1e-5):
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=rtol,
+                                                       atol=atol),
+               actual, expected)
+
+
+def _close_to_scale(actual, expected, rtol=1e-4):
+  """Each array within `rtol` of the largest magnitude of the expected one.
+
+  For gradients summed in a different order: elements near zero then differ
+  by float rounding relative to the array's scale, not to their own.
+  """
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(
+      a, e, rtol=0, atol=rtol * float(jnp.abs(e).max())), actual, expected)
+
+
+def _batch_norm_pair(epsilon=1e-3, momentum=0.99, train=True, **kwargs):
+  common = dict(use_running_average=not train, momentum=momentum,
+                epsilon=epsilon, **kwargs)
+  return fast_layers.BatchNorm(**common), nn.BatchNorm(**common)
+
+
+@pytest.mark.parametrize('shape', [(4, 6, 5, 3), (8, 16)])
+def test_batch_norm_matches_flax_in_training(shape):
+  fast, plain = _batch_norm_pair()
+  x = 3.0 * jax.random.normal(jax.random.key(0), shape) + 1.5
+  weights = jax.random.normal(jax.random.key(1), shape)
+  variables = plain.init(jax.random.key(2), x)
+  assert jax.tree.structure(fast.init(jax.random.key(2), x)) == \
+      jax.tree.structure(variables)
+  variables = {**variables, 'params': {  # Not the identity initialisation.
+      'scale': jnp.linspace(0.5, 2.0, shape[-1]),
+      'bias': jnp.linspace(-1.0, 1.0, shape[-1])}}
+
+  def loss(module, variables, x):
+    y, updates = module.apply(variables, x, mutable=['batch_stats'])
+    # A nonlinear loss, plus the new running statistics, so the gradient
+    # flows through every output of the layer.
+    stats = updates['batch_stats']
+    return ((y * weights).sum() + (y ** 2).sum() + stats['mean'].sum()
+            + 3.0 * stats['var'].sum()), (y, updates)
+
+  grad = jax.grad(loss, argnums=(1, 2), has_aux=True)
+  (fast_grads, (fast_y, fast_updates)) = grad(fast, variables, x)
+  (plain_grads, (plain_y, plain_updates)) = grad(plain, variables, x)
+  _close(fast_y, plain_y)
+  _close(fast_updates, plain_updates)
+  _close(fast_grads, plain_grads, rtol=1e-4, atol=1e-4)
+  assert float(jnp.abs(fast_grads[1]).max()) > 1e-2  # Not trivially zero.
+
+
+def test_batch_norm_matches_flax_in_evaluation():
+  fast, plain = _batch_norm_pair(train=False)
+  x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+  variables = {'params': {'scale': jnp.array([0.5, 2.0]),
+                          'bias': jnp.array([1.0, -1.0])},
+               'batch_stats': {'mean': jnp.array([0.3, -0.2]),
+                               'var': jnp.array([2.0, 0.5])}}
+  _close(fast.apply(variables, x), plain.apply(variables, x))
+  grad = lambda module: jax.grad(
+      lambda v, x: (module.apply(v, x) ** 2).sum(), argnums=(0, 1))(
+          variables, x)
+  _close(grad(fast), grad(plain))
+
+
+def test_batch_norm_keeps_running_stats_while_initialising():
+  fast, plain = _batch_norm_pair()
+  x = jax.random.normal(jax.random.key(0), (4, 3)) + 5.0
+  _close(fast.init(jax.random.key(1), x), plain.init(jax.random.key(1), x))
+
+
+def test_batch_norm_bfloat16_output():
+  fast, plain = _batch_norm_pair(dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(0), (4, 4, 4, 3)).astype(jnp.bfloat16)
+  variables = plain.init(jax.random.key(1), x)
+  fast_y, _ = fast.apply(variables, x, mutable=['batch_stats'])
+  plain_y, _ = plain.apply(variables, x, mutable=['batch_stats'])
+  assert fast_y.dtype == plain_y.dtype == jnp.bfloat16
+  _close(fast_y.astype(jnp.float32), plain_y.astype(jnp.float32), rtol=2e-2,
+         atol=2e-2)
+
+
+@pytest.mark.parametrize('shape', [(2, 9, 7, 1), (1, 1, 1, 1)])
+def test_single_channel_conv_matches_flax(shape):
+  fast = fast_layers.SingleChannelConv3x3(6)
+  plain = nn.Conv(6, (3, 3), padding='SAME')
+  x = jax.random.normal(jax.random.key(0), shape)
+  variables = plain.init(jax.random.key(1), x)
+  _close(fast.init(jax.random.key(1), x), variables)  # Same initial values.
+  variables = {'params': {**variables['params'],
+                          'bias': jnp.arange(6, dtype=jnp.float32)}}
+  _close(fast.apply(variables, x), plain.apply(variables, x))
+  weights = jax.random.normal(jax.random.key(2), shape[:3] + (6,))
+  grad = lambda module: jax.grad(
+      lambda v, x: (jnp.tanh(module.apply(v, x)) * weights).sum(),
+      argnums=(0, 1))(variables, x)
+  _close(grad(fast), grad(plain))
+
+
+def test_single_channel_conv_rejects_more_channels():
+  with pytest.raises(ValueError, match='one-channel images'):
+    fast_layers.SingleChannelConv3x3(4).init(jax.random.key(0),
+                                             jnp.zeros((1, 8, 8, 2)))
+
+
+@pytest.mark.parametrize('name', ['cnn_263k', 'cnn_1m'])
+def test_custom_cnns_same_with_and_without_fast_layers(name):
+  fast = models.create_model(name)
+  plain = models.create_model(name, fast_layers=False)
+  images = jax.random.normal(jax.random.key(0), (4, 32, 32, 1))
+  targets = jnp.linspace(0.2, 1.0, 4)
+  variables = plain.init(jax.random.key(1), images, train=False)
+  _close(fast.init(jax.random.key(1), images, train=False), variables)
+
+  def loss(model, params):
+    predictions, updates = model.apply(
+        {**variables, 'params': params}, images, train=True,
+        rngs={'dropout': jax.random.key(2)}, mutable=['batch_stats'])
+    return ((predictions - targets) ** 2).mean(), updates
+
+  grad = lambda model: jax.jit(jax.value_and_grad(
+      lambda p: loss(model, p), has_aux=True))(variables['params'])
+  (fast_loss, fast_updates), fast_grads = grad(fast)
+  (plain_loss, plain_updates), plain_grads = grad(plain)
+  _close(fast_loss, plain_loss)
+  _close(fast_updates, plain_updates)
+  _close_to_scale(fast_grads, plain_grads)
+  _close(fast.apply(variables, images, train=False),
+         plain.apply(variables, images, train=False))
