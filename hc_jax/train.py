@@ -36,6 +36,7 @@ P = jax.sharding.PartitionSpec
 METRICS_FILE = 'metrics.jsonl'
 RESULTS_FILE = 'results.json'
 PREDICTIONS_FILE = 'predictions_test.csv'
+LOG_EVERY_SECONDS = 30.0
 
 
 class TrainState(train_state.TrainState):
@@ -223,7 +224,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   state = trainer.replicate(state)
   writer = checkpoint.MetricWriter(workdir, resume_epoch=start_epoch)
 
-  started = time.time()
+  started = last_log = time.time()
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     epoch_start = time.time()
     losses_this_epoch = []
@@ -233,11 +234,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                   'target': trainer.shard(batch['target'])})
       losses_this_epoch.append(step_metrics['loss'])
       step = (epoch - 1) * steps_per_epoch + i + 1
-      if step % config.log_every_steps == 0:
+      # A progress line every log_every_steps, and at least every 30 s so a
+      # slow model on a CPU shows its ETA early.
+      if (step % config.log_every_steps == 0 or
+          time.time() - last_log > LOG_EVERY_SECONDS):
+        loss = float(step_metrics['loss'])  # Waits for the step.
+        last_log = time.time()
         rate = config.batch_size * (step - start_epoch * steps_per_epoch) / (
-            time.time() - started)
+            last_log - started)
         _log(f'epoch {epoch}/{config.num_epochs} step {step}/{total_steps} '
-             f'loss {float(step_metrics["loss"]):.4g} {rate:.0f} img/s '
+             f'loss {loss:.4g} {rate:.3g} img/s '
              f'ETA {_eta((total_steps - step) * config.batch_size / rate)}')
     epoch_losses = np.asarray(jax.device_get(losses_this_epoch))
     bad = np.flatnonzero(~np.isfinite(epoch_losses))
