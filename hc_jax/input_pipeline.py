@@ -47,16 +47,9 @@ def _hide_gpus_from_tf():
 
 def _augment_config(augment) -> preprocess.AugmentConfig:
   """Accepts an AugmentConfig, a dict, a ConfigDict, or None (no augmentation)."""
-  if augment is None:
-    return preprocess.NO_AUGMENT
   if isinstance(augment, preprocess.AugmentConfig):
     return augment
-  if hasattr(augment, 'to_dict'):  # ml_collections.ConfigDict.
-    augment = augment.to_dict()
-  fields = dict(augment)
-  if fields.get('scale_range') is not None:
-    fields['scale_range'] = tuple(fields['scale_range'])
-  return preprocess.AugmentConfig(**fields)
+  return preprocess.AugmentConfig.from_dict(augment)
 
 
 def filter_filenames(dataset: tf.data.Dataset,

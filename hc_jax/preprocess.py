@@ -23,12 +23,13 @@ label:
   This is what the paper does.
 """
 
-import dataclasses
 import math
-from typing import Optional, Tuple
 
 import tensorflow as tf
 
+from hc_jax.augmentation import AugmentConfig  # pylint: disable=unused-import
+from hc_jax.augmentation import NO_AUGMENT  # pylint: disable=unused-import
+from hc_jax.augmentation import ZSCORE_EPS
 # Targets live in a TF-free module; re-exported for the pipeline's users.
 from hc_jax.targets import RESIZE_MODES
 from hc_jax.targets import hc_mm_from_target  # pylint: disable=unused-import
@@ -36,8 +37,6 @@ from hc_jax.targets import hc_px_from_target  # pylint: disable=unused-import
 from hc_jax.targets import hc_target
 
 
-# Smallest standard deviation zscore divides by, so a blank frame gives zeros.
-ZSCORE_EPS = 1e-6
 
 
 def _check_resize_mode(mode):
@@ -122,43 +121,9 @@ def zscore(image, eps=ZSCORE_EPS):
 # ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-  """Settings for `augment`.
-
-  Attributes:
-    flip: horizontal flip with probability 0.5.
-    max_translate_px: shift drawn uniformly in +-this, per axis, in pixels of
-      the resized image.
-    max_rotate_deg: rotation about the image centre drawn uniformly in
-      +-this, in degrees.
-    scale_range: None for no zoom, or `(min_scale, max_scale)`: zoom about the
-      image centre drawn uniformly from this range; HC is multiplied by it.
-  """
-  flip: bool = True
-  max_translate_px: float = 5.0
-  max_rotate_deg: float = 10.0
-  scale_range: Optional[Tuple[float, float]] = None
-
-  def __post_init__(self):
-    if self.max_translate_px < 0 or self.max_rotate_deg < 0:
-      raise ValueError(f'Augmentation ranges must be >= 0: {self}.')
-    if self.scale_range is not None:
-      min_scale, max_scale = self.scale_range
-      if not 0 < min_scale <= max_scale:
-        raise ValueError(
-            f'scale_range must satisfy 0 < min <= max, got {self.scale_range}.')
-      object.__setattr__(self, 'scale_range',
-                         (float(min_scale), float(max_scale)))
-
-  @property
-  def has_affine(self):
-    """Whether any rotation, translation or zoom is drawn."""
-    return (self.max_translate_px > 0 or self.max_rotate_deg > 0 or
-            self.scale_range is not None)
+# AugmentConfig and NO_AUGMENT live in the TF-free hc_jax.augmentation.
 
 
-NO_AUGMENT = AugmentConfig(flip=False, max_translate_px=0.0, max_rotate_deg=0.0)
 
 
 def _uniform(seed, shape, minval, maxval):

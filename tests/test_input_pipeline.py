@@ -181,7 +181,7 @@ def test_train_reshuffles_every_epoch(prepared):
 
 
 def test_train_rejects_unknown_augment_setting(prepared):
-  with pytest.raises(TypeError):
+  with pytest.raises(ValueError, match="unknown augmentation settings"):
     input_pipeline.train_dataset(
         prepared, batch_size=2, normaliser_px=NORMALISER_PX, seed=0,
         augment={'flip': True, 'max_shear_deg': 3.0})
