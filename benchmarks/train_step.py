@@ -1,21 +1,22 @@
 """Images per second of the full training step, hc_jax against Keras/TensorFlow.
 
   python benchmarks/train_step.py --models=cnn_263k,cnn_1m --batch_sizes=8,32
-      [--seconds=5] [--rounds=2] [--variants=keras,hc_jax,hc_jax+malloc]
+      [--seconds=5] [--min_steps=3] [--rounds=2] [--image_size=S]
+      [--variants=keras,hc_jax,hc_jax+malloc]
 
 One step is forward, MSE, gradient and Adam (lr 1e-3) on a fixed random batch
-at the model's configured input size (`SIZES`; `--image_size` overrides it). hc_jax times the jitted
-`hc_jax.train.train_step` (state donated); Keras times `train_on_batch` on the
-twin model from `benchmarks/keras_models.py`, compiled with Adam(1e-3) and
-'mse' (no XLA: Keras' default on a CPU).
+at the model's configured input size (`SIZES`; `--image_size` overrides it).
+hc_jax times the jitted `hc_jax.train.train_step` (state donated); Keras times
+`train_on_batch` on the twin model from `benchmarks/keras_models.py`,
+compiled with Adam(1e-3) and 'mse' (no XLA: Keras' default on a CPU).
 
 Every figure comes from a fresh subprocess, so each framework runs under its
-own allocator settings (`VARIANTS`; '+malloc' sets GLIBC_TUNABLES to
+own allocator settings (`VARIANTS`: '+malloc' sets GLIBC_TUNABLES to
 `MALLOC_TUNABLES`). On a 2-core CPU the same setting varies by ±20 % from
 process to process, so the variants run alternately, in a rotated order, for
-`--rounds` rounds. Each
-figure is printed as it comes; a summary gives the median per variant and the
-ratio of the best hc_jax variant to the best Keras variant.
+`--rounds` rounds. Each figure is printed as it comes; a summary gives the
+median per variant and the ratio of the best hc_jax variant to the best Keras
+variant.
 
 Models at 224x224 (vgg16, resnet50) take seconds per step on a CPU: each
 measurement runs for `--seconds` but at least `--min_steps` steps.
@@ -49,10 +50,17 @@ MALLOC_TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
                    'glibc.malloc.trim_threshold=4000000000')
 
 # Variant name -> (framework, extra environment). A value of None removes the
-# variable. 'keras+xla' compiles the Keras step with XLA (jit_compile=True).
+# variable. 'keras+xla' compiles the Keras step with XLA (jit_compile=True);
+# 'hc_jax+mallopt' sets the same malloc options as '+malloc' from inside the
+# process, with `mallopt`, before JAX runs; 'hc_jax_plain' is hc_jax without
+# `hc_jax.fast_layers` (models' `fast_layers=False`).
 VARIANTS = {
     'hc_jax': ('hc_jax', {'GLIBC_TUNABLES': None}),
     'hc_jax+malloc': ('hc_jax', {'GLIBC_TUNABLES': MALLOC_TUNABLES}),
+    'hc_jax+mallopt': ('hc_jax_mallopt', {'GLIBC_TUNABLES': None}),
+    'hc_jax_plain': ('hc_jax_plain', {'GLIBC_TUNABLES': None}),
+    'hc_jax_plain+malloc': ('hc_jax_plain',
+                            {'GLIBC_TUNABLES': MALLOC_TUNABLES}),
     'keras': ('keras', {'GLIBC_TUNABLES': None}),
     'keras+malloc': ('keras', {'GLIBC_TUNABLES': MALLOC_TUNABLES}),
     'keras+xla': ('keras_xla', {'GLIBC_TUNABLES': None}),
@@ -80,7 +88,8 @@ def _time_steps(step, seconds: float, min_steps: int,
   return count, time.perf_counter() - start
 
 
-def _hc_jax_step(model_name: str, batch_size: int, size: int):
+def _hc_jax_step(model_name: str, batch_size: int, size: int,
+                 fast_layers: bool = True):
   """hc_jax's jitted train step on a random batch: (step fn, sync fn)."""
   # pylint: disable=import-outside-toplevel
   import functools
@@ -91,7 +100,7 @@ def _hc_jax_step(model_name: str, batch_size: int, size: int):
   from hc_jax import models
   from hc_jax import train
   # pylint: enable=import-outside-toplevel
-  model = models.create_model(model_name)
+  model = models.create_model(model_name, fast_layers=fast_layers)
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.key(0), jnp.zeros((1, size, size, 1)))
   state = train.TrainState.create(
@@ -105,7 +114,11 @@ def _hc_jax_step(model_name: str, batch_size: int, size: int):
   holder = {'state': state, 'metrics': None}
 
   def step():
+    previous = holder['metrics']
     holder['state'], holder['metrics'] = train_step(holder['state'], batch)
+    # At most one step queued behind the running one (as in a training loop
+    # that reads the loss), so a timing window ends when its steps do.
+    jax.block_until_ready(previous)
 
   return step, lambda: jax.block_until_ready(holder['metrics'])
 
@@ -124,12 +137,24 @@ def _keras_step(model_name: str, batch_size: int, size: int,
   return lambda: model.train_on_batch(images, target), lambda: None
 
 
+def _mallopt() -> None:
+  """`MALLOC_TUNABLES` through glibc's `mallopt`, for a running process."""
+  import ctypes  # pylint: disable=import-outside-toplevel
+  libc = ctypes.CDLL('libc.so.6')
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+  for option, value in ((m_arena_max, 1), (m_mmap_max, 0),
+                        (m_trim_threshold, 4_000_000_000)):
+    if not libc.mallopt(option, ctypes.c_int(min(value, 2**31 - 1))):
+      raise OSError(f'mallopt({option}, {value}) failed')
+
+
 def run_worker(framework: str, model_name: str, batch_size: int, size: int,
                seconds: float, min_steps: int) -> dict:
   """Times one framework on one model and batch size in this process.
 
   Args:
-    framework: 'hc_jax', 'keras' or 'keras_xla'.
+    framework: 'hc_jax', 'hc_jax_mallopt', 'hc_jax_plain', 'keras' or
+      'keras_xla'.
     model_name: a key of `SIZES`.
     batch_size: images per step.
     size: side of the square input images.
@@ -140,8 +165,12 @@ def run_worker(framework: str, model_name: str, batch_size: int, size: int,
     {'img_per_s', 'steps', 'seconds', 'warmup_s'}.
   """
   start = time.perf_counter()
-  if framework == 'hc_jax':
-    step, sync = _hc_jax_step(model_name, batch_size, size)
+  if framework == 'hc_jax_mallopt':
+    _mallopt()
+    framework = 'hc_jax'
+  if framework.startswith('hc_jax'):
+    step, sync = _hc_jax_step(model_name, batch_size, size,
+                              fast_layers=framework != 'hc_jax_plain')
   else:
     step, sync = _keras_step(model_name, batch_size, size,
                              jit_compile=framework == 'keras_xla')
@@ -198,11 +227,13 @@ def compare(model_names, batch_sizes, variants, seconds: float,
         for variant in order:
           result = run_in_subprocess(variant, model_name, batch_size, size,
                                      seconds, min_steps)
-          rates[model_name, size, batch_size][variant].append(result['img_per_s'])
+          rates[model_name, size, batch_size][variant].append(
+              result['img_per_s'])
           print(f'round {round_index + 1} {variant:14s} {model_name} '
                 f'{size}x{size} batch {batch_size}: '
                 f'{result["img_per_s"]:8.2f} img/s ({result["steps"]} steps in '
-                f'{result["seconds"]:.1f} s, warm-up {result["warmup_s"]:.0f} s)',
+                f'{result["seconds"]:.1f} s, warm-up '
+                f'{result["warmup_s"]:.0f} s)',
                 flush=True)
   return rates
 
@@ -216,9 +247,9 @@ def summarise(rates: dict) -> None:
              for v, r in by_variant.items() if r]
     line = f'{model_name} {size}x{size} batch {batch_size}: ' + '; '.join(cells)
     jax_best = max((m for v, m in medians.items()
-                    if VARIANTS[v][0] == 'hc_jax'), default=None)
+                    if VARIANTS[v][0].startswith('hc_jax')), default=None)
     keras_best = max((m for v, m in medians.items()
-                      if VARIANTS[v][0] != 'hc_jax'), default=None)
+                      if VARIANTS[v][0].startswith('keras')), default=None)
     if jax_best and keras_best:
       line += f'; hc_jax/Keras (best of each) {jax_best / keras_best:.2f}'
     print(line, flush=True)
@@ -283,7 +314,8 @@ def main():
                       help=f'comma-separated, from: {", ".join(VARIANTS)}')
   parser.add_argument('--breakdown', action='store_true',
                       help='time hc_jax forward / gradient / step in-process')
-  parser.add_argument('--worker', choices=('hc_jax', 'keras', 'keras_xla'),
+  parser.add_argument('--worker', choices=sorted({v[0] for v in
+                                                 VARIANTS.values()}),
                       help=argparse.SUPPRESS)
   args = parser.parse_args()
   model_names = _csv(args.models)

@@ -1,17 +1,17 @@
 """Drop-in layers that compute what Flax's do, faster on a CPU.
 
-Each layer keeps the variable names, shapes and initialisers of the Flax layer
-it replaces, so checkpoints and parameter counts do not change, and
+Each keeps the variable names, shapes and initialisers of the Flax layer it
+replaces, so checkpoints and parameter counts do not change, and
 `tests/test_fast_layers.py` checks values and gradients against the plain
 layer. `hc_jax.models` switches them in through its layer factories.
 
 * `BatchNorm`: `nn.BatchNorm` whose training-mode backward pass is the
   closed-form one (a `jax.custom_vjp`) instead of autodiff through the mean,
   the variance and the normalisation: fewer passes over the activations.
-* `SingleChannelConv3x3`: a 3x3 'SAME' convolution of a one-channel image as
-  nine shifted multiply-adds, which XLA fuses into one loop; on the CPU this
-  is much faster than its convolution for one input channel. The backward
-  pass is the convolution's own (`jax.vjp` of `lax.conv_general_dilated`).
+* `conv_general_dilated`: for `nn.Conv(conv_general_dilated=...)`, which keeps
+  `nn.Conv`'s variables and arithmetic and swaps only the primitive: 1x1
+  convolutions become matrix products, and convolutions of one-channel images
+  shifted multiply-adds (with the convolution's own backward pass).
 """
 
 import functools
@@ -129,73 +129,100 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype or y.dtype)
 
 
-def _conv_3x3_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """The plain convolution (what `nn.Conv(padding='SAME')` computes)."""
-  return lax.conv_general_dilated(
-      x, kernel, window_strides=(1, 1), padding='SAME',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+_NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
-@jax.custom_vjp
-def single_channel_conv_3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """3x3 'SAME' convolution of one-channel images, as shifted multiply-adds.
+def _explicit_padding(padding, in_shape, kernel_shape, strides):
+  """Padding as ((top, bottom), (left, right)), as `lax` resolves it."""
+  if isinstance(padding, str):
+    return tuple(lax.padtype_to_pads(in_shape, kernel_shape, strides, padding))
+  return tuple(tuple(pair) for pair in padding)
 
-  Args:
-    x: images, `[batch, height, width, 1]`.
-    kernel: `[3, 3, 1, features]`.
 
-  Returns:
-    `[batch, height, width, features]`, equal (up to float rounding) to
-    `lax.conv_general_dilated(x, kernel, (1, 1), 'SAME')` in NHWC/HWIO.
-  """
-  _, height, width, _ = x.shape
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _single_channel_conv(x, kernel, strides, padding, precision):
+  """Convolution of one-channel images as kh * kw shifted multiply-adds."""
+  (kh, kw), (sh, sw) = kernel.shape[:2], strides
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  out_h = (x.shape[1] - kh) // sh + 1
+  out_w = (x.shape[2] - kw) // sw + 1
   out = None
-  for row in range(3):
-    for col in range(3):
-      term = padded[:, row:row + height, col:col + width, :] * kernel[row, col, 0]
+  for row in range(kh):
+    for col in range(kw):
+      window = x[:, row:row + (out_h - 1) * sh + 1:sh,
+                 col:col + (out_w - 1) * sw + 1:sw, :]
+      term = window * kernel[row, col, 0]
       out = term if out is None else out + term
+  del precision  # Elementwise products and sums are exact float ops.
   return out
 
 
-def _single_channel_conv_forward(x, kernel):
-  return single_channel_conv_3x3(x, kernel), (x, kernel)
+def _single_channel_conv_forward(x, kernel, strides, padding, precision):
+  return (_single_channel_conv(x, kernel, strides, padding, precision),
+          (x, kernel))
 
 
-def _single_channel_conv_backward(residuals, dy):
+def _single_channel_conv_backward(strides, padding, precision, residuals, dy):
+  """The backward pass of the plain convolution."""
   x, kernel = residuals
-  return jax.vjp(_conv_3x3_same, x, kernel)[1](dy)
+  conv = lambda x, kernel: lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=_NHWC,
+      precision=precision)
+  return jax.vjp(conv, x, kernel)[1](dy)
 
 
-single_channel_conv_3x3.defvjp(_single_channel_conv_forward,
-                               _single_channel_conv_backward)
+_single_channel_conv.defvjp(_single_channel_conv_forward,
+                            _single_channel_conv_backward)
 
 
-class SingleChannelConv3x3(nn.Module):
-  """`nn.Conv(features, (3, 3), padding='SAME')` for one-channel input.
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, precision=None, **kwargs):
+  """`lax.conv_general_dilated` with faster CPU paths for two special cases.
 
-  Same variables (`kernel` `[3, 3, 1, features]`, `bias`) and initialisers
-  as `nn.Conv`'s defaults, so it initialises to the same values under the same
-  name and key.
+  Pass it to `nn.Conv(conv_general_dilated=...)`. For NHWC images and HWIO
+  kernels, without dilation or feature groups:
 
-  Attributes:
-    features: number of output channels.
-    kernel_init: initialiser of `kernel`.
-    bias_init: initialiser of `bias`.
+  * a 1x1 convolution (any stride, 'SAME' or 'VALID') is a strided slice and
+    one `lax.dot_general` over the channels. On the CPU the matrix product
+    and its gradients are faster than XLA's convolution (kernel gradient
+    1.3-6x), which needs transposed copies of the activations.
+  * a one-input-channel convolution with stride 1 and at most 3x3 taps is
+    `kh * kw` shifted multiply-adds, which XLA fuses into one loop (about 3x
+    faster than XLA's convolution for the first 3x3 layer of the CNNs and
+    VGG16); its backward pass is the convolution's own. (ResNet50's 7x7/2
+    stem was slower this way, so it stays a convolution.)
+
+  Everything else goes to `lax.conv_general_dilated` unchanged.
+
+  Args:
+    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+    dimension_numbers, feature_group_count, precision, **kwargs: as for
+      `lax.conv_general_dilated`.
+
+  Returns:
+    What `lax.conv_general_dilated` returns, up to float rounding.
   """
-
-  features: int
-  kernel_init: Initializer = nn.initializers.lecun_normal()
-  bias_init: Initializer = nn.initializers.zeros
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Convolves `x`, `[batch, height, width, 1]`; returns `[..., features]`."""
-    if x.ndim != 4 or x.shape[-1] != 1:
-      raise ValueError(f'Expected one-channel images [batch, height, width, '
-                       f'1], got shape {x.shape}.')
-    kernel = self.param('kernel', self.kernel_init, (3, 3, 1, self.features),
-                        jnp.float32)
-    bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
-    x = jnp.asarray(x, jnp.float32)
-    return single_channel_conv_3x3(x, kernel) + bias
+  plain = lambda: lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, precision=precision, **kwargs)
+  special = (
+      lhs.ndim == 4 and not kwargs and feature_group_count == 1
+      and all(d == 1 for d in (lhs_dilation or (1, 1)))
+      and all(d == 1 for d in (rhs_dilation or (1, 1)))
+      and dimension_numbers is not None
+      and lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                     dimension_numbers) == _NHWC)
+  if not special:
+    return plain()
+  strides = tuple(window_strides)
+  pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
+  if rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
+    sliced = lhs[:, ::strides[0], ::strides[1], :]
+    return lax.dot_general(sliced, rhs[0, 0], (((3,), (0,)), ((), ())),
+                           precision=precision)
+  taps = rhs.shape[0] * rhs.shape[1]
+  if lhs.shape[3] == 1 and strides == (1, 1) and taps <= 9:
+    return _single_channel_conv(lhs, rhs, strides, pads, precision)
+  return plain()

@@ -104,22 +104,20 @@ def keras_batch_norm(train: bool, fast: bool = True, **kwargs) -> ModuleDef:
       use_running_average=not train, momentum=0.99, epsilon=1e-3, **kwargs)
 
 
-def conv_3x3(features: int, in_channels: int, fast: bool = True,
-             **kwargs) -> ModuleDef:
+def conv_3x3(features: int, fast: bool = True, **kwargs) -> ModuleDef:
   """A 3x3 'SAME' convolution with bias (Keras' `Conv2D(f, 3, padding='same')`).
 
   Args:
     features: Number of output channels.
-    in_channels: Number of input channels.
-    fast: Whether to use `fast_layers.SingleChannelConv3x3` (the same
-      variables and values, faster on a CPU) where `in_channels` is 1.
-    **kwargs: Further module arguments, e.g. `name`.
+    fast: Whether to compute it with `fast_layers.conv_general_dilated` (the
+      same variables and values; faster on a CPU for one input channel).
+    **kwargs: Further `nn.Conv` arguments, e.g. `name`.
 
   Returns:
-    A convolution module.
+    An `nn.Conv` module.
   """
-  if fast and in_channels == 1:
-    return fast_layers.SingleChannelConv3x3(features, **kwargs)
+  if fast:
+    kwargs['conv_general_dilated'] = fast_layers.conv_general_dilated
   return nn.Conv(features, (3, 3), padding='SAME', **kwargs)
 
 
@@ -174,8 +172,7 @@ class CNN263K(nn.Module):
     """
     _check_images(x)
     for i, features in enumerate((8, 16), start=1):
-      x = conv_3x3(features, x.shape[-1], self.fast_layers,
-                   name=f'conv{i}')(x)
+      x = conv_3x3(features, self.fast_layers, name=f'conv{i}')(x)
       x = nn.relu(x)
       x = keras_batch_norm(train, self.fast_layers, name=f'conv{i}_bn')(x)
       x = max_pool_2x2(x)
@@ -224,8 +221,7 @@ class CNN1M(nn.Module):
     """
     _check_images(x)
     for i, features in enumerate((16, 32, 64), start=1):
-      x = conv_3x3(features, x.shape[-1], self.fast_layers,
-                   name=f'conv{i}')(x)
+      x = conv_3x3(features, self.fast_layers, name=f'conv{i}')(x)
       x = nn.relu(x)
       x = keras_batch_norm(train, self.fast_layers, name=f'conv{i}_bn')(x)
       x = max_pool_2x2(x)
@@ -260,9 +256,13 @@ class VGG16(nn.Module):
   Attributes:
     batch_norm: Whether to put BatchNorm (Flax defaults: momentum 0.99,
       epsilon 1e-5) between each convolution and its ReLU, as in `vgg16_bn`.
+    fast_layers: Whether to compute the convolutions with
+      `fast_layers.conv_general_dilated` (the same variables and values; the
+      first, one-channel convolution is faster on a CPU).
   """
 
   batch_norm: bool = False
+  fast_layers: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -283,7 +283,7 @@ class VGG16(nn.Module):
         block, conv_in_block = block + 1, 1
         continue
       name = f'block{block}_conv{conv_in_block}'
-      x = nn.Conv(layer, (3, 3), padding='SAME', name=name)(x)
+      x = conv_3x3(layer, self.fast_layers, name=name)(x)
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, name=f'{name}_bn')(x)
       x = nn.relu(x)
@@ -375,11 +375,16 @@ class ResNet50(nn.Module):
     keras_v1: Whether to place the strides (on the first 1x1 convolution of a
       block) and set the BatchNorm epsilon (1.001e-5) like Keras' ResNet50, for
       its pretrained weights. Same parameters either way.
+    fast_layers: Whether to use `fast_layers.BatchNorm` and compute the
+      convolutions with `fast_layers.conv_general_dilated` (the same variables
+      and values; 1x1 and one-channel convolutions, and BatchNorm's backward
+      pass, are faster on a CPU).
   """
 
   dtype: Any = jnp.float32
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   keras_v1: bool = False
+  fast_layers: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -394,8 +399,12 @@ class ResNet50(nn.Module):
     """
     _check_images(x)
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    if self.fast_layers:
+      conv = functools.partial(
+          conv, conv_general_dilated=fast_layers.conv_general_dilated)
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9,
+        fast_layers.BatchNorm if self.fast_layers else nn.BatchNorm,
+        use_running_average=not train, momentum=0.9,
         epsilon=1.001e-5 if self.keras_v1 else 1e-5, dtype=self.dtype)
     x = conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name='conv1_conv')(x)
     x = nn.relu(norm(name='conv1_bn')(x))

@@ -92,33 +92,61 @@ def test_batch_norm_bfloat16_output():
          atol=2e-2)
 
 
-@pytest.mark.parametrize('shape', [(2, 9, 7, 1), (1, 1, 1, 1)])
-def test_single_channel_conv_matches_flax(shape):
-  fast = fast_layers.SingleChannelConv3x3(6)
-  plain = nn.Conv(6, (3, 3), padding='SAME')
-  x = jax.random.normal(jax.random.key(0), shape)
+@pytest.mark.parametrize(
+    'in_shape, features, conv_kwargs',
+    [
+        ((2, 9, 7, 1), 6, dict(kernel_size=(3, 3), padding='SAME')),
+        ((1, 1, 1, 1), 3, dict(kernel_size=(3, 3), padding='SAME')),
+        ((2, 11, 10, 1), 4, dict(kernel_size=(7, 7), strides=(2, 2),
+                                 padding=((3, 3), (3, 3)), use_bias=False)),
+        ((2, 6, 5, 3), 5, dict(kernel_size=(1, 1))),
+        ((2, 7, 6, 3), 5, dict(kernel_size=(1, 1), strides=(2, 2),
+                               use_bias=False)),
+        ((2, 6, 5, 3), 4, dict(kernel_size=(3, 3), padding='SAME')),  # Plain.
+        ((2, 6, 5, 1), 4, dict(kernel_size=(3, 3), padding='VALID',
+                               kernel_dilation=(2, 2))),  # Plain.
+    ])
+def test_conv_general_dilated_matches_flax(in_shape, features, conv_kwargs):
+  fast = nn.Conv(features,
+                 conv_general_dilated=fast_layers.conv_general_dilated,
+                 **conv_kwargs)
+  plain = nn.Conv(features, **conv_kwargs)
+  x = jax.random.normal(jax.random.key(0), in_shape)
   variables = plain.init(jax.random.key(1), x)
-  _close(fast.init(jax.random.key(1), x), variables)  # Same initial values.
-  variables = {'params': {**variables['params'],
-                          'bias': jnp.arange(6, dtype=jnp.float32)}}
-  _close(fast.apply(variables, x), plain.apply(variables, x))
-  weights = jax.random.normal(jax.random.key(2), shape[:3] + (6,))
+  if 'bias' in variables['params']:
+    variables = {'params': {**variables['params'], 'bias': jnp.arange(
+        features, dtype=jnp.float32)}}
+  fast_y, plain_y = fast.apply(variables, x), plain.apply(variables, x)
+  assert fast_y.shape == plain_y.shape
+  _close(fast_y, plain_y)
+  weights = jax.random.normal(jax.random.key(2), plain_y.shape)
   grad = lambda module: jax.grad(
       lambda v, x: (jnp.tanh(module.apply(v, x)) * weights).sum(),
       argnums=(0, 1))(variables, x)
   _close(grad(fast), grad(plain))
 
 
-def test_single_channel_conv_rejects_more_channels():
-  with pytest.raises(ValueError, match='one-channel images'):
-    fast_layers.SingleChannelConv3x3(4).init(jax.random.key(0),
-                                             jnp.zeros((1, 8, 8, 2)))
+def test_conv_general_dilated_bfloat16():
+  kwargs = dict(kernel_size=(1, 1), dtype=jnp.bfloat16, use_bias=False)
+  fast = nn.Conv(8, conv_general_dilated=fast_layers.conv_general_dilated,
+                 **kwargs)
+  plain = nn.Conv(8, **kwargs)
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
+  variables = plain.init(jax.random.key(1), x)
+  fast_y, plain_y = fast.apply(variables, x), plain.apply(variables, x)
+  assert fast_y.dtype == plain_y.dtype == jnp.bfloat16
+  _close(fast_y.astype(jnp.float32), plain_y.astype(jnp.float32), rtol=2e-2,
+         atol=5e-2)
 
 
-@pytest.mark.parametrize('name', ['cnn_263k', 'cnn_1m'])
-def test_custom_cnns_same_with_and_without_fast_layers(name):
-  fast = models.create_model(name)
-  plain = models.create_model(name, fast_layers=False)
+@pytest.mark.parametrize('name, kwargs', [
+    ('cnn_263k', {}), ('cnn_1m', {}),
+    pytest.param('resnet50', {'stage_sizes': (1, 1, 1, 1)},  # Every layer kind.
+                 marks=pytest.mark.slow),  # About 15 s on 2 CPU cores.
+])
+def test_models_same_with_and_without_fast_layers(name, kwargs):
+  fast = models.create_model(name, **kwargs)
+  plain = models.create_model(name, fast_layers=False, **kwargs)
   images = jax.random.normal(jax.random.key(0), (4, 32, 32, 1))
   targets = jnp.linspace(0.2, 1.0, 4)
   variables = plain.init(jax.random.key(1), images, train=False)

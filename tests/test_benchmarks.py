@@ -1,0 +1,118 @@
+"""Smoke tests of benchmarks/: the Keras twins and the scripts, at tiny sizes.
+
+They check that the Keras models mirror hc_jax.models and that the scripts
+run and print what they promise; they measure nothing.
+"""
+
+import collections
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from hc_jax import models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(REPO, 'benchmarks')
+sys.path.insert(0, BENCHMARKS)
+
+import keras_models  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _flax_kernel_shapes(name, image_size):
+  """Multiset of the Flax model's parameter shapes."""
+  model = models.create_model(name)
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 1)),
+      train=False))
+  return collections.Counter(
+      tuple(leaf.shape) for leaf in jax.tree.leaves(variables['params']))
+
+
+def _keras_shapes(model, skip_conv_bias):
+  """Multiset of the Keras model's trainable weight shapes."""
+  import keras  # pylint: disable=import-outside-toplevel
+  skipped = set()
+  if skip_conv_bias:
+    skipped = {id(layer.bias) for layer in model.layers
+               if isinstance(layer, keras.layers.Conv2D) and layer.use_bias}
+  return collections.Counter(tuple(w.shape) for w in model.trainable_weights
+                             if id(w) not in skipped)
+
+
+@pytest.mark.parametrize('name, image_size', [
+    ('cnn_263k', 32), ('cnn_1m', 32), ('cnn_263k', 128), ('vgg16', 32),
+    ('resnet50', 32)])
+def test_keras_twin_matches_flax_model(name, image_size):
+  keras_count, extra, flax_count = keras_models.compare_params(name, image_size)
+  assert keras_count - extra == flax_count
+  assert (extra > 0) == (name == 'resnet50')  # Only ResNet50 has conv biases.
+  model = keras_models.create_model(name, image_size)
+  assert _keras_shapes(model, name == 'resnet50') == _flax_kernel_shapes(
+      name, image_size)
+  assert tuple(model.output.shape) == (None, 1)
+
+
+def test_keras_twin_unknown_model():
+  with pytest.raises(ValueError, match='known models'):
+    keras_models.create_model('resnet18', 32)
+
+
+def _run(script, *flags):
+  # Compile time dominates these runs; the figures they print are not checked.
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2',
+         'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
+  result = subprocess.run(
+      [sys.executable, os.path.join(BENCHMARKS, script), *flags], env=env,
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+NUMBER = r'[0-9]+\.[0-9]+'
+
+
+def test_train_step_compares_frameworks():
+  out = _run('train_step.py', '--models=cnn_263k', '--batch_sizes=2',
+             '--image_size=32', '--seconds=0', '--min_steps=1', '--rounds=1',
+             '--variants=hc_jax,keras')
+  for variant in ('hc_jax', 'keras'):
+    assert re.search(rf'round 1 {variant} +cnn_263k 32x32 batch 2: +{NUMBER} '
+                     r'img/s', out), out
+  assert re.search(rf'hc_jax/Keras \(best of each\) {NUMBER}', out), out
+
+
+def test_train_step_breakdown():
+  out = _run('train_step.py', '--breakdown', '--models=cnn_1m',
+             '--batch_sizes=2', '--image_size=32', '--seconds=0',
+             '--min_steps=1')
+  for stage in ('forward', 'forward\\+gradient', 'full step'):
+    assert re.search(rf'cnn_1m 32x32 batch 2 {stage}: {NUMBER} ms', out), out
+
+
+def test_train_step_rejects_unknown_variant():
+  result = subprocess.run(
+      [sys.executable, os.path.join(BENCHMARKS, 'train_step.py'),
+       '--variants=hc_jax,pytorch'], capture_output=True, text=True,
+      check=False)
+  assert result.returncode != 0
+  assert "unknown variant 'pytorch'" in result.stderr
+
+
+def test_predict_runs_on_phantom_scans(phantom_hc18):
+  hc18_dir, _ = phantom_hc18
+  out = _run('predict.py', f'--hc18_dir={hc18_dir}', '--models=cnn_263k',
+             '--num_images=3', '--batch_size=2', '--num_batches=1')
+  assert re.search(
+      rf'cnn_263k 128x128: batch 1 latency p50 {NUMBER} ms, p95 {NUMBER} ms '
+      rf'.*; batch 2: {NUMBER} img/s', out), out
+
+
+def test_keras_models_script_reports_matches():
+  out = _run('keras_models.py', '--models=cnn_263k')
+  assert 'cnn_263k 128x128: Keras 263,633 trainable, hc_jax 263,633: match' \
+      in out, out
