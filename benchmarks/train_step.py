@@ -243,7 +243,8 @@ def summarise(rates: dict) -> None:
   print('\nSummary (median [min-max] img/s over rounds):')
   for (model_name, size, batch_size), by_variant in rates.items():
     medians = {v: statistics.median(r) for v, r in by_variant.items() if r}
-    cells = [f'{v} {medians[v]:.1f} [{min(r):.1f}-{max(r):.1f}]'
+    fmt = lambda x: f'{x:.1f}' if x >= 10 else f'{x:.2f}'
+    cells = [f'{v} {fmt(medians[v])} [{fmt(min(r))}-{fmt(max(r))}]'
              for v, r in by_variant.items() if r]
     line = f'{model_name} {size}x{size} batch {batch_size}: ' + '; '.join(cells)
     jax_best = max((m for v, m in medians.items()

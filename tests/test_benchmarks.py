@@ -112,6 +112,13 @@ def test_predict_runs_on_phantom_scans(phantom_hc18):
       rf'.*; batch 2: {NUMBER} img/s', out), out
 
 
+def test_profile_step_lists_operations():
+  out = _run('profile_step.py', '--model=cnn_263k', '--batch_size=2',
+             '--image_size=32', '--steps=2', '--top=5')
+  assert re.search(rf'cnn_263k 32x32 batch 2: {NUMBER} ms per step', out), out
+  assert len(re.findall(rf'^ *{NUMBER} ms +{NUMBER} % ', out, re.M)) == 5, out
+
+
 def test_keras_models_script_reports_matches():
   out = _run('keras_models.py', '--models=cnn_263k')
   assert 'cnn_263k 128x128: Keras 263,633 trainable, hc_jax 263,633: match' \

@@ -126,6 +126,31 @@ def test_conv_general_dilated_matches_flax(in_shape, features, conv_kwargs):
   _close(grad(fast), grad(plain))
 
 
+@pytest.mark.parametrize('max_bytes', [2**30, 0])  # im2col; one dot per tap.
+@pytest.mark.parametrize('conv_kwargs', [
+    dict(kernel_size=(3, 3), padding='SAME'),
+    dict(kernel_size=(3, 3), strides=(2, 2), padding='SAME', use_bias=False),
+    dict(kernel_size=(2, 2), padding='VALID'),
+])
+def test_conv_im2col_kernel_grad_matches_flax(monkeypatch, max_bytes,
+                                              conv_kwargs):
+  # Take the path of large convolutions at a small size.
+  monkeypatch.setattr(fast_layers, 'IM2COL_KERNEL_GRAD_MIN_WORK', 0)
+  monkeypatch.setattr(fast_layers, 'IM2COL_MAX_BYTES', max_bytes)
+  fast = nn.Conv(6, conv_general_dilated=fast_layers.conv_general_dilated,
+                 **conv_kwargs)
+  plain = nn.Conv(6, **conv_kwargs)
+  x = jax.random.normal(jax.random.key(0), (2, 7, 8, 3))
+  variables = plain.init(jax.random.key(1), x)
+  plain_y = plain.apply(variables, x)
+  _close(fast.apply(variables, x), plain_y)
+  weights = jax.random.normal(jax.random.key(2), plain_y.shape)
+  grad = lambda module: jax.grad(
+      lambda v, x: (jnp.tanh(module.apply(v, x)) * weights).sum(),
+      argnums=(0, 1))(variables, x)
+  _close(grad(fast), grad(plain))
+
+
 def test_conv_general_dilated_bfloat16():
   kwargs = dict(kernel_size=(1, 1), dtype=jnp.bfloat16, use_bias=False)
   fast = nn.Conv(8, conv_general_dilated=fast_layers.conv_general_dilated,

@@ -1,0 +1,151 @@
+"""Where the time of hc_jax's training step goes, per compiled XLA operation.
+
+  python benchmarks/profile_step.py --model=cnn_1m --batch_size=32
+      [--steps=10] [--top=25] [--image_size=S] [--plain_layers]
+
+Runs the jitted `hc_jax.train.train_step` (forward, MSE, gradient, Adam) under
+`jax.profiler.trace`, sums the time of each XLA operation (a fusion, a
+convolution, a matrix product: what XLA:CPU runs as one thunk) over the
+traced steps, and prints the costliest per step with what each one computes:
+its output shape and the operations fused into it. A convolution whose output
+is a kernel shape (e.g. `f32[16,3,3,32]`) is a kernel gradient.
+
+Run it under the allocator settings of the figures you want to explain
+(e.g. with GLIBC_TUNABLES, see docs/benchmarks.md).
+"""
+
+import argparse
+import collections
+import functools
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # Run as a script from anywhere.
+  sys.path.insert(0, REPO)
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hc_jax import losses  # pylint: disable=wrong-import-position
+from hc_jax import models
+from hc_jax import train
+
+SIZES = {'cnn_263k': 128, 'cnn_1m': 128, 'vgg16': 224, 'resnet50': 224}
+_INSTRUCTION = re.compile(r'\s+(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(')
+_BORING = {'parameter', 'constant', 'bitcast', 'broadcast', 'reshape', 'tuple',
+           'get-tuple-element'}
+
+
+def _operations(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """{instruction name: (output shape, 'op1 op2x3 ...')} of compiled HLO.
+
+  For a fusion the description lists the operations it fuses.
+  """
+  bodies, current = {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if header:
+      current = bodies.setdefault(header.group(1), [])
+    elif current is not None:
+      current.append(line)
+  described = {}
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, shape, opcode = match.groups()
+    called = re.search(r'calls=%?([\w.\-]+)', line)
+    counts = collections.Counter()
+    for inner in bodies.get(called.group(1), []) if called else []:
+      inner_match = _INSTRUCTION.match(inner)
+      if inner_match and inner_match.group(3) not in _BORING:
+        counts[inner_match.group(3)] += 1
+    fused = ' '.join(op + (f'x{n}' if n > 1 else '')
+                     for op, n in counts.most_common(5))
+    described[name] = (shape, fused or opcode)
+  return described
+
+
+def profile(model_name: str, batch_size: int, size: int, steps: int,
+            fast_layers: bool) -> tuple[float, list[tuple]]:
+  """Traces `steps` training steps.
+
+  Returns:
+    (ms per step, [(ms per step, operation, output shape, what it does)]),
+    costliest operation first.
+  """
+  model = models.create_model(model_name, fast_layers=fast_layers)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0), jnp.zeros((1, size, size, 1)))
+  state = train.TrainState.create(
+      apply_fn=model.apply, params=variables['params'],
+      batch_stats=variables.get('batch_stats', {}), tx=optax.adam(1e-3))
+  step = jax.jit(functools.partial(
+      train.train_step, loss_fn=losses.mse, dropout_key=jax.random.key(1)),
+                 donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.normal(size=(batch_size, size, size, 1)),
+                                jnp.float32),
+           'target': jnp.asarray(rng.uniform(0.2, 1.0, batch_size),
+                                 jnp.float32)}
+  described = _operations(step.lower(state, batch).compile().as_text())
+  for _ in range(2):  # Compile and warm up.
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      start = time.perf_counter()
+      for _ in range(steps):
+        state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      step_ms = 1e3 * (time.perf_counter() - start) / steps
+    trace_file, = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'),
+                            recursive=True)
+    with gzip.open(trace_file) as f:
+      trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  total_us = collections.Counter()
+  for event in events:
+    if event.get('ph') == 'X' and event.get('name') in described:
+      total_us[event['name']] += event.get('dur', 0)
+  rows = [(us / steps / 1e3, name, *described[name])
+          for name, us in total_us.most_common()]
+  return step_ms, rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model', default='cnn_1m', choices=sorted(SIZES))
+  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--top', type=int, default=25)
+  parser.add_argument('--image_size', type=int, default=None,
+                      help='input side (default: the model\'s, SIZES)')
+  parser.add_argument('--plain_layers', action='store_true',
+                      help='without hc_jax.fast_layers (fast_layers=False)')
+  args = parser.parse_args()
+  if min(args.batch_size, args.steps, args.top) < 1:
+    parser.error('--batch_size, --steps and --top must be positive')
+  size = args.image_size or SIZES[args.model]
+  step_ms, rows = profile(args.model, args.batch_size, size, args.steps,
+                          not args.plain_layers)
+  listed_ms = sum(row[0] for row in rows)
+  print(f'{args.model} {size}x{size} batch '
+        f'{args.batch_size}: {step_ms:.1f} ms per step (traced), '
+        f'{listed_ms:.1f} ms in {len(rows)} XLA operations')
+  for ms, name, shape, fused in rows[:args.top]:
+    print(f'{ms:8.2f} ms {100 * ms / listed_ms:5.1f} %  {name:28s} '
+          f'{shape[:34]:34s} {fused}')
+
+
+if __name__ == '__main__':
+  main()
