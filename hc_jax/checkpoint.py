@@ -28,11 +28,13 @@ class Checkpoints:
                                       options=options)
 
   def save(self, epoch: int, state, progress: dict[str, Any],
-           is_best: bool) -> None:
-    """Saves the state after `epoch`; also as the best one when `is_best`."""
+           is_best: bool, latest: bool = True) -> None:
+    """Saves the state after `epoch` as the latest one (unless `latest` is
+    False) and as the best one when `is_best`."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               progress=ocp.args.JsonSave(progress))
-    self.latest.save(epoch, args=args)
+    if latest:
+      self.latest.save(epoch, args=args)
     if is_best:
       self.best.save(epoch, args=args)
 
@@ -51,6 +53,14 @@ class Checkpoints:
     """Returns (state, progress) of the latest checkpoint, or (state, {})."""
     restored, progress = self._restore(self.latest, state)
     return (state, {}) if restored is None else (restored, progress)
+
+  def drop_after(self, epoch: int) -> None:
+    """Deletes best checkpoints of epochs after `epoch` (a resumed run redoes
+    those epochs, so they would otherwise hide what it selects)."""
+    for step in self.best.all_steps():
+      if step > epoch:
+        self.best.delete(step)
+    self.best.reload()
 
   def restore_best(self, state):
     """Returns the state of the best checkpoint.

@@ -136,11 +136,18 @@ def load(config, workdir: str) -> RunData:
         augment=config.augment, num_epochs=1)
     return input_pipeline.as_numpy(dataset)
 
+  # Evaluation batches do not change between epochs: built once, kept as
+  # NumPy (the validation part is scored every epoch; rebuilding its tf.data
+  # pipeline cost more than the forward passes).
+  eval_cache = {}
+
   def eval_batches(part):
-    dataset = input_pipeline.eval_dataset(
-        parts[part], batch_size=config.eval_batch_size,
-        normaliser_px=normaliser_px)
-    return input_pipeline.as_numpy(dataset)
+    if part not in eval_cache:
+      dataset = input_pipeline.eval_dataset(
+          parts[part], batch_size=config.eval_batch_size,
+          normaliser_px=normaliser_px)
+      eval_cache[part] = list(input_pipeline.as_numpy(dataset))
+    return iter(eval_cache[part])
 
   return RunData(folds=assignment, split=split, normaliser_px=normaliser_px,
                  train_epoch=train_epoch, eval_batches=eval_batches)

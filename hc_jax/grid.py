@@ -43,7 +43,8 @@ FOLD_DIR = re.compile(r'^fold(\d+)$')
 # Fields that may differ between a finished run and a rerun of the grid: they
 # say where things are or how often to log, not what is trained.
 RERUN_MAY_CHANGE = ('data.hc18_dir', 'data.tfds_data_dir', 'log_every_steps',
-                    'eval_batch_size', 'distributed')
+                    'eval_batch_size', 'distributed',
+                    'checkpoint_every_seconds', 'tune_malloc')
 TABLE_COLUMNS = ('config', 'model', 'loss', 'folds', 'num_folds',
                  'num_folds_expected', 'num_images', 'mae_px', 'mae_px_std',
                  'pmae', 'pmae_std', 'mae_mm', 'mae_mm_std', 'bias_mm', 'best',

@@ -62,6 +62,9 @@ def check_config(config) -> None:
                      f'{config.lr_schedule!r}')
   if config.dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+  if config.get('checkpoint_every_seconds', 0.0) < 0:
+    raise ValueError('checkpoint_every_seconds must be >= 0, got '
+                     f'{config.checkpoint_every_seconds}')
   for name in ('batch_size', 'eval_batch_size', 'num_epochs', 'image_size'):
     if config[name] < 1:
       raise ValueError(f'{name} must be positive, got {config[name]}')
@@ -190,6 +193,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     FloatingPointError: on a NaN or inf loss (the last good checkpoint stays).
   """
   check_config(config)
+  if config.get('tune_malloc', False) and jax.default_backend() == 'cpu':
+    from hc_jax import cpu  # pylint: disable=import-outside-toplevel
+    cpu.tune_malloc()
   os.makedirs(workdir, exist_ok=True)
   data_lib.save_json(os.path.join(workdir, 'config.json'), config.to_dict())
   data = data_lib.load(config, workdir)
@@ -218,13 +224,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   checkpoints = checkpoint.Checkpoints(workdir)
   state, progress = checkpoints.restore_latest(state)
   start_epoch = progress.get('epoch', 0)
+  checkpoints.drop_after(start_epoch)
   best = progress.get('best', {'val_mae_mm': float('inf'), 'epoch': 0})
   if start_epoch:
     _log(f'resuming after epoch {start_epoch} (step {int(state.step)})')
   state = trainer.replicate(state)
   writer = checkpoint.MetricWriter(workdir, resume_epoch=start_epoch)
 
-  started = last_log = time.time()
+  started = last_log = last_save = time.time()
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     epoch_start = time.time()
     losses_this_epoch = []
@@ -264,8 +271,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
               'epoch_seconds': round(time.time() - epoch_start, 2),
               **{f'val_{k}': v for k, v in val_errors.items()}}
     writer.write(record)
+    save_latest = (epoch == config.num_epochs or time.time() - last_save >=
+                   config.get('checkpoint_every_seconds', 0.0))
     checkpoints.save(epoch, state, {'epoch': epoch, 'best': best},
-                     is_best=is_best)
+                     is_best=is_best, latest=save_latest)
+    if save_latest:
+      last_save = time.time()
     _log(f'epoch {epoch}: train loss {record["train_loss"]:.4g}, val '
          f'{metrics_lib.format_errors(val_errors)}'
          f'{" *" if is_best else ""} ({record["epoch_seconds"]:.1f} s)')

@@ -75,26 +75,47 @@ def test_learns_on_phantoms(tmp_path):
   assert results['test_mae_mm'] < 0.6 * baseline_mm, (results, baseline_mm)
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tiny_config, tmp_path):
-  flags = config_flags(tiny_config) + ['--config.num_epochs=5']
+def _num_lines(path):
+  try:
+    with open(path) as f:
+      return sum(1 for line in f if line.strip())
+  except FileNotFoundError:
+    return 0
+
+
+@pytest.mark.parametrize('checkpoint_every_seconds', [0, 1e6])
+def test_resume_after_kill_matches_uninterrupted_run(
+    tiny_config, tmp_path, checkpoint_every_seconds):
+  # 0: the latest checkpoint after every epoch, killed after epoch 2's.
+  # 1e6: none before the end, killed after epoch 3: the rerun starts over and
+  # must drop the best checkpoints the killed run left.
+  flags = config_flags(tiny_config) + [
+      '--config.num_epochs=5',
+      f'--config.checkpoint_every_seconds={checkpoint_every_seconds}']
   whole = _run_main(tmp_path / 'whole', flags)
   whole_out, whole_err = whole.communicate(timeout=300)
   assert whole.returncode == 0, whole_err[-2000:]
 
   killed_dir = tmp_path / 'killed'
   killed = _run_main(killed_dir, flags)
-  first = killed_dir / 'checkpoints' / 'latest' / '2'
+  if checkpoint_every_seconds:
+    ready = lambda: _num_lines(killed_dir / 'metrics.jsonl') >= 3
+  else:
+    ready = (killed_dir / 'checkpoints' / 'latest' / '2').exists
   deadline = time.time() + 240
-  while not first.exists() and killed.poll() is None and time.time() < deadline:
+  while not ready() and killed.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   killed.send_signal(signal.SIGKILL)
   killed.communicate()
   assert not (killed_dir / train.RESULTS_FILE).exists(), 'finished before kill'
+  if checkpoint_every_seconds:
+    assert not os.listdir(killed_dir / 'checkpoints' / 'latest')
+    assert os.listdir(killed_dir / 'checkpoints' / 'best')
 
   resumed = _run_main(killed_dir, flags)
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err[-2000:]
-  assert 'resuming after epoch' in out
+  assert ('resuming after epoch' in out) == (not checkpoint_every_seconds)
   expected, actual = _results(tmp_path / 'whole'), _results(killed_dir)
   for key in RESULT_KEYS + ('selected_epoch',):
     assert actual[key] == pytest.approx(expected[key], rel=1e-4), key
@@ -121,6 +142,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
     ('--config.model=resnet18', 'unknown model'),
     ('--config.loss=l1', 'unknown loss'),
     ('--config.fold=5', 'fold must be in [0, 4]'),
+    ('--config.checkpoint_every_seconds=-1', 'checkpoint_every_seconds must'),
     ('--config.data.hc18_dir=/no/such/dir', 'holds no'),
 ])
 def test_bad_config_gives_one_clear_line(tiny_config, tmp_path, flag, message):
