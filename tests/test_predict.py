@@ -249,3 +249,14 @@ def test_command_line_usage_errors(tmp_path):
   result = subprocess.run(command[:3], cwd=REPO, capture_output=True, text=True,
                           check=False)
   assert result.returncode == 2 and 'required' in result.stderr
+
+
+def test_parallel_map_keeps_order_and_returns_errors_per_item():
+  def fn(x):
+    if x == 3:
+      raise ValueError('three')
+    return x * x
+  out = predict.parallel_map(fn, range(7))
+  assert [o if not isinstance(o, Exception) else str(o) for o in out] == [
+      0, 1, 4, 'three', 16, 25, 36]
+  assert predict.parallel_map(fn, []) == []
