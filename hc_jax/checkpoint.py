@@ -20,23 +20,45 @@ class Checkpoints:
 
   def __init__(self, workdir: str):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=1, create=True, enable_async_checkpointing=False)
-    self.latest = ocp.CheckpointManager(os.path.join(self.directory, 'latest'),
-                                        options=options)
-    self.best = ocp.CheckpointManager(os.path.join(self.directory, 'best'),
-                                      options=options)
+    self.latest = ocp.CheckpointManager(
+        os.path.join(self.directory, 'latest'),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False))
+    # Best checkpoints are pruned by hand (`save`), never by orbax: the one
+    # that the latest checkpoint's progress names must survive until a newer
+    # latest checkpoint names another, or a resumed run could lose it.
+    self.best = ocp.CheckpointManager(
+        os.path.join(self.directory, 'best'),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=None, create=True, enable_async_checkpointing=False))
+
+  @staticmethod
+  def _save(manager, epoch, args):
+    if not manager.save(epoch, args=args):
+      raise RuntimeError(f'orbax did not save epoch {epoch} in '
+                         f'{manager.directory}')
 
   def save(self, epoch: int, state, progress: dict[str, Any],
            is_best: bool, latest: bool = True) -> None:
-    """Saves the state after `epoch` as the latest one (unless `latest` is
-    False) and as the best one when `is_best`."""
+    """Saves the state after `epoch` as the best one when `is_best`, then as
+    the latest one (unless `latest` is False).
+
+    The best checkpoint is written first, so a run killed in between resumes
+    from an earlier latest checkpoint and redoes this epoch (`drop_after`
+    removes the orphan). After a latest save, best checkpoints other than the
+    one its `progress['best']['epoch']` names are deleted.
+    """
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               progress=ocp.args.JsonSave(progress))
-    if latest:
-      self.latest.save(epoch, args=args)
     if is_best:
-      self.best.save(epoch, args=args)
+      self._save(self.best, epoch, args)
+    if latest:
+      self._save(self.latest, epoch, args)
+      keep = progress.get('best', {}).get('epoch')
+      if keep is not None:
+        for step in self.best.all_steps():
+          if step != keep:
+            self.best.delete(step)
 
   @staticmethod
   def _restore(manager, state):
@@ -62,16 +84,23 @@ class Checkpoints:
         self.best.delete(step)
     self.best.reload()
 
-  def restore_best(self, state):
-    """Returns the state of the best checkpoint.
+  def restore_best(self, state, epoch: int | None = None):
+    """Returns the state of the best checkpoint (of `epoch`, if given).
 
     Raises:
-      FileNotFoundError: when no epoch has been saved as best.
+      FileNotFoundError: when no epoch (or not `epoch`) was saved as best.
     """
-    restored, _ = self._restore(self.best, state)
-    if restored is None:
-      raise FileNotFoundError(f'no best checkpoint in {self.directory}')
-    return restored
+    self.best.reload()
+    steps = self.best.all_steps()
+    step = epoch if epoch is not None else (max(steps) if steps else None)
+    if step is None or step not in steps:
+      raise FileNotFoundError(
+          f'no best checkpoint{"" if epoch is None else f" of epoch {epoch}"}'
+          f' in {self.directory}')
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    return self.best.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        progress=ocp.args.JsonRestore()))['state']
 
   def wait(self) -> None:
     self.latest.wait_until_finished()

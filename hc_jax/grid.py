@@ -41,7 +41,8 @@ CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 FOLD_DIR = re.compile(r'^fold(\d+)$')
 # Fields that may differ between a finished run and a rerun of the grid: they
-# say where things are or how often to log, not what is trained.
+# say where things are, how often to log or checkpoint, and how the process
+# allocates memory, not what is trained.
 RERUN_MAY_CHANGE = ('data.hc18_dir', 'data.tfds_data_dir', 'log_every_steps',
                     'eval_batch_size', 'distributed',
                     'checkpoint_every_seconds', 'tune_malloc')

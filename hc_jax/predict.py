@@ -129,7 +129,9 @@ def parallel_map(fn, items) -> list:
   items = list(items)
   if len(items) < 2:
     return [call(item) for item in items]
-  workers = min(len(items), os.cpu_count() or 1)
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+           else os.cpu_count() or 1)  # The cores this process may use.
+  workers = min(len(items), cores)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     return list(pool.map(call, items))
 

@@ -283,7 +283,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   checkpoints.wait()
 
   # Score the test fold with the checkpoint the validation part selected.
-  state = trainer.replicate(checkpoints.restore_best(state))
+  state = trainer.replicate(checkpoints.restore_best(state, best['epoch']))
   test = trainer.predict(state, data.eval_batches('test'), data.normaliser_px)
   test_errors = metrics_lib.hc_errors(test['hc_px_true'], test['hc_px_pred'],
                                       test['pixel_size_mm'])
