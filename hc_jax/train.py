@@ -82,6 +82,10 @@ def create_model(config) -> Any:
     kwargs['dtype'] = jnp.dtype(config.dtype)
   if 'keras_v1' in fields and config.get('init_from'):
     kwargs['keras_v1'] = True  # Keras' weights need its stride placement.
+  if 'fast_layers' in fields:
+    # hc_jax.fast_layers are tuned for XLA:CPU (same values and gradients);
+    # on a GPU or TPU the plain layers go to cuDNN / the TPU's convolutions.
+    kwargs['fast_layers'] = jax.default_backend() == 'cpu'
   return models.create_model(config.model, **kwargs)
 
 

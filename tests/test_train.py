@@ -172,3 +172,12 @@ def test_one_and_eight_devices_agree(tiny_config, tmp_path):
     runs[devices] = _results(workdir)
   for key in RESULT_KEYS:
     assert runs[8][key] == pytest.approx(runs[1][key], rel=1e-3), key
+
+
+@pytest.mark.parametrize('backend, fast', [('cpu', True), ('gpu', False),
+                                           ('tpu', False)])
+def test_fast_layers_only_on_cpu(tiny_config, monkeypatch, backend, fast):
+  monkeypatch.setattr(train.jax, 'default_backend', lambda: backend)
+  for name in ('cnn_263k', 'cnn_1m', 'vgg16', 'resnet50'):
+    tiny_config.model = name
+    assert train.create_model(tiny_config).fast_layers is fast, name
