@@ -16,7 +16,6 @@ Run it under the allocator settings of the figures you want to explain
 
 import argparse
 import collections
-import functools
 import glob
 import gzip
 import json
@@ -26,20 +25,15 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # Run as a script from anywhere.
-  sys.path.insert(0, REPO)
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+if BENCHMARKS not in sys.path:  # Run as a script from anywhere.
+  sys.path.insert(0, BENCHMARKS)
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp
-import numpy as np
-import optax
 
-from hc_jax import losses  # pylint: disable=wrong-import-position
-from hc_jax import models
-from hc_jax import train
+import train_step as train_step_bench  # pylint: disable=wrong-import-position
 
-SIZES = {'cnn_263k': 128, 'cnn_1m': 128, 'vgg16': 224, 'resnet50': 224}
+SIZES = train_step_bench.SIZES
 _INSTRUCTION = re.compile(r'\s+(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(')
 _BORING = {'parameter', 'constant', 'bitcast', 'broadcast', 'reshape', 'tuple',
            'get-tuple-element'}
@@ -83,20 +77,8 @@ def profile(model_name: str, batch_size: int, size: int, steps: int,
     (ms per step, [(ms per step, operation, output shape, what it does)]),
     costliest operation first.
   """
-  model = models.create_model(model_name, fast_layers=fast_layers)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), jnp.zeros((1, size, size, 1)))
-  state = train.TrainState.create(
-      apply_fn=model.apply, params=variables['params'],
-      batch_stats=variables.get('batch_stats', {}), tx=optax.adam(1e-3))
-  step = jax.jit(functools.partial(
-      train.train_step, loss_fn=losses.mse, dropout_key=jax.random.key(1)),
-                 donate_argnums=(0,))
-  rng = np.random.default_rng(0)
-  batch = {'image': jnp.asarray(rng.normal(size=(batch_size, size, size, 1)),
-                                jnp.float32),
-           'target': jnp.asarray(rng.uniform(0.2, 1.0, batch_size),
-                                 jnp.float32)}
+  state, step, batch = train_step_bench.hc_jax_state_step_batch(
+      model_name, batch_size, size, fast_layers)
   described = _operations(step.lower(state, batch).compile().as_text())
   for _ in range(2):  # Compile and warm up.
     state, metrics = step(state, batch)

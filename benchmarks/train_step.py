@@ -88,9 +88,9 @@ def _time_steps(step, seconds: float, min_steps: int,
   return count, time.perf_counter() - start
 
 
-def _hc_jax_step(model_name: str, batch_size: int, size: int,
-                 fast_layers: bool = True):
-  """hc_jax's jitted train step on a random batch: (step fn, sync fn)."""
+def hc_jax_state_step_batch(model_name: str, batch_size: int, size: int,
+                            fast_layers: bool = True):
+  """hc_jax's train state, its jitted MSE train step and a random batch."""
   # pylint: disable=import-outside-toplevel
   import functools
   import jax
@@ -106,11 +106,20 @@ def _hc_jax_step(model_name: str, batch_size: int, size: int,
   state = train.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables.get('batch_stats', {}), tx=optax.adam(1e-3))
-  train_step = jax.jit(functools.partial(
+  step = jax.jit(functools.partial(
       train.train_step, loss_fn=losses.mse, dropout_key=jax.random.key(1)),
-                       donate_argnums=(0,))
+                 donate_argnums=(0,))
   images, target = _random_batch(batch_size, size)
   batch = {'image': jnp.asarray(images), 'target': jnp.asarray(target)}
+  return state, step, batch
+
+
+def _hc_jax_step(model_name: str, batch_size: int, size: int,
+                 fast_layers: bool = True):
+  """hc_jax's jitted train step on a random batch: (step fn, sync fn)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  state, train_step, batch = hc_jax_state_step_batch(
+      model_name, batch_size, size, fast_layers)
   holder = {'state': state, 'metrics': None}
 
   def step():
@@ -138,14 +147,10 @@ def _keras_step(model_name: str, batch_size: int, size: int,
 
 
 def _mallopt() -> None:
-  """`MALLOC_TUNABLES` through glibc's `mallopt`, for a running process."""
-  import ctypes  # pylint: disable=import-outside-toplevel
-  libc = ctypes.CDLL('libc.so.6')
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-  for option, value in ((m_arena_max, 1), (m_mmap_max, 0),
-                        (m_trim_threshold, 4_000_000_000)):
-    if not libc.mallopt(option, ctypes.c_int(min(value, 2**31 - 1))):
-      raise OSError(f'mallopt({option}, {value}) failed')
+  """`MALLOC_TUNABLES` through glibc's `mallopt` (`hc_jax.cpu.tune_malloc`)."""
+  from hc_jax import cpu  # pylint: disable=import-outside-toplevel
+  if not cpu.tune_malloc():
+    raise OSError('mallopt failed (not glibc?)')
 
 
 def run_worker(framework: str, model_name: str, batch_size: int, size: int,

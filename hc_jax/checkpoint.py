@@ -61,8 +61,9 @@ class Checkpoints:
             self.best.delete(step)
 
   @staticmethod
-  def _restore(manager, state):
-    step = manager.latest_step()
+  def _restore(manager, state, step=None):
+    """(state, progress) of `step` (default: the newest), or (None, {})."""
+    step = manager.latest_step() if step is None else step
     if step is None:
       return None, {}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
@@ -82,7 +83,6 @@ class Checkpoints:
     for step in self.best.all_steps():
       if step > epoch:
         self.best.delete(step)
-    self.best.reload()
 
   def restore_best(self, state, epoch: int | None = None):
     """Returns the state of the best checkpoint (of `epoch`, if given).
@@ -97,10 +97,7 @@ class Checkpoints:
       raise FileNotFoundError(
           f'no best checkpoint{"" if epoch is None else f" of epoch {epoch}"}'
           f' in {self.directory}')
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    return self.best.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        progress=ocp.args.JsonRestore()))['state']
+    return self._restore(self.best, state, step)[0]
 
   def wait(self) -> None:
     self.latest.wait_until_finished()
