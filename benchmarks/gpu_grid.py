@@ -18,6 +18,13 @@ Leaves under --out: `summary.md` (the table, also printed), `summary.json`,
 `runs.tar.gz`, the `--runs_dir` tree (`<model>_<loss>/fold<k>/` with
 results.json, predictions_test.csv, metrics.jsonl, ...) that
 `python -m hc_jax.grid --root=... --aggregate_only` reads once unpacked.
+
+It is a GPU script: on a machine where JAX finds no accelerator it stops at
+once (a missing CUDA set-up would otherwise spend the whole budget training
+on the CPU), unless --allow_cpu. `--members_per_call=auto` (the default)
+times the members vmapped (grouped convolutions) and one after another on
+the first steps and trains on with the faster. A member whose loss diverges
+is frozen and scored with the epoch selected before (noted in the summary).
 """
 
 import argparse
@@ -26,6 +33,7 @@ import json
 import os
 import sys
 import tarfile
+import tempfile
 import time
 
 START = time.perf_counter()
@@ -127,6 +135,16 @@ def write_outputs(out: str, runs_dir: str, results: list[dict],
   return rows
 
 
+def _per_call(value: str):
+  if value == train_folds.AUTO:
+    return value
+  try:
+    return int(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"an int >= 0 or '{train_folds.AUTO}', not {value!r}") from None
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--data', required=True, help='the export .npz')
@@ -135,7 +153,8 @@ def parse_args(argv=None):
                       'beside --data')
   parser.add_argument('--out', required=True)
   parser.add_argument('--runs_dir', default='',
-                      help='the per-fold workdirs; default: OUT/runs')
+                      help='the per-fold workdirs (packed into '
+                      'OUT/runs.tar.gz); default: a new temporary directory')
   parser.add_argument('--models', default='resnet50,vgg16')
   parser.add_argument('--losses', default='huber,mse,mae')
   parser.add_argument('--dtype', default='float32',
@@ -153,9 +172,12 @@ def parse_args(argv=None):
                       help='for the whole script, from its start')
   parser.add_argument('--min_model_s', type=float, default=90.0,
                       help='start another model only with this much left')
-  parser.add_argument('--members_per_call', type=int, default=0,
-                      help='members per vmapped model call: 0 all, 1 one '
-                      'after another (no grouped convolutions), k chunks')
+  parser.add_argument('--members_per_call', type=_per_call, default='auto',
+                      help="members per vmapped model call: 0 all, 1 one "
+                      "after another (no grouped convolutions), k chunks, "
+                      "'auto' the faster of 0 and 1 timed on the first steps")
+  parser.add_argument('--allow_cpu', action='store_true',
+                      help='run even where JAX has no accelerator (tests)')
   parser.add_argument('--one_loss_at_a_time', action='store_true',
                       help='one vmapped run per loss (5 members) instead of '
                       'one for all losses')
@@ -170,8 +192,13 @@ def main(argv=None):
     if not os.path.isfile(path):
       sys.exit(f'gpu_grid: {path or "--folds"} not found (make it with '
                'benchmarks/export_for_gpu.py)')
-  runs_dir = args.runs_dir or os.path.join(args.out, 'runs')
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == 'cpu' and not args.allow_cpu:
+    sys.exit('gpu_grid: JAX found no GPU or TPU (backend cpu: '
+             f'{jax.devices()}); check the CUDA set-up, or pass --allow_cpu '
+             'to train on the CPU anyway')
   os.makedirs(args.out, exist_ok=True)
+  runs_dir = args.runs_dir or tempfile.mkdtemp(prefix='hc_jax_gpu_runs_')
   os.makedirs(runs_dir, exist_ok=True)
   losses = tuple(args.losses.split(','))
 
@@ -191,7 +218,6 @@ def main(argv=None):
     fold_data.Members(data, losses, None, args.batch_size)
   except ValueError as error:
     sys.exit(f'gpu_grid: {error}')
-  import jax  # pylint: disable=import-outside-toplevel
   print(f'{len(data.arrays["images"])} images at {data.image_size}x'
         f'{data.image_size}, {data.assignment.num_folds} folds; '
         f'{jax.devices()[0].device_kind}; budget {args.time_budget_s:.0f} s, '
@@ -206,7 +232,12 @@ def main(argv=None):
   def notes():
     reduced = sorted({f'{r["model"]}_{r["loss"]}' for r in results
                       if r['num_epochs'] < args.protocol_epochs})
-    return skipped + ([
+    diverged = [f'DIVERGED: {r["model"]} {r["loss"]} fold {r["fold"]} in '
+                f'epoch {r["diverged_epoch"]}, scored with epoch '
+                f'{r["selected_epoch"]} (selected on validation before; 0 is '
+                'the initial weights)' for r in results
+                if r.get('diverged_epoch')]
+    return skipped + diverged + ([
         f'REDUCED: {", ".join(reduced)} trained for fewer than the '
         f"protocol's {args.protocol_epochs} epochs (time budget "
         f'{args.time_budget_s:.0f} s or --epochs={args.epochs}).'

@@ -21,7 +21,9 @@ For each compute dtype, times in images per second:
 and prints what one 5-fold run of `--epochs` epochs would take at those rates
 (training steps only: epochs × training images of all folds / rate). Images
 come from the export when `--data` is given, else random uint8. Imports no
-TensorFlow. With `--out`, also writes `gpu_train_step.json` there.
+TensorFlow. With `--out`, also writes `gpu_train_step.json` there, rewritten
+after every measurement (a run cut short keeps what it measured). Stops at
+once where JAX has no accelerator, unless --allow_cpu.
 """
 
 import argparse
@@ -135,7 +137,7 @@ def input_rate(images, batch_size, seconds):
   index = jnp.asarray(rng.integers(0, len(images), batch_size), jnp.int32)
 
   @jax.jit
-  def augment(key, i):
+  def augment(key, i, images, index):  # Arguments, not baked-in constants.
     batch, _ = device_augment.augment_batch(
         jax.random.fold_in(key, i), images[index],
         device_augment.AugmentConfig())
@@ -143,7 +145,8 @@ def input_rate(images, batch_size, seconds):
 
   key = jax.random.key(0)
   # The carry is the last batch; each call draws new augmentations.
-  return timed_rate(lambda _, i: augment(key, i), None, batch_size, seconds)
+  return timed_rate(lambda _, i: augment(key, i, images, index), None,
+                    batch_size, seconds)
 
 
 def train_images_per_fold(data_path: str, num_images: int) -> float:
@@ -176,7 +179,12 @@ def main(argv=None):
   parser.add_argument('--time_budget_s', type=float, default=float('inf'),
                       help='skip the measurements that would start later')
   parser.add_argument('--out', default='')
+  parser.add_argument('--allow_cpu', action='store_true',
+                      help='measure even where JAX has no accelerator')
   args = parser.parse_args(argv)
+  if jax.default_backend() == 'cpu' and not args.allow_cpu:
+    sys.exit('gpu_train_step: JAX found no GPU or TPU (backend cpu); check '
+             'the CUDA set-up, or pass --allow_cpu to measure the CPU')
   if args.model not in models.MODELS:
     sys.exit(f'gpu_train_step: unknown model {args.model!r}; choose one of '
              f'{", ".join(sorted(models.MODELS))}')
@@ -200,6 +208,14 @@ def main(argv=None):
   takes_dtype = 'dtype' in models.MODELS[args.model].__dataclass_fields__
   rows = []
 
+  def write_json():
+    if args.out:
+      os.makedirs(args.out, exist_ok=True)
+      with open(os.path.join(args.out, 'gpu_train_step.json'), 'w') as f:
+        json.dump({'device': device, 'jax': jax.__version__,
+                   'settings': vars(args), 'train_images_per_fold': per_fold,
+                   'rows': rows}, f, indent=2)
+
   def report(label, rate, compile_seconds, dtype='', run=True):
     run_seconds = run_images / rate
     rows.append({'what': label, 'dtype': dtype, 'images_per_second': rate,
@@ -209,6 +225,7 @@ def main(argv=None):
           f'{compile_seconds:5.1f} s)' + (
               f'  5-fold run: {duration(run_seconds)}' if run else ''),
           flush=True)
+    write_json()
 
   batch = args.members * args.member_batch_size
   rate, compiled = input_rate(images, batch, args.seconds)
@@ -240,12 +257,7 @@ def main(argv=None):
             f'{args.time_budget_s:.0f}', flush=True)
       continue
     report(label, *measure(), dtype)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'gpu_train_step.json'), 'w') as f:
-      json.dump({'device': device, 'jax': jax.__version__,
-                 'settings': vars(args), 'train_images_per_fold': per_fold,
-                 'rows': rows}, f, indent=2)
+  write_json()
 
 
 if __name__ == '__main__':

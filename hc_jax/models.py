@@ -415,8 +415,11 @@ class ResNet50(nn.Module):
         x = BottleneckBlock(
             64 * 2**stage, conv=conv, norm=norm, strides=strides,
             v1=self.keras_v1, name=f'conv{stage + 2}_block{block + 1}')(x)
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(1, dtype=self.dtype, name='head')(x)
+    # The pooled features and the linear head in float32 whatever the compute
+    # dtype: a bfloat16 output would be rounded to 2**-8 of the target scale
+    # (about 2 px of HC).
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    x = nn.Dense(1, dtype=jnp.float32, name='head')(x)
     return _regression_output(x)
 
 

@@ -26,6 +26,11 @@ workdir does (but no checkpoints).
 With `time_budget_s`, the first epoch is timed and the epochs cut to what
 fits (results record `num_epochs` and `planned_epochs`); with a cosine
 schedule, the cut ends training before the schedule does.
+
+A member whose training loss turns NaN or infinite is frozen from that step
+on (the others go on) and scored on its test fold with the epoch validation
+had selected before; its results record `diverged_epoch`. Only when every
+member has diverged does the run stop with `FloatingPointError`.
 """
 
 import dataclasses
@@ -48,6 +53,13 @@ from hc_jax import models
 from hc_jax import train
 
 
+AUTO = 'auto'
+# What `members_per_call='auto'` chooses from, and how many steps (after each
+# one's compiling step) it times.
+AUTO_CANDIDATES = (0, 1)
+AUTO_PROBE_STEPS = 3
+
+
 @dataclasses.dataclass(frozen=True)
 class FoldsConfig:
   """Settings of a fold-vmapped run; fields named as in `configs/default.py`.
@@ -63,9 +75,11 @@ class FoldsConfig:
       to what fits once the first one is timed.
     members_per_call: how many members one vmapped call of the model holds:
       0 all of them; 1 one after another (`jax.lax.map`) inside the same
-      jitted step; k chunks of k. vmap turns each convolution into a grouped
-      one, which is not always the fastest on a GPU: gpu_train_step.py
-      compares. See `member_steps.map_members`.
+      jitted step; k chunks of k; 'auto' times 0 and 1 on the first steps of
+      the first epoch and trains on with the faster (`AUTO_CANDIDATES`). vmap
+      turns each convolution into a grouped one, whose backward pass is not
+      always fast on a GPU (jax-ml/jax#13800). The choice changes only the
+      speed, not the mathematics. See `member_steps.map_members`.
   """
   model: str = 'cnn_263k'
   losses: tuple[str, ...] = ('mse',)
@@ -84,7 +98,7 @@ class FoldsConfig:
   augment: device_augment.AugmentConfig = device_augment.AugmentConfig()
   seed: int = 0
   time_budget_s: Optional[float] = None
-  members_per_call: int = 0
+  members_per_call: int | str = 0
 
   def get(self, name: str, default: Any = None) -> Any:
     """`config.get` as on a ConfigDict, for `hc_jax.train`'s helpers."""
@@ -107,9 +121,11 @@ def check_config(config: FoldsConfig, num_folds: int) -> None:
   if config.lr_schedule not in ('constant', 'cosine'):
     raise ValueError("lr_schedule must be 'constant' or 'cosine', got "
                      f'{config.lr_schedule!r}')
-  if config.members_per_call < 0:
-    raise ValueError('members_per_call must be >= 0, got '
-                     f'{config.members_per_call}')
+  if config.members_per_call != AUTO and not (
+      isinstance(config.members_per_call, int) and
+      config.members_per_call >= 0):
+    raise ValueError(f"members_per_call must be an int >= 0 or '{AUTO}', "
+                     f'got {config.members_per_call!r}')
   for name in ('batch_size', 'eval_batch_size', 'num_epochs'):
     if getattr(config, name) < 1:
       raise ValueError(f'{name} must be positive, got {getattr(config, name)}')
@@ -156,13 +172,23 @@ class FoldsTrainer:
                                      if name == 'huber' else {}))
         for name in config.losses)
     per_call = config.members_per_call
-    self._step = jax.jit(functools.partial(
+    candidates = AUTO_CANDIDATES if per_call == AUTO else (per_call,)
+    self._steps = {candidate: jax.jit(functools.partial(
         member_steps.members_train_step, loss_fns=loss_fns,
         augment=config.augment, dropout_key=dropout_key,
-        augment_key=augment_key, members_per_call=per_call),
-                         donate_argnums=(0,))
+        augment_key=augment_key, members_per_call=candidate),
+                                      donate_argnums=(0,))
+                   for candidate in candidates}
+    # Chosen in the first epoch when there are several.
+    self.members_per_call = None if per_call == AUTO else per_call
+    self.step_ms = {}  # Timed ms per step of each candidate (auto only).
+    # The forward pass alone has no grouped-convolution gradient: vmapped
+    # under 'auto'.
     self._predict = jax.jit(functools.partial(
-        member_steps.members_predict, members_per_call=per_call))
+        member_steps.members_predict,
+        members_per_call=0 if per_call == AUTO else per_call))
+    # Members still training: a member whose loss diverged is frozen.
+    self.alive = np.ones(len(members), bool)
     self._select = jax.jit(lambda better, new, old: jax.tree.map(
         lambda n, o: jnp.where(
             better.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old),
@@ -174,26 +200,64 @@ class FoldsTrainer:
     return jax.tree.map(jnp.copy, {'params': self.state.params,
                                    'batch_stats': self.state.batch_stats})
 
-  def train_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Runs one epoch of every member.
+  def train_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, float,
+                                             int]:
+    """Runs one epoch of every member still alive.
+
+    Under `members_per_call='auto'`, the first epoch's first steps time each
+    candidate (its first step compiles it) and the rest of the epoch, and the
+    run, take the faster.
 
     Returns:
-      `(losses, active, first_step_end)`: float [steps, M] step losses, bool
-      [steps, M] which were taken, and when the first step finished
-      (`time.perf_counter()`; its call compiles in the first epoch).
+      `(losses, active, timed_from, untimed_steps)`: float [steps, M] step
+      losses, bool [steps, M] which were taken, and when the last step that
+      compiled finished (`time.perf_counter()`) with how many steps had run
+      by then, so `(end - timed_from) / (steps - untimed_steps)` is the time
+      of a compiled step.
     """
     index, active = self.members.epoch_batches(self.config.seed, epoch)
+    active = active & self.alive[None]
     index_device, active_device = jnp.asarray(index), jnp.asarray(active)
-    step_losses, first_step_end = [], 0.0
-    for i in range(len(index)):
-      self.state, loss = self._step(self.state, index_device, active_device, i,
-                                    epoch, self.member_arrays, self.images,
-                                    self.hc_px)
+    step_losses = []
+
+    def run(step, i):
+      self.state, loss = step(self.state, index_device, active_device, i,
+                              epoch, self.member_arrays, self.images,
+                              self.hc_px)
       step_losses.append(loss)
-      if i == 0:
-        jax.block_until_ready(loss)
-        first_step_end = time.perf_counter()
-    return np.asarray(jax.device_get(step_losses)), active, first_step_end
+      return loss
+
+    i = 0
+    if self.members_per_call is None:  # 'auto', first epoch.
+      # Each candidate: one step that compiles it, `probe` timed ones; one
+      # step at least is left for the chosen one.
+      probe = min(AUTO_PROBE_STEPS, (len(index) - 1) // len(self._steps) - 1)
+      if probe < 1:
+        self.members_per_call = AUTO_CANDIDATES[0]
+        _log(f'members_per_call=auto: {len(index)} steps are too few to '
+             f'time, {self.members_per_call} taken')
+      else:
+        for candidate, step in self._steps.items():
+          jax.block_until_ready(run(step, i))  # Compiles.
+          start = time.perf_counter()
+          for i in range(i + 1, i + 1 + probe):
+            loss = run(step, i)
+          jax.block_until_ready(loss)
+          i += 1
+          self.step_ms[candidate] = (time.perf_counter() - start) / probe * 1e3
+        self.members_per_call = min(self.step_ms, key=self.step_ms.get)
+        _log('members_per_call=auto: ' + ', '.join(
+            f'{c}: {ms:.1f} ms per step' for c, ms in self.step_ms.items()) +
+             f' -> {self.members_per_call}')
+    if i == 0:
+      jax.block_until_ready(run(self._steps[self.members_per_call], i))
+      i += 1
+    timed_from, untimed_steps = time.perf_counter(), i
+    step = self._steps[self.members_per_call]
+    for i in range(i, len(index)):
+      run(step, i)
+    return (np.asarray(jax.device_get(step_losses)), active, timed_from,
+            untimed_steps)
 
   def keep_best(self, improved: np.ndarray) -> None:
     """Keeps the current variables of the members that `improved`."""
@@ -277,25 +341,35 @@ def train_and_evaluate(config: FoldsConfig, data: fold_data.FoldData,
        f'{int(members.steps.max())} steps per epoch, on '
        f'{jax.devices()[0].platform}')
   trainer.predict('val')  # Compiles the evaluation outside the timed epoch.
+  trainer.keep_best(np.zeros(len(members), bool))  # And the selection.
 
   best_mae = np.full(len(members), np.inf)
   best_epoch = np.zeros(len(members), int)
+  diverged_epoch = np.zeros(len(members), int)  # 0: never.
   num_epochs, epoch_seconds, test_seconds, epoch = config.num_epochs, 0, 0, 0
   while epoch < num_epochs:
     epoch += 1
     epoch_start = time.perf_counter()
-    step_losses, active, first_step_end = trainer.train_epoch(epoch)
+    step_losses, active, timed_from, untimed_steps = trainer.train_epoch(
+        epoch)
     train_end = time.perf_counter()
-    bad = np.argwhere(~np.isfinite(step_losses) & active)
-    if bad.size:
-      step, m = bad[0]
+    bad = ~np.isfinite(step_losses) & active
+    for m in np.flatnonzero(bad.any(axis=0)):
+      step = int(np.argmax(bad[:, m]))
+      diverged_epoch[m] = epoch
+      trainer.alive[m] = False
+      _log(f'{config.model} {members.pairs[m][0]} fold {members.pairs[m][1]}: '
+           f'loss is {step_losses[step, m]} at step {step + 1} of epoch '
+           f'{epoch}; this member is frozen and will be scored with epoch '
+           f'{best_epoch[m]} (selected on validation before)')
+    if not trainer.alive.any():
       raise FloatingPointError(
-          f'{config.model} {members.pairs[m][0]} fold {members.pairs[m][1]}: '
-          f'loss is {step_losses[step, m]} at step {step + 1} of epoch {epoch}')
+          f'{config.model}: the training loss of every member diverged (last '
+          f'in epoch {epoch})')
     val = trainer.predict('val')
     val_errors = [trainer.errors(val, m) for m in range(len(members))]
     val_mae = np.asarray([e['mae_mm'] for e in val_errors])
-    improved = val_mae < best_mae
+    improved = (val_mae < best_mae) & trainer.alive
     best_mae = np.where(improved, val_mae, best_mae)
     best_epoch = np.where(improved, epoch, best_epoch)
     trainer.keep_best(improved)
@@ -304,14 +378,16 @@ def train_and_evaluate(config: FoldsConfig, data: fold_data.FoldData,
     for m, workdir in enumerate(workdirs):
       _append_jsonl(os.path.join(workdir, train.METRICS_FILE), {
           'epoch': epoch, 'step': int(epoch * members.steps[m]),
-          'train_loss': float(step_losses[active[:, m], m].mean()),
+          'train_loss': (float(step_losses[active[:, m], m].mean())
+                         if active[:, m].any() else None),
           'epoch_seconds': round(seconds, 2),
           **{f'val_{k}': v for k, v in val_errors[m].items()}})
     if epoch == 1:
       # The first step compiled: time the others, and the validation pass.
       steps = len(step_losses)
-      step_seconds = ((train_end - first_step_end) / (steps - 1) if steps > 1
-                      else first_step_end - epoch_start)
+      step_seconds = ((train_end - timed_from) / (steps - untimed_steps)
+                      if steps > untimed_steps else
+                      (timed_from - epoch_start) / steps)
       val_seconds = epoch_end - train_end
       epoch_seconds = steps * step_seconds + val_seconds
       num_test = max(len(s['test']) for s in members.split)
@@ -321,7 +397,7 @@ def train_and_evaluate(config: FoldsConfig, data: fold_data.FoldData,
         left = config.time_budget_s - (epoch_end - started) - test_seconds
         num_epochs = int(min(config.num_epochs,
                              1 + max(0, left // epoch_seconds)))
-      compile_seconds = first_step_end - epoch_start - step_seconds
+      compile_seconds = timed_from - epoch_start - untimed_steps * step_seconds
       _log(f'first epoch: compile {compile_seconds:.1f} s, '
            f'{step_seconds * 1e3:.1f} ms per step '
            f'({len(members) * config.batch_size / step_seconds:.0f} img/s), '
@@ -332,8 +408,11 @@ def train_and_evaluate(config: FoldsConfig, data: fold_data.FoldData,
     else:
       epoch_seconds = max(epoch_seconds, seconds)
     losses_of_members = np.asarray([loss for loss, _ in members.pairs])
-    per_loss = [f'{loss} {val_mae[losses_of_members == loss].mean():.2f}'
-                for loss in config.losses]
+    per_loss = []
+    for loss in config.losses:
+      alive = (losses_of_members == loss) & trainer.alive
+      per_loss.append(f'{loss} {val_mae[alive].mean():.2f}' if alive.any()
+                      else f'{loss} diverged')
     _log(f'epoch {epoch}/{num_epochs} ({seconds:.1f} s): mean val MAE mm '
          f'{", ".join(per_loss)}; {int(improved.sum())}/{len(members)} '
          'improved')
@@ -363,6 +442,8 @@ def train_and_evaluate(config: FoldsConfig, data: fold_data.FoldData,
               'planned_epochs': config.num_epochs,
               'dtype': compute_dtype(config), 'trainer': 'train_folds',
               'num_members': len(members),
+              'members_per_call': trainer.members_per_call,
+              'diverged_epoch': int(diverged_epoch[m]) or None,
               'train_seconds': round(time.perf_counter() - started, 1),
               **test_errors}
     _write_json(os.path.join(workdir, train.RESULTS_FILE), result)

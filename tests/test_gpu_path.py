@@ -7,9 +7,11 @@ member trained alone; `benchmarks/gpu_train_step.py` at a tiny size.
 """
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -262,7 +264,8 @@ def grid_run(phantom_export, tmp_path_factory):
       'benchmarks/gpu_grid.py', f'--data={npz_path}', f'--out={out}',
       '--models=cnn_263k', '--losses=mse,huber', '--epochs=2',
       f'--batch_size={BATCH_SIZE}', f'--learning_rate={LEARNING_RATE}',
-      '--time_budget_s=400', '--min_model_s=0')
+      '--time_budget_s=400', '--min_model_s=0', f'--runs_dir={out}/runs',
+      '--allow_cpu')  # --members_per_call=auto, the default.
   return out, stdout
 
 
@@ -270,6 +273,11 @@ def test_grid_leaves_every_fold_and_the_summary(grid_run, phantom_export):
   out, stdout = grid_run
   assignment = fold_data.load(*phantom_export).assignment
   assert 'REDUCED' in stdout and '| cnn_263k | huber |' in stdout
+  assert 'DIVERGED' not in stdout
+  # 'auto' timed both ways of mapping the members, then trained on.
+  chosen = re.search(r'members_per_call=auto: 0: [0-9.]+ ms per step, '
+                     r'1: [0-9.]+ ms per step -> ([01])', stdout)
+  assert chosen, stdout[-2000:]
   for loss in ('mse', 'huber'):
     for fold in range(5):
       workdir = out / 'runs' / f'cnn_263k_{loss}' / f'fold{fold}'
@@ -278,6 +286,8 @@ def test_grid_leaves_every_fold_and_the_summary(grid_run, phantom_export):
       assert sorted(r['filename'] for r in rows) == assignment.split(
           fold)['test']
       assert results['test_num_images'] == len(rows)
+      assert results['members_per_call'] == int(chosen.group(1))
+      assert results['diverged_epoch'] is None
       assert results['test_mae_mm'] == pytest.approx(
           np.mean([abs(float(r['error_mm'])) for r in rows]), abs=1e-2)
       # Selection on validation only: the selected epoch is the best one.
@@ -328,13 +338,64 @@ def test_a_member_trains_alike_whatever_the_others(grid_run, phantom_export,
                              atol=0.02)
 
 
+def test_a_diverging_member_is_frozen_and_the_others_go_on(
+    phantom_export, tmp_path, monkeypatch):
+  data = fold_data.load(*phantom_export)
+
+  def boom(predictions, targets, mask=None):  # NaN from the first step.
+    del targets, mask
+    return jnp.mean(predictions) * jnp.nan
+
+  monkeypatch.setitem(train_folds.losses_lib.LOSSES, 'boom', boom)
+  # One member after another: each member's lax.switch then runs its own
+  # loss only (vmapped, the switch computes every branch, and the NaN branch
+  # would poison the others' gradients through 0 * NaN, which no real loss
+  # of hc_jax does).
+  config = train_folds.FoldsConfig(
+      model='cnn_263k', losses=('mse', 'boom'), folds=(0, 1), num_epochs=2,
+      batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, members_per_call=1)
+  results = train_folds.train_and_evaluate(config, data, str(tmp_path))
+  by_loss = {(r['loss'], r['fold']): r for r in results}
+  for fold in (0, 1):
+    good, bad = by_loss['mse', fold], by_loss['boom', fold]
+    assert good['diverged_epoch'] is None and good['selected_epoch'] >= 1
+    assert np.isfinite(good['test_mae_mm'])
+    # Frozen in epoch 1 before any validation: scored with the initial
+    # weights (epoch 0), and says so.
+    assert bad['diverged_epoch'] == 1 and bad['selected_epoch'] == 0
+    assert np.isfinite(bad['test_mae_mm'])
+    lines = [json.loads(line) for line in (
+        tmp_path / 'cnn_263k_boom' / f'fold{fold}' /
+        'metrics.jsonl').read_text().splitlines()]
+    assert lines[1]['train_loss'] is None  # Epoch 2: no step taken.
+  # Every member diverging is an error.
+  with pytest.raises(FloatingPointError, match='every member diverged'):
+    train_folds.train_and_evaluate(
+        dataclasses.replace(config, losses=('boom',)), data,
+        str(tmp_path / 'all'))
+
+
+def test_the_gpu_scripts_refuse_a_machine_without_an_accelerator(
+    phantom_export, tmp_path):
+  if jax.default_backend() != 'cpu':
+    pytest.skip('this machine has an accelerator')
+  npz_path, _ = phantom_export
+  with pytest.raises(SystemExit, match='found no GPU or TPU'):
+    _load_script('gpu_grid').main([f'--data={npz_path}',
+                                   f'--out={tmp_path}'])
+  with pytest.raises(SystemExit, match='found no GPU or TPU'):
+    _load_script('gpu_train_step').main([f'--out={tmp_path}'])
+  assert not os.listdir(tmp_path)
+
+
 @pytest.mark.slow  # About 25 s on 2 CPU cores: four compilations.
 def test_gpu_train_step_reports_rates_at_a_tiny_size(tmp_path):
   stdout = _run_blocked(
       'benchmarks/gpu_train_step.py', '--model=cnn_263k',
       f'--image_size={IMAGE_SIZE}', '--dtypes=float32,bfloat16',
       '--batch_sizes=4', '--members=2', '--member_batch_size=4',
-      '--seconds=0', '--num_images=40', '--epochs=10', f'--out={tmp_path}')
+      '--seconds=0', '--num_images=40', '--epochs=10', f'--out={tmp_path}',
+      '--allow_cpu')
   assert 'bfloat16 skipped' in stdout  # cnn_263k has no compute dtype.
   report = json.loads((tmp_path / 'gpu_train_step.json').read_text())
   assert [row['what'] for row in report['rows']] == [
@@ -351,7 +412,8 @@ def test_gpu_train_step_skips_what_the_budget_leaves_out(tmp_path, capsys):
   gpu_train_step.main([
       '--model=cnn_263k', f'--image_size={IMAGE_SIZE}', '--batch_sizes=4',
       '--members=2', '--member_batch_size=4', '--seconds=0',
-      '--num_images=40', '--time_budget_s=0', f'--out={tmp_path}'])
+      '--num_images=40', '--time_budget_s=0', f'--out={tmp_path}',
+      '--allow_cpu'])
   report = json.loads((tmp_path / 'gpu_train_step.json').read_text())
   assert [row['what'] for row in report['rows']] == [
       'input only: gather+augment+zscore, 8/call']
