@@ -157,9 +157,10 @@ class FoldsTrainer:
     tx = train.create_optimizer(config, int(members.steps.max()))
     state = train.create_train_state(config, train.create_model(config),
                                      init_key, tx)
-    self.state = jax.tree.map(
+    # One compiled call (eagerly, every leaf shape would compile its own).
+    self.state = jax.jit(lambda state: jax.tree.map(
         lambda x: jnp.repeat(jnp.asarray(x)[None], len(members), axis=0),
-        state)
+        state))(state)
     self.images = jax.device_put(data.arrays['images'])
     self.hc_px = jax.device_put(data.arrays['hc_px'])
     self.member_arrays = {

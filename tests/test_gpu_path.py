@@ -26,6 +26,7 @@ from hc_jax import data as data_lib
 from hc_jax import device_augment
 from hc_jax import fold_data
 from hc_jax import folds as folds_lib
+from hc_jax import models
 from hc_jax import numpy_data
 from hc_jax import preprocess
 from hc_jax import train_folds
@@ -373,6 +374,39 @@ def test_a_diverging_member_is_frozen_and_the_others_go_on(
     train_folds.train_and_evaluate(
         dataclasses.replace(config, losses=('boom',)), data,
         str(tmp_path / 'all'))
+
+
+@pytest.mark.slow  # About a minute on 2 CPU cores: three ResNet compilations.
+def test_the_gpu_graph_trains_resnet_in_bfloat16_with_plain_layers(
+    phantom_export, tmp_path, monkeypatch):
+  # What a GPU runs, on the CPU: train.create_model picks the plain Flax
+  # layers off the CPU; a ResNet50 with one block per stage, bfloat16,
+  # vmapped and mapped members ('auto'), two losses.
+  class SmallResNet(models.ResNet50):
+    stage_sizes: tuple[int, ...] = (1, 1, 1, 1)
+
+  monkeypatch.setitem(models.MODELS, 'resnet50', SmallResNet)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  built = []
+  create_model = train_folds.train.create_model
+  monkeypatch.setattr(train_folds.train, 'create_model',
+                      lambda config: built.append(create_model(config)) or
+                      built[-1])
+  data = fold_data.load(*phantom_export)
+  results = train_folds.train_and_evaluate(
+      train_folds.FoldsConfig(
+          model='resnet50', losses=('mse', 'huber'), folds=(0,),
+          dtype='bfloat16', num_epochs=1, batch_size=BATCH_SIZE,
+          learning_rate=LEARNING_RATE, members_per_call='auto'),
+      data, str(tmp_path))
+  assert [m.fast_layers for m in built] == [False]
+  assert built[0].dtype == jnp.bfloat16
+  assert [(r['loss'], r['dtype'], r['members_per_call'] in (0, 1))
+          for r in results] == [('mse', 'bfloat16', True),
+                                ('huber', 'bfloat16', True)]
+  for r in results:
+    assert np.isfinite(r['test_mae_mm']) and r['diverged_epoch'] is None
+    assert r['test_num_images'] == len(data.assignment.split(0)['test'])
 
 
 def test_the_gpu_scripts_refuse_a_machine_without_an_accelerator(
