@@ -123,3 +123,16 @@ def test_keras_models_script_reports_matches():
   out = _run('keras_models.py', '--models=cnn_263k')
   assert 'cnn_263k 128x128: Keras 263,633 trainable, hc_jax 263,633: match' \
       in out, out
+
+
+def test_conv_im2col_compares_both_ways():
+  out = _run('conv_im2col.py', '--shapes=2x8x4x8', '--rounds=1', '--calls=1')
+  assert re.search(rf'2x8x8x4 -> 8: xla {NUMBER} ms, im2col {NUMBER} ms, '
+                   rf'xla / im2col {NUMBER}', out), out
+
+
+def test_conv_im2col_rejects_a_bad_shape():
+  result = subprocess.run(
+      [sys.executable, os.path.join(BENCHMARKS, 'conv_im2col.py'),
+       '--shapes=8x64x16'], capture_output=True, text=True, check=False)
+  assert result.returncode == 2 and 'NxHxCxC_OUT' in result.stderr
