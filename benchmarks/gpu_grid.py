@@ -192,11 +192,11 @@ def main(argv=None):
     if not os.path.isfile(path):
       sys.exit(f'gpu_grid: {path or "--folds"} not found (make it with '
                'benchmarks/export_for_gpu.py)')
+  try:
+    train_folds.require_accelerator(args.allow_cpu)
+  except RuntimeError as error:
+    sys.exit(f'gpu_grid: {error}')
   import jax  # pylint: disable=import-outside-toplevel
-  if jax.default_backend() == 'cpu' and not args.allow_cpu:
-    sys.exit('gpu_grid: JAX found no GPU or TPU (backend cpu: '
-             f'{jax.devices()}); check the CUDA set-up, or pass --allow_cpu '
-             'to train on the CPU anyway')
   os.makedirs(args.out, exist_ok=True)
   runs_dir = args.runs_dir or tempfile.mkdtemp(prefix='hc_jax_gpu_runs_')
   os.makedirs(runs_dir, exist_ok=True)

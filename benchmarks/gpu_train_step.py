@@ -182,9 +182,10 @@ def main(argv=None):
   parser.add_argument('--allow_cpu', action='store_true',
                       help='measure even where JAX has no accelerator')
   args = parser.parse_args(argv)
-  if jax.default_backend() == 'cpu' and not args.allow_cpu:
-    sys.exit('gpu_train_step: JAX found no GPU or TPU (backend cpu); check '
-             'the CUDA set-up, or pass --allow_cpu to measure the CPU')
+  try:
+    train_folds.require_accelerator(args.allow_cpu)
+  except RuntimeError as error:
+    sys.exit(f'gpu_train_step: {error}')
   if args.model not in models.MODELS:
     sys.exit(f'gpu_train_step: unknown model {args.model!r}; choose one of '
              f'{", ".join(sorted(models.MODELS))}')
@@ -256,8 +257,7 @@ def main(argv=None):
       print(f'{label} {dtype}: skipped, past --time_budget_s='
             f'{args.time_budget_s:.0f}', flush=True)
       continue
-    report(label, *measure(), dtype)
-  write_json()
+    report(label, *measure(), dtype)  # Rewrites the JSON.
 
 
 if __name__ == '__main__':

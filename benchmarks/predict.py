@@ -186,7 +186,8 @@ def main():
             f'p95 {r["p95_ms"]:.1f} ms (median read {r["read_ms"]:.1f}, '
             f'preprocess {r["preprocess_ms"]:.1f}, model + mm '
             f'{r["model_ms"]:.1f} ms); batch {args.batch_size}: '
-            f'{r["img_per_s"]:.1f} img/s (files read on {os.cpu_count()} '
+            f'{r["img_per_s"]:.1f} img/s (files read on '
+            f'{predict_lib.available_cores()} '
             f'threads; {r["serial_img_per_s"]:.1f} one after another: '
             f'{r["img_per_s"] / r["serial_img_per_s"]:.2f}x)', flush=True)
 

@@ -38,5 +38,6 @@ def tune_malloc() -> bool:
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   mallopt.restype = ctypes.c_int
+  # A list, not a generator: every setting is applied even if one fails.
   results = [mallopt(option, value) == 1 for option, value in SETTINGS]
   return all(results)

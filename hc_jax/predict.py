@@ -115,6 +115,13 @@ def _restore_variables(run: str, config, model):
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
+def available_cores() -> int:
+  """The cores this process may run on (its affinity, e.g. under taskset)."""
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 def parallel_map(fn, items) -> list:
   """[fn(item) or the exception it raised, ...], in order, over threads.
 
@@ -129,9 +136,7 @@ def parallel_map(fn, items) -> list:
   items = list(items)
   if len(items) < 2:
     return [call(item) for item in items]
-  cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-           else os.cpu_count() or 1)  # The cores this process may use.
-  workers = min(len(items), cores)
+  workers = min(len(items), available_cores())
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     return list(pool.map(call, items))
 

@@ -135,6 +135,18 @@ def check_config(config: FoldsConfig, num_folds: int) -> None:
                      f'{config.folds}')
 
 
+def require_accelerator(allow_cpu: bool = False) -> None:
+  """Raises RuntimeError where JAX has only the CPU, unless `allow_cpu`.
+
+  A broken CUDA set-up makes JAX warn and go on with the CPU, where a GPU
+  script would spend its whole time budget on a few steps.
+  """
+  if jax.default_backend() == 'cpu' and not allow_cpu:
+    raise RuntimeError(f'JAX found no GPU or TPU (backend cpu: '
+                       f'{jax.devices()}); check the CUDA set-up, or pass '
+                       '--allow_cpu to run on the CPU anyway')
+
+
 def compute_dtype(config: FoldsConfig) -> str:
   """The dtype the model computes in: `config.dtype` where it takes one."""
   takes_dtype = 'dtype' in models.MODELS[config.model].__dataclass_fields__
@@ -188,8 +200,9 @@ class FoldsTrainer:
     self._predict = jax.jit(functools.partial(
         member_steps.members_predict,
         members_per_call=0 if per_call == AUTO else per_call))
-    # Members still training: a member whose loss diverged is frozen.
-    self.alive = np.ones(len(members), bool)
+    # The epoch in which each member's loss diverged (0: never); a diverged
+    # member is frozen.
+    self.diverged_epoch = np.zeros(len(members), int)
     self._select = jax.jit(lambda better, new, old: jax.tree.map(
         lambda n, o: jnp.where(
             better.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old),
@@ -200,6 +213,41 @@ class FoldsTrainer:
     """A copy of the current params and batch statistics."""
     return jax.tree.map(jnp.copy, {'params': self.state.params,
                                    'batch_stats': self.state.batch_stats})
+
+  @property
+  def alive(self) -> np.ndarray:
+    """bool [M]: the members still training."""
+    return self.diverged_epoch == 0
+
+  def _choose_members_per_call(self, run, num_steps: int) -> int:
+    """'auto': times each candidate on the first steps, keeps the faster.
+
+    Each candidate takes one step that compiles it and `probe` timed ones;
+    at least one step of the epoch is left for the chosen one.
+
+    Returns:
+      How many steps ran.
+    """
+    probe = min(AUTO_PROBE_STEPS, (num_steps - 1) // len(self._steps) - 1)
+    if probe < 1:
+      self.members_per_call = AUTO_CANDIDATES[0]
+      _log(f'members_per_call=auto: {num_steps} steps are too few to time, '
+           f'{self.members_per_call} taken')
+      return 0
+    i = 0
+    for candidate, step in self._steps.items():
+      jax.block_until_ready(run(step, i))  # Compiles.
+      start = time.perf_counter()
+      for i in range(i + 1, i + 1 + probe):
+        loss = run(step, i)
+      jax.block_until_ready(loss)
+      i += 1
+      self.step_ms[candidate] = (time.perf_counter() - start) / probe * 1e3
+    self.members_per_call = min(self.step_ms, key=self.step_ms.get)
+    _log('members_per_call=auto: ' + ', '.join(
+        f'{c}: {ms:.1f} ms per step' for c, ms in self.step_ms.items()) +
+         f' -> {self.members_per_call}')
+    return i
 
   def train_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, float,
                                              int]:
@@ -230,26 +278,7 @@ class FoldsTrainer:
 
     i = 0
     if self.members_per_call is None:  # 'auto', first epoch.
-      # Each candidate: one step that compiles it, `probe` timed ones; one
-      # step at least is left for the chosen one.
-      probe = min(AUTO_PROBE_STEPS, (len(index) - 1) // len(self._steps) - 1)
-      if probe < 1:
-        self.members_per_call = AUTO_CANDIDATES[0]
-        _log(f'members_per_call=auto: {len(index)} steps are too few to '
-             f'time, {self.members_per_call} taken')
-      else:
-        for candidate, step in self._steps.items():
-          jax.block_until_ready(run(step, i))  # Compiles.
-          start = time.perf_counter()
-          for i in range(i + 1, i + 1 + probe):
-            loss = run(step, i)
-          jax.block_until_ready(loss)
-          i += 1
-          self.step_ms[candidate] = (time.perf_counter() - start) / probe * 1e3
-        self.members_per_call = min(self.step_ms, key=self.step_ms.get)
-        _log('members_per_call=auto: ' + ', '.join(
-            f'{c}: {ms:.1f} ms per step' for c, ms in self.step_ms.items()) +
-             f' -> {self.members_per_call}')
+      i = self._choose_members_per_call(run, len(index))
     if i == 0:
       jax.block_until_ready(run(self._steps[self.members_per_call], i))
       i += 1
@@ -346,7 +375,6 @@ def train_and_evaluate(config: FoldsConfig, data: fold_data.FoldData,
 
   best_mae = np.full(len(members), np.inf)
   best_epoch = np.zeros(len(members), int)
-  diverged_epoch = np.zeros(len(members), int)  # 0: never.
   num_epochs, epoch_seconds, test_seconds, epoch = config.num_epochs, 0, 0, 0
   while epoch < num_epochs:
     epoch += 1
@@ -357,8 +385,7 @@ def train_and_evaluate(config: FoldsConfig, data: fold_data.FoldData,
     bad = ~np.isfinite(step_losses) & active
     for m in np.flatnonzero(bad.any(axis=0)):
       step = int(np.argmax(bad[:, m]))
-      diverged_epoch[m] = epoch
-      trainer.alive[m] = False
+      trainer.diverged_epoch[m] = epoch
       _log(f'{config.model} {members.pairs[m][0]} fold {members.pairs[m][1]}: '
            f'loss is {step_losses[step, m]} at step {step + 1} of epoch '
            f'{epoch}; this member is frozen and will be scored with epoch '
@@ -444,7 +471,7 @@ def train_and_evaluate(config: FoldsConfig, data: fold_data.FoldData,
               'dtype': compute_dtype(config), 'trainer': 'train_folds',
               'num_members': len(members),
               'members_per_call': trainer.members_per_call,
-              'diverged_epoch': int(diverged_epoch[m]) or None,
+              'diverged_epoch': int(trainer.diverged_epoch[m]) or None,
               'train_seconds': round(time.perf_counter() - started, 1),
               **test_errors}
     _write_json(os.path.join(workdir, train.RESULTS_FILE), result)
