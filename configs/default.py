@@ -29,7 +29,15 @@ def get_config():
   config.data.hc18_dir = ''
   config.data.tfds_data_dir = ''  # '' means TFDS's default.
   config.data.num_synthetic = 60  # Phantom training images, source 'synthetic'.
+  # Prepared arrays to train from ('' prepares HC18 and caches it by the
+  # source's digest): an .npz written by `python -m hc_jax.prepare`, for a
+  # machine without TensorFlow.
+  config.data.prepared = ''
+  config.data.cache_dir = ''  # '' means ~/.cache/hc_jax.
+  config.data.pipeline = 'auto'  # Training batches: 'tf', 'numpy' or 'auto'.
+  # The model input: image_size rows x image_width columns (0: square).
   config.image_size = 128
+  config.image_width = 0
   config.resize_mode = 'stretch'  # The paper's; or 'letterbox'.
   # Targets are HC in px of the original image divided by this; 0 means the
   # largest HC of the training images (the paper's choice).
@@ -60,6 +68,15 @@ def get_config():
   # On a CPU, keep freed memory in the heap rather than giving it back to
   # the kernel (hc_jax/cpu.py): faster steps, larger resident memory.
   config.tune_malloc = True
+  # Several members (folds, losses, seeds) in one step: 'vmap', 'map' (one
+  # after another inside the step) or 'auto' (times both on the first steps).
+  config.members_per_call = 'auto'
+  # Seconds for the whole run (0: no limit); the epochs are cut to what fits
+  # once the first one is timed.
+  config.time_budget_s = 0.0
+  # Running a finished run again scores its test fold again (else it is
+  # left as it is).
+  config.rescore = False
   config.seed = 0
   config.log_every_steps = 50
   # The checkpoint to resume from is written at most this often (and after

@@ -2,41 +2,181 @@
 
 Two orbax `CheckpointManager`s under `workdir/checkpoints/`: `latest` (for
 resuming) and `best` (the epoch with the lowest validation MAE, for the final
-test). Each holds the train state and a small JSON record of progress. orbax
-writes to a temporary directory and renames it when complete, so a run killed
-while saving resumes from the previous epoch.
+test). Each checkpoint holds the train state and a small JSON record of
+progress.
+
+Faults a run survives:
+- Killed while saving: orbax writes to a temporary directory and renames it
+  when complete, so the run resumes from the previous checkpoint.
+- A damaged checkpoint (a truncated, overwritten or missing file): after orbax
+  has written a checkpoint, `MANIFEST_FILE` in it records the size and CRC32
+  of each of its files, and a restore checks them first (orbax itself does
+  not notice some damage to array data). The last `keep_latest` (two)
+  resume checkpoints are kept: when the newest cannot be restored, a warning
+  names it and the reason, and the run resumes from the one before.
+- A failed write (a full disk): `save` raises `CheckpointError`, removes what
+  it left half-written, and the previous checkpoints stay usable.
+
+When no checkpoint can be restored, `CheckpointError` (a ValueError) says so
+in one line.
 """
 
+import contextlib
 import json
 import os
+import shutil
+import sys
+import zlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+# Written in each step directory after orbax has finished it.
+MANIFEST_FILE = 'hc_jax_manifest.json'
+# What orbax names an unfinished step directory: '<step>' + this (+ more).
+_TMP_MARK = '.orbax-checkpoint-tmp'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be written or restored."""
+
+
+def _warn(message: str) -> None:
+  print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
+def _reason(error: BaseException) -> str:
+  """One line saying what went wrong."""
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else ''
+  if len(text) > 300:
+    text = text[:300] + '...'
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 22):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _files(step_dir: str) -> list[str]:
+  """Paths (relative to `step_dir`) of its files, but the manifest."""
+  found = []
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      relative = os.path.relpath(os.path.join(root, name), step_dir)
+      if relative != MANIFEST_FILE:
+        found.append(relative)
+  return sorted(found)
+
+
+def _write_manifest(step_dir: str) -> None:
+  """Records the size and CRC32 of every file of a finished step directory."""
+  files = {}
+  for relative in _files(step_dir):
+    path = os.path.join(step_dir, relative)
+    files[relative] = {'size': os.path.getsize(path), 'crc32': _crc32(path)}
+  path = os.path.join(step_dir, MANIFEST_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump({'files': files}, f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + '.tmp', path)
+
+
+def verify(step_dir: str) -> None:
+  """Checks a step directory against its manifest.
+
+  A step directory without a manifest (orbax had finished it, the process
+  was killed before the manifest was written) is left to orbax's own checks.
+
+  Raises:
+    CheckpointError: naming the first file that is missing or differs.
+  """
+  path = os.path.join(step_dir, MANIFEST_FILE)
+  try:
+    with open(path) as f:
+      files = json.load(f)['files']
+  except FileNotFoundError:
+    return
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f'{path} is unreadable ({_reason(e)})') from None
+  try:
+    for relative, expected in sorted(files.items()):
+      file = os.path.join(step_dir, relative)
+      if not os.path.isfile(file):
+        raise CheckpointError(f'{file} is missing')
+      size = os.path.getsize(file)
+      if size != expected['size']:
+        raise CheckpointError(f'{file} has {size} bytes, '
+                              f'{expected["size"]} were written')
+      if _crc32(file) != expected['crc32']:
+        raise CheckpointError(f'{file} differs from what was written '
+                              '(CRC32 mismatch)')
+  except (OSError, KeyError, TypeError, AttributeError) as e:
+    raise CheckpointError(f'{step_dir} cannot be checked ({_reason(e)})'
+                          ) from None
+
 
 class Checkpoints:
-  """The latest and the best checkpoint of a run."""
+  """The latest (resume) checkpoints and the best checkpoint of a run."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, keep_latest: int = 2):
+    """Opens (creating if needed) `workdir/checkpoints`.
+
+    Args:
+      workdir: the run's directory.
+      keep_latest: how many resume checkpoints to keep (at least 1); with two,
+        a damaged newest one falls back to the one before.
+    """
+    if keep_latest < 1:
+      raise ValueError(f'keep_latest must be >= 1, got {keep_latest}')
+    self.keep_latest = keep_latest
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self.latest = ocp.CheckpointManager(
-        os.path.join(self.directory, 'latest'),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False))
-    # Best checkpoints are pruned by hand (`save`), never by orbax: the one
-    # that the latest checkpoint's progress names must survive until a newer
-    # latest checkpoint names another, or a resumed run could lose it.
-    self.best = ocp.CheckpointManager(
-        os.path.join(self.directory, 'best'),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=None, create=True, enable_async_checkpointing=False))
+    # Both are pruned by hand (`save`), never by orbax: a step is deleted only
+    # once a newer one is complete with its manifest, and the best checkpoint
+    # that a kept latest checkpoint's progress names must survive until no
+    # kept latest checkpoint names it, or a resumed run could lose it.
+    try:
+      self.latest, self.best = (ocp.CheckpointManager(
+          os.path.join(self.directory, name),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=None, create=True, enable_async_checkpointing=False))
+                                for name in ('latest', 'best'))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f'cannot open the checkpoints in {self.directory}: {_reason(e)}'
+      ) from None
 
   @staticmethod
-  def _save(manager, epoch, args):
-    if not manager.save(epoch, args=args):
-      raise RuntimeError(f'orbax did not save epoch {epoch} in '
-                         f'{manager.directory}')
+  def step_dir(manager, step: int) -> str:
+    return os.path.join(str(manager.directory), str(step))
+
+  def _save(self, manager, epoch: int, args) -> None:
+    """Writes one step with its manifest, or raises CheckpointError leaving
+    no trace of it."""
+    step_dir = self.step_dir(manager, epoch)
+    try:
+      _remove_unfinished(str(manager.directory))
+      if epoch in manager.all_steps():  # A redone epoch: replace it.
+        manager.delete(epoch)
+      if not manager.save(epoch, args=args, force=True):
+        raise RuntimeError('orbax skipped the save')
+      if jax.process_index() == 0:
+        _write_manifest(step_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      with contextlib.suppress(Exception):
+        _remove_unfinished(str(manager.directory))
+        manager.reload()
+        if epoch in manager.all_steps():
+          manager.delete(epoch)
+      raise CheckpointError(
+          f'could not save epoch {epoch} in {manager.directory} '
+          f'({_reason(e)}); the earlier checkpoints are kept') from None
 
   def save(self, epoch: int, state, progress: dict[str, Any],
            is_best: bool, latest: bool = True) -> None:
@@ -45,50 +185,102 @@ class Checkpoints:
 
     The best checkpoint is written first, so a run killed in between resumes
     from an earlier latest checkpoint and redoes this epoch (`drop_after`
-    removes the orphan). After a latest save, best checkpoints other than the
-    one its `progress['best']['epoch']` names are deleted.
+    removes the orphan). After a latest save, all but the newest
+    `keep_latest` latest checkpoints are deleted, and so are the best
+    checkpoints that none of the kept ones names in
+    `progress['best']['epoch']`.
+
+    Raises:
+      CheckpointError: the checkpoint could not be written (a full disk...);
+        the ones written before are kept.
     """
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               progress=ocp.args.JsonSave(progress))
     if is_best:
       self._save(self.best, epoch, args)
-    if latest:
-      self._save(self.latest, epoch, args)
-      keep = progress.get('best', {}).get('epoch')
-      if keep is not None:
-        for step in self.best.all_steps():
-          if step != keep:
-            self.best.delete(step)
+    if not latest:
+      return
+    self._save(self.latest, epoch, args)
+    steps = sorted(self.latest.all_steps())
+    for step in steps[:-self.keep_latest]:
+      self.latest.delete(step)
+    named = {progress.get('best', {}).get('epoch')}
+    for step in steps[-self.keep_latest:]:
+      if step != epoch:
+        named.add(self._progress_of(step).get('best', {}).get('epoch'))
+    for step in self.best.all_steps():
+      if step not in named:
+        self.best.delete(step)
 
-  @staticmethod
-  def _restore(manager, state, step=None):
-    """(state, progress) of `step` (default: the newest), or (None, {})."""
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      return None, {}
+  def _progress_of(self, step: int) -> dict[str, Any]:
+    """The progress saved with latest checkpoint `step`, or {} if unreadable."""
+    try:
+      restored = self.latest.restore(step, args=ocp.args.Composite(
+          progress=ocp.args.JsonRestore()))
+      return dict(restored['progress'])
+    except Exception:  # pylint: disable=broad-except  # Damaged: names none.
+      return {}
+
+  def _restore(self, manager, state, step: int):
+    """(state, progress) of `step`, checked against its manifest.
+
+    Raises:
+      CheckpointError: the step cannot be restored, with the reason.
+    """
+    step_dir = self.step_dir(manager, step)
+    verify(step_dir)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        progress=ocp.args.JsonRestore()))
-    return restored['state'], dict(restored['progress'])
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract),
+          progress=ocp.args.JsonRestore()))
+      return restored['state'], dict(restored['progress'])
+    except Exception as e:  # pylint: disable=broad-except  # Any damage.
+      raise CheckpointError(f'{step_dir}: {_reason(e)}') from None
 
   def restore_latest(self, state):
-    """Returns (state, progress) of the latest checkpoint, or (state, {})."""
-    restored, progress = self._restore(self.latest, state)
-    return (state, {}) if restored is None else (restored, progress)
+    """Returns (state, progress) of the newest latest checkpoint that can be
+    restored, or (state, {}) when there is none.
+
+    A checkpoint that cannot be restored is reported on stderr (path and
+    reason) and the one before is tried.
+
+    Raises:
+      CheckpointError: there are latest checkpoints and none can be restored.
+    """
+    self.latest.reload()
+    steps = sorted(self.latest.all_steps(), reverse=True)
+    failures = []
+    for i, step in enumerate(steps):
+      try:
+        return self._restore(self.latest, state, step)
+      except CheckpointError as e:
+        failures.append(str(e))
+        if i + 1 < len(steps):
+          _warn(f'cannot restore the checkpoint of epoch {step}: {e}; '
+                f'resuming from epoch {steps[i + 1]} instead')
+    if failures:
+      raise CheckpointError(
+          f'no checkpoint in {self.latest.directory} can be restored ('
+          f'{"; ".join(failures)}); move {self.directory} away to start over')
+    return state, {}
 
   def drop_after(self, epoch: int) -> None:
-    """Deletes best checkpoints of epochs after `epoch` (a resumed run redoes
-    those epochs, so they would otherwise hide what it selects)."""
-    for step in self.best.all_steps():
-      if step > epoch:
-        self.best.delete(step)
+    """Deletes checkpoints of epochs after `epoch`: a resumed run redoes
+    those epochs, so the best ones would hide what it selects, and latest
+    ones (which could not be restored) would be taken for its own."""
+    for manager in (self.best, self.latest):
+      manager.reload()
+      for step in manager.all_steps():
+        if step > epoch:
+          manager.delete(step)
 
   def restore_best(self, state, epoch: int | None = None):
     """Returns the state of the best checkpoint (of `epoch`, if given).
 
     Raises:
       FileNotFoundError: when no epoch (or not `epoch`) was saved as best.
+      CheckpointError: when it cannot be restored (a damaged file...).
     """
     self.best.reload()
     steps = self.best.all_steps()
@@ -97,25 +289,67 @@ class Checkpoints:
       raise FileNotFoundError(
           f'no best checkpoint{"" if epoch is None else f" of epoch {epoch}"}'
           f' in {self.directory}')
-    return self._restore(self.best, state, step)[0]
+    try:
+      return self._restore(self.best, state, step)[0]
+    except CheckpointError as e:
+      raise CheckpointError(f'cannot restore the best checkpoint: {e}'
+                            ) from None
 
   def wait(self) -> None:
     self.latest.wait_until_finished()
     self.best.wait_until_finished()
 
 
+def _remove_unfinished(directory: str) -> None:
+  """Deletes the temporary step directories that a failed or killed save
+  left (only the process writing the run calls this)."""
+  with contextlib.suppress(FileNotFoundError):
+    for name in os.listdir(directory):
+      if _TMP_MARK in name and name.split('.')[0].isdigit():
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _is_test_record(record: dict[str, Any]) -> bool:
+  """Whether a metrics line holds the test-fold scores that end a run."""
+  return any(str(key).startswith('test_') for key in record)
+
+
 class MetricWriter:
-  """Appends one JSON line per evaluation, and TensorBoard scalars."""
+  """Appends one JSON line per evaluation, and TensorBoard scalars.
+
+  Each line is written with one write and flushed to disk (fsync), so a
+  killed run leaves at most a torn last line, which the next open drops.
+  """
 
   def __init__(self, workdir: str, resume_epoch: int = 0):
-    """Opens the log; lines after `resume_epoch` (a killed run's) are dropped."""
+    """Opens the log of a run resumed after `resume_epoch` (0: a new run).
+
+    Kept are the epoch lines up to `resume_epoch`; dropped are the lines of
+    later epochs (a killed run's, redone now), lines with test-fold scores
+    ('test_*' keys: the run writes its own when it ends) and torn lines. So
+    each epoch has exactly one line, whatever point the last run died at.
+    """
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if os.path.exists(self.path):
+      kept, dropped_torn = [], 0
       with open(self.path) as f:
-        kept = [line for line in f
-                if line.strip() and json.loads(line)['epoch'] <= resume_epoch]
+        for line in f:
+          if not line.strip():
+            continue
+          try:
+            record = json.loads(line)
+            epoch = int(record['epoch'])
+          except (ValueError, TypeError, KeyError):
+            dropped_torn += 1
+            continue
+          if epoch <= resume_epoch and not _is_test_record(record):
+            kept.append(line if line.endswith('\n') else line + '\n')
+      if dropped_torn:
+        _warn(f'dropped {dropped_torn} unreadable line(s) of {self.path}')
       with open(self.path + '.tmp', 'w') as f:
         f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
       os.replace(self.path + '.tmp', self.path)
     try:  # TensorBoard events need TF's summary writer; the TF-free path skips.
       import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -126,8 +360,11 @@ class MetricWriter:
       self._tf = self._summary = None
 
   def write(self, record: dict[str, Any]) -> None:
+    """Appends `record` (with an 'epoch', and a 'step' for TensorBoard)."""
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
+      f.flush()
+      os.fsync(f.fileno())
     if self._summary is not None:
       with self._summary.as_default():
         for name, value in record.items():

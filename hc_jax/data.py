@@ -1,43 +1,35 @@
-"""The data of one training run: HC18 (or phantoms), its folds, its batches.
+"""The data of a training run: prepared HC18, its folds, and the batches.
 
-`load(config, workdir)` builds the `hc18` TFDS data set when needed, draws the
-subject-grouped folds, and returns a `RunData` whose methods give NumPy batches
-for the training loop: a fresh, reproducible pass per epoch (so a resumed run
-sees the very batches an uninterrupted one would), and padded, masked
-evaluation passes over the validation and test parts.
+One source for every machine: HC18 prepared once into resized uint8 arrays
+(`hc_jax.prepare`), the subject-grouped folds (`hc_jax.folds`), and, per
+member of a run (a test fold, a loss, a seed), its train/validation/test
+positions in those arrays. Training batches are gathered on the host and
+augmented on the accelerator inside the jitted step (`hc_jax.augment`).
+
+Batches come from a tf.data pipeline where TensorFlow is installed and from a
+plain NumPy iterator where it is not (`backend`); both yield the same batches
+for the same seed and epoch, since the order is drawn with NumPy from
+(seed, fold, epoch) and only the gathering differs. On several hosts each
+process reads its own rows of every global batch (`process_slice`).
+
+  run_data = data.load(configs, workdirs)
+  for batch in run_data.train_batches(epoch=1):   # image uint8 [M, B, H, W, 1]
+    ...
 """
 
 import dataclasses
 import json
 import os
-from typing import Callable, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from hc_jax import folds as folds_lib
 from hc_jax import hc18
+from hc_jax import prepare
 
 FOLDS_FILE = 'folds.json'
-
-
-@dataclasses.dataclass
-class RunData:
-  """Batches and facts of one fold of one run.
-
-  Attributes:
-    folds: the fold assignment (saved in the workdir).
-    split: {'train', 'val', 'test'} -> filenames of this fold.
-    normaliser_px: targets are HC in px of the original image over this.
-    train_epoch: epoch -> iterator of {'image', 'target'} batches.
-    eval_batches: part ('val' or 'test') -> iterator of padded, masked
-      batches with 'image', 'target', 'mask', 'hc_px', 'pixel_size_mm',
-      'filename'.
-  """
-  folds: folds_lib.FoldAssignment
-  split: dict[str, list[str]]
-  normaliser_px: float
-  train_epoch: Callable[[int], Iterator[dict[str, np.ndarray]]]
-  eval_batches: Callable[[str], Iterator[dict[str, np.ndarray]]]
+TRAIN_FIELDS = ('image', 'ellipse', 'hc_px', 'resize')
 
 
 def hc18_source_dir(config, workdir: str) -> str | None:
@@ -61,8 +53,11 @@ def hc18_source_dir(config, workdir: str) -> str | None:
     return None
   root = config.data.hc18_dir or hc18.default_dir()
   if not root:
-    raise ValueError('HC18 not found: set --config.data.hc18_dir=DIR (the '
-                     "Zenodo layout), or 'download', or $HC18_DIR")
+    raise ValueError(
+        'HC18 not found: looked for $HC18_DIR and for a copy named hc18 in a '
+        'folder "shared" beside the checkout (../shared/hc18); set '
+        '--config.data.hc18_dir=DIR (the Zenodo layout), or HC18_DIR, or '
+        "--config.data.hc18_dir=download")
   csv_path = os.path.join(root, hc18.SPLITS['train'][1])
   if not os.path.isfile(csv_path):
     raise ValueError(f'data.hc18_dir={root!r} holds no '
@@ -70,17 +65,40 @@ def hc18_source_dir(config, workdir: str) -> str | None:
   return root
 
 
-def _tfds_dir(config, workdir: str) -> str | None:
+def prepared_arrays(config, workdir: str
+                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The prepared arrays a config trains on, and their info.
+
+  `config.data.prepared` names an exported .npz (read with NumPy alone);
+  otherwise HC18 (or the phantoms) is prepared and cached by source digest.
+
+  Raises:
+    prepare.PreparedError: for an export made for another input size or
+      resize mode.
+    hc18.HC18Error: for a broken HC18 copy (every bad file listed).
+  """
+  shape = prepare.input_shape(config)
+  if config.data.get('prepared'):
+    arrays, info = prepare.load(config.data.prepared)
+    made = (tuple(info.get('image_hw', ())), info.get('resize_mode'))
+    if made != (shape, config.resize_mode):
+      raise prepare.PreparedError(
+          f'{config.data.prepared} holds {made[0]} images resized by '
+          f'{made[1]!r}, but the config asks for {shape} by '
+          f'{config.resize_mode!r}')
+    return arrays, info
+  root = hc18_source_dir(config, workdir)
+  cache_dir = config.data.get('cache_dir', '')
   if config.data.source == 'synthetic':
-    return os.path.join(workdir, 'data', 'tfds')
-  return config.data.tfds_data_dir or None
+    cache_dir = os.path.join(workdir, 'data', 'cache')
+  return prepare.prepare(root, shape, config.resize_mode, cache_dir)
 
 
 def fold_assignment(config, filenames, hc_mm, workdir: str
                     ) -> folds_lib.FoldAssignment:
-  """Draws the folds, or reloads them from the workdir of a resumed run."""
+  """Draws the folds, or checks them against a resumed run's folds.json."""
   assignment = folds_lib.assign_folds(
-      filenames, hc_mm, num_folds=config.num_folds,
+      list(filenames), [float(h) for h in hc_mm], num_folds=config.num_folds,
       val_fraction=config.val_fraction, seed=config.fold_seed)
   path = os.path.join(workdir, FOLDS_FILE)
   if os.path.exists(path):
@@ -88,69 +106,198 @@ def fold_assignment(config, filenames, hc_mm, workdir: str
     if saved != assignment:
       raise ValueError(f'{path} holds a different fold assignment than this '
                        'config draws; use a new workdir')
-  else:
-    assignment.to_json(path)
   return assignment
 
 
-def load(config, workdir: str) -> RunData:
-  """Builds the data of one fold for `train.train_and_evaluate`.
+def process_slice(batch_size: int, process_index: int, process_count: int
+                  ) -> slice:
+  """The rows of each global batch that one host reads."""
+  if batch_size % process_count:
+    raise ValueError(f'batch size {batch_size} is not divisible by the '
+                     f'{process_count} processes')
+  local = batch_size // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+@dataclasses.dataclass
+class RunData:
+  """The arrays of a run and, per member, its split and batches.
+
+  Attributes:
+    arrays: the prepared arrays (`hc_jax.prepare`).
+    info: what they were prepared from ('source_digest', ...).
+    assignment: the fold assignment.
+    folds: int [M], each member's test fold.
+    seeds: int [M], each member's seed (orders its batches).
+    split: per member, {'train', 'val', 'test'} -> positions in `arrays`.
+    normaliser_px: float32 [M]; targets are HC in px over this.
+    batch_size: global training batch per member.
+    steps: int [M], training steps per epoch.
+    rows: which rows of each global batch this process reads.
+  """
+  arrays: dict[str, np.ndarray]
+  info: dict[str, Any]
+  assignment: folds_lib.FoldAssignment
+  folds: np.ndarray
+  seeds: np.ndarray
+  split: list[dict[str, np.ndarray]]
+  normaliser_px: np.ndarray
+  batch_size: int
+  steps: np.ndarray
+  rows: slice = dataclasses.field(default_factory=lambda: slice(None))
+
+  def __len__(self) -> int:
+    return len(self.folds)
+
+  def epoch_index(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch's global batches of every member.
+
+    Member m takes `steps[m]` batches of a permutation of its training images
+    drawn from (seed, fold, epoch), the remainder dropped. So a member's
+    batches depend on nothing else in the run, and a resumed run sees the
+    very batches an uninterrupted one would.
+
+    Returns:
+      `(index, active)`: int32 [max steps, M, batch] positions in `arrays`
+      (0 where inactive) and bool [max steps, M], whether a member steps.
+    """
+    num_steps = int(self.steps.max())
+    index = np.zeros((num_steps, len(self), self.batch_size), np.int32)
+    active = np.zeros((num_steps, len(self)), bool)
+    for m, split in enumerate(self.split):
+      rng = np.random.default_rng([int(self.seeds[m]), int(self.folds[m]),
+                                   epoch])
+      count = self.steps[m] * self.batch_size
+      order = rng.permutation(split['train'])[:count]
+      index[:self.steps[m], m] = order.reshape(self.steps[m], -1)
+      active[:self.steps[m], m] = True
+    return index, active
+
+  def _gather(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    arrays = self.arrays
+    return {'image': arrays['images'][index],
+            'ellipse': arrays['ellipse'][index],
+            'hc_px': arrays['hc_px'][index], 'resize': arrays['resize'][index]}
+
+  def train_batches(self, epoch: int, backend: str = 'auto'
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of an epoch's training batches.
+
+    Args:
+      epoch: the epoch, from 1.
+      backend: 'tf' (a tf.data pipeline that gathers and prefetches in the
+        background), 'numpy', or 'auto' (tf where TensorFlow imports).
+
+    Yields:
+      {'image': uint8 [M, b, H, W, 1], 'ellipse': [M, b, 5], 'hc_px': [M, b],
+      'resize': [M, b, 4], 'active': bool [M]}, b the local batch rows.
+    """
+    index, active = self.epoch_index(epoch)
+    index = index[:, :, self.rows]
+    if backend == 'auto':
+      backend = 'tf' if _has_tensorflow() else 'numpy'
+    if backend == 'numpy':
+      for step in range(len(index)):
+        yield {**self._gather(index[step]), 'active': active[step]}
+      return
+    if backend != 'tf':
+      raise ValueError(f"backend must be 'tf', 'numpy' or 'auto', not "
+                       f'{backend!r}')
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    _hide_gpus_from_tf(tf)
+    arrays = {name: tf.constant(self.arrays[source]) for name, source in (
+        ('image', 'images'), ('ellipse', 'ellipse'), ('hc_px', 'hc_px'),
+        ('resize', 'resize'))}
+    dataset = tf.data.Dataset.from_tensor_slices((index, active)).map(
+        lambda i, a: {**{k: tf.gather(v, i) for k, v in arrays.items()},
+                      'active': a},
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    yield from dataset.prefetch(2).as_numpy_iterator()
+
+  def eval_index(self, part: str, batch_size: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Every member's 'val' or 'test' positions, padded to whole batches.
+
+    Returns:
+      `(index, mask)`: int32 and bool [M, L], L a multiple of `batch_size`;
+      padding repeats position 0 with mask False, so metrics over the mask
+      cover every image of the part exactly once.
+    """
+    lists = [split[part] for split in self.split]
+    length = max(max(len(positions) for positions in lists), 1)
+    length = -(-length // batch_size) * batch_size
+    index = np.zeros((len(lists), length), np.int32)
+    mask = np.zeros((len(lists), length), bool)
+    for m, positions in enumerate(lists):
+      index[m, :len(positions)] = positions
+      mask[m, :len(positions)] = True
+    return index, mask
+
+
+def _has_tensorflow() -> bool:
+  try:
+    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def _hide_gpus_from_tf(tf) -> None:
+  """Keeps TensorFlow, which only feeds data here, off the accelerators."""
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except (RuntimeError, ValueError):
+    pass  # Already initialised; TF keeps what it has.
+
+
+def load(configs: Sequence[Any], workdirs: Sequence[str],
+         process_index: int = 0, process_count: int = 1) -> RunData:
+  """The data of a run of one or more members.
 
   Args:
-    config: the run's config (data, folds, image size, batch sizes, seed).
-    workdir: the run's directory (fold assignment saved there).
+    configs: one config per member; they may differ only in fold, loss and
+      seed (the trainer checks).
+    workdirs: the members' workdirs (a resumed run's folds.json is checked).
+    process_index: this host (`jax.process_index()`).
+    process_count: the number of hosts.
 
   Returns:
-    The fold's `RunData`.
+    The `RunData`.
+
+  Raises:
+    ValueError: when a fold cannot fill a batch or has no validation part.
   """
-  # pylint: disable=import-outside-toplevel
-  from hc_jax import hc18_tfds
-  from hc_jax import input_pipeline
-  root = hc18_source_dir(config, workdir)
-  builder = hc18_tfds.build(root, _tfds_dir(config, workdir))
-  examples = builder.as_dataset(split='train')
-  # The small metadata columns, without decoding images.
-  meta = examples.map(lambda e: {'filename': e['filename'],
-                                 'hc_mm': e['hc_mm'], 'hc_px': e['hc_px']})
-  meta = list(meta.as_numpy_iterator())
-  filenames = [m['filename'].decode() for m in meta]
-  hc_px = {f: float(m['hc_px']) for f, m in zip(filenames, meta)}
-  assignment = fold_assignment(config, filenames,
-                               [float(m['hc_mm']) for m in meta], workdir)
-  split = assignment.split(config.fold)
-  normaliser_px = float(config.hc_normaliser_px) or max(
-      hc_px[f] for f in split['train'])
-
-  def prepared(part):
-    subset = input_pipeline.filter_filenames(examples, split[part])
-    return input_pipeline.prepare(subset, config.image_size,
-                                  config.resize_mode).cache()
-
-  parts = {part: prepared(part) for part in ('train', 'val', 'test')}
-
-  def train_epoch(epoch):
-    dataset = input_pipeline.train_dataset(
-        parts['train'], batch_size=config.batch_size,
-        normaliser_px=normaliser_px,
-        seed=int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0]),
-        augment=config.augment, num_epochs=1)
-    return input_pipeline.as_numpy(dataset)
-
-  # Evaluation batches do not change between epochs: built once, kept as
-  # NumPy (the validation part is scored every epoch; rebuilding its tf.data
-  # pipeline cost more than the forward passes).
-  eval_cache = {}
-
-  def eval_batches(part):
-    if part not in eval_cache:
-      dataset = input_pipeline.eval_dataset(
-          parts[part], batch_size=config.eval_batch_size,
-          normaliser_px=normaliser_px)
-      eval_cache[part] = list(input_pipeline.as_numpy(dataset))
-    return iter(eval_cache[part])
-
-  return RunData(folds=assignment, split=split, normaliser_px=normaliser_px,
-                 train_epoch=train_epoch, eval_batches=eval_batches)
+  config = configs[0]
+  arrays, info = prepared_arrays(config, workdirs[0])
+  assignment = fold_assignment(config, arrays['filename'], arrays['hc_mm'],
+                               workdirs[0])
+  position = {name: i for i, name in enumerate(arrays['filename'])}
+  split = []
+  for member in configs:
+    names = assignment.split(member.fold)
+    split.append({part: np.asarray([position[n] for n in names[part]],
+                                   np.int32) for part in names})
+  normaliser = np.asarray(
+      [float(member.hc_normaliser_px) or
+       float(arrays['hc_px'][s['train']].max()) for member, s in
+       zip(configs, split)], np.float32)
+  steps = np.asarray([len(s['train']) // config.batch_size for s in split])
+  if steps.min() < 1:
+    raise ValueError(
+        f'batch_size={config.batch_size} but fold '
+        f'{configs[int(np.argmin(steps))].fold} has '
+        f'{min(len(s["train"]) for s in split)} training images')
+  no_val = sorted({member.fold for member, s in zip(configs, split)
+                   if not len(s['val'])})
+  if no_val:
+    raise ValueError(f'folds {no_val} have no validation images to select '
+                     'the epoch by (val_fraction 0?)')
+  return RunData(
+      arrays=arrays, info=info, assignment=assignment,
+      folds=np.asarray([member.fold for member in configs]),
+      seeds=np.asarray([member.seed for member in configs]), split=split,
+      normaliser_px=normaliser, batch_size=config.batch_size, steps=steps,
+      rows=process_slice(config.batch_size, process_index, process_count))
 
 
 def save_json(path: str, value) -> None:

@@ -64,34 +64,11 @@ def load_config(path: str, overrides: Sequence[str] = ()):
     The locked ml_collections.ConfigDict.
 
   Raises:
-    ValueError: for a missing file or a bad override, in one line.
+    cli.UsageError: (a ValueError) for a missing file or a bad override, in
+      one line.
   """
-  # pylint: disable=import-outside-toplevel
-  from absl import flags
-  from ml_collections import config_flags
-  if not os.path.isfile(path):
-    raise ValueError(f'config file {path!r} not found')
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if repo not in sys.path:  # The configs do `from configs import default`.
-    sys.path.insert(0, repo)
-  argv = ['grid', f'--config={path}']
-  for override in overrides:
-    key, sep, value = override.partition('=')
-    if not sep or not key:
-      raise ValueError(f'override {override!r} is not KEY=VALUE')
-    argv.append(f'--config.{key}={value}')
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', flag_values=flag_values,
-                                  lock_config=True, sys_argv=argv)
-  try:
-    flag_values(argv)
-    config = flag_values.config
-    config.model  # pylint: disable=pointless-statement  # Raises if unloaded.
-  except (flags.Error, IOError, KeyError, AttributeError, TypeError) as e:
-    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    message = ' '.join(str(text).split())
-    raise ValueError(f'{path} with {list(overrides)}: {message}') from None
-  return config
+  from hc_jax import cli  # pylint: disable=import-outside-toplevel
+  return cli.load_config(path, overrides)
 
 
 def config_stem(path: str) -> str:
@@ -410,18 +387,17 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line; returns the exit status."""
+  from hc_jax import cli  # pylint: disable=import-outside-toplevel
   args = _parse_args(sys.argv[1:] if argv is None else argv)
+  cli.quiet_logs(tensorflow=not args.aggregate_only)
   failed = []
   try:
     if not args.aggregate_only:
-      os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-      from absl import logging  # pylint: disable=import-outside-toplevel
-      logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
       failed = run_grid(args.configs, args.folds, args.root,
                         args.override)['failed']
     rows = aggregate(args.root)
-  except ValueError as e:  # hc18.HC18Error is one too.
-    print(f'error: {e}', file=sys.stderr)
+  except cli.usage_errors() as e:  # hc18.HC18Error is a ValueError too.
+    print(f'error: {cli.one_line(e)}', file=sys.stderr)
     return 2
   md_path, csv_path = write_tables(rows, args.root)
   print(format_markdown(rows))

@@ -17,12 +17,16 @@ are done with a warning that names the file. The TFDS builder
 
 import csv
 import dataclasses
+import errno
 import math
 import os
+import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image
+from PIL import UnidentifiedImageError
 
 from hc_jax import ellipse as ellipse_lib
 from hc_jax import folds
@@ -38,6 +42,12 @@ ANNOTATION_SUFFIX = '_Annotation.png'
 # The fitted perimeter reproduces the CSV's HC to 0.05 mm on HC18; a larger
 # gap means the annotation and the CSV row do not belong together.
 MAX_HC_DISAGREEMENT_MM = 1.0
+# PIL modes of more than 8 bits per pixel; HC18 scans are 8-bit.
+WIDE_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F')
+
+
+class ImageReadError(ValueError):
+  """An image file that cannot be read as an 8-bit grayscale scan."""
 
 
 class HC18Error(ValueError):
@@ -67,6 +77,20 @@ class Record:
     return self.hc_mm / self.pixel_size_mm
 
 
+def _os_error_reason(path: str, error: OSError) -> str:
+  """What an operating-system error opening `path` means, in a few words."""
+  if error.errno == errno.ENOENT:
+    return ('broken symbolic link (its target does not exist)'
+            if os.path.islink(path) else 'file is missing')
+  if error.errno == errno.ELOOP:
+    return 'symbolic link loop (the link never reaches a file)'
+  if error.errno in (errno.EACCES, errno.EPERM):
+    return 'permission denied (the file is not readable)'
+  if error.errno == errno.EISDIR:
+    return 'is a directory, not an image'
+  return f'cannot read the file ({error.strerror or error})'
+
+
 def read_grayscale(path: str) -> tuple[np.ndarray, str | None]:
   """Reads an 8-bit grayscale PNG.
 
@@ -74,28 +98,52 @@ def read_grayscale(path: str) -> tuple[np.ndarray, str | None]:
     path: the file.
 
   Returns:
-    ([H, W] uint8 array, a warning or None). Colour and palette images are
-    converted to grayscale with a warning.
+    ([H, W] uint8 array, a warning or None). Colour, palette, 1-bit and
+    grayscale-with-alpha images are converted to 8-bit grayscale with a
+    warning.
 
   Raises:
-    ValueError: for a missing, corrupt, truncated or 16-bit file.
+    ImageReadError: for a missing, unreadable (permissions, a symbolic link
+      loop, a directory), corrupt, truncated, non-PNG or 16-bit file; the
+      message says which.
   """
   try:
-    with Image.open(path) as image:
+    file = open(path, 'rb')  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise ImageReadError(_os_error_reason(path, e)) from None
+  try:
+    with file, Image.open(file, formats=('PNG',)) as image:
       image.load()
       mode = image.mode
-      if mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
-        raise ValueError(f'{mode} image: expected 8-bit grayscale, got '
-                         f'{"16" if "16" in mode else "32"}-bit')
+      if mode in WIDE_MODES:
+        raise ImageReadError(
+            f'{mode} image: expected 8-bit grayscale, got '
+            f'{"16" if "16" in mode else "32"}-bit')
       note = None
       if mode != 'L':
         note = f'{mode} image converted to 8-bit grayscale'
         image = image.convert('L')
-      return np.asarray(image, dtype=np.uint8), note
-  except FileNotFoundError:
-    raise ValueError('file is missing') from None
-  except (OSError, SyntaxError) as e:  # PIL's errors for bad PNG data.
-    raise ValueError(f'corrupt or truncated image ({e})') from None
+      pixels = np.asarray(image, dtype=np.uint8)
+  except ImageReadError:
+    raise
+  except Image.DecompressionBombError as e:
+    raise ImageReadError(f'image too large to decode safely ({e})') from None
+  except UnidentifiedImageError:
+    raise ImageReadError('corrupt or not a PNG image (no PNG signature PIL '
+                         'can read)') from None
+  except OSError as e:
+    if e.errno is not None:  # The file system, not the data.
+      raise ImageReadError(_os_error_reason(path, e)) from None
+    raise ImageReadError(f'corrupt or truncated image ({e})') from None
+  # PIL's decoders raise these for malformed data (bad chunk lengths, bad
+  # zlib streams, modes it cannot convert).
+  except (SyntaxError, ValueError, EOFError, IndexError, TypeError,
+          struct.error, zlib.error, MemoryError) as e:
+    raise ImageReadError(
+        f'corrupt or truncated image ({type(e).__name__}: {e})') from None
+  if pixels.ndim != 2 or not pixels.size:
+    raise ImageReadError(f'unexpected decoded shape {pixels.shape}')
+  return pixels, note
 
 
 def _read_csv(path: str, columns: int, problems: list[str]) -> list[list[str]]:
@@ -104,13 +152,30 @@ def _read_csv(path: str, columns: int, problems: list[str]) -> list[list[str]]:
   if not os.path.isfile(path):
     problems.append(f'{name}: file is missing')
     return []
-  with open(path, newline='') as f:
-    rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+  line = 0
+  try:
+    with open(path, newline='', encoding='utf-8-sig') as f:
+      reader = csv.reader(f)
+      rows = []
+      for row in reader:
+        line = reader.line_num
+        if any(cell.strip() for cell in row):
+          rows.append((line, row))
+  except UnicodeDecodeError as e:
+    problems.append(f'{name}: not a UTF-8 text CSV (byte {e.start} cannot '
+                    'be decoded)')
+    return []
+  except csv.Error as e:
+    problems.append(f'{name} line {line + 1}: malformed CSV ({e})')
+    return []
+  except OSError as e:
+    problems.append(f'{name}: {_os_error_reason(path, e)}')
+    return []
   if not rows:
     problems.append(f'{name}: file is empty')
     return []
   good = []
-  for line, row in enumerate(rows[1:], start=2):
+  for line, row in rows[1:]:
     if len(row) < columns:
       problems.append(f'{name} line {line}: expected {columns} columns, '
                       f'got {len(row)}')
@@ -156,7 +221,12 @@ def scan_split(root: str, split: str, *, image_dir: str | None = None
     problems.append(f'{folder}/: directory is missing')
     return [], problems
 
-  on_disk = {name for name in os.listdir(image_dir)
+  try:
+    listing = os.listdir(image_dir)
+  except OSError as e:
+    problems.append(f'{folder}/: {_os_error_reason(image_dir, e)}')
+    return [], problems
+  on_disk = {name for name in listing
              if name.lower().endswith('.png')
              and not name.endswith(ANNOTATION_SUFFIX)}
   seen = set()
@@ -197,7 +267,7 @@ def scan_split(root: str, split: str, *, image_dir: str | None = None
       except ValueError as e:
         errors.append(str(e))
     fitted = None
-    if labelled:
+    if labelled and subject_id >= 0:  # A bare HC18 name: no path escapes.
       annotation_name = filename[:-len('.png')] + ANNOTATION_SUFFIX
       try:
         annotation, _ = read_grayscale(os.path.join(image_dir, annotation_name))

@@ -58,6 +58,15 @@ class Hc18(tfds.core.GeneratorBasedBuilder):
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
 
+  # TFDS prints these two lines to stdout on every build ("Downloading and
+  # preparing dataset Unknown size ..."); the commands' own output says what
+  # is being built.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     scalar = lambda dtype: tfds.features.Scalar(dtype=dtype)  # pylint: disable=unnecessary-lambda-assignment
     return self.dataset_info_from_configs(

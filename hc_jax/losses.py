@@ -8,12 +8,13 @@ NaN. Masked-out entries cannot leak into the loss or its gradient, even when
 they hold NaN or inf.
 
 Losses are looked up by their config name in `LOSSES`; `get_loss` binds
-settings such as Huber's `delta`.
+settings such as Huber's `delta`, given as arguments or read from a config
+(`config.huber_delta`, see `CONFIG_SETTINGS`).
 """
 
 import functools
 import inspect
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -131,23 +132,46 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
-def get_loss(name: str, **kwargs) -> LossFn:
-  """Returns the loss registered under a config name, with settings bound.
+# The config entries each loss reads in `get_loss(config)`: loss name ->
+# {argument of the loss: config key}.
+CONFIG_SETTINGS: dict[str, dict[str, str]] = {
+    'huber': {'delta': 'huber_delta'},
+}
+
+
+def get_loss(config_or_name: Any, **kwargs) -> LossFn:
+  """Returns the loss a config (or a name) asks for, with its settings bound.
+
+  Given a config, the loss is `config.loss` and its settings come from the
+  config entries listed in `CONFIG_SETTINGS` (e.g. `config.huber_delta` for
+  'huber'); entries the config lacks keep the loss's defaults.
 
   Args:
-    name: A key of `LOSSES`, e.g. 'huber'.
-    **kwargs: Settings of that loss, e.g. `delta=0.5` for 'huber'.
+    config_or_name: A key of `LOSSES`, e.g. 'huber', or a config: an
+      `ml_collections.ConfigDict` or any object with a `loss` attribute and
+      `.get(key, default)`.
+    **kwargs: Settings of that loss, e.g. `delta=0.5` for 'huber'; they take
+      precedence over the config's.
 
   Returns:
     A function `loss(predictions, targets, mask=None) -> scalar`.
 
   Raises:
-    ValueError: If `name` is not a key of `LOSSES`.
+    ValueError: If the name is not a key of `LOSSES`.
     TypeError: If `kwargs` holds a setting the loss does not take.
   """
+  if isinstance(config_or_name, str):
+    name = config_or_name
+  else:
+    name = config_or_name.loss
   if name not in LOSSES:
     raise ValueError(
         f'Unknown loss {name!r}; known losses: {", ".join(sorted(LOSSES))}.')
+  if not isinstance(config_or_name, str):
+    for setting, key in CONFIG_SETTINGS.get(name, {}).items():
+      value = config_or_name.get(key, None)
+      if value is not None:
+        kwargs.setdefault(setting, value)
   loss_fn = LOSSES[name]
   if not kwargs:
     return loss_fn

@@ -1,47 +1,67 @@
 """Trains and evaluates one fold of one configuration.
 
-  python -m hc_jax.main --config=configs/resnet_huber.py [--workdir=DIR]
+  python -m hc_jax.main --config=configs/cnn263k_mse.py [--workdir=DIR]
       [--config.fold=2] [--config.num_epochs=10]
 
-Without --workdir the run goes to runs/<model>_<loss>_fold<k>; running the
-same command again resumes it.
+Without --workdir the run goes to runs/<config file's name>_fold<k> (e.g.
+runs/resnet_huber_fold0 for configs/resnet_huber.py); running the same
+command again resumes it. Any config field can be set with
+`--config.KEY=VALUE`; a misspelt field, a missing config file or a bad value
+ends with one line on stderr and exit status 2.
+
+This module owns the process: its log levels, `jax.distributed`, TensorFlow's
+view of the GPUs and the CPU allocator (`cli.setup_process`); the training
+itself is `train.train_and_evaluate(config, workdir)`.
 """
 
 import os
 import sys
+from typing import Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory of the run (resumed if present).')
-config_flags.DEFINE_config_file(
-    'config', None, 'A config file from configs/.', lock_config=True)
-flags.mark_flags_as_required(['config'])
+from hc_jax import cli
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
-  # pylint: disable=import-outside-toplevel
-  import jax
-  from hc_jax import hc18
-  from hc_jax import train
-  config = FLAGS.config
-  if config.distributed:
-    jax.distributed.initialize()
-  workdir = FLAGS.workdir or os.path.join(
-      'runs', f'{config.model}_{config.loss}_fold{config.fold}')
-  try:
-    train.train_and_evaluate(config, workdir)
-  except (ValueError, hc18.HC18Error, FloatingPointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+def default_workdir(config_path: str, fold: int) -> str:
+  """runs/<config file's stem>_fold<k>, e.g. runs/resnet_huber_fold0."""
+  stem = os.path.splitext(os.path.basename(config_path))[0]
+  return os.path.join('runs', f'{stem}_fold{fold}')
+
+
+def _parse_args(argv: Sequence[str]):
+  path, overrides, rest = cli.split_config_args(argv)
+  parser = cli.ArgumentParser(
+      prog='python -m hc_jax.main', description=__doc__.splitlines()[0],
+      epilog='--config=FILE (required): a config file from configs/. '
+      '--config.KEY=VALUE: change one of its fields.')
+  parser.add_argument('--workdir', default=None,
+                      help='directory of the run (resumed if present)')
+  args = parser.parse_args(rest)
+  if path is None:
+    parser.error('--config=FILE is required, e.g. '
+                 '--config=configs/cnn263k_mse.py')
+  args.config, args.overrides = path, overrides
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line (default: sys.argv[1:]); returns the exit status.
+
+  Exit status 0 when the run finished; 2, after one line on stderr, for a
+  mistake in the command line or the config, missing data or a diverged run.
+  """
+  cli.quiet_logs()
+  return cli.run_main(lambda: _run(sys.argv[1:] if argv is None else argv))
+
+
+def _run(argv: Sequence[str]) -> int:
+  args = _parse_args(argv)
+  config = cli.load_config(args.config, args.overrides)
+  cli.setup_process(config)
+  from hc_jax import train  # pylint: disable=import-outside-toplevel
+  workdir = args.workdir or default_workdir(args.config, config.fold)
+  train.train_and_evaluate(config, workdir)
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

@@ -2,20 +2,30 @@
 
 The architectures follow Zhang et al., "Direct estimation of fetal head
 circumference from ultrasound images based on regression CNN" (MIDL 2020):
-two small custom CNNs (the paper's "263K" and "1M" networks) and two standard
-backbones (VGG16, ResNet50) with a one-unit regression head.
+the paper's two small custom CNNs ("263K" and "1M", both `PaperCNN`) and two
+standard backbones (VGG16, ResNet50) with a one-unit regression head.
 
 Every model takes a batch of single-channel images in NHWC layout,
-`[batch, height, width, 1]`, and returns a float32 vector `[batch]`: one linear
-unit with no activation, so the output is in whatever units the targets are in
-(normalised head circumference in practice).
+`[batch, height, width, 1]` (height and width need not be equal), and returns
+a float32 vector `[batch]`: one linear unit with no activation, so the output
+is in whatever units the targets are in (normalised head circumference in
+practice).
+
+Every model has two further attributes:
+* `layers`: 'plain' (Flax's layers) or 'fast' (`hc_jax.fast_layers`, tuned
+  for XLA:CPU; the same variables, values and gradients). All layers come from
+  `hc_jax.layers.Layers`; `create_model` and `from_config` turn 'auto' into
+  'fast' on a CPU backend and 'plain' elsewhere.
+* `dtype`: the compute dtype (float32 or bfloat16). Parameters, BatchNorm
+  statistics, the regression head and the output stay float32.
 
 BatchNorm uses batch statistics when `train=True` (apply with
 `mutable=['batch_stats']`) and running statistics when `train=False`. Dropout
 is active only when `train=True` and then needs a 'dropout' rng.
 
 Models are looked up by their config name in `MODELS`; `create_model` does the
-lookup with a clear error for an unknown name.
+lookup with a clear error for an unknown name, and `from_config` builds the
+model a training config asks for.
 """
 
 import functools
@@ -26,99 +36,12 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
-from hc_jax import fast_layers
+from hc_jax import layers as layers_lib
 
 ModuleDef = Any
 
-
-def _pool_windows(x: jax.Array) -> jax.Array:
-  """[B, H, W, C] -> [B, H//2, 2, W//2, 2, C], an odd last row/column dropped."""
-  batch, height, width, channels = x.shape
-  x = x[:, :height // 2 * 2, :width // 2 * 2, :]
-  return x.reshape(batch, height // 2, 2, width // 2, 2, channels)
-
-
-@jax.custom_vjp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max pooling with stride 2 and no padding (Keras' `MaxPooling2D()`).
-
-  Written as a reshape and a max, with a hand-written backward pass that sends
-  each window's gradient to its first maximum, as `nn.max_pool` (XLA's
-  select-and-scatter) and Keras do, ties included. The same values and
-  gradients as `nn.max_pool`, and on the CPU over 10x faster with its
-  backward pass. (Plain autodiff through the reshaped max shares tied
-  gradients by dividing by the tie count, which is slower and gave NaNs with
-  `jax_disable_most_optimizations`.)
-
-  Args:
-    x: Feature maps, `[batch, height, width, channels]`. An odd height or width
-      is floored, as in Keras.
-
-  Returns:
-    Pooled feature maps, `[batch, height // 2, width // 2, channels]`.
-  """
-  return _pool_windows(x).max(axis=(2, 4))
-
-
-def _max_pool_2x2_forward(x):
-  windows = _pool_windows(x)
-  return windows.max(axis=(2, 4)), (x.shape, windows)
-
-
-def _max_pool_2x2_backward(residuals, pooled_grad):
-  shape, windows = residuals
-  batch, rows, _, cols, _, channels = windows.shape
-  flat = windows.transpose(0, 1, 3, 5, 2, 4).reshape(
-      batch, rows, cols, channels, 4)
-  first_max = jnp.argmax(flat, axis=-1)
-  grad = jnp.where(first_max[..., None] == jnp.arange(4),
-                   pooled_grad[..., None], jnp.zeros((), pooled_grad.dtype))
-  grad = grad.reshape(batch, rows, cols, channels, 2, 2).transpose(
-      0, 1, 4, 2, 5, 3).reshape(batch, rows * 2, cols * 2, channels)
-  grad = jnp.pad(grad, ((0, 0), (0, shape[1] - rows * 2),
-                        (0, shape[2] - cols * 2), (0, 0)))
-  return (grad,)
-
-
-max_pool_2x2.defvjp(_max_pool_2x2_forward, _max_pool_2x2_backward)
-
-
-def keras_batch_norm(train: bool, fast: bool = True, **kwargs) -> ModuleDef:
-  """BatchNorm with Keras' defaults (momentum 0.99, epsilon 1e-3).
-
-  The paper's custom CNNs were built in Keras, so they use its defaults.
-
-  Args:
-    train: Whether to normalise with batch statistics (and update the running
-      ones) rather than with the running statistics.
-    fast: Whether to use `fast_layers.BatchNorm` (the same variables and
-      values, a closed-form backward pass that is faster on a CPU) instead of
-      `nn.BatchNorm`.
-    **kwargs: Further module arguments, e.g. `name`.
-
-  Returns:
-    A BatchNorm module.
-  """
-  batch_norm = fast_layers.BatchNorm if fast else nn.BatchNorm
-  return batch_norm(
-      use_running_average=not train, momentum=0.99, epsilon=1e-3, **kwargs)
-
-
-def conv_3x3(features: int, fast: bool = True, **kwargs) -> ModuleDef:
-  """A 3x3 'SAME' convolution with bias (Keras' `Conv2D(f, 3, padding='same')`).
-
-  Args:
-    features: Number of output channels.
-    fast: Whether to compute it with `fast_layers.conv_general_dilated` (the
-      same variables and values; faster on a CPU for one input channel).
-    **kwargs: Further `nn.Conv` arguments, e.g. `name`.
-
-  Returns:
-    An `nn.Conv` module.
-  """
-  if fast:
-    kwargs['conv_general_dilated'] = fast_layers.conv_general_dilated
-  return nn.Conv(features, (3, 3), padding='SAME', **kwargs)
+# Compute dtypes a config may ask for (`config.dtype`).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def _check_images(images: jax.Array) -> None:
@@ -137,27 +60,30 @@ def _regression_output(x: jax.Array) -> jax.Array:
   return jnp.asarray(x[..., 0], jnp.float32)
 
 
-class CNN263K(nn.Module):
-  """The paper's small regression CNN ("263K" parameters).
+class PaperCNN(nn.Module):
+  """The paper's custom regression CNN, with its widths as attributes.
 
-  Conv(8) -> ReLU -> BN -> pool, Conv(16) -> ReLU -> BN -> pool, Flatten,
-  Dense(16) -> ReLU -> BN -> Dropout(0.5), Dense(8) -> ReLU, Dense(1).
-  Convolutions are 3x3 with 'SAME' padding; pools are 2x2/2.
+  For each width in `conv_features`: a 3x3 'SAME' convolution -> ReLU -> BN
+  -> 2x2/2 max pool. Then Flatten, and for each width in `dense_features` a
+  Dense -> ReLU, the first followed by BN -> Dropout(0.5). Then Dense(1),
+  linear. BatchNorm has Keras' defaults (momentum 0.99, epsilon 1e-3), as the
+  paper's networks were built in Keras.
 
-  Parameter count depends on the input size through the Flatten. At 128x128
-  (the paper's input size) the flattened features are 32 * 32 * 16 = 16,384
-  and the model has 263,633 parameters (262,160 of them in the Dense(16)),
-  plus 80 BatchNorm running statistics; Keras would report 263,713 in total.
-  'SAME' padding is what matches the paper's name: with 'VALID' padding the
-  features would be 30 * 30 * 16 = 14,400 and the count about 232K.
+  Layers are named `conv1`, `conv1_bn`, ..., `dense1`, `dense1_bn`,
+  `dense2`, ..., `head`. The parameter count depends on the input size
+  through the Flatten (see `CNN263K` and `CNN1M`).
 
   Attributes:
-    fast_layers: Whether to use the CPU-fast drop-ins of `hc_jax.fast_layers`
-      for the first convolution and the BatchNorms (the same variables and,
-      up to float rounding, the same values and gradients).
+    conv_features: Output channels of each convolution block.
+    dense_features: Units of each hidden Dense layer; at least one.
+    layers: 'plain' or 'fast' (see `hc_jax.layers`).
+    dtype: Compute dtype; parameters, the head and the output stay float32.
   """
 
-  fast_layers: bool = True
+  conv_features: Sequence[int]
+  dense_features: Sequence[int]
+  layers: str = 'plain'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -171,26 +97,43 @@ class CNN263K(nn.Module):
       Predictions, float32 `[batch]`.
     """
     _check_images(x)
-    for i, features in enumerate((8, 16), start=1):
-      x = conv_3x3(features, self.fast_layers, name=f'conv{i}')(x)
-      x = nn.relu(x)
-      x = keras_batch_norm(train, self.fast_layers, name=f'conv{i}_bn')(x)
-      x = max_pool_2x2(x)
+    layers = layers_lib.Layers(self.layers, self.dtype)
+    for i, features in enumerate(self.conv_features, start=1):
+      x = nn.relu(layers.conv(features, name=f'conv{i}')(x))
+      x = layers.batch_norm(train, 0.99, 1e-3, name=f'conv{i}_bn')(x)
+      x = layers.max_pool(x)
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(16, name='dense1')(x))
-    x = keras_batch_norm(train, self.fast_layers, name='dense1_bn')(x)
-    x = nn.Dropout(0.5, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(8, name='dense2')(x))
-    x = nn.Dense(1, name='head')(x)
+    for i, features in enumerate(self.dense_features, start=1):
+      x = nn.relu(layers.dense(features, name=f'dense{i}')(x))
+      if i == 1:
+        x = layers.batch_norm(train, 0.99, 1e-3, name='dense1_bn')(x)
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = layers.dense(1, dtype=jnp.float32, name='head')(x)
     return _regression_output(x)
 
 
-class CNN1M(nn.Module):
+class CNN263K(PaperCNN):
+  """The paper's small regression CNN ("263K" parameters).
+
+  Conv(8), Conv(16); Dense(16) -> BN -> Dropout(0.5), Dense(8); Dense(1).
+
+  At 128x128 (the paper's input size) the flattened features are
+  32 * 32 * 16 = 16,384 and the model has 263,633 parameters (262,160 of them
+  in the Dense(16)), plus 80 BatchNorm running statistics; Keras would report
+  263,713 in total. 'SAME' padding is what matches the paper's name: with
+  'VALID' padding the features would be 30 * 30 * 16 = 14,400 and the count
+  about 232K.
+  """
+
+  conv_features: Sequence[int] = (8, 16)
+  dense_features: Sequence[int] = (16, 8)
+
+
+class CNN1M(PaperCNN):
   """The paper's larger regression CNN ("1M" parameters).
 
-  Conv(16), Conv(32), Conv(64), each 3x3 'SAME' -> ReLU -> BN -> 2x2/2 pool;
-  Flatten; Dense(16) -> ReLU -> BN -> Dropout(0.5); Dense(32) -> ReLU;
-  Dense(8) -> ReLU; Dense(1).
+  Conv(16), Conv(32), Conv(64); Dense(16) -> BN -> Dropout(0.5), Dense(32),
+  Dense(8); Dense(1).
 
   The layers are as drawn in the paper; the parameter count depends on the
   input size through the Flatten:
@@ -199,40 +142,10 @@ class CNN1M(nn.Module):
     * 256x256 input: 32 * 32 * 64 = 65,536 features, 1,072,961 parameters
       (about 1.07M) - the count that the paper's name "1M" matches.
   BatchNorm running statistics (256 values) are not counted.
-
-  Attributes:
-    fast_layers: Whether to use the CPU-fast drop-ins of `hc_jax.fast_layers`
-      for the first convolution and the BatchNorms (the same variables and,
-      up to float rounding, the same values and gradients).
   """
 
-  fast_layers: bool = True
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Predicts one value per image.
-
-    Args:
-      x: Images, `[batch, height, width, 1]`.
-      train: Whether to use batch statistics and dropout.
-
-    Returns:
-      Predictions, float32 `[batch]`.
-    """
-    _check_images(x)
-    for i, features in enumerate((16, 32, 64), start=1):
-      x = conv_3x3(features, self.fast_layers, name=f'conv{i}')(x)
-      x = nn.relu(x)
-      x = keras_batch_norm(train, self.fast_layers, name=f'conv{i}_bn')(x)
-      x = max_pool_2x2(x)
-    x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(16, name='dense1')(x))
-    x = keras_batch_norm(train, self.fast_layers, name='dense1_bn')(x)
-    x = nn.Dropout(0.5, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(32, name='dense2')(x))
-    x = nn.relu(nn.Dense(8, name='dense3')(x))
-    x = nn.Dense(1, name='head')(x)
-    return _regression_output(x)
+  conv_features: Sequence[int] = (16, 32, 64)
+  dense_features: Sequence[int] = (16, 32, 8)
 
 
 # VGG16's convolution stack: number of filters per 3x3 conv, 'M' a 2x2 pool.
@@ -245,10 +158,10 @@ class VGG16(nn.Module):
 
   The thirteen 3x3 'SAME' convolutions with ReLU and five 2x2/2 max pools are
   the standard VGG16 ones (named like Keras': `block1_conv1`, ...). The head is
-  global average pooling -> Dense(256) -> ReLU -> Dropout(0.5) -> Dense(1).
-  Global average pooling instead of VGG's Flatten + two Dense(4096) keeps the
-  model usable at any input size of at least 32x32 and keeps the head small
-  (131,585 parameters) for a few hundred training images.
+  global average pooling -> Dense(256) -> ReLU -> Dropout(0.5) -> Dense(1),
+  in float32. Global average pooling instead of VGG's Flatten + two
+  Dense(4096) keeps the model usable at any input size of at least 32x32 and
+  keeps the head small (131,585 parameters) for a few hundred training images.
 
   With one input channel the model has 14,845,121 parameters at any input
   size (14,713,536 in the convolutions); `batch_norm=True` adds 8,448.
@@ -256,13 +169,13 @@ class VGG16(nn.Module):
   Attributes:
     batch_norm: Whether to put BatchNorm (Flax defaults: momentum 0.99,
       epsilon 1e-5) between each convolution and its ReLU, as in `vgg16_bn`.
-    fast_layers: Whether to compute the convolutions with
-      `fast_layers.conv_general_dilated` (the same variables and values; the
-      first, one-channel convolution is faster on a CPU).
+    layers: 'plain' or 'fast' (see `hc_jax.layers`).
+    dtype: Compute dtype of the convolution stack.
   """
 
   batch_norm: bool = False
-  fast_layers: bool = True
+  layers: str = 'plain'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -276,22 +189,23 @@ class VGG16(nn.Module):
       Predictions, float32 `[batch]`.
     """
     _check_images(x)
+    layers = layers_lib.Layers(self.layers, self.dtype)
     block, conv_in_block = 1, 1
     for layer in VGG16_LAYERS:
       if layer == 'M':
-        x = max_pool_2x2(x)
+        x = layers.max_pool(x)
         block, conv_in_block = block + 1, 1
         continue
       name = f'block{block}_conv{conv_in_block}'
-      x = conv_3x3(layer, self.fast_layers, name=name)(x)
+      x = layers.conv(layer, name=name)(x)
       if self.batch_norm:
-        x = nn.BatchNorm(use_running_average=not train, name=f'{name}_bn')(x)
+        x = layers.batch_norm(train, 0.99, 1e-5, name=f'{name}_bn')(x)
       x = nn.relu(x)
       conv_in_block += 1
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.relu(nn.Dense(256, name='head_hidden')(x))
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    x = nn.relu(layers.dense(256, dtype=jnp.float32, name='head_hidden')(x))
     x = nn.Dropout(0.5, deterministic=not train)(x)
-    x = nn.Dense(1, name='head')(x)
+    x = layers.dense(1, dtype=jnp.float32, name='head')(x)
     return _regression_output(x)
 
 
@@ -375,16 +289,13 @@ class ResNet50(nn.Module):
     keras_v1: Whether to place the strides (on the first 1x1 convolution of a
       block) and set the BatchNorm epsilon (1.001e-5) like Keras' ResNet50, for
       its pretrained weights. Same parameters either way.
-    fast_layers: Whether to use `fast_layers.BatchNorm` and compute the
-      convolutions with `fast_layers.conv_general_dilated` (the same variables
-      and values; 1x1 and one-channel convolutions, and BatchNorm's backward
-      pass, are faster on a CPU).
+    layers: 'plain' or 'fast' (see `hc_jax.layers`).
   """
 
   dtype: Any = jnp.float32
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   keras_v1: bool = False
-  fast_layers: bool = True
+  layers: str = 'plain'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -398,17 +309,13 @@ class ResNet50(nn.Module):
       Predictions, float32 `[batch]`.
     """
     _check_images(x)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-    if self.fast_layers:
-      conv = functools.partial(
-          conv, conv_general_dilated=fast_layers.conv_general_dilated)
-    norm = functools.partial(
-        fast_layers.BatchNorm if self.fast_layers else nn.BatchNorm,
-        use_running_average=not train, momentum=0.9,
-        epsilon=1.001e-5 if self.keras_v1 else 1e-5, dtype=self.dtype)
+    layers = layers_lib.Layers(self.layers, self.dtype)
+    conv = functools.partial(layers.conv, use_bias=False)
+    norm = functools.partial(layers.batch_norm, train, 0.9,
+                             1.001e-5 if self.keras_v1 else 1e-5)
     x = conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name='conv1_conv')(x)
     x = nn.relu(norm(name='conv1_bn')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = layers.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
@@ -419,7 +326,7 @@ class ResNet50(nn.Module):
     # dtype: a bfloat16 output would be rounded to 2**-8 of the target scale
     # (about 2 px of HC).
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    x = nn.Dense(1, dtype=jnp.float32, name='head')(x)
+    x = layers.dense(1, dtype=jnp.float32, name='head')(x)
     return _regression_output(x)
 
 
@@ -431,24 +338,55 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
+def create_model(name: str, layers: str = 'auto', **kwargs) -> nn.Module:
   """Builds the model registered under a config name.
 
   Args:
     name: A key of `MODELS`, e.g. 'cnn_263k'.
-    **kwargs: Module attributes, e.g. `batch_norm=True` for 'vgg16' or
-      `dtype=jnp.bfloat16` for 'resnet50'.
+    layers: 'plain', 'fast' or 'auto' ('fast' on a CPU backend, 'plain' on
+      others); see `hc_jax.layers`.
+    **kwargs: Further module attributes, e.g. `batch_norm=True` for 'vgg16' or
+      `dtype=jnp.bfloat16`.
+
+  Returns:
+    The unbound Flax module, its `layers` 'plain' or 'fast'.
+
+  Raises:
+    ValueError: If `name` is not a key of `MODELS` or `layers` is unknown.
+  """
+  if name not in MODELS:
+    raise ValueError(
+        f'Unknown model {name!r}; known models: {", ".join(sorted(MODELS))}.')
+  return MODELS[name](layers=layers_lib.resolve(layers), **kwargs)
+
+
+def from_config(config: Any) -> nn.Module:
+  """Builds the model a training config asks for.
+
+  Reads `config.model` (a key of `MODELS`), `config.dtype` ('float32' or
+  'bfloat16'), `config.layers` ('auto' if absent; see `create_model`) and
+  `config.init_from`: when it names pretrained weights, ResNet50 is built with
+  `keras_v1=True`, as Keras' weights need (see `hc_jax.pretrained`).
+
+  Args:
+    config: An `ml_collections.ConfigDict`, or any object with attribute
+      access and `.get(key, default)`.
 
   Returns:
     The unbound Flax module.
 
   Raises:
-    ValueError: If `name` is not a key of `MODELS`.
+    ValueError: For an unknown model, dtype or layer set.
   """
-  if name not in MODELS:
-    raise ValueError(
-        f'Unknown model {name!r}; known models: {", ".join(sorted(MODELS))}.')
-  return MODELS[name](**kwargs)
+  dtype = config.get('dtype', 'float32')
+  if dtype not in DTYPES:
+    raise ValueError(f'Unknown dtype {dtype!r}; choose one of: '
+                     f'{", ".join(DTYPES)}.')
+  kwargs = {'dtype': DTYPES[dtype]}
+  if config.model == 'resnet50' and config.get('init_from'):
+    kwargs['keras_v1'] = True  # Keras' stride placement and epsilon.
+  return create_model(config.model, layers=config.get('layers', 'auto'),
+                      **kwargs)
 
 
 def count_params(params: Any) -> int:

@@ -395,9 +395,15 @@ def plot_all(root: str, out: str, hc18_dir: str | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command line; returns the exit status."""
-  parser = argparse.ArgumentParser(prog='python -m hc_jax.plots',
-                                   description=__doc__.splitlines()[0])
+  """The command line (default: sys.argv[1:]); returns the exit status.
+
+  0 when the figures were written; 2, after one line on stderr, for a bad
+  command line or a root that holds no finished run.
+  """
+  from hc_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.quiet_logs(tensorflow=False)
+  parser = cli.ArgumentParser(prog='python -m hc_jax.plots',
+                              description=__doc__.splitlines()[0])
   parser.add_argument('--root', required=True,
                       help='A grid directory, or one run.')
   parser.add_argument('--out', required=True, help='Directory for the PNGs.')
@@ -406,14 +412,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--config', default=None,
                       help="A grid's config to plot, or 'all' (default: best).")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    paths = plot_all(args.root, args.out, args.hc18_dir, args.config)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  for path in paths:
-    print(path)
-  return 0
+
+  def run():
+    for path in plot_all(args.root, args.out, args.hc18_dir, args.config):
+      print(path)
+    return 0
+
+  return cli.run_main(run)
 
 
 if __name__ == '__main__':

@@ -1,23 +1,39 @@
-"""Training and evaluation of one fold: `train_and_evaluate(config, workdir)`.
+"""Training and evaluation: one trainer for one model or several at once.
 
-Data parallel with `jax.jit` over a 1-D device mesh: the batch is split over
-the 'data' axis and the state is replicated, so the same code runs on one CPU,
-one GPU or a TPU slice. Each epoch ends with an evaluation on the validation
-part (carved from the training folds) and a checkpoint; at the end the
-checkpoint that the validation part selected is scored on the test fold.
+`train_and_evaluate(config, workdir)` trains one fold of one config.
+`train_members(configs, workdirs)` trains M members at once (configs that
+differ only in `MEMBER_FIELDS`: test fold, loss, seed) with ONE jitted step
+over a leading member axis: the member states are stacked, and the step maps
+the members either in one `jax.vmap` or one after another with `jax.lax.map`
+inside the same compiled step (`members_per_call`; 'auto' times both on the
+first steps). With one member the step is the plain one. A member's results
+do not depend on which members train beside it.
 
-A run killed and started again with the same command resumes from its last
-epoch and ends with the same metrics as an uninterrupted run: each epoch's
-batches and augmentations are drawn from (seed, epoch), and dropout keys are
-folded from the step.
+The step is pure: gather-free (batches of uint8 images come from
+`hc_jax.data`), it augments on the accelerator (`hc_jax.augment`, which moves
+the HC label and the reference ellipse with the image) and applies the
+optimiser. It is data parallel over a 1-D device mesh: each member's batch is
+split over the 'data' axis and the states are replicated, so the same code
+runs on one CPU, one GPU, a TPU slice or several hosts.
+
+Per member, each epoch ends with an evaluation on its validation part (carved
+from the training folds); the epoch with the lowest validation MAE (mm) is
+kept as the best checkpoint, and only that one is scored on the test fold. A
+member whose loss turns NaN or infinite is frozen from then on and scored with
+the epoch selected before; only when every member has diverged does the run
+stop with `FloatingPointError`. Each member's workdir holds config.json,
+folds.json, metrics.jsonl, TensorBoard events, checkpoints/latest and
+checkpoints/best, predictions_test.csv and results.json; a run started again
+with the same command resumes from its last checkpoint with the same batches
+and ends the same.
 """
 
+import contextlib
 import functools
 import json
 import os
-import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from flax.training import train_state
 import jax
@@ -25,18 +41,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hc_jax import augment as augment_lib
 from hc_jax import checkpoint
 from hc_jax import data as data_lib
+from hc_jax import layers as layers_lib
+from hc_jax import lock as lock_lib
 from hc_jax import losses
 from hc_jax import metrics as metrics_lib
 from hc_jax import models
-from hc_jax import targets
+from hc_jax import prepare
 
 P = jax.sharding.PartitionSpec
 METRICS_FILE = 'metrics.jsonl'
 RESULTS_FILE = 'results.json'
 PREDICTIONS_FILE = 'predictions_test.csv'
 LOG_EVERY_SECONDS = 30.0
+# Config fields in which the members of one run may differ.
+MEMBER_FIELDS = ('fold', 'loss', 'huber_delta', 'seed')
+MEMBERS_PER_CALL = ('auto', 'vmap', 'map')
+AUTO_PROBE_STEPS = 3
+GPU_MODELS = ('resnet50', 'vgg16')
 
 
 class TrainState(train_state.TrainState):
@@ -45,29 +69,29 @@ class TrainState(train_state.TrainState):
 
 def check_config(config) -> None:
   """Raises ValueError with one clear line for a config that cannot run."""
-  if config.model not in models.MODELS:
-    raise ValueError(f'unknown model {config.model!r}; choose one of '
-                     f'{", ".join(sorted(models.MODELS))}')
-  if config.loss not in losses.LOSSES:
-    raise ValueError(f'unknown loss {config.loss!r}; choose one of '
-                     f'{", ".join(sorted(losses.LOSSES))}')
+  choices = {'model': models.MODELS, 'loss': losses.LOSSES,
+             'resize_mode': prepare.RESIZE_MODES,
+             'lr_schedule': ('constant', 'cosine'),
+             'dtype': ('float32', 'bfloat16'),
+             'members_per_call': MEMBERS_PER_CALL}
+  for name, allowed in choices.items():
+    if config[name] not in allowed:
+      raise ValueError(f'{name} must be one of {", ".join(sorted(allowed))}; '
+                       f'got {config[name]!r}')
   if not 0 <= config.fold < config.num_folds:
     raise ValueError(f'fold must be in [0, {config.num_folds - 1}], got '
                      f'{config.fold}')
-  if config.resize_mode not in targets.RESIZE_MODES:
-    raise ValueError(f'unknown resize_mode {config.resize_mode!r}; choose one '
-                     f'of {", ".join(targets.RESIZE_MODES)}')
-  if config.lr_schedule not in ('constant', 'cosine'):
-    raise ValueError("lr_schedule must be 'constant' or 'cosine', got "
-                     f'{config.lr_schedule!r}')
-  if config.dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
-  if config.get('checkpoint_every_seconds', 0.0) < 0:
-    raise ValueError('checkpoint_every_seconds must be >= 0, got '
-                     f'{config.checkpoint_every_seconds}')
-  for name in ('batch_size', 'eval_batch_size', 'num_epochs', 'image_size'):
-    if config[name] < 1:
+  for name in ('checkpoint_every_seconds', 'time_budget_s', 'image_width',
+               'weight_decay', 'warmup_epochs'):
+    if config[name] < 0:
+      raise ValueError(f'{name} must be >= 0, got {config[name]}')
+  for name in ('batch_size', 'eval_batch_size', 'num_epochs', 'image_size',
+               'learning_rate'):
+    if config[name] <= 0:
       raise ValueError(f'{name} must be positive, got {config[name]}')
+  augment_lib.AugmentConfig.from_dict(config.augment)  # Raises if bad.
+  losses.get_loss(config)
+  models.from_config(config)  # Unknown layers, a dtype it cannot honour.
   num_devices = jax.device_count()
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] % num_devices:
@@ -75,18 +99,36 @@ def check_config(config) -> None:
                        f'{num_devices} devices')
 
 
+def check_members(configs: Sequence[Any]) -> None:
+  """Checks each config, and that they differ only in `MEMBER_FIELDS`."""
+  flat = [_flatten(c.to_dict()) for c in configs]
+  for config, fields in zip(configs, flat):
+    check_config(config)
+    differ = sorted(k for k in set(fields) | set(flat[0])
+                    if k not in MEMBER_FIELDS and
+                    fields.get(k) != flat[0].get(k))
+    if differ:
+      raise ValueError('members of one run may differ only in '
+                       f'{", ".join(MEMBER_FIELDS)}; these differ: '
+                       f'{", ".join(differ)}')
+  keys = [(c.fold, c.loss, c.huber_delta, c.seed) for c in configs]
+  if len(set(keys)) != len(keys):
+    raise ValueError(f'two members are the same run: {keys}')
+
+
+def _flatten(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
 def create_model(config) -> Any:
-  kwargs = {}
-  fields = models.MODELS[config.model].__dataclass_fields__
-  if 'dtype' in fields:
-    kwargs['dtype'] = jnp.dtype(config.dtype)
-  if 'keras_v1' in fields and config.get('init_from'):
-    kwargs['keras_v1'] = True  # Keras' weights need its stride placement.
-  if 'fast_layers' in fields:
-    # hc_jax.fast_layers are tuned for XLA:CPU (same values and gradients);
-    # on a GPU or TPU the plain layers go to cuDNN / the TPU's convolutions.
-    kwargs['fast_layers'] = jax.default_backend() == 'cpu'
-  return models.create_model(config.model, **kwargs)
+  """The Flax model a config names (`models.from_config`)."""
+  return models.from_config(config)
 
 
 def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -104,70 +146,84 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
 
 
 def create_train_state(config, model, key, tx) -> TrainState:
-  image = jnp.zeros((1, config.image_size, config.image_size, 1), jnp.float32)
+  height, width = prepare.input_shape(config)
+  image = jnp.zeros((1, height, width, 1), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(key, image)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            batch_stats=variables.get('batch_stats', {}), tx=tx)
 
 
-def train_step(state: TrainState, batch, *, loss_fn, dropout_key):
-  """One optimiser step on a global batch; returns (state, {'loss'})."""
-  key = jax.random.fold_in(dropout_key, state.step)
+def train_step(state: TrainState, batch, member, *, loss_fn, augment):
+  """One optimiser step of one member on its batch.
+
+  Args:
+    state: the member's `TrainState`.
+    batch: {'image': uint8 [B, H, W, 1], 'ellipse': [B, 5], 'hc_px': [B],
+      'resize': [B, 4]}.
+    member: {'key': the member's key, 'normaliser_px': scalar}.
+    loss_fn: `(predictions, targets) -> loss`.
+    augment: an `augment.AugmentConfig`.
+
+  Returns:
+    `(state, loss)`.
+  """
+  augment_key, dropout_key = jax.random.split(
+      jax.random.fold_in(member['key'], state.step))
+  images, _, hc_px = augment_lib.augment_batch(
+      augment_key, batch['image'], batch['ellipse'], batch['hc_px'],
+      batch['resize'], augment)
+  target = hc_px / member['normaliser_px']
 
   def compute_loss(params):
     predictions, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-        train=True, rngs={'dropout': key}, mutable=['batch_stats'])
-    return loss_fn(predictions, batch['target']), updates
+        {'params': params, 'batch_stats': state.batch_stats}, images,
+        train=True, rngs={'dropout': dropout_key}, mutable=['batch_stats'])
+    return loss_fn(predictions, target), updates
 
   (loss, updates), grads = jax.value_and_grad(compute_loss, has_aux=True)(
       state.params)
-  state = state.apply_gradients(grads=grads,
-                                batch_stats=updates['batch_stats'])
-  return state, {'loss': loss}
+  return state.apply_gradients(grads=grads,
+                               batch_stats=updates['batch_stats']), loss
 
 
-def eval_step(state: TrainState, images):
-  """Predicted targets (normalised HC) for a batch, with running statistics."""
-  return state.apply_fn({'params': state.params,
-                         'batch_stats': state.batch_stats}, images, train=False)
+def map_members(fn, xs, how: str = 'vmap'):
+  """`fn` over the leading (member) axis of the pytree `xs`, stacked.
+
+  One member runs unbatched (the plain step); several run in one `jax.vmap`
+  ('vmap': each convolution becomes a grouped one) or one after another
+  (`jax.lax.map`, 'map'). The choice changes the speed, not the values.
+  """
+  if jax.tree.leaves(xs)[0].shape[0] == 1:
+    out = fn(jax.tree.map(lambda x: x[0], xs))
+    return jax.tree.map(lambda x: x[None], out)
+  return jax.vmap(fn)(xs) if how == 'vmap' else jax.lax.map(fn, xs)
 
 
-class Trainer:
-  """Jitted steps over a 1-D data-parallel mesh."""
+def members_train_step(state, batch, members, *, loss_fns, augment, how):
+  """One step of every member; a member whose `batch['active']` is False is
+  left unchanged (it has fewer steps this epoch, or it diverged)."""
 
-  def __init__(self, config, dropout_key):
-    self.mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-    self.replicated = jax.sharding.NamedSharding(self.mesh, P())
-    self.batch_sharded = jax.sharding.NamedSharding(self.mesh, P('data'))
-    loss_fn = losses.get_loss(config.loss, **(
-        {'delta': config.huber_delta} if config.loss == 'huber' else {}))
-    self.train_step = jax.jit(
-        functools.partial(train_step, loss_fn=loss_fn, dropout_key=dropout_key),
-        out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-    self.eval_step = jax.jit(eval_step, out_shardings=self.replicated)
+  def one(xs):
+    member_state, member_batch, member = xs
+    if len(loss_fns) == 1:
+      loss_fn = loss_fns[0]
+    else:
+      loss_fn = lambda p, t: jax.lax.switch(member['loss_id'], loss_fns, p, t)
+    new_state, loss = train_step(member_state, member_batch, member,
+                                 loss_fn=loss_fn, augment=augment)
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(member_batch['active'], new, old),
+        new_state, member_state)
+    return new_state, loss
 
-  def replicate(self, tree):
-    return jax.device_put(tree, self.replicated)
+  return map_members(one, (state, batch, members), how)
 
-  def shard(self, array):
-    return jax.make_array_from_process_local_data(self.batch_sharded, array)
 
-  def predict(self, state, batches, normaliser_px):
-    """Predicted and true HC (px) over every real image of the batches."""
-    columns = {k: [] for k in ('filename', 'pixel_size_mm', 'hc_px_true',
-                               'hc_px_pred')}
-    for batch in batches:
-      keep = batch['mask'] > 0
-      predictions = np.asarray(self.eval_step(state, self.shard(batch['image'])))
-      columns['filename'] += [f.decode() for f in batch['filename'][keep]]
-      columns['pixel_size_mm'].append(batch['pixel_size_mm'][keep])
-      columns['hc_px_true'].append(batch['hc_px'][keep])
-      columns['hc_px_pred'].append(targets.hc_px_from_target(
-          predictions[keep], normaliser_px))
-    for key in ('pixel_size_mm', 'hc_px_true', 'hc_px_pred'):
-      columns[key] = np.concatenate(columns[key]).astype(np.float64)
-    return columns
+def members_predict(state, images, how: str = 'vmap'):
+  """Normalised predictions [M, E] of every member on its z-scored images."""
+  return map_members(lambda xs: xs[0].apply_fn(
+      {'params': xs[0].params, 'batch_stats': xs[0].batch_stats},
+      augment_lib.zscore_batch(xs[1]), train=False), (state, images), how)
 
 
 def _log(message: str) -> None:
@@ -184,129 +240,364 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   Args:
     config: a config from `configs/` (an ml_collections.ConfigDict).
-    workdir: where the run leaves config.json, folds.json, metrics.jsonl,
-      TensorBoard events, checkpoints, the test predictions and results.json;
-      an existing workdir of the same run is resumed.
+    workdir: where the run leaves its files; an unfinished run there is
+      resumed, a finished one is left as it is (unless `config.rescore`).
 
   Returns:
-    The results: validation metrics of the selected epoch and test-fold
-    metrics ('test_mae_mm', ...).
+    The results (the contents of results.json).
 
   Raises:
-    ValueError: for a bad config.
+    ValueError: for a bad config or data (and `lock.LockedError` when
+      another process holds the workdir, `checkpoint.CheckpointError` when no
+      checkpoint can be restored).
     FloatingPointError: on a NaN or inf loss (the last good checkpoint stays).
   """
-  check_config(config)
-  if config.get('tune_malloc', False) and jax.default_backend() == 'cpu':
-    from hc_jax import cpu  # pylint: disable=import-outside-toplevel
-    cpu.tune_malloc()
-  os.makedirs(workdir, exist_ok=True)
-  data_lib.save_json(os.path.join(workdir, 'config.json'), config.to_dict())
-  data = data_lib.load(config, workdir)
-  num_train = len(data.split['train'])
-  steps_per_epoch = num_train // config.batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f'{num_train} training images make no batch of '
-                     f'{config.batch_size}')
-  total_steps = steps_per_epoch * config.num_epochs
-  _log(f'{config.model} + {config.loss}, fold {config.fold}: '
-       f'{num_train} train / {len(data.split["val"])} val / '
-       f'{len(data.split["test"])} test images, {steps_per_epoch} steps per '
-       f'epoch, {jax.device_count()} {jax.devices()[0].platform} device(s)')
+  return train_members([config], [workdir])[0]
 
-  key = jax.random.key(config.seed)
-  init_key, dropout_key = jax.random.split(key)
-  trainer = Trainer(config, dropout_key)
-  model = create_model(config)
-  state = create_train_state(config, model, init_key,
-                             create_optimizer(config, steps_per_epoch))
-  if config.get('init_from'):
-    from hc_jax import pretrained  # pylint: disable=import-outside-toplevel
-    state = pretrained.load_into(state, config.init_from, config.model)
-    _log(f'initialised from {config.init_from}')
-  _log(f'{models.count_params(state.params):,} parameters')
-  checkpoints = checkpoint.Checkpoints(workdir)
-  state, progress = checkpoints.restore_latest(state)
-  start_epoch = progress.get('epoch', 0)
-  checkpoints.drop_after(start_epoch)
-  best = progress.get('best', {'val_mae_mm': float('inf'), 'epoch': 0})
-  if start_epoch:
-    _log(f'resuming after epoch {start_epoch} (step {int(state.step)})')
-  state = trainer.replicate(state)
-  writer = checkpoint.MetricWriter(workdir, resume_epoch=start_epoch)
 
-  started = last_log = last_save = time.time()
-  for epoch in range(start_epoch + 1, config.num_epochs + 1):
-    epoch_start = time.time()
-    losses_this_epoch = []
-    for i, batch in enumerate(data.train_epoch(epoch)):
-      state, step_metrics = trainer.train_step(
-          state, {'image': trainer.shard(batch['image']),
-                  'target': trainer.shard(batch['target'])})
-      losses_this_epoch.append(step_metrics['loss'])
-      step = (epoch - 1) * steps_per_epoch + i + 1
-      # A progress line every log_every_steps, and at least every 30 s so a
-      # slow model on a CPU shows its ETA early.
-      if (step % config.log_every_steps == 0 or
-          time.time() - last_log > LOG_EVERY_SECONDS):
-        loss = float(step_metrics['loss'])  # Waits for the step.
-        last_log = time.time()
-        rate = config.batch_size * (step - start_epoch * steps_per_epoch) / (
-            last_log - started)
-        _log(f'epoch {epoch}/{config.num_epochs} step {step}/{total_steps} '
-             f'loss {loss:.4g} {rate:.3g} img/s '
-             f'ETA {_eta((total_steps - step) * config.batch_size / rate)}')
-    epoch_losses = np.asarray(jax.device_get(losses_this_epoch))
-    bad = np.flatnonzero(~np.isfinite(epoch_losses))
-    if bad.size:
-      step = (epoch - 1) * steps_per_epoch + int(bad[0]) + 1
-      raise FloatingPointError(
-          f'loss is {epoch_losses[bad[0]]} at step {step} (epoch {epoch}); '
-          f'stopped without saving, the last good checkpoint is in '
-          f'{checkpoints.directory}')
-    val = trainer.predict(state, data.eval_batches('val'), data.normaliser_px)
-    val_errors = metrics_lib.hc_errors(val['hc_px_true'], val['hc_px_pred'],
-                                       val['pixel_size_mm'])
-    is_best = val_errors['mae_mm'] < best['val_mae_mm']
-    if is_best:
-      best = {'val_mae_mm': val_errors['mae_mm'], 'epoch': epoch}
-    record = {'epoch': epoch, 'step': int(state.step),
-              'train_loss': float(epoch_losses.mean()),
-              'epoch_seconds': round(time.time() - epoch_start, 2),
-              **{f'val_{k}': v for k, v in val_errors.items()}}
-    writer.write(record)
-    save_latest = (epoch == config.num_epochs or time.time() - last_save >=
-                   config.get('checkpoint_every_seconds', 0.0))
-    checkpoints.save(epoch, state, {'epoch': epoch, 'best': best},
-                     is_best=is_best, latest=save_latest)
-    if save_latest:
-      last_save = time.time()
-    _log(f'epoch {epoch}: train loss {record["train_loss"]:.4g}, val '
-         f'{metrics_lib.format_errors(val_errors)}'
-         f'{" *" if is_best else ""} ({record["epoch_seconds"]:.1f} s)')
-  checkpoints.wait()
+def train_members(configs: Sequence[Any], workdirs: Sequence[str]
+                  ) -> list[dict[str, Any]]:
+  """Trains several members at once; see the module docstring.
 
-  # Score the test fold with the checkpoint the validation part selected.
-  state = trainer.replicate(checkpoints.restore_best(state, best['epoch']))
-  test = trainer.predict(state, data.eval_batches('test'), data.normaliser_px)
-  test_errors = metrics_lib.hc_errors(test['hc_px_true'], test['hc_px_pred'],
-                                      test['pixel_size_mm'])
-  subject_of = {image.filename: image.subject_id for image in data.folds.images}
-  subjects = [subject_of[f] for f in test['filename']]
-  metrics_lib.write_predictions(
-      os.path.join(workdir, PREDICTIONS_FILE),
-      metrics_lib.prediction_rows(test['filename'], subjects,
-                                  test['pixel_size_mm'], test['hc_px_true'],
-                                  test['hc_px_pred']))
-  results = {'model': config.model, 'loss': config.loss, 'fold': config.fold,
-             'selected_epoch': best['epoch'],
-             'normaliser_px': data.normaliser_px,
-             'val_mae_mm': best['val_mae_mm'],
-             **{f'test_{k}': v for k, v in test_errors.items()}}
-  data_lib.save_json(os.path.join(workdir, RESULTS_FILE), results)
-  writer.write({'epoch': config.num_epochs, 'step': int(state.step),
-                **{f'test_{k}': v for k, v in test_errors.items()}})
-  writer.close()
-  _log(f'test fold {config.fold} (epoch {best["epoch"]} selected on '
-       f'validation): {metrics_lib.format_errors(test_errors)}')
+  Returns:
+    One results dict per member, in order.
+  """
+  check_members(configs)
+  if len(set(map(os.path.abspath, workdirs))) != len(workdirs):
+    raise ValueError(f'members need distinct workdirs: {list(workdirs)}')
+  results = [None] * len(configs)
+  todo = []
+  for m, (config, workdir) in enumerate(zip(configs, workdirs)):
+    path = os.path.join(workdir, RESULTS_FILE)
+    if os.path.isfile(path) and not config.get('rescore', False):
+      _log(f'already finished: {path} (--config.rescore=True scores its test '
+           'fold again)')
+      with open(path) as f:
+        results[m] = json.load(f)
+    else:
+      todo.append(m)
+  if todo:
+    with contextlib.ExitStack() as stack:
+      for m in todo:
+        stack.enter_context(lock_lib.WorkdirLock(workdirs[m]))
+      trained = _Run([configs[m] for m in todo],
+                     [workdirs[m] for m in todo]).run()
+    for m, result in zip(todo, trained):
+      results[m] = result
   return results
+
+
+class _Run:
+  """The state and loop of one call of `train_members`."""
+
+  def __init__(self, configs, workdirs):
+    self.configs, self.workdirs = list(configs), list(workdirs)
+    self.config = config = configs[0]
+    self.started = time.time()
+    self.mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+    self.replicated = jax.sharding.NamedSharding(self.mesh, P())
+    self.batch_sharding = jax.sharding.NamedSharding(self.mesh, P(None, 'data'))
+    created = [w for w in workdirs if not os.path.isdir(w)]
+    try:
+      self.data = data_lib.load(configs, workdirs, jax.process_index(),
+                                jax.process_count())
+    except BaseException:
+      for workdir in created:  # A run that fails at the start leaves nothing.
+        if os.path.isdir(workdir) and not os.listdir(workdir):
+          os.rmdir(workdir)
+      raise
+    self.rescore_only = all(c.get('rescore', False) and os.path.isfile(
+        os.path.join(w, RESULTS_FILE)) for c, w in zip(configs, workdirs))
+    digest = self.data.info.get('source_digest')
+    for member, workdir in zip(configs, workdirs):
+      os.makedirs(workdir, exist_ok=True)
+      data_lib.save_json(os.path.join(workdir, 'config.json'), {
+          **member.to_dict(), 'source_digest': digest,
+          'layers_resolved': layers_lib.resolve(member.get('layers', 'auto'))})
+      self.data.assignment.to_json(os.path.join(workdir, data_lib.FOLDS_FILE))
+    loss_keys = [(c.loss, c.huber_delta if c.loss == 'huber' else None)
+                 for c in configs]
+    unique = list(dict.fromkeys(loss_keys))
+    self.loss_fns = tuple(losses.get_loss(configs[loss_keys.index(k)])
+                          for k in unique)
+    loss_id = [unique.index(k) for k in loss_keys]
+    keys = [jax.random.split(jax.random.key(c.seed)) for c in configs]
+    self.members = jax.device_put({
+        'key': jnp.stack([k[1] for k in keys]),
+        'loss_id': jnp.asarray(loss_id, jnp.int32),
+        'normaliser_px': jnp.asarray(self.data.normaliser_px)},
+                                  self.replicated)
+    self.num_epochs = config.num_epochs
+    model = create_model(config)
+    tx = create_optimizer(config, int(self.data.steps.max()))
+    self.init_states = [create_train_state(config, model, k[0], tx)
+                        for k in keys]
+    if config.get('init_from'):
+      from hc_jax import pretrained  # pylint: disable=import-outside-toplevel
+      self.init_states = [pretrained.load_into(s, config.init_from,
+                                               config.model)
+                          for s in self.init_states]
+    self.augment = augment_lib.AugmentConfig.from_dict(config.augment)
+    how = config.members_per_call
+    self.candidates = ('vmap', 'map') if how == 'auto' else (how,)
+    self.how = None if how == 'auto' and len(configs) > 1 else self.candidates[0]
+    self.steps = {c: jax.jit(functools.partial(
+        members_train_step, loss_fns=self.loss_fns, augment=self.augment,
+        how=c), donate_argnums=(0,)) for c in self.candidates}
+    self.predict_fn = jax.jit(functools.partial(members_predict, how='vmap'),
+                              out_shardings=self.replicated)
+
+  def _describe(self) -> str:
+    c, d = self.config, self.data
+    height, width = prepare.input_shape(c)
+    parts = ', '.join(f'fold {x.fold} {x.loss}' + (
+        f' seed {x.seed}' if x.seed != c.seed else '') for x in self.configs)
+    return (f'{c.model} ({parts}): {len(d.split[0]["train"])} train / '
+            f'{len(d.split[0]["val"])} val / {len(d.split[0]["test"])} test '
+            f'images at {height}x{width} ({c.resize_mode}), '
+            f'{int(d.steps.max())} steps per epoch, {jax.device_count()} '
+            f'{jax.devices()[0].platform} device(s)')
+
+  def _shard(self, array):
+    """A global array from this process's rows of [M, rows, ...] batches."""
+    if array.ndim < 2:
+      return jax.device_put(array, self.replicated)
+    global_shape = ((array.shape[0], array.shape[1] * jax.process_count()) +
+                    array.shape[2:])
+    return jax.make_array_from_process_local_data(
+        self.batch_sharding, array, global_shape)
+
+  def _restore(self):
+    """Restores every member's latest checkpoint; returns the stacked state."""
+    self.checkpoints = [checkpoint.Checkpoints(w) for w in self.workdirs]
+    restored = [ck.restore_latest(s) for ck, s in
+                zip(self.checkpoints, self.init_states)]
+    epochs = [p.get('epoch', 0) for _, p in restored]
+    start = min(epochs)
+    for m, (ck, epoch) in enumerate(zip(self.checkpoints, epochs)):
+      if epoch > start:  # Killed between the members' saves.
+        restored[m] = ck.restore_latest(self.init_states[m], max_epoch=start)
+    self.start_epoch = start
+    self.best = [p.get('best', {'val_mae_mm': float('inf'), 'epoch': 0})
+                 for _, p in restored]
+    self.diverged = np.asarray([p.get('diverged_epoch', 0) or 0
+                                for _, p in restored])
+    for ck in self.checkpoints:
+      ck.drop_after(start)
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *[s for s, _ in restored])
+    return jax.device_put(stacked, self.replicated)
+
+  def _member_state(self, state, m):
+    return jax.tree.map(lambda x: x[m], state)
+
+  def _predict(self, state, part):
+    """Predicted HC (px) of every member on its 'val' or 'test' images."""
+    size = self.config.eval_batch_size
+    index, mask = self.data.eval_index(part, size)
+    images = self.data.arrays['images']
+    rows = data_lib.process_slice(size, jax.process_index(),
+                                  jax.process_count())
+    out = []
+    for c in range(0, index.shape[1], size):
+      chunk = index[:, c:c + size][:, rows]
+      out.append(self.predict_fn(state, self._shard(images[chunk])))
+    predictions = np.concatenate(jax.device_get(out), axis=1)
+    return index, mask, predictions * self.data.normaliser_px[:, None]
+
+  def _errors(self, predicted, m):
+    index, mask, hc_px_pred = predicted
+    keep = index[m][mask[m]]
+    arrays = self.data.arrays
+    return metrics_lib.hc_errors(arrays['hc_px'][keep], hc_px_pred[m][mask[m]],
+                                 arrays['pixel_size_mm'][keep])
+
+  def _train_epoch(self, state, epoch):
+    alive = self.diverged == 0
+    losses_, actives = [], []
+    batches = self.data.train_batches(epoch, self.config.data.get(
+        'pipeline', 'auto'))
+    first = not self.compiled
+    for i, batch in enumerate(batches):
+      active = batch.pop('active') & alive
+      sharded = {k: self._shard(v) for k, v in batch.items()}
+      sharded['active'] = jax.device_put(active, self.replicated)
+      if self.how is None:  # 'auto' with several members: time both.
+        state = self._probe(state, sharded)
+      state, loss = self.steps[self.how](state, sharded, self.members)
+      if first and i == 0:
+        jax.block_until_ready(loss)
+        self.compiled = True
+        _log(f'compiled in {time.time() - self.compile_started:.0f} s')
+      losses_.append(loss)
+      actives.append(active)
+      self._progress(epoch, i, loss)
+    return state, np.asarray(jax.device_get(losses_)), np.asarray(actives)
+
+  def _probe(self, state, batch):
+    """'auto': times vmap and lax.map on the same batch, keeps the faster.
+    The timed steps are not kept: the state goes on from before them."""
+    times = {}
+    for how in self.candidates:
+      step = jax.jit(functools.partial(
+          members_train_step, loss_fns=self.loss_fns, augment=self.augment,
+          how=how))
+      jax.block_until_ready(step(state, batch, self.members))  # Compiles.
+      start = time.perf_counter()
+      for _ in range(AUTO_PROBE_STEPS):
+        out = step(state, batch, self.members)
+      jax.block_until_ready(out)
+      times[how] = (time.perf_counter() - start) / AUTO_PROBE_STEPS
+    self.how = min(times, key=times.get)
+    self.step_ms = {k: round(v * 1e3, 2) for k, v in times.items()}
+    _log('members_per_call=auto: ' + ', '.join(
+        f'{k} {v} ms per step' for k, v in self.step_ms.items()) +
+         f' -> {self.how}')
+    return state
+
+  def _progress(self, epoch, i, loss):
+    now = time.time()
+    if now - self.last_log < LOG_EVERY_SECONDS:
+      return
+    self.last_log = now
+    steps = int(self.data.steps.max())
+    done = (epoch - 1 - self.start_epoch) * steps + i + 1
+    total = (self.num_epochs - self.start_epoch) * steps
+    rate = done / max(now - self.loop_started, 1e-9)
+    _log(f'epoch {epoch}/{self.num_epochs} step {i + 1}/{steps} loss '
+         f'{float(loss.mean()):.4g} '
+         f'{rate * self.data.batch_size * len(self.configs):.3g} img/s ETA '
+         f'{_eta((total - done) / rate)}')
+
+  def run(self):
+    config, data = self.config, self.data
+    state = self._restore()
+    _log(self._describe())
+    _log(f'{models.count_params(self.init_states[0].params):,} parameters '
+         'per member')
+    if self.start_epoch:
+      _log(f'resuming after epoch {self.start_epoch}')
+    if (config.model in GPU_MODELS and jax.default_backend() == 'cpu' and
+        self.start_epoch < self.num_epochs):
+      _log(f'{config.model} on a CPU is GPU work: several minutes to compile, '
+           'then about a day for 250 epochs (see the README)')
+    writers = [checkpoint.MetricWriter(w, resume_epoch=self.start_epoch)
+               for w in self.workdirs]
+    self.compiled = False
+    self.compile_started = self.loop_started = self.last_log = time.time()
+    if self.start_epoch < self.num_epochs:
+      _log('compiling the training step...')
+    last_save = time.time()
+    epoch = self.start_epoch
+    while epoch < self.num_epochs:
+      epoch += 1
+      epoch_start = time.time()
+      state, step_losses, active = self._train_epoch(state, epoch)
+      bad = ~np.isfinite(step_losses) & active
+      for m in np.flatnonzero(bad.any(axis=0)):
+        self.diverged[m] = epoch
+        step = int(np.argmax(bad[:, m])) + 1
+        _log(f'{self.workdirs[m]}: loss is {step_losses[step - 1, m]} at step '
+             f'{step} of epoch {epoch}; frozen, scored with epoch '
+             f'{self.best[m]["epoch"]} (selected on validation before)')
+      if (self.diverged > 0).all():
+        raise FloatingPointError(
+            f'the training loss diverged (epoch {epoch}); stopped without '
+            f'saving, the last good checkpoints are in '
+            f'{", ".join(ck.directory for ck in self.checkpoints)}')
+      val = self._predict(state, 'val')
+      save_latest = (epoch == self.num_epochs or time.time() - last_save >=
+                     config.checkpoint_every_seconds)
+      for m, writer in enumerate(writers):
+        if self.diverged[m]:
+          continue
+        errors = self._errors(val, m)
+        is_best = errors['mae_mm'] < self.best[m]['val_mae_mm']
+        if is_best:
+          self.best[m] = {'val_mae_mm': errors['mae_mm'], 'epoch': epoch}
+        mask = active[:, m]
+        writer.write({
+            'epoch': epoch, 'step': int(epoch * data.steps[m]),
+            'train_loss': float(step_losses[mask, m].mean()),
+            'epoch_seconds': round(time.time() - epoch_start, 2),
+            **{f'val_{k}': v for k, v in errors.items()}})
+        self.checkpoints[m].save(
+            epoch, self._member_state(state, m),
+            {'epoch': epoch, 'best': self.best[m]}, is_best=is_best,
+            latest=save_latest)
+        if len(self.configs) == 1:
+          _log(f'epoch {epoch}: val {metrics_lib.format_errors(errors)}'
+               f'{" *" if is_best else ""} '
+               f'({time.time() - epoch_start:.1f} s)')
+      if len(self.configs) > 1:
+        _log(f'epoch {epoch}/{self.num_epochs} ({time.time() - epoch_start:.1f}'
+             ' s): val MAE mm ' + ', '.join(
+                 f'{self._errors(val, m)["mae_mm"]:.2f}' for m in
+                 range(len(self.configs))))
+      if save_latest:
+        last_save = time.time()
+      if epoch == 1 and config.time_budget_s:
+        self._fit_budget(time.time() - epoch_start)
+      elif (config.time_budget_s and epoch < self.num_epochs and
+            time.time() - self.started + 2 * (time.time() - epoch_start) >
+            config.time_budget_s):
+        _log(f'stopping after epoch {epoch}: the next would pass '
+             f'time_budget_s={config.time_budget_s}')
+        self.num_epochs = epoch
+    for ck in self.checkpoints:
+      ck.wait()
+    return self._score_test(state, writers)
+
+  def _fit_budget(self, epoch_seconds):
+    left = self.config.time_budget_s - (time.time() - self.started)
+    fit = int(1 + max(0, (left - 2 * epoch_seconds) // epoch_seconds))
+    if fit < self.num_epochs:
+      _log(f'time_budget_s={self.config.time_budget_s}: {epoch_seconds:.1f} s '
+           f'per epoch, {fit} of {self.num_epochs} epochs fit')
+      self.num_epochs = fit
+
+  def _score_test(self, state, writers):
+    """Scores each member's test fold with its selected checkpoint."""
+    best_states = [ck.restore_best(self.init_states[m], self.best[m]['epoch'])
+                   for m, ck in enumerate(self.checkpoints)]
+    state = jax.device_put(jax.tree.map(lambda *x: jnp.stack(x), *best_states),
+                           self.replicated)
+    test = self._predict(state, 'test')
+    arrays, results = self.data.arrays, []
+    for m, (config, workdir) in enumerate(zip(self.configs, self.workdirs)):
+      index, mask, hc_px_pred = test
+      keep = index[m][mask[m]]
+      plain = self._errors(test, m)
+      errors = {f'test_{k}': v for k, v in plain.items()}
+      metrics_lib.write_predictions(
+          os.path.join(workdir, PREDICTIONS_FILE), metrics_lib.prediction_rows(
+              arrays['filename'][keep], arrays['subject_id'][keep],
+              arrays['pixel_size_mm'][keep], arrays['hc_px'][keep],
+              hc_px_pred[m][mask[m]]))
+      train_index = self.data.split[m]['train']
+      result = {
+          'model': config.model, 'loss': config.loss, 'fold': config.fold,
+          'seed': config.seed, 'selected_epoch': self.best[m]['epoch'],
+          'normaliser_px': float(self.data.normaliser_px[m]),
+          'val_mae_mm': self.best[m]['val_mae_mm'],
+          'num_epochs': self.num_epochs,
+          'planned_epochs': config.num_epochs,
+          'diverged_epoch': int(self.diverged[m]) or None,
+          'source_digest': self.data.info.get('source_digest'),
+          'num_members': len(self.configs), 'members_per_call': self.how,
+          'train_seconds': round(time.time() - self.started, 1),
+          **{f'train_hc_{unit}_{stat}': float(fn(arrays[f'hc_{unit}'][
+              train_index])) for unit in ('mm', 'px')
+             for stat, fn in (('min', np.min), ('max', np.max))},
+          **errors}
+      data_lib.save_json(os.path.join(workdir, RESULTS_FILE), result)
+      if not self.rescore_only:
+        writers[m].write({'epoch': self.num_epochs,
+                          'step': int(self.num_epochs * self.data.steps[m]),
+                          **errors})
+      writers[m].close()
+      _log(f'{workdir}: test fold {config.fold} (epoch '
+           f'{self.best[m]["epoch"]} selected on validation): '
+           f'{metrics_lib.format_errors(plain)}')
+      results.append(result)
+    return results
+

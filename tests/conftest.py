@@ -25,7 +25,7 @@ def tiny_config(phantom_hc18):
   """The default config shrunk to seconds: 32x32 images, 2 epochs."""
   from configs import default  # pylint: disable=import-outside-toplevel
   config = default.get_config()
-  config.data.hc18_dir, config.data.tfds_data_dir = phantom_hc18
+  config.data.hc18_dir, config.data.cache_dir = phantom_hc18
   config.image_size = 32
   config.num_epochs = 2
   config.batch_size = 8
@@ -37,7 +37,7 @@ def tiny_config(phantom_hc18):
 def config_flags(config) -> list[str]:
   """The command-line overrides that turn configs/default.py into `config`."""
   return [f'--config.data.hc18_dir={config.data.hc18_dir}',
-          f'--config.data.tfds_data_dir={config.data.tfds_data_dir}',
+          f'--config.data.cache_dir={config.data.cache_dir}',
           f'--config.image_size={config.image_size}',
           f'--config.num_epochs={config.num_epochs}',
           f'--config.eval_batch_size={config.eval_batch_size}',

@@ -1,13 +1,26 @@
-"""hc_jax.checkpoint: which best checkpoint survives kills and resumes."""
+"""hc_jax.checkpoint: kills, damaged files and full disks during a run."""
+
+import errno
+import json
+import os
+import random
+import shutil
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from hc_jax import checkpoint
 
 
 def _state(value):
-  return {'w': np.full((3,), float(value), np.float32)}
+  return {'w': np.full((3,), float(value), np.float32),
+          'b': {'x': np.arange(300, dtype=np.float32) * value}}
+
+
+def _assert_state(state, value):
+  np.testing.assert_array_equal(state['w'], _state(value)['w'])
+  np.testing.assert_array_equal(state['b']['x'], _state(value)['b']['x'])
 
 
 def _progress(epoch, best_epoch):
@@ -15,8 +28,7 @@ def _progress(epoch, best_epoch):
 
 
 def _run(workdir, epochs):
-  """Saves (epoch, is_best, latest) as training does; returns the best epoch
-  named by the last progress."""
+  """Saves (epoch, is_best, latest) as training does; returns the manager."""
   ckpt = checkpoint.Checkpoints(workdir)
   best = 0
   for epoch, is_best, latest in epochs:
@@ -33,14 +45,48 @@ def _resume(workdir):
   return ckpt, state, progress
 
 
-def test_best_named_by_latest_survives_a_newer_best(tmp_path):
-  # Latest at 6 names best 4; best improves at 8; killed at 9.
+def _step_dir(workdir, kind, step):
+  return os.path.join(workdir, 'checkpoints', kind, str(step))
+
+
+def _damage(step_dir, rng, mode=None, file=None):
+  """Truncates, overwrites bytes of, or deletes one file of `step_dir`;
+  returns (relative path, mode)."""
+  files = sorted(os.path.relpath(os.path.join(root, name), step_dir)
+                 for root, _, names in os.walk(step_dir) for name in names)
+  file = file or rng.choice(files)
+  path = os.path.join(step_dir, file)
+  with open(path, 'rb') as f:
+    data = bytearray(f.read())
+  mode = mode or rng.choice(['truncate', 'overwrite', 'delete'])
+  if not data:
+    mode = 'delete'
+  if mode == 'delete':
+    os.remove(path)
+  else:
+    if mode == 'truncate':
+      data = data[:rng.randrange(len(data))]
+    else:
+      for i in range(rng.randrange(len(data)), len(data))[:8]:
+        data[i] = (data[i] + rng.randrange(1, 256)) % 256
+    with open(path, 'wb') as f:
+      f.write(data)
+  return file, mode
+
+
+# Best checkpoints: which survive kills and resumes.
+
+
+def test_best_named_by_a_kept_latest_survives_a_newer_best(tmp_path):
+  # Latest checkpoints 1 and 6 name bests 1 and 4; best improves at 8;
+  # killed at 9.
   _run(tmp_path, [(1, True, True), (2, False, False), (4, True, False),
                   (6, False, True), (8, True, False), (9, False, False)])
   ckpt, state, progress = _resume(tmp_path)
-  assert progress['epoch'] == 6 and float(state['w'][0]) == 6
-  assert ckpt.best.all_steps() == [4]
-  assert float(ckpt.restore_best(_state(-1), 4)['w'][0]) == 4
+  assert progress['epoch'] == 6
+  _assert_state(state, 6)
+  assert ckpt.best.all_steps() == [1, 4]
+  _assert_state(ckpt.restore_best(_state(-1), 4), 4)
 
 
 def test_kill_between_best_and_latest_redoes_the_epoch(tmp_path):
@@ -52,21 +98,191 @@ def test_kill_between_best_and_latest_redoes_the_epoch(tmp_path):
   assert ckpt.best.all_steps() == [3]
 
 
-def test_latest_save_prunes_other_bests(tmp_path):
+def test_latest_save_keeps_two_and_prunes_bests_neither_names(tmp_path):
   ckpt = _run(tmp_path, [(1, True, False), (2, True, False), (3, True, True),
                          (4, False, True)])
   assert ckpt.best.all_steps() == [3]
-  assert ckpt.latest.all_steps() == [4]
+  assert ckpt.latest.all_steps() == [3, 4]
+  ckpt = _run(tmp_path / 'b', [(1, True, True), (2, False, True),
+                               (3, True, True)])
+  assert ckpt.latest.all_steps() == [2, 3]
+  assert ckpt.best.all_steps() == [1, 3]  # Latest 2 names best 1.
+  ckpt.save(4, _state(4), _progress(4, 3), is_best=False)
+  assert ckpt.best.all_steps() == [3]
+
+
+def test_fallback_to_the_previous_latest_keeps_its_best(tmp_path, capsys):
+  _run(tmp_path, [(1, True, True), (2, False, True), (3, True, True)])
+  _damage(_step_dir(tmp_path, 'latest', 3), random.Random(0), 'delete',
+          'progress/metadata')
+  ckpt, state, progress = _resume(tmp_path)
+  assert progress == _progress(2, 1)
+  _assert_state(state, 2)
+  assert 'progress/metadata is missing' in capsys.readouterr().err
+  assert ckpt.best.all_steps() == [1] and ckpt.latest.all_steps() == [2]
+  _assert_state(ckpt.restore_best(_state(-1), 1), 1)
+  # The run redoes epoch 3 and saves it again.
+  ckpt.save(3, _state(3), _progress(3, 1), is_best=False)
+  _, state, progress = _resume(tmp_path)
+  assert progress['epoch'] == 3
+  _assert_state(state, 3)
 
 
 def test_restore_best_of_a_missing_epoch_is_a_clear_error(tmp_path):
   ckpt = _run(tmp_path, [(1, True, True)])
   with pytest.raises(FileNotFoundError, match='epoch 5'):
     ckpt.restore_best(_state(-1), 5)
-  assert float(ckpt.restore_best(_state(-1))['w'][0]) == 1
+  _assert_state(ckpt.restore_best(_state(-1)), 1)
+
+
+def test_restore_best_of_a_damaged_checkpoint_names_it(tmp_path):
+  ckpt = _run(tmp_path, [(1, True, True), (2, False, True)])
+  file, _ = _damage(_step_dir(tmp_path, 'best', 1), random.Random(1),
+                    'overwrite', 'state/_METADATA')
+  with pytest.raises(checkpoint.CheckpointError,
+                     match='best checkpoint.*' + file):
+    ckpt.restore_best(_state(-1), 1)
 
 
 def test_no_latest_drops_every_best(tmp_path):
   _run(tmp_path, [(1, True, False), (2, True, False)])
   ckpt, _, progress = _resume(tmp_path)
   assert progress == {} and ckpt.best.all_steps() == []
+
+
+# Damaged latest checkpoints: the previous one, or one clear error.
+
+
+@pytest.fixture(scope='module')
+def three_epochs(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('three_epochs'))
+  _run(workdir, [(1, True, True), (2, False, True), (3, False, True)])
+  return workdir
+
+
+@pytest.mark.parametrize('seed', range(16))
+def test_damaged_latest_falls_back_or_fails_clearly(three_epochs, tmp_path,
+                                                    seed, capsys):
+  rng = random.Random(seed)
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(three_epochs, workdir)
+  damaged = {3: _damage(_step_dir(workdir, 'latest', 3), rng)}
+  if seed % 4 == 3:  # Both kept checkpoints damaged.
+    damaged[2] = _damage(_step_dir(workdir, 'latest', 2), rng)
+  # Without its manifest a checkpoint is restored unchecked (as after a kill
+  # right after orbax finished it): its data is intact.
+  usable = [step for step in (3, 2) if step not in damaged or
+            damaged[step] == (checkpoint.MANIFEST_FILE, 'delete')]
+  ckpt = checkpoint.Checkpoints(workdir)
+  if not usable:
+    with pytest.raises(checkpoint.CheckpointError,
+                       match='no checkpoint in .* can be restored'):
+      ckpt.restore_latest(_state(-1))
+    return
+  state, progress = ckpt.restore_latest(_state(-1))
+  assert progress['epoch'] == usable[0], damaged
+  _assert_state(state, usable[0])
+  err = capsys.readouterr().err
+  if usable[0] == 2:
+    assert damaged[3][0] in err and 'resuming from epoch 2' in err, err
+
+
+def test_unfinished_and_unchecked_checkpoints(three_epochs, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(three_epochs, workdir)
+  # A save killed before orbax finished, one killed before the manifest.
+  os.makedirs(os.path.join(workdir, 'checkpoints', 'latest',
+                           '4.orbax-checkpoint-tmp', 'state'))
+  os.remove(os.path.join(_step_dir(workdir, 'latest', 3),
+                         checkpoint.MANIFEST_FILE))
+  ckpt, state, progress = _resume(workdir)
+  assert progress['epoch'] == 3
+  _assert_state(state, 3)
+  ckpt.save(4, _state(4), _progress(4, 1), is_best=False)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints', 'latest'))) \
+      == ['3', '4']
+
+
+# Failed writes: the earlier checkpoints stay usable.
+
+
+def _no_space(*args, **kwargs):
+  raise OSError(errno.ENOSPC, 'No space left on device')
+
+
+async def _no_space_async(*args, **kwargs):
+  _no_space()
+
+
+@pytest.mark.parametrize('where', ['orbax', 'manifest', 'best'])
+def test_full_disk_keeps_the_earlier_checkpoints(three_epochs, tmp_path,
+                                                 monkeypatch, where):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(three_epochs, workdir)
+  ckpt = checkpoint.Checkpoints(workdir)
+  with monkeypatch.context() as patch:
+    if where == 'manifest':
+      patch.setattr(checkpoint, '_write_manifest', _no_space)
+    else:  # The progress is written while (after) the state is.
+      patch.setattr(ocp.handlers.JsonCheckpointHandler, '_save_fn',
+                    _no_space_async)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match='could not save epoch 4 .*No space left'):
+      ckpt.save(4, _state(4), _progress(4, 4 if where == 'best' else 1),
+                is_best=where == 'best')
+  for kind, steps in (('latest', ['2', '3']), ('best', ['1'])):
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints', kind))) \
+        == steps, kind
+  ckpt, state, progress = _resume(workdir)
+  assert progress['epoch'] == 3
+  _assert_state(state, 3)
+  ckpt.save(4, _state(4), _progress(4, 1), is_best=False)
+  _, state, _ = _resume(workdir)
+  _assert_state(state, 4)
+
+
+# metrics.jsonl: one line per epoch, whatever point a run died at.
+
+
+def _epochs(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [('test' if 'test_mae_mm' in r else r['epoch'])
+            for r in map(json.loads, f)]
+
+
+def _write_run(workdir, start, crash_at, num_epochs):
+  """Writes metrics and 'checkpoints' as training does, from after epoch
+  `start`; stops after `crash_at` events (None: at the end, or with a torn
+  line when negative). Returns the last 'checkpointed' epoch."""
+  writer = checkpoint.MetricWriter(workdir, resume_epoch=start)
+  events, saved = 0, start
+
+  def crashed():
+    nonlocal events
+    events += 1
+    return crash_at is not None and events > abs(crash_at)
+
+  for epoch in range(start + 1, num_epochs + 1):
+    if crashed():
+      if crash_at < 0:
+        with open(writer.path, 'a') as f:
+          f.write(json.dumps({'epoch': epoch, 'train_loss': 1.0})[:9])
+      return saved
+    writer.write({'epoch': epoch, 'step': epoch, 'train_loss': 1.0})
+    if crashed():
+      return saved
+    saved = epoch
+  writer.write({'epoch': num_epochs, 'step': num_epochs, 'test_mae_mm': 2.0})
+  writer.close()
+  return saved
+
+
+@pytest.mark.parametrize('crash_at', [0, 1, 2, 3, 4, 5, -1, -3, -5])
+def test_metrics_have_one_line_per_epoch_after_a_crash(tmp_path, crash_at):
+  workdir = str(tmp_path)
+  saved = _write_run(workdir, 0, crash_at, num_epochs=3)
+  _write_run(workdir, saved, None, num_epochs=3)
+  assert _epochs(workdir) == [1, 2, 3, 'test']
+  # The finished run continued to a 4th epoch, as with a larger num_epochs.
+  _write_run(workdir, 3, None, num_epochs=4)
+  assert _epochs(workdir) == [1, 2, 3, 4, 'test']

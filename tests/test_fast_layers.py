@@ -1,5 +1,7 @@
 """hc_jax.fast_layers against the plain Flax layers: values and gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from flax import linen as nn
 
 from hc_jax import fast_layers
+from hc_jax import layers as layers_lib
 from hc_jax import models
 
 
@@ -164,18 +167,31 @@ def test_conv_general_dilated_bfloat16():
          atol=5e-2)
 
 
+def _custom_vjp_calls(model, variables, images):
+  """How many custom-VJP calls a training step of `model` traces."""
+  jaxpr = jax.make_jaxpr(lambda v: model.apply(
+      v, images, train=True, rngs={'dropout': jax.random.key(2)},
+      mutable=['batch_stats']))(variables)
+  return str(jaxpr).count('custom_vjp_call')
+
+
 @pytest.mark.parametrize('name, kwargs', [
     ('cnn_263k', {}), ('cnn_1m', {}),
+    pytest.param('vgg16', {'batch_norm': True},  # Every layer kind.
+                 marks=pytest.mark.slow),  # About 25 s on 2 CPU cores.
     pytest.param('resnet50', {'stage_sizes': (1, 1, 1, 1)},  # Every layer kind.
                  marks=pytest.mark.slow),  # About 15 s on 2 CPU cores.
 ])
-def test_models_same_with_and_without_fast_layers(name, kwargs):
-  fast = models.create_model(name, **kwargs)
-  plain = models.create_model(name, fast_layers=False, **kwargs)
-  images = jax.random.normal(jax.random.key(0), (4, 32, 32, 1))
+def test_models_same_with_plain_and_fast_layers(name, kwargs):
+  fast = models.create_model(name, layers='fast', **kwargs)
+  plain = models.create_model(name, layers='plain', **kwargs)
+  images = jax.random.normal(jax.random.key(0), (4, 32, 48, 1))  # Not square.
   targets = jnp.linspace(0.2, 1.0, 4)
   variables = plain.init(jax.random.key(1), images, train=False)
   _close(fast.init(jax.random.key(1), images, train=False), variables)
+  # The fast model does take the fast paths (custom VJPs), the plain none.
+  assert _custom_vjp_calls(plain, variables, images) == 0
+  assert _custom_vjp_calls(fast, variables, images) > 0
 
   def loss(model, params):
     predictions, updates = model.apply(
@@ -192,3 +208,69 @@ def test_models_same_with_and_without_fast_layers(name, kwargs):
   _close_to_scale(fast_grads, plain_grads)
   _close(fast.apply(variables, images, train=False),
          plain.apply(variables, images, train=False))
+
+
+def test_layers_builder_picks_the_fast_layers():
+  fast, plain = layers_lib.Layers('fast'), layers_lib.Layers('plain')
+  assert isinstance(fast.batch_norm(True, 0.9, 1e-5), fast_layers.BatchNorm)
+  assert type(plain.batch_norm(True, 0.9, 1e-5)) is nn.BatchNorm
+  assert fast.conv(4).conv_general_dilated is fast_layers.conv_general_dilated
+  assert plain.conv(4).conv_general_dilated is not \
+      fast_layers.conv_general_dilated
+  bf16 = layers_lib.Layers('fast', jnp.bfloat16)
+  assert bf16.conv(4).dtype == bf16.dense(4).dtype == jnp.bfloat16
+  assert bf16.dense(1, dtype=jnp.float32).dtype == jnp.float32
+
+
+@pytest.mark.parametrize('kind', ['auto', 'cuda'])
+def test_layers_builder_rejects_unknown_sets(kind):
+  with pytest.raises(ValueError, match='one of: plain, fast'):
+    layers_lib.Layers(kind)
+
+
+@pytest.mark.parametrize('window, strides, padding', [
+    ((2, 2), None, 'VALID'), ((3, 3), (2, 2), ((1, 1), (1, 1)))])
+def test_layers_max_pool_same_for_both_sets(window, strides, padding):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 12, 3))
+  pools = [functools.partial(layers_lib.Layers(kind).max_pool, window=window,
+                             strides=strides, padding=padding)
+           for kind in ('fast', 'plain')]
+  values = [pool(x) for pool in pools]
+  _close(values[0], values[1])
+  weights = jax.random.normal(jax.random.key(1), values[0].shape)
+  grads = [jax.grad(lambda x, pool=pool: (pool(x) * weights).sum())(x)
+           for pool in pools]
+  _close(grads[0], grads[1])
+
+
+def test_max_pool_2x2_floors_odd_sizes():
+  feature_maps = jnp.arange(2 * 5 * 5 * 3, dtype=jnp.float32).reshape(
+      2, 5, 5, 3)
+  pooled = fast_layers.max_pool_2x2(feature_maps)
+  expected = np.asarray(feature_maps)[:, :4, :4, :].reshape(
+      2, 2, 2, 2, 2, 3).max(axis=(2, 4))
+  np.testing.assert_array_equal(pooled, expected)
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (1, 9, 7, 2)])
+def test_max_pool_2x2_matches_flax_values_and_gradients(shape):
+  feature_maps = jax.random.normal(jax.random.key(0), shape)  # No ties.
+  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+  np.testing.assert_allclose(fast_layers.max_pool_2x2(feature_maps),
+                             reference(feature_maps))
+  weights = jax.random.normal(jax.random.key(1),
+                              reference(feature_maps).shape)
+  grad = lambda pool: jax.grad(lambda x: (pool(x) * weights).sum())(
+      feature_maps)
+  np.testing.assert_allclose(grad(fast_layers.max_pool_2x2), grad(reference))
+
+
+def test_max_pool_2x2_gradient_goes_to_the_first_of_tied_maxima():
+  feature_maps = jnp.zeros((1, 4, 5, 2))  # All tied, odd width.
+  weights = jnp.arange(1.0, 9.0).reshape(1, 2, 2, 2)
+  grad = lambda pool: jax.grad(lambda x: (pool(x) * weights).sum())(
+      feature_maps)
+  reference = grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)))
+  np.testing.assert_array_equal(grad(fast_layers.max_pool_2x2), reference)
+  assert float(reference[0, 0, 0, 0]) == 1.0
+  assert float(reference[0, 1, 1, 0]) == 0.0

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -118,3 +119,38 @@ def test_get_loss_rejects_unknown_setting():
 def test_unknown_loss_raises():
   with pytest.raises(ValueError, match='known losses: huber, mae, mse'):
     losses.get_loss('l1')
+
+
+def _config(**entries):
+  return ml_collections.ConfigDict(entries)
+
+
+def test_get_loss_from_config_reads_huber_delta():
+  # delta 1 gives 0.5078125 here, the default 0.5 gives 0.3203125.
+  loss_fn = losses.get_loss(_config(loss='huber', huber_delta=1.0))
+  np.testing.assert_allclose(loss_fn(PREDICTIONS, TARGETS), 0.5078125,
+                             rtol=1e-6)
+
+
+def test_get_loss_from_config_without_delta_uses_the_default():
+  loss_fn = losses.get_loss(_config(loss='huber'))
+  np.testing.assert_allclose(loss_fn(PREDICTIONS, TARGETS), 0.3203125,
+                             rtol=1e-6)
+
+
+def test_get_loss_arguments_override_the_config():
+  loss_fn = losses.get_loss(_config(loss='huber', huber_delta=3.0), delta=1.0)
+  np.testing.assert_allclose(loss_fn(PREDICTIONS, TARGETS), 0.5078125,
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['mae', 'mse'])
+def test_get_loss_from_config_ignores_other_losses_settings(name):
+  # The default config has huber_delta whatever its loss.
+  assert losses.get_loss(_config(loss=name, huber_delta=1.0)) is \
+      losses.LOSSES[name]
+
+
+def test_get_loss_from_config_unknown_loss_raises():
+  with pytest.raises(ValueError, match='known losses: huber, mae, mse'):
+    losses.get_loss(_config(loss='l1', huber_delta=1.0))

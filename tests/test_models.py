@@ -3,9 +3,11 @@
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from hc_jax import layers as layers_lib
 from hc_jax import models
 
 # Exact parameter counts ('params' collection only), one input channel.
@@ -19,9 +21,10 @@ VGG16_BN_PARAMS = 14_853_569
 RESNET50_PARAMS = 23_503_809
 
 
-def _abstract_variables(model, image_size, batch_size=1):
+def _abstract_variables(model, image_size, batch_size=1, width=None):
   """Shapes and dtypes of the model's variables, without computing them."""
-  images = jnp.zeros((batch_size, image_size, image_size, 1), jnp.float32)
+  images = jnp.zeros((batch_size, image_size, width or image_size, 1),
+                     jnp.float32)
   return jax.eval_shape(
       lambda: model.init(jax.random.key(0), images, train=False))
 
@@ -189,15 +192,6 @@ def test_big_models_run(name, kwargs):
     assert np.all(np.isfinite(output))
 
 
-def test_max_pool_2x2_floors_odd_sizes():
-  feature_maps = jnp.arange(2 * 5 * 5 * 3, dtype=jnp.float32).reshape(
-      2, 5, 5, 3)
-  pooled = models.max_pool_2x2(feature_maps)
-  expected = np.asarray(feature_maps)[:, :4, :4, :].reshape(
-      2, 2, 2, 2, 2, 3).max(axis=(2, 4))
-  np.testing.assert_array_equal(pooled, expected)
-
-
 def test_unknown_model_raises():
   with pytest.raises(ValueError, match='known models: cnn_1m, cnn_263k'):
     models.create_model('resnet18')
@@ -216,26 +210,111 @@ def test_count_params():
   assert models.count_params({}) == 0
 
 
-@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (1, 9, 7, 2)])
-def test_max_pool_2x2_matches_flax_values_and_gradients(shape):
-  from flax import linen as nn  # pylint: disable=import-outside-toplevel
-  feature_maps = jax.random.normal(jax.random.key(0), shape)  # No ties.
-  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
-  np.testing.assert_allclose(models.max_pool_2x2(feature_maps),
-                             reference(feature_maps))
-  weights = jax.random.normal(jax.random.key(1),
-                              reference(feature_maps).shape)
-  grad = lambda pool: jax.grad(lambda x: (pool(x) * weights).sum())(
-      feature_maps)
-  np.testing.assert_allclose(grad(models.max_pool_2x2), grad(reference))
+def test_paper_cnn_is_parametrised_by_its_widths():
+  model = models.PaperCNN(conv_features=(8, 16), dense_features=(16, 8))
+  params = _abstract_variables(model, 128)['params']
+  assert models.count_params(params) == CNN_263K_PARAMS_128
+  model = models.PaperCNN(conv_features=(4,), dense_features=(3,))
+  params = _abstract_variables(model, 8)['params']
+  # conv 3*3*4+4, BN 8, flatten 4*4*4=64 -> dense 64*3+3, BN 6, head 3+1.
+  assert models.count_params(params) == 40 + 8 + 195 + 6 + 4
 
 
-def test_max_pool_2x2_gradient_goes_to_the_first_of_tied_maxima():
-  from flax import linen as nn  # pylint: disable=import-outside-toplevel
-  feature_maps = jnp.zeros((1, 4, 5, 2))  # All tied, odd width.
-  weights = jnp.arange(1.0, 9.0).reshape(1, 2, 2, 2)
-  grad = lambda pool: jax.grad(lambda x: (pool(x) * weights).sum())(
-      feature_maps)
-  reference = grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)))
-  np.testing.assert_array_equal(grad(models.max_pool_2x2), reference)
-  assert float(reference[0, 0, 0, 0]) == 1.0 and float(reference[0, 1, 1, 0]) == 0.0
+def test_paper_cnn_layer_names():
+  """The names that trained checkpoints of the paper's CNNs hold."""
+  params = _abstract_variables(models.CNN1M(), 64)['params']
+  assert set(params) == {'conv1', 'conv1_bn', 'conv2', 'conv2_bn', 'conv3',
+                         'conv3_bn', 'dense1', 'dense1_bn', 'dense2',
+                         'dense3', 'head'}
+  assert params['dense2']['kernel'].shape == (16, 32)
+  assert params['dense3']['kernel'].shape == (32, 8)
+
+
+@pytest.mark.parametrize('name, kwargs', [
+    ('cnn_263k', {}), ('cnn_1m', {}), ('vgg16', {'batch_norm': True}),
+    ('resnet50', {})])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_non_square_images(name, kwargs, dtype):
+  model = models.create_model(name, dtype=dtype, **kwargs)
+  images = jnp.zeros((2, 32, 48, 1), jnp.float32)
+  variables = _abstract_variables(model, 32, width=48)
+  predictions, _ = jax.eval_shape(lambda v: model.apply(
+      v, images, train=True, mutable=['batch_stats'],
+      rngs={'dropout': jax.random.key(1)}), variables)
+  assert predictions.shape == (2,)
+  assert predictions.dtype == jnp.float32
+  assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {
+      jnp.dtype(jnp.float32)}
+
+
+def test_paper_cnn_flatten_follows_height_and_width():
+  params = _abstract_variables(models.CNN263K(), 128, width=192)['params']
+  assert params['dense1']['kernel'].shape == (32 * 48 * 16, 16)
+
+
+@pytest.mark.parametrize('name', ['cnn_263k', 'cnn_1m'])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_paper_cnns_run_on_non_square_images(name, dtype):
+  model = models.create_model(name, dtype=dtype)
+  images = jax.random.normal(jax.random.key(0), (2, 40, 56, 1))
+  variables = model.init(jax.random.key(1), images, train=False)
+  predictions, _ = model.apply(
+      variables, images, train=True, mutable=['batch_stats'],
+      rngs={'dropout': jax.random.key(2)})
+  assert predictions.shape == (2,) and predictions.dtype == jnp.float32
+  assert np.all(np.isfinite(predictions))
+  assert np.all(np.isfinite(model.apply(variables, images, train=False)))
+
+
+def _config(**entries):
+  config = ml_collections.ConfigDict(
+      {'model': 'cnn_263k', 'dtype': 'float32', 'init_from': ''})
+  config.update(entries)
+  return config
+
+
+@pytest.mark.parametrize('name', sorted(models.MODELS))
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('layers', ['plain', 'fast'])
+def test_from_config(name, dtype, layers):
+  model = models.from_config(_config(model=name, dtype=dtype, layers=layers))
+  assert isinstance(model, models.MODELS[name])
+  assert model.dtype == jnp.dtype(dtype)
+  assert model.layers == layers
+
+
+@pytest.mark.parametrize('backend, expected', [
+    ('cpu', 'fast'), ('gpu', 'plain'), ('tpu', 'plain')])
+def test_layers_auto_resolves_by_backend(monkeypatch, backend, expected):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert layers_lib.resolve('auto') == expected
+  config = _config()  # No `layers` entry: 'auto'.
+  assert models.from_config(config).layers == expected
+  config.layers = 'auto'
+  assert models.from_config(config).layers == expected
+  assert models.create_model('resnet50').layers == expected
+  config.layers = 'plain'  # An explicit choice wins on any backend.
+  assert models.from_config(config).layers == 'plain'
+
+
+def test_from_config_resnet50_keras_v1_with_init_from():
+  assert not models.from_config(_config(model='resnet50')).keras_v1
+  assert models.from_config(
+      _config(model='resnet50', init_from='/some/weights.h5')).keras_v1
+
+
+@pytest.mark.parametrize('entries, message', [
+    ({'model': 'resnet18'}, 'known models: cnn_1m, cnn_263k, resnet50, vgg16'),
+    ({'dtype': 'float16'}, 'choose one of: float32, bfloat16'),
+    ({'layers': 'cuda'}, 'choose one of: auto, plain, fast'),
+])
+def test_from_config_errors(entries, message):
+  with pytest.raises(ValueError, match=message):
+    models.from_config(_config(**entries))
+
+
+@pytest.mark.parametrize('layers', ['auto', 'gpu'])
+def test_model_needs_a_concrete_layer_set(layers):
+  model = models.CNN263K(layers=layers)
+  with pytest.raises(ValueError, match="one of: plain, fast"):
+    model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False)

@@ -1,0 +1,298 @@
+"""What hc_jax's commands share: quiet start-up, config files, one-line errors.
+
+Every entry point (`hc_jax.main`, `hc_jax.grid`, `hc_jax.predict`,
+`hc_jax.plots`) calls `quiet_logs()` first, reads its config with
+`load_config(path, overrides)` and runs under `run_main`, so that a mistake on
+the command line (a misspelt config field, a config file that does not exist,
+a bad value) ends with one line on stderr and exit status 2:
+
+  error: configs/cnn263k_mse.py: no field 'num_epoch' — did you mean 'num_epochs'?
+
+`setup_process(config)` makes the process-wide settings a training command
+needs (multi-host start, TensorFlow kept off the accelerators, glibc's
+allocator on a CPU); library functions leave the process alone.
+"""
+
+import argparse
+import difflib
+import logging as std_logging
+import os
+import sys
+import tempfile
+from typing import Any, Callable, NoReturn, Sequence
+
+# Lines that TensorFlow's C++ start-up writes to stderr on every import (twice:
+# it loads two copies of its runtime), whatever TF_CPP_MIN_LOG_LEVEL says.
+_TF_IMPORT_NOISE = (
+    'All log messages before absl::InitializeLog() is called',
+    'oneDNN custom operations are on',
+)
+# Python log records of TensorFlow Datasets that every first build prints.
+_TFDS_NOISE = ('has no dataset_info.json',)
+
+
+class UsageError(ValueError):
+  """A mistake on the command line or in a config file, as one line."""
+
+
+def one_line(error: BaseException) -> str:
+  """The text of an error on one line (newlines and runs of spaces folded)."""
+  text = error.args[0] if isinstance(error, KeyError) and error.args else error
+  return ' '.join(str(text).split()) or type(error).__name__
+
+
+class _DropNoise(std_logging.Filter):
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    try:
+      message = record.getMessage()
+    except (TypeError, ValueError):  # A record with mismatched arguments.
+      return True
+    return not any(noise in message for noise in _TFDS_NOISE)
+
+
+def quiet_logs(tensorflow: bool = True) -> None:
+  """Silences the start-up chatter of TensorFlow, TFDS, absl and orbax.
+
+  Call it first in a command's main, before anything imports TensorFlow.
+  Warnings and errors still show; only informational lines, progress bars and
+  TensorFlow's import banner are dropped. Environment variables already set
+  by the user (TF_CPP_MIN_LOG_LEVEL, TQDM_DISABLE) are respected.
+
+  Args:
+    tensorflow: also import TensorFlow now, with its C++ start-up lines (the
+      oneDNN notice and absl's "before InitializeLog" line, which no log
+      level hides) kept off stderr; anything else it writes there is passed
+      on. False for commands that never load TensorFlow.
+  """
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TQDM_DISABLE', '1')  # TFDS's build progress bars.
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+  absl_logger = std_logging.getLogger('absl')
+  if not any(isinstance(f, _DropNoise) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropNoise())
+  if tensorflow and 'tensorflow' not in sys.modules:
+    _import_tensorflow_quietly()
+
+
+def _import_tensorflow_quietly() -> None:
+  """Imports TensorFlow with file descriptor 2 caught, then passes on news."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode='w+b') as caught:
+    os.dup2(caught.fileno(), 2)
+    try:
+      import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+      pass  # Commands that need it say so when they import it.
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      caught.seek(0)
+      text = caught.read().decode('utf-8', 'replace')
+  kept = [line for line in text.splitlines()
+          if line.strip() and not any(noise in line
+                                      for noise in _TF_IMPORT_NOISE)]
+  if kept:
+    print('\n'.join(kept), file=sys.stderr)
+
+
+def load_config(path: str, overrides: Sequence[str] = ()):
+  """Loads a config file with `KEY=VALUE` overrides, as the commands do.
+
+  Args:
+    path: a Python file with `get_config()` (e.g. configs/resnet_huber.py).
+    overrides: e.g. ('num_epochs=10', 'data.hc18_dir=/data/hc18'); each value
+      is parsed by the type of the field it replaces, as ml_collections'
+      `--config.KEY=VALUE` flags are.
+
+  Returns:
+    The locked ml_collections.ConfigDict: a misspelt field cannot be set
+    later either.
+
+  Raises:
+    UsageError: a missing or broken file, an override that is not KEY=VALUE,
+      names no field of the config, or has a value of the wrong type; the
+      message is one line that starts with the path.
+  """
+  if not os.path.isfile(path):
+    raise UsageError(f'{path}: config file not found')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if repo not in sys.path:  # The configs do `from configs import default`.
+    sys.path.insert(0, repo)
+  pairs = []
+  for override in overrides:
+    key, sep, value = override.partition('=')
+    if not sep or not key:
+      raise UsageError(f'{path}: override {override!r} is not KEY=VALUE')
+    pairs.append((key, value))
+  config = _parse_config_file(path, ())
+  for key, _ in pairs:
+    _check_field(config, key, path)
+  return _parse_config_file(path, pairs) if pairs else config
+
+
+def _parse_config_file(path: str, pairs: Sequence[tuple[str, str]]):
+  # pylint: disable=import-outside-toplevel
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ['hc_jax', f'--config={path}']
+  argv += [f'--config.{key}={value}' for key, value in pairs]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  try:
+    flag_values(argv)
+    config = flag_values.config
+  except Exception as e:  # pylint: disable=broad-except
+    # A value of the wrong type, or any error raised by the config file.
+    message = one_line(e)
+    if isinstance(e, flags.Error) or type(e).__name__ in message:
+      raise UsageError(f'{path}: {message}') from None
+    raise UsageError(f'{path}: {type(e).__name__}: {message}') from None
+  if config is None or not hasattr(config, 'keys'):
+    raise UsageError(f'{path}: get_config() returned no ConfigDict')
+  return config
+
+
+def _check_field(config, key: str, path: str) -> None:
+  """Raises UsageError unless `key` (dotted) names a field of `config`."""
+  node, walked = config, []
+  for part in key.split('.'):
+    if '[' in part:  # An index into a list field; ml_collections checks it.
+      return
+    if not hasattr(node, 'keys'):
+      raise UsageError(f"{path}: '{'.'.join(walked)}' is a value "
+                       f"({type(node).__name__}), not a group of fields: no "
+                       f"field '{key}'")
+    if part not in node:
+      prefix = ''.join(f'{name}.' for name in walked)
+      close = difflib.get_close_matches(part, list(node.keys()), n=1)
+      hint = f" — did you mean '{prefix}{close[0]}'?" if close else ''
+      raise UsageError(f"{path}: no field '{prefix}{part}'{hint}")
+    node = node[part]
+    walked.append(part)
+
+
+def split_config_args(argv: Sequence[str]
+                      ) -> tuple[str | None, list[str], list[str]]:
+  """Takes `--config=FILE` and `--config.KEY=VALUE` out of a command line.
+
+  Args:
+    argv: the arguments after the program name. `--config FILE` and
+      `--config.KEY VALUE` work too, and a bare `--config.KEY` (a boolean)
+      means `KEY=True`, `--noconfig.KEY` `KEY=False`.
+
+  Returns:
+    (the config file or None, ['KEY=VALUE', ...], the other arguments).
+
+  Raises:
+    UsageError: `--config` given twice or without a file.
+  """
+  path, overrides, rest = None, [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    name, sep, value = arg.partition('=')
+    takes_next = not sep and i + 1 < len(args) and not args[i + 1].startswith(
+        '--')
+    if name == '--config':
+      if path is not None:
+        raise UsageError('--config given twice')
+      if not sep and not takes_next:
+        raise UsageError('--config needs a config file, e.g. '
+                         '--config=configs/cnn263k_mse.py')
+      path = value if sep else args[i + 1]
+      i += 1 if sep else 2
+    elif name.startswith('--config.'):
+      key = name[len('--config.'):]
+      if sep:
+        overrides.append(f'{key}={value}')
+        i += 1
+      elif takes_next:
+        overrides.append(f'{key}={args[i + 1]}')
+        i += 2
+      else:
+        overrides.append(f'{key}=True')
+        i += 1
+    elif name.startswith('--noconfig.') and not sep:
+      overrides.append(f'{name[len("--noconfig."):]}=False')
+      i += 1
+    else:
+      rest.append(arg)
+      i += 1
+  return path, overrides, rest
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with one-line errors: `error: MESSAGE` and exit status 2."""
+
+  def error(self, message: str) -> NoReturn:
+    print(f'error: {message} (see {self.prog} --help)', file=sys.stderr)
+    sys.exit(2)
+
+
+def usage_errors() -> tuple[type[BaseException], ...]:
+  """The errors a command reports as one line with exit status 2.
+
+  ValueError covers UsageError, hc18.HC18Error and the checkpoint and data
+  errors derived from it; FloatingPointError is a diverged training run;
+  FileNotFoundError a workdir, image or file that is not there.
+  """
+  return (ValueError, FloatingPointError, FileNotFoundError)
+
+
+def run_main(fn: Callable[[], Any]) -> int:
+  """Runs a command's body and returns its exit status.
+
+  Use as `sys.exit(cli.run_main(lambda: main(argv)))`, or from a main that
+  returns it.
+
+  Args:
+    fn: the command's work, called with no arguments; it returns an exit
+      status (None means 0).
+
+  Returns:
+    fn's status; 2 after printing `error: MESSAGE` (one line, on stderr) for
+    the errors of `usage_errors()`; 130 after `error: interrupted` for Ctrl-C.
+  """
+  try:
+    status = fn()
+  except usage_errors() as e:
+    print(f'error: {one_line(e)}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print('error: interrupted', file=sys.stderr)
+    return 130
+  return 0 if status is None else int(status)
+
+
+def setup_process(config) -> None:
+  """The process-wide settings of a training command, from its config.
+
+  In order: `jax.distributed.initialize()` when `config.distributed` (before
+  anything touches a device); TensorFlow, which only feeds data, kept off
+  every GPU (where it is installed); and on a CPU, when `config.tune_malloc`,
+  glibc's allocator told to keep freed memory (`hc_jax.cpu.tune_malloc`).
+
+  Args:
+    config: a training config (`configs/default.py`'s fields).
+  """
+  # pylint: disable=import-outside-toplevel
+  import jax
+  if config.get('distributed', False):
+    jax.distributed.initialize()
+  try:
+    import tensorflow as tf
+  except ImportError:
+    tf = None
+  if tf is not None:
+    try:
+      tf.config.set_visible_devices([], 'GPU')
+    except (RuntimeError, ValueError):  # TensorFlow's devices already in use.
+      pass
+  if config.get('tune_malloc', False) and jax.default_backend() == 'cpu':
+    from hc_jax import cpu
+    cpu.tune_malloc()

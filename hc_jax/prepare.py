@@ -1,0 +1,285 @@
+"""HC18 prepared once: resized uint8 images plus per-image metadata, cached.
+
+Every run trains from the same prepared form, whatever the machine:
+
+  images         uint8   [N, H, W, 1]  resized to the model input (H x W)
+  filename       str     [N]           e.g. '010_2HC.png'
+  subject_id     int32   [N]
+  pixel_size_mm  float32 [N]           of the original image
+  hc_mm, hc_px   float32 [N]           reference HC (px of the original image)
+  ellipse        float32 [N, 5]        reference ellipse in original pixels:
+                                       centre x, centre y, semi-axes a >= b,
+                                       angle (rad, from +x towards +y)
+  original_hw    int32   [N, 2]        original height and width
+  resize         float32 [N, 4]        sx, sy, ox, oy: an original pixel
+                                       (x, y) lies at (sx x + ox, sy y + oy)
+                                       of the resized image
+
+The images are decoded by the `hc18` TFDS builder (`hc_jax.hc18_tfds`, which
+checks every file) and resized in tf.data (`hc_jax.preprocess.resize`), once.
+The result is cached as an .npz keyed by a digest of the source (the CSVs'
+bytes and the name and size of every image file), so another or a changed
+copy of HC18 is prepared (and checked) anew instead of silently reusing an
+older build. Reading a cached or exported .npz needs NumPy only, so a machine
+without TensorFlow trains from `--config.data.prepared=FILE.npz`, written by
+
+  python -m hc_jax.prepare --config=configs/resnet_mse.py --out=export/
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from hc_jax import hc18
+
+FORMAT_VERSION = 1
+ARRAY_FIELDS = {
+    'images': np.uint8, 'filename': np.str_, 'subject_id': np.int32,
+    'pixel_size_mm': np.float32, 'hc_mm': np.float32, 'hc_px': np.float32,
+    'ellipse': np.float32, 'original_hw': np.int32, 'resize': np.float32,
+}
+RESIZE_MODES = ('stretch', 'letterbox')
+DOWNLOAD_DIGEST = 'zenodo-1327317'
+
+
+class PreparedError(ValueError):
+  """A prepared .npz that is missing, malformed or made for other settings."""
+
+
+def input_shape(config) -> tuple[int, int]:
+  """(height, width) of the model input: image_size x (image_width or square)."""
+  height = int(config.image_size)
+  width = int(config.get('image_width', 0) or height)
+  return height, width
+
+
+def resize_geometry(original_hw, out_hw, mode: str) -> np.ndarray:
+  """Where original pixels land in the resized image (`preprocess.resize`).
+
+  tf.image.resize maps pixel centres as x_out + 0.5 = (x + 0.5) * scale.
+
+  Args:
+    original_hw: int [N, 2] original heights and widths.
+    out_hw: (height, width) of the model input.
+    mode: 'stretch' or 'letterbox'.
+
+  Returns:
+    float32 [N, 4] (sx, sy, ox, oy) with x_out = sx x + ox, y_out = sy y + oy.
+  """
+  original_hw = np.asarray(original_hw, np.float64).reshape(-1, 2)
+  out_h, out_w = out_hw
+  if mode == 'stretch':
+    sy, sx = out_h / original_hw[:, 0], out_w / original_hw[:, 1]
+    offset_y = offset_x = np.zeros(len(original_hw))
+  elif mode == 'letterbox':
+    scale = np.minimum(out_h / original_hw[:, 0], out_w / original_hw[:, 1])
+    new_h = np.clip(np.round(original_hw[:, 0] * scale), 1, out_h)
+    new_w = np.clip(np.round(original_hw[:, 1] * scale), 1, out_w)
+    sy, sx = new_h / original_hw[:, 0], new_w / original_hw[:, 1]
+    offset_y, offset_x = (out_h - new_h) // 2, (out_w - new_w) // 2
+  else:
+    raise ValueError(f'unknown resize_mode {mode!r}; choose one of '
+                     f'{", ".join(RESIZE_MODES)}')
+  return np.stack([sx, sy, 0.5 * sx - 0.5 + offset_x,
+                   0.5 * sy - 0.5 + offset_y], axis=1).astype(np.float32)
+
+
+def source_digest(root: str) -> str:
+  """A digest of an HC18 directory: CSV bytes, image names and sizes.
+
+  Cheap (file sizes, not image bytes), and it changes when a file is added,
+  removed, renamed, truncated or replaced by one of another size, or when a
+  label changes.
+  """
+  digest = hashlib.sha256()
+  for _, csv_name in hc18.SPLITS.values():
+    path = os.path.join(root, csv_name)
+    digest.update(csv_name.encode())
+    if os.path.isfile(path):
+      with open(path, 'rb') as f:
+        digest.update(hashlib.sha256(f.read()).digest())
+  for folder, _ in hc18.SPLITS.values():
+    for name in (folder, folder + '.zip'):
+      path = os.path.join(root, name)
+      if os.path.isfile(path):
+        digest.update(f'{name}:{os.path.getsize(path)}\n'.encode())
+      elif os.path.isdir(path):
+        for directory, dirs, files in os.walk(path):
+          dirs.sort()
+          for file in sorted(files):
+            full = os.path.join(directory, file)
+            try:
+              size = os.path.getsize(full)
+            except OSError:
+              size = -1  # A broken link: the check reports it.
+            digest.update(
+                f'{os.path.relpath(full, root)}:{size}\n'.encode())
+  return digest.hexdigest()[:16]
+
+
+def _checked(arrays: dict[str, Any], path: str) -> dict[str, np.ndarray]:
+  missing = sorted(set(ARRAY_FIELDS) - set(arrays))
+  if missing:
+    raise PreparedError(f'{path}: not a prepared HC18 file (missing '
+                        f'{", ".join(missing)})')
+  out = {name: np.asarray(arrays[name]).astype(dtype, copy=False)
+         for name, dtype in ARRAY_FIELDS.items()}
+  lengths = {len(array) for array in out.values()}
+  if len(lengths) != 1 or out['images'].ndim != 4:
+    raise PreparedError(f'{path}: fields differ in length or images are not '
+                        f'[N, H, W, 1] ({out["images"].shape})')
+  return out
+
+
+def save(path: str, arrays: dict[str, np.ndarray], info: dict[str, Any]
+         ) -> None:
+  """Writes prepared arrays and their `info` atomically to an .npz."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp.npz'
+  np.savez(tmp, info=np.asarray(json.dumps(info, sort_keys=True)),
+           **_checked(arrays, path))
+  os.replace(tmp, path)
+
+
+def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Reads a prepared .npz: (arrays, info).
+
+  Raises:
+    PreparedError: for a missing, unreadable or malformed file.
+  """
+  if not os.path.isfile(path):
+    raise PreparedError(f'{path}: no such prepared file')
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {name: f[name] for name in f.files}
+  except (OSError, ValueError, EOFError) as e:
+    raise PreparedError(f'{path}: cannot read ({e})') from None
+  info = json.loads(str(arrays.pop('info', '{}')))
+  if info.get('format_version') != FORMAT_VERSION:
+    raise PreparedError(f'{path}: made by another version of hc_jax '
+                        f'(format {info.get("format_version")}); prepare it '
+                        'again')
+  return _checked(arrays, path), info
+
+
+def _from_tfds(root: str | None, tfds_dir: str, out_hw, mode: str
+               ) -> dict[str, np.ndarray]:
+  """Decodes HC18 with its TFDS builder and resizes it in tf.data."""
+  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
+  from hc_jax import hc18_tfds
+  from hc_jax import preprocess
+  builder = hc18_tfds.build(root, tfds_dir)
+  dataset = builder.as_dataset(split='train', shuffle_files=False)
+
+  def resized(example):
+    shape = tf.shape(example['image'])[:2]
+    image = preprocess.resize(example['image'], out_hw, mode)
+    return {**example, 'image': preprocess.to_uint8(image),
+            'original_hw': tf.cast(shape, tf.int32)}
+
+  columns = {name: [] for name in ARRAY_FIELDS if name != 'resize'}
+  for example in dataset.map(resized, num_parallel_calls=tf.data.AUTOTUNE,
+                             deterministic=True).as_numpy_iterator():
+    example['filename'] = example['filename'].decode()
+    example['ellipse'] = [example['ellipse'][key]
+                          for key in hc18_tfds.ELLIPSE_KEYS]
+    example['images'] = example['image']
+    for name in columns:
+      columns[name].append(example[name])
+  order = np.argsort(columns['filename'])  # Independent of TFDS' order.
+  arrays = {name: np.asarray(values)[order] for name, values in columns.items()}
+  arrays['resize'] = resize_geometry(arrays['original_hw'], out_hw, mode)
+  return arrays
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def default_cache_dir() -> str:
+  return os.path.join(os.path.expanduser('~'), '.cache', 'hc_jax')
+
+
+def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
+            ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The prepared training split of an HC18 directory, from cache if made.
+
+  Args:
+    root: an HC18 directory in the Zenodo layout; None downloads it.
+    out_hw: (height, width) of the model input.
+    mode: 'stretch' or 'letterbox'.
+    cache_dir: where prepared files and TFDS builds are kept ('' for
+      ~/.cache/hc_jax).
+
+  Returns:
+    (arrays, info): see the module docstring; info holds 'source',
+    'source_digest', 'image_hw', 'resize_mode', 'num_images'.
+
+  Raises:
+    hc18.HC18Error: listing every bad file of a broken copy.
+  """
+  if mode not in RESIZE_MODES:
+    raise ValueError(f'unknown resize_mode {mode!r}; choose one of '
+                     f'{", ".join(RESIZE_MODES)}')
+  digest = DOWNLOAD_DIGEST if root is None else source_digest(root)
+  directory = os.path.join(cache_dir or default_cache_dir(), f'hc18-{digest}')
+  path = os.path.join(directory, f'prepared_{out_hw[0]}x{out_hw[1]}_{mode}.npz')
+  if os.path.isfile(path):
+    try:
+      return load(path)
+    except PreparedError as e:
+      _log(f'{e}; preparing it again')
+  num = ''
+  if root is not None:
+    csv_path = os.path.join(root, hc18.SPLITS['train'][1])
+    with open(csv_path, 'rb') as f:
+      num = f' ({max(sum(1 for _ in f) - 1, 0)} scans)'
+  _log(f'preparing HC18 from {root or "Zenodo"}{num} at '
+       f'{out_hw[0]}x{out_hw[1]} ({mode}) into {directory}: checks every '
+       'file, about 90 s for 900 scans, once')
+  started = time.time()
+  arrays = _from_tfds(root, os.path.join(directory, 'tfds'), out_hw, mode)
+  info = {'format_version': FORMAT_VERSION, 'source': root or 'download',
+          'source_digest': digest, 'image_hw': list(out_hw),
+          'resize_mode': mode, 'num_images': int(len(arrays['images']))}
+  save(path, arrays, info)
+  _log(f'prepared {len(arrays["images"])} scans in {time.time() - started:.0f}'
+       f' s: {path}')
+  return arrays, info
+
+
+def main(argv=None) -> int:
+  """Exports the prepared data of a config, for a machine without TensorFlow."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from hc_jax import cli  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(
+      prog='python -m hc_jax.prepare', description=main.__doc__)
+  parser.add_argument('--config', required=True, help='a config file')
+  parser.add_argument('--out', required=True, help='output directory')
+  parser.add_argument('--override', action='append', default=[],
+                      metavar='KEY=VALUE', help='config field to change')
+  args = parser.parse_args(argv)
+
+  def run():
+    from hc_jax import data  # pylint: disable=import-outside-toplevel
+    config = cli.load_config(args.config, args.override)
+    arrays, info = data.prepared_arrays(config, workdir=args.out)
+    height, width = info['image_hw']
+    path = os.path.join(args.out, f'hc18_{height}x{width}_'
+                                  f'{info["resize_mode"]}.npz')
+    save(path, arrays, info)
+    print(f'{path}: {len(arrays["images"])} scans; train elsewhere with '
+          f'--config.data.prepared={path}')
+    return 0
+
+  return cli.run_main(run)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
