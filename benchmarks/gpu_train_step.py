@@ -34,7 +34,7 @@ import sys
 import time
 
 START = time.perf_counter()
-# Run from a bare checkout too (the GPU machine has no `pip install -e .`).
+# Run from a bare checkout too (a GPU machine without `pip install -e .`).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top

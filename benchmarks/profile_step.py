@@ -113,7 +113,7 @@ def main():
   parser.add_argument('--image_size', type=int, default=None,
                       help='input side (default: the model\'s, SIZES)')
   parser.add_argument('--plain_layers', action='store_true',
-                      help='without hc_jax.fast_layers (fast_layers=False)')
+                      help="without hc_jax.fast_layers (layers='plain')")
   args = parser.parse_args()
   if min(args.batch_size, args.steps, args.top) < 1:
     parser.error('--batch_size, --steps and --top must be positive')

@@ -53,7 +53,7 @@ MALLOC_TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
 # variable. 'keras+xla' compiles the Keras step with XLA (jit_compile=True);
 # 'hc_jax+mallopt' sets the same malloc options as '+malloc' from inside the
 # process, with `mallopt`, before JAX runs; 'hc_jax_plain' is hc_jax without
-# `hc_jax.fast_layers` (models' `fast_layers=False`).
+# `hc_jax.fast_layers` (models' `layers='plain'`).
 VARIANTS = {
     'hc_jax': ('hc_jax', {'GLIBC_TUNABLES': None}),
     'hc_jax+malloc': ('hc_jax', {'GLIBC_TUNABLES': MALLOC_TUNABLES}),
@@ -100,7 +100,8 @@ def hc_jax_state_step_batch(model_name: str, batch_size: int, size: int,
   from hc_jax import models
   from hc_jax import train
   # pylint: enable=import-outside-toplevel
-  model = models.create_model(model_name, fast_layers=fast_layers)
+  model = models.create_model(model_name,
+                              layers='fast' if fast_layers else 'plain')
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.key(0), jnp.zeros((1, size, size, 1)))
   state = train.TrainState.create(

@@ -15,6 +15,7 @@ def get_config():
   # Model and loss, by their names in hc_jax.models.MODELS / losses.LOSSES.
   config.model = 'cnn_263k'
   config.dtype = 'float32'  # Compute dtype of ResNet50/VGG16: or 'bfloat16'.
+  config.layers = 'auto'  # 'fast' (hc_jax.fast_layers) on a CPU, else 'plain'.
   config.loss = 'mse'
   config.huber_delta = 0.5  # The paper's δ.
   # Pretrained weights to start from ('' for none): a Keras ResNet50 .h5 or

@@ -1,4 +1,4 @@
-"""Training augmentation in JAX that moves the image and its head ellipse together.
+"""Training augmentation in JAX that moves the image and its ellipse together.
 
 Each image of a batch gets a horizontal flip (probability 0.5), a rotation about
 the image centre (uniform in ±`max_rotate_deg`), a shift (uniform in
@@ -8,10 +8,11 @@ zeros outside the image; then each image is z-scored.
 
 Conventions: x is the column, y the row, pixel centres sit at integers, angles
 turn +x towards +y, and the centre of an H x W image is `((W - 1) / 2,
-(H - 1) / 2)`. With F the flip `x -> W - 1 - x` (or the identity), the forward
-map on model-input pixels is
+(H - 1) / 2)`. The forward map on model-input pixels is
 
-  G(p) = zoom * R(angle) F(p - c) + c + shift,  i.e.  G(p) = M p + t.
+  G(p) = zoom * R(angle) F (p - c) + c + shift,  i.e.  G(p) = M p + t,
+
+with F = diag(-1, 1) for a flip (x -> W - 1 - x, applied first) or the identity.
 
 The targets follow the image exactly. A per-example resize geometry
 `[sx, sy, ox, oy]` maps original-image pixels to model-input pixels,
@@ -155,7 +156,8 @@ def ellipse_from_matrix(center: jax.Array, matrix: jax.Array) -> jax.Array:
   p, q, r = gram[..., 0, 0], gram[..., 0, 1], gram[..., 1, 1]
   radius = jnp.sqrt(((p - r) / 2) ** 2 + q ** 2)
   a = jnp.sqrt(jnp.maximum((p + r) / 2 + radius, 0.0))
-  det = matrix[..., 0, 0] * matrix[..., 1, 1] - matrix[..., 0, 1] * matrix[..., 1, 0]
+  det = (matrix[..., 0, 0] * matrix[..., 1, 1]
+         - matrix[..., 0, 1] * matrix[..., 1, 0])
   b = jnp.where(a == 0, 0.0, jnp.abs(det) / jnp.where(a == 0, 1.0, a))
   angle = jnp.mod(0.5 * jnp.arctan2(2 * q, p - r), math.pi)
   angle = jnp.where(angle >= math.pi, angle - math.pi, angle)  # Rounding.
@@ -247,7 +249,8 @@ def _warp_one(image, matrix, translation):
   return jax.vmap(warp_channel, in_axes=-1, out_axes=-1)(image)
 
 
-def warp_images(images: jax.Array, params: Mapping[str, jax.Array]) -> jax.Array:
+def warp_images(images: jax.Array,
+                params: Mapping[str, jax.Array]) -> jax.Array:
   """Warps `[B, H, W, C]` images by `affine_of(params)`: bilinear, zero fill.
 
   Returns:
@@ -318,11 +321,12 @@ def augment_batch(key, images, ellipses, hc_px, resize, config: AugmentConfig):
   batch_size, height, width = images.shape[:3]
   expected = dict(ellipses=(batch_size, 5), hc_px=(batch_size,),
                   resize=(batch_size, 4))
-  for name, value in dict(ellipses=ellipses, hc_px=hc_px, resize=resize).items():
+  given = dict(ellipses=ellipses, hc_px=hc_px, resize=resize)
+  for name, value in given.items():
     if tuple(jnp.shape(value)) != expected[name]:
       raise ValueError(f'{name} must have shape {expected[name]}, got '
                        f'{tuple(jnp.shape(value))}.')
-  if False:
+  if not (config.flip or config.has_affine):
     return (zscore_batch(images), jnp.asarray(ellipses, jnp.float32),
             jnp.asarray(hc_px, jnp.float32))
   params = draw_params(key, batch_size, config)

@@ -238,18 +238,24 @@ class Checkpoints:
     except Exception as e:  # pylint: disable=broad-except  # Any damage.
       raise CheckpointError(f'{step_dir}: {_reason(e)}') from None
 
-  def restore_latest(self, state):
+  def restore_latest(self, state, max_epoch: int | None = None):
     """Returns (state, progress) of the newest latest checkpoint that can be
     restored, or (state, {}) when there is none.
 
     A checkpoint that cannot be restored is reported on stderr (path and
     reason) and the one before is tried.
 
+    Args:
+      state: the state to restore into (its structure, shapes and dtypes).
+      max_epoch: if given, only checkpoints of epochs up to this one count
+        (members of a run killed between their saves resume together).
+
     Raises:
       CheckpointError: there are latest checkpoints and none can be restored.
     """
     self.latest.reload()
-    steps = sorted(self.latest.all_steps(), reverse=True)
+    steps = sorted((step for step in self.latest.all_steps()
+                    if max_epoch is None or step <= max_epoch), reverse=True)
     failures = []
     for i, step in enumerate(steps):
       try:
@@ -324,12 +330,14 @@ class MetricWriter:
   def __init__(self, workdir: str, resume_epoch: int = 0):
     """Opens the log of a run resumed after `resume_epoch` (0: a new run).
 
-    Kept are the epoch lines up to `resume_epoch`; dropped are the lines of
-    later epochs (a killed run's, redone now), lines with test-fold scores
-    ('test_*' keys: the run writes its own when it ends) and torn lines. So
-    each epoch has exactly one line, whatever point the last run died at.
+    Kept are the epoch lines up to `resume_epoch` and the line of test-fold
+    scores ('test_*' keys) of a finished run, which a new one replaces
+    (`write`); dropped are the lines of later epochs (a killed run's, redone
+    now) and torn lines. So each epoch has exactly one line, and the run at
+    most one test line, whatever point the last run died at.
     """
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._has_test_line = False
     if os.path.exists(self.path):
       kept, dropped_torn = [], 0
       with open(self.path) as f:
@@ -342,15 +350,14 @@ class MetricWriter:
           except (ValueError, TypeError, KeyError):
             dropped_torn += 1
             continue
-          if epoch <= resume_epoch and not _is_test_record(record):
-            kept.append(line if line.endswith('\n') else line + '\n')
+          if _is_test_record(record):
+            self._has_test_line = True
+          elif epoch > resume_epoch:
+            continue
+          kept.append(line if line.endswith('\n') else line + '\n')
       if dropped_torn:
         _warn(f'dropped {dropped_torn} unreadable line(s) of {self.path}')
-      with open(self.path + '.tmp', 'w') as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(self.path + '.tmp', self.path)
+      self._rewrite(kept)
     try:  # TensorBoard events need TF's summary writer; the TF-free path skips.
       import tensorflow as tf  # pylint: disable=import-outside-toplevel
       self._tf = tf
@@ -359,8 +366,23 @@ class MetricWriter:
     except ImportError:
       self._tf = self._summary = None
 
+  def _rewrite(self, lines: list[str]) -> None:
+    """Replaces the log by `lines` atomically."""
+    with open(self.path + '.tmp', 'w') as f:
+      f.writelines(lines)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(self.path + '.tmp', self.path)
+
   def write(self, record: dict[str, Any]) -> None:
-    """Appends `record` (with an 'epoch', and a 'step' for TensorBoard)."""
+    """Appends `record` (with an 'epoch', and a 'step' for TensorBoard); a
+    record of test-fold scores replaces the one a finished run left."""
+    if _is_test_record(record):
+      if self._has_test_line:
+        with open(self.path) as f:
+          self._rewrite([line for line in f
+                         if not _is_test_record(json.loads(line))])
+      self._has_test_line = True
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
       f.flush()

@@ -41,6 +41,12 @@ def one_line(error: BaseException) -> str:
   return ' '.join(str(text).split()) or type(error).__name__
 
 
+def error_text(error: BaseException) -> str:
+  """What a command prints after `error: `: `one_line(error)`, except that an
+  hc18.HC18Error keeps its list of bad files, one a line, under its first."""
+  return str(error) if getattr(error, 'problems', None) else one_line(error)
+
+
 class _DropNoise(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
@@ -72,18 +78,25 @@ def quiet_logs(tensorflow: bool = True) -> None:
   absl_logger = std_logging.getLogger('absl')
   if not any(isinstance(f, _DropNoise) for f in absl_logger.filters):
     absl_logger.addFilter(_DropNoise())
-  if tensorflow and 'tensorflow' not in sys.modules:
+  if tensorflow:
     _import_tensorflow_quietly()
 
 
-def _import_tensorflow_quietly() -> None:
-  """Imports TensorFlow with file descriptor 2 caught, then passes on news."""
+def _import_tensorflow_quietly():
+  """Imports TensorFlow with file descriptor 2 caught, then passes on news.
+
+  Returns:
+    The tensorflow module, or None where it is not installed.
+  """
+  if 'tensorflow' in sys.modules:
+    return sys.modules['tensorflow']
   sys.stderr.flush()
   saved = os.dup(2)
+  module = None
   with tempfile.TemporaryFile(mode='w+b') as caught:
     os.dup2(caught.fileno(), 2)
     try:
-      import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+      import tensorflow as module  # pylint: disable=import-outside-toplevel
     except ImportError:
       pass  # Commands that need it say so when they import it.
     finally:
@@ -96,6 +109,7 @@ def _import_tensorflow_quietly() -> None:
                                       for noise in _TF_IMPORT_NOISE)]
   if kept:
     print('\n'.join(kept), file=sys.stderr)
+  return module
 
 
 def load_config(path: str, overrides: Sequence[str] = ()):
@@ -256,12 +270,13 @@ def run_main(fn: Callable[[], Any]) -> int:
 
   Returns:
     fn's status; 2 after printing `error: MESSAGE` (one line, on stderr) for
-    the errors of `usage_errors()`; 130 after `error: interrupted` for Ctrl-C.
+    the errors of `usage_errors()` (an hc18.HC18Error adds its list of bad
+    files, one a line); 130 after `error: interrupted` for Ctrl-C.
   """
   try:
     status = fn()
   except usage_errors() as e:
-    print(f'error: {one_line(e)}', file=sys.stderr)
+    print(f'error: {error_text(e)}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print('error: interrupted', file=sys.stderr)
@@ -273,8 +288,9 @@ def setup_process(config) -> None:
   """The process-wide settings of a training command, from its config.
 
   In order: `jax.distributed.initialize()` when `config.distributed` (before
-  anything touches a device); TensorFlow, which only feeds data, kept off
-  every GPU (where it is installed); and on a CPU, when `config.tune_malloc`,
+  anything touches a device); TensorFlow, which only feeds data, imported
+  without its start-up lines and kept off every GPU (where it is installed);
+  and on a CPU, when `config.tune_malloc`,
   glibc's allocator told to keep freed memory (`hc_jax.cpu.tune_malloc`).
 
   Args:
@@ -284,10 +300,7 @@ def setup_process(config) -> None:
   import jax
   if config.get('distributed', False):
     jax.distributed.initialize()
-  try:
-    import tensorflow as tf
-  except ImportError:
-    tf = None
+  tf = _import_tensorflow_quietly()
   if tf is not None:
     try:
       tf.config.set_visible_devices([], 'GPU')

@@ -21,37 +21,34 @@ by filename. It is printed and written to ROOT/results.md and ROOT/results.csv.
 """
 
 import argparse
-import csv
 import json
-import math
 import os
-import re
 import sys
-import warnings
 from typing import Any, Sequence
 
-import numpy as np
-from scipy import stats
-
-from hc_jax import metrics
-
-RESULTS_FILE = 'results.json'  # As hc_jax.train writes them.
-PREDICTIONS_FILE = 'predictions_test.csv'
-CONFIG_FILE = 'config.json'
-METRICS_FILE = 'metrics.jsonl'
-FOLD_DIR = re.compile(r'^fold(\d+)$')
+# The table lives in hc_jax.aggregate; its names stay importable from here.
+# pylint: disable=unused-import
+from hc_jax.aggregate import aggregate
+from hc_jax.aggregate import CONFIG_FILE
+from hc_jax.aggregate import finished
+from hc_jax.aggregate import fold_dirs
+from hc_jax.aggregate import format_markdown
+from hc_jax.aggregate import METRICS_FILE
+from hc_jax.aggregate import pool_predictions
+from hc_jax.aggregate import PREDICTIONS_FILE
+from hc_jax.aggregate import read_predictions
+from hc_jax.aggregate import RESULTS_FILE
+from hc_jax.aggregate import write_tables
+# pylint: enable=unused-import
 # Fields that may differ between a finished run and a rerun of the grid: they
 # say where things are, how often to log or checkpoint, and how the process
 # allocates memory, not what is trained.
-RERUN_MAY_CHANGE = ('data.hc18_dir', 'data.tfds_data_dir', 'log_every_steps',
+RERUN_MAY_CHANGE = ('data.hc18_dir', 'data.cache_dir', 'data.prepared',
+                    'data.pipeline', 'log_every_steps', 'members_per_call',
+                    'rescore',
                     'eval_batch_size', 'distributed',
-                    'checkpoint_every_seconds', 'tune_malloc')
-TABLE_COLUMNS = ('config', 'model', 'loss', 'folds', 'num_folds',
-                 'num_folds_expected', 'num_images', 'mae_px', 'mae_px_std',
-                 'pmae', 'pmae_std', 'mae_mm', 'mae_mm_std', 'bias_mm', 'best',
-                 'wilcoxon_num_pairs', 'wilcoxon_p', 'complete')
-
-
+                    'checkpoint_every_seconds', 'tune_malloc',
+                    'source_digest', 'layers_resolved')
 def load_config(path: str, overrides: Sequence[str] = ()):
   """Loads a config file as `hc_jax.main` does, with `KEY=VALUE` overrides.
 
@@ -105,23 +102,9 @@ def check_same_config(workdir: str, config) -> None:
                      'overrides')
 
 
-def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
-             overrides: Sequence[str] = ()) -> dict[str, list[str]]:
-  """Trains every config on every fold, skipping finished runs.
-
-  All configs are loaded and checked before the first run starts. A run that
-  stops on a NaN loss is reported and the grid goes on; any other error stops
-  the grid.
-
-  Args:
-    config_paths: config files.
-    folds: test folds to run.
-    root: the grid directory; runs go to ROOT/<config stem>/fold<k>.
-    overrides: `KEY=VALUE` changes applied to every config.
-
-  Returns:
-    {'trained': [...], 'skipped': [...], 'failed': [...]} workdirs.
-  """
+def plan(config_paths: Sequence[str], folds: Sequence[int], root: str,
+         overrides: Sequence[str] = ()) -> list[tuple[Any, str]]:
+  """Loads and checks every (config, fold) run; returns (config, workdir)s."""
   from hc_jax import train  # pylint: disable=import-outside-toplevel
   stems = [config_stem(path) for path in config_paths]
   if len(set(stems)) != len(stems):
@@ -134,227 +117,77 @@ def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
       workdir = os.path.join(root, stem, f'fold{fold}')
       check_same_config(workdir, config)
       runs.append((config, workdir))
+  return runs
+
+
+def stack_groups(runs: Sequence[tuple[Any, str]]) -> list[list[int]]:
+  """Indices of runs that can train as members of one step (configs equal
+  but for `train.MEMBER_FIELDS`)."""
+  from hc_jax import train  # pylint: disable=import-outside-toplevel
+  groups = {}
+  for i, (config, _) in enumerate(runs):
+    key = json.dumps({k: v for k, v in _flatten(config.to_dict()).items()
+                      if k not in train.MEMBER_FIELDS}, sort_keys=True,
+                     default=str)
+    groups.setdefault(key, []).append(i)
+  return list(groups.values())
+
+
+def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
+             overrides: Sequence[str] = (), shard: tuple[int, int] = (0, 1),
+             stack: bool = False) -> dict[str, list[str]]:
+  """Trains every config on every fold, skipping finished runs.
+
+  All configs are loaded and checked before the first run starts. A run that
+  stops on a NaN loss is reported and the grid goes on; a run that another
+  process holds (its workdir lock) is skipped; any other error stops the
+  grid.
+
+  Args:
+    config_paths: config files.
+    folds: test folds to run.
+    root: the grid directory; runs go to ROOT/<config stem>/fold<k>.
+    overrides: `KEY=VALUE` changes applied to every config.
+    shard: `(i, n)`: this process takes every n-th run from the i-th (a job
+      array over several machines; `--aggregate_only` gathers the table).
+    stack: train the runs that differ only in fold, loss or seed as members
+      of one jitted step (`train.train_members`): fills a GPU better.
+
+  Returns:
+    {'trained': [...], 'skipped': [...], 'failed': [...]} workdirs.
+  """
+  # pylint: disable=import-outside-toplevel
+  from hc_jax import lock
+  from hc_jax import train
+  index, count = shard
+  if not 0 <= index < count:
+    raise ValueError(f'--shard must be i/n with 0 <= i < n, got {index}/{count}')
+  runs = plan(config_paths, folds, root, overrides)[index::count]
   done = {'trained': [], 'skipped': [], 'failed': []}
-  for i, (config, workdir) in enumerate(runs, 1):
+  pending = []
+  for config, workdir in runs:
     if os.path.isfile(os.path.join(workdir, RESULTS_FILE)):
-      print(f'[{i}/{len(runs)}] {workdir}: finished, skipped', flush=True)
+      print(f'{workdir}: finished, skipped', flush=True)
       done['skipped'].append(workdir)
-      continue
-    print(f'[{i}/{len(runs)}] {workdir}', flush=True)
+    else:
+      pending.append((config, workdir))
+  groups = stack_groups(pending) if stack else [[i] for i in range(
+      len(pending))]
+  for n, group in enumerate(groups, 1):
+    workdirs = [pending[i][1] for i in group]
+    print(f'[{n}/{len(groups)}] {", ".join(workdirs)}', flush=True)
     try:
-      train.train_and_evaluate(config, workdir)
-    except FloatingPointError as e:
-      print(f'[{i}/{len(runs)}] {workdir} failed: {e}', flush=True)
-      done['failed'].append(workdir)
+      train.train_members([pending[i][0] for i in group], workdirs)
+    except lock.LockedError as e:
+      print(f'[{n}/{len(groups)}] skipped: {e}', flush=True)
+      done['skipped'] += workdirs
       continue
-    done['trained'].append(workdir)
+    except FloatingPointError as e:
+      print(f'[{n}/{len(groups)}] failed: {e}', flush=True)
+      done['failed'] += workdirs
+      continue
+    done['trained'] += workdirs
   return done
-
-
-def read_predictions(path: str) -> dict[str, np.ndarray]:
-  """Reads a predictions_test.csv into columns (str or float64 arrays)."""
-  with open(path, newline='') as f:
-    rows = list(csv.DictReader(f))
-  missing = [c for c in metrics.PREDICTION_COLUMNS if rows and c not in rows[0]]
-  if missing:
-    raise ValueError(f'{path} lacks the column(s) {", ".join(missing)}')
-  columns = {}
-  for name in metrics.PREDICTION_COLUMNS:
-    values = [row[name] for row in rows]
-    columns[name] = (np.array(values, dtype=str) if name == 'filename'
-                     else np.array(values, dtype=np.float64))
-  return columns
-
-
-def fold_dirs(config_dir: str) -> dict[int, str]:
-  """{fold: workdir} of the fold<k> directories in ROOT/<config stem>."""
-  found = {}
-  for name in os.listdir(config_dir):
-    match = FOLD_DIR.match(name)
-    if match and os.path.isdir(os.path.join(config_dir, name)):
-      found[int(match.group(1))] = os.path.join(config_dir, name)
-  return dict(sorted(found.items()))
-
-
-def finished(workdir: str) -> bool:
-  return all(os.path.isfile(os.path.join(workdir, name))
-             for name in (RESULTS_FILE, PREDICTIONS_FILE))
-
-
-def pool_predictions(workdirs: Sequence[str]) -> dict[str, np.ndarray]:
-  """The test predictions of several finished runs, one row per image.
-
-  Args:
-    workdirs: runs of one configuration on different test folds.
-
-  Returns:
-    The columns of predictions_test.csv concatenated, plus 'workdir'.
-
-  Raises:
-    ValueError: when an image is in the test fold of two runs (the runs then
-      do not share one fold assignment and must not be pooled).
-  """
-  parts = []
-  for workdir in workdirs:
-    part = read_predictions(os.path.join(workdir, PREDICTIONS_FILE))
-    part['workdir'] = np.full(len(part['filename']), workdir, dtype=object)
-    parts.append(part)
-  names = list(metrics.PREDICTION_COLUMNS) + ['workdir']
-  pooled = {name: np.concatenate([part[name] for part in parts])
-            if parts else np.array([]) for name in names}
-  unique, counts = np.unique(pooled['filename'], return_counts=True)
-  if (counts > 1).any():
-    raise ValueError(f'{", ".join(unique[counts > 1][:5])} in the test fold of '
-                     f'more than one of {", ".join(workdirs)}')
-  return pooled
-
-
-def absolute_errors_mm(predictions: dict[str, np.ndarray]) -> np.ndarray:
-  """Per-image |predicted - true| HC in mm, as in `metrics.hc_errors`."""
-  return np.abs(predictions['hc_px_pred'] - predictions['hc_px_true']
-                ) * predictions['pixel_size_mm']
-
-
-def _read_json(path: str) -> dict[str, Any]:
-  with open(path) as f:
-    return json.load(f)
-
-
-def summarise_config(config_dir: str) -> tuple[dict[str, Any], dict]:
-  """One row of the table (without the test) and the pooled predictions."""
-  workdirs = fold_dirs(config_dir)
-  done = {fold: w for fold, w in workdirs.items() if finished(w)}
-  info = {}  # model, loss, num_folds: the same in every run of the config.
-  for workdir in workdirs.values():
-    for name in (CONFIG_FILE, RESULTS_FILE):
-      if os.path.isfile(os.path.join(workdir, name)):
-        info.update(_read_json(os.path.join(workdir, name)))
-  row = {'config': os.path.basename(config_dir),
-         'model': info.get('model', '?'), 'loss': info.get('loss', '?'),
-         'folds': sorted(done), 'num_folds': len(done),
-         'num_folds_expected': int(info.get('num_folds', 5)),
-         'best': False, 'wilcoxon_num_pairs': 0, 'wilcoxon_p': math.nan}
-  pooled = pool_predictions(list(done.values()))
-  if len(pooled['filename']):
-    row.update(metrics.hc_errors(pooled['hc_px_true'], pooled['hc_px_pred'],
-                                 pooled['pixel_size_mm']))
-  else:
-    row.update(dict.fromkeys(('mae_px', 'mae_px_std', 'mae_mm', 'mae_mm_std',
-                              'pmae', 'pmae_std', 'bias_mm'), math.nan),
-               num_images=0)
-  row['complete'] = row['num_folds'] >= row['num_folds_expected']
-  return row, pooled
-
-
-def paired_wilcoxon(best: dict[str, np.ndarray], other: dict[str, np.ndarray]
-                    ) -> tuple[int, float]:
-  """Wilcoxon signed-rank test on absolute errors (mm) of shared images.
-
-  Args:
-    best, other: pooled predictions of two configurations.
-
-  Returns:
-    (number of images in both, two-sided p-value; NaN without shared images).
-  """
-  best_errors = dict(zip(best['filename'], absolute_errors_mm(best)))
-  other_errors = dict(zip(other['filename'], absolute_errors_mm(other)))
-  shared = sorted(set(best_errors) & set(other_errors))
-  if not shared:
-    return 0, math.nan
-  with warnings.catch_warnings():  # scipy warns when every difference is 0.
-    warnings.simplefilter('ignore', RuntimeWarning)
-    result = stats.wilcoxon([best_errors[f] for f in shared],
-                            [other_errors[f] for f in shared])
-  return len(shared), float(result.pvalue)
-
-
-def aggregate(root: str) -> list[dict[str, Any]]:
-  """The table's rows for every configuration under ROOT, best one marked.
-
-  Args:
-    root: a grid directory (ROOT/<config stem>/fold<k>/ runs).
-
-  Returns:
-    Rows sorted by model, loss and config name, with the keys of
-    `TABLE_COLUMNS` (plus 'folds').
-
-  Raises:
-    ValueError: when ROOT holds no fold<k> runs.
-  """
-  if not os.path.isdir(root):
-    raise ValueError(f'grid root {root!r} does not exist')
-  config_dirs = [os.path.join(root, name) for name in sorted(os.listdir(root))
-                 if os.path.isdir(os.path.join(root, name))
-                 and fold_dirs(os.path.join(root, name))]
-  if not config_dirs:
-    raise ValueError(f'{root} holds no <config>/fold<k> runs')
-  rows, pooled = [], {}
-  for config_dir in config_dirs:
-    row, predictions = summarise_config(config_dir)
-    rows.append(row)
-    pooled[row['config']] = predictions
-  scored = [row for row in rows if row['num_images']]
-  candidates = [row for row in scored if row['complete']] or scored
-  if candidates:
-    best = min(candidates, key=lambda row: row['mae_mm'])
-    best['best'] = True
-    for row in scored:
-      if row is not best:
-        row['wilcoxon_num_pairs'], row['wilcoxon_p'] = paired_wilcoxon(
-            pooled[best['config']], pooled[row['config']])
-  rows.sort(key=lambda row: (row['model'], row['loss'], row['config']))
-  return rows
-
-
-def _mean_sd(row: dict[str, Any], key: str) -> str:
-  if not row['num_images']:
-    return '–'
-  return f'{row[key]:.2f} ± {row[key + "_std"]:.2f}'
-
-
-def _p_value(row: dict[str, Any]) -> str:
-  if row['best']:
-    return 'best'
-  if math.isnan(row['wilcoxon_p']):
-    return '–'
-  p_text = '< 0.001' if row['wilcoxon_p'] < 1e-3 else f'{row["wilcoxon_p"]:.3f}'
-  if row['wilcoxon_num_pairs'] < row['num_images']:
-    p_text += f' (n={row["wilcoxon_num_pairs"]})'
-  return p_text
-
-
-def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
-  """The table in markdown, with a note on what its numbers are."""
-  lines = ['| Config | Model | Loss | Folds | Images | MAE (px) | PMAE (%) | '
-           'MAE (mm) | Wilcoxon p vs best | Note |',
-           '|---|---|---|---|---|---|---|---|---|---|']
-  for row in rows:
-    note = '' if row['complete'] else (
-        f'incomplete: {row["num_folds"]}/{row["num_folds_expected"]} folds')
-    lines.append(
-        f'| {row["config"]} | {row["model"]} | {row["loss"]} | '
-        f'{row["num_folds"]}/{row["num_folds_expected"]} | {row["num_images"]} '
-        f'| {_mean_sd(row, "mae_px")} | {_mean_sd(row, "pmae")} | '
-        f'{_mean_sd(row, "mae_mm")} | {_p_value(row)} | {note} |')
-  lines += ['', 'Mean ± SD over every image of the test folds pooled. p: '
-            'two-sided paired Wilcoxon signed-rank test of the per-image '
-            'absolute errors (mm) against the best configuration (lowest '
-            'pooled MAE in mm among complete rows), on the images both have.']
-  return '\n'.join(lines) + '\n'
-
-
-def write_tables(rows: Sequence[dict[str, Any]], root: str) -> tuple[str, str]:
-  """Writes ROOT/results.md and ROOT/results.csv; returns their paths."""
-  md_path = os.path.join(root, 'results.md')
-  csv_path = os.path.join(root, 'results.csv')
-  with open(md_path, 'w') as f:
-    f.write(format_markdown(rows))
-  with open(csv_path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, extrasaction='ignore')
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({**row, 'folds': ' '.join(str(k) for k in row['folds'])})
-  return md_path, csv_path
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -370,6 +203,14 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help='Config field for every run (repeatable).')
   parser.add_argument('--aggregate_only', action='store_true',
                       help='Only write the table of the runs under --root.')
+  parser.add_argument('--shard', default='0/1', metavar='I/N',
+                      help='Take every N-th run from the I-th, e.g. a job '
+                      'array over N machines (default 0/1: all).')
+  parser.add_argument('--stack', action='store_true',
+                      help='Train runs that differ only in fold, loss or '
+                      'seed at once, as members of one jitted step (GPU).')
+  parser.add_argument('--require_accelerator', action='store_true',
+                      help='Stop at once if JAX finds no GPU or TPU.')
   args, unknown = parser.parse_known_args(argv)
   for arg in unknown:  # --config.KEY=VALUE, as hc_jax.main takes them.
     if not arg.startswith('--config.'):
@@ -382,6 +223,11 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   except ValueError:
     parser.error(f'--folds must be comma-separated integers, not {args.folds}')
   args.configs = [path for path in args.configs.split(',') if path.strip()]
+  try:
+    index, count = (int(x) for x in args.shard.split('/'))
+  except ValueError:
+    parser.error(f'--shard must be I/N, e.g. 0/4, not {args.shard}')
+  args.shard = (index, count)
   return args
 
 
@@ -392,12 +238,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   cli.quiet_logs(tensorflow=not args.aggregate_only)
   failed = []
   try:
+    if args.require_accelerator:
+      import jax  # pylint: disable=import-outside-toplevel
+      if jax.default_backend() == 'cpu':
+        raise ValueError(f'JAX found no GPU or TPU ({jax.devices()}); check '
+                         'the CUDA or TPU set-up')
     if not args.aggregate_only:
-      failed = run_grid(args.configs, args.folds, args.root,
-                        args.override)['failed']
+      failed = run_grid(args.configs, args.folds, args.root, args.override,
+                        shard=args.shard, stack=args.stack)['failed']
     rows = aggregate(args.root)
   except cli.usage_errors() as e:  # hc18.HC18Error is a ValueError too.
-    print(f'error: {cli.one_line(e)}', file=sys.stderr)
+    print(f'error: {cli.error_text(e)}', file=sys.stderr)
     return 2
   md_path, csv_path = write_tables(rows, args.root)
   print(format_markdown(rows))

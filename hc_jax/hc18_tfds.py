@@ -1,7 +1,7 @@
 """HC18 as a TensorFlow Datasets builder.
 
   from hc_jax import hc18_tfds
-  builder = hc18_tfds.build(manual_dir='../shared/hc18', data_dir='~/tfds')
+  builder = hc18_tfds.build(manual_dir='path/to/hc18', data_dir='~/tfds')
   train = builder.as_dataset(split='train')
 
 The builder reads a manual directory in the Zenodo layout (folders
@@ -189,5 +189,7 @@ def build(manual_dir: str | None, data_dir: str | None = None,
   if not builder.is_prepared():
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=manual_dir,
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+        compute_stats=tfds.download.ComputeStatsMode.SKIP,
+        # Zenodo downloads must match hc_jax/checksums.tsv (size, sha256).
+        force_checksums_validation=True))
   return builder

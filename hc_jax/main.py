@@ -31,6 +31,7 @@ def _parse_args(argv: Sequence[str]):
   path, overrides, rest = cli.split_config_args(argv)
   parser = cli.ArgumentParser(
       prog='python -m hc_jax.main', description=__doc__.splitlines()[0],
+      usage='%(prog)s --config=FILE [--config.KEY=VALUE ...] [--workdir=DIR]',
       epilog='--config=FILE (required): a config file from configs/. '
       '--config.KEY=VALUE: change one of its fields.')
   parser.add_argument('--workdir', default=None,
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   Exit status 0 when the run finished; 2, after one line on stderr, for a
   mistake in the command line or the config, missing data or a diverged run.
   """
-  cli.quiet_logs()
+  cli.quiet_logs(tensorflow=False)  # setup_process imports it, quietly.
   return cli.run_main(lambda: _run(sys.argv[1:] if argv is None else argv))
 
 

@@ -1,7 +1,7 @@
 """Figures of a run or of a cross-validation grid (matplotlib, written as PNG).
 
   python -m hc_jax.plots --root=runs/grid --out=docs/figures \
-      [--hc18_dir=../shared/hc18] [--config=cnn263k_mse|all]
+      [--hc18_dir=DIR] [--config=cnn263k_mse|all]
 
 For a grid root (ROOT/<config>/fold<k>/) the figures are of the best
 configuration (lowest pooled MAE in mm, as `hc_jax.grid` picks it), of the one
@@ -23,7 +23,6 @@ the path it wrote. Figures are made with `matplotlib.figure.Figure`, which
 draws PNGs with Agg and touches no global pyplot state.
 """
 
-import argparse
 import json
 import math
 import os

@@ -1,7 +1,7 @@
 """Applies a trained run, or a grid of fold runs, to new scans.
 
   python -m hc_jax.predict --workdir=runs/cnn263k_mse_fold0 \
-      --images=../shared/hc18/test_set --out=predictions.csv \
+      --images=path/to/hc18/test_set --out=predictions.csv \
       [--pixel-sizes=CSV] [--overlays=DIR] [--tta-flip] [--max-sd-mm=10]
 
 For each image: HC in pixels of the original image, in mm where its pixel size
@@ -709,9 +709,9 @@ _EPILOG = f"""\
 status of each row (the CSV's `status`; `message` says why unless ok):
   ok           predicted and plausible
   uncertain    fold ensemble SD above --max-sd-mm (pixel size known)
-  implausible  HC outside HC18's {HC18_HC_MM[0]:g}-{HC18_HC_MM[1]:g} mm, the
-               model's training range, or what fits in the image (each
-               widened by {RANGE_MARGIN:.0%}); no gestational age
+  implausible  HC outside HC18's {HC18_HC_MM[0]:g}-{HC18_HC_MM[1]:g} mm, the model's training
+               range, or what fits in the image (each widened by
+               {RANGE_MARGIN:.0%}); HC is written, no gestational age
   refused      not a scan: (nearly) constant, or smaller than the model input
   error        missing, unreadable, corrupt or not an 8-bit PNG file, or no
                pixel size for it in the pixel-size CSV
@@ -728,7 +728,8 @@ exit codes:
 
 
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(
+  from hc_jax import cli  # pylint: disable=import-outside-toplevel
+  parser = cli.ArgumentParser(  # Its errors are one line, exit status 2.
       prog='python -m hc_jax.predict', description=_DESCRIPTION,
       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True,
@@ -778,6 +779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line; returns the exit code (0 ok, 1 some images
   failed or were flagged, 2 usage, configuration or model error)."""
   args = _parse_args(argv)
+  from hc_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.quiet_logs()  # Before TensorFlow is imported.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO.
@@ -855,7 +858,8 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
                      ga_flag=gestational_age.ga_flag(ga_weeks))
         if args.overlays:
           overlay = os.path.join(
-              args.overlays, os.path.splitext(name)[0] + OVERLAY_SUFFIX)
+              args.overlays,
+              os.path.splitext(row['filename'])[0] + OVERLAY_SUFFIX)
           try:
             os.makedirs(os.path.dirname(overlay), exist_ok=True)
             write_overlay(image, _overlay_lines(row), overlay)

@@ -16,7 +16,15 @@ from hc_jax import augment
 from hc_jax import ellipse as ellipse_lib
 from hc_jax import synthetic
 
-jax.config.update('jax_disable_most_optimizations', True)
+
+@pytest.fixture(autouse=True, scope='module')
+def _fast_compiles():
+  """Compile time dominates these small programs; restored afterwards."""
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+
 
 HEIGHT, WIDTH = 128, 192  # Model input, deliberately not square.
 FULL = augment.AugmentConfig(flip=True, max_translate_px=8.0,
@@ -43,7 +51,8 @@ def head_ellipses(original_size, batch_size, seed=0):
   """Off-centre, clearly elliptical heads in original pixels, [B, 5]."""
   rng = np.random.default_rng(seed)
   original_height, original_width = original_size
-  semi_a = 0.22 * min(original_height, original_width) * rng.uniform(0.9, 1.1, batch_size)
+  semi_a = (0.22 * min(original_height, original_width)
+            * rng.uniform(0.9, 1.1, batch_size))
   return np.stack([
       original_width * rng.uniform(0.54, 0.6, batch_size),
       original_height * rng.uniform(0.4, 0.46, batch_size),
@@ -66,7 +75,13 @@ def render_ring(ellipse, resize, half_width_px=1.5):
   return np.clip(255.0 * (half_width_px + 0.5 - distance_in), 0, 255)[..., None]
 
 
+def perimeters(ellipses):
+  return np.asarray(
+      augment.ramanujan_perimeter(ellipses[:, 2], ellipses[:, 3]))
+
+
 def outline_points(ellipse, num=720):
+  """Points `[2, num]` (x; y) on an ellipse `[5]`."""
   center, matrix = (np.asarray(v, np.float64) for v in
                     augment.ellipse_to_matrix(jnp.asarray(ellipse)))
   t = np.linspace(0, 2 * np.pi, num, endpoint=False)
@@ -74,7 +89,7 @@ def outline_points(ellipse, num=720):
 
 
 def fit_warped_ring(warped, resize):
-  """Ellipse fitted to a warped ring, in original pixels (via S^-1 on points)."""
+  """Ellipses fitted to a warped ring: in input and in original pixels."""
   rows, cols = np.nonzero(warped[..., 0] > 127.5)
   fitted_in = ellipse_lib.fit_ellipse(cols, rows)
   x, y = outline_points(list(fitted_in.as_dict().values()))
@@ -96,13 +111,33 @@ def assert_targets_match_image(warped, targets, hc_out, resize, hc_tol=0.01):
     assert abs(target[1] - fitted.center_y) * sy < 0.3
 
 
+@pytest.mark.parametrize('flip, angle_deg, shift_xy, zoom, expected_xy', [
+    (True, 0.0, (0.0, 0.0), 1.0, (24 - 17, 5)),   # x -> W - 1 - x.
+    (False, 90.0, (0.0, 0.0), 1.0, (12 + 3, 8 + 5)),  # +x turns to +y.
+    (False, 0.0, (3.0, -2.0), 1.0, (17 + 3, 5 - 2)),
+    (False, 0.0, (0.0, 0.0), 2.0, (12 + 10, 8 - 6)),  # About the centre.
+    (True, 90.0, (1.0, 0.0), 1.0, (12 + 3 + 1, 8 - 5)),  # Flip, then turn.
+])
+def test_warp_moves_a_dot_as_documented(flip, angle_deg, shift_xy, zoom,
+                                        expected_xy):
+  image = np.zeros((1, 17, 25, 1), np.float32)  # Centre (12, 8).
+  image[0, 5, 17, 0] = 1.0  # x = 17, y = 5.
+  params = dict(flip=jnp.array([flip]),
+                angle_rad=jnp.array([math.radians(angle_deg)]),
+                translate_xy=jnp.array([shift_xy]), zoom=jnp.array([zoom]))
+  warped = np.asarray(augment.warp_images(image, params))[0, ..., 0]
+  row, col = np.unravel_index(np.argmax(warped), warped.shape)
+  assert (col, row) == expected_xy
+  assert warped[row, col] > 0.2
+
+
 @pytest.mark.parametrize('resize_name', sorted(RESIZES))
 def test_targets_follow_random_warps(resize_name):
   resize, original_size = RESIZES[resize_name]
   batch_size = 8
   ellipses = head_ellipses(original_size, batch_size)
   rings = np.stack([render_ring(e, resize) for e in ellipses])
-  hc_px = np.asarray(augment.ramanujan_perimeter(ellipses[:, 2], ellipses[:, 3]))
+  hc_px = perimeters(ellipses)
   resizes = np.tile(resize, (batch_size, 1)).astype(np.float32)
   key = jax.random.key(3)
   images, targets, hc_out = augment.augment_batch(
@@ -118,9 +153,12 @@ def test_targets_follow_random_warps(resize_name):
 
 HAND_PICKED = {
     'flip': dict(flip=True, angle_rad=0.0, translate_xy=(0.0, 0.0), zoom=1.0),
-    'rotate+': dict(flip=False, angle_rad=0.4, translate_xy=(0.0, 0.0), zoom=1.0),
-    'rotate-': dict(flip=False, angle_rad=-0.4, translate_xy=(0.0, 0.0), zoom=1.0),
-    'shift': dict(flip=False, angle_rad=0.0, translate_xy=(7.0, -5.0), zoom=1.0),
+    'rotate+': dict(flip=False, angle_rad=0.4, translate_xy=(0.0, 0.0),
+                    zoom=1.0),
+    'rotate-': dict(flip=False, angle_rad=-0.4, translate_xy=(0.0, 0.0),
+                    zoom=1.0),
+    'shift': dict(flip=False, angle_rad=0.0, translate_xy=(7.0, -5.0),
+                  zoom=1.0),
     'zoom': dict(flip=False, angle_rad=0.0, translate_xy=(0.0, 0.0), zoom=1.2),
     'all': dict(flip=True, angle_rad=0.35, translate_xy=(-6.0, 4.0), zoom=0.9),
 }
@@ -135,7 +173,7 @@ def test_targets_follow_hand_picked_warps(resize_name):
             for field in HAND_PICKED['all']}
   ellipses = head_ellipses(original_size, len(names), seed=1)
   rings = np.stack([render_ring(e, resize) for e in ellipses])
-  hc_px = np.asarray(augment.ramanujan_perimeter(ellipses[:, 2], ellipses[:, 3]))
+  hc_px = perimeters(ellipses)
   resizes = np.tile(resize, (len(names), 1)).astype(np.float32)
   targets, hc_out = augment.transform_targets(params, ellipses, hc_px, resizes,
                                               HEIGHT, WIDTH)
@@ -219,12 +257,14 @@ def test_output_is_zscored_float32():
 def test_jit_and_member_vmap_match_eager_loop():
   members, batch_size = 3, 4
   rng = np.random.default_rng(2)
-  images = rng.integers(0, 256, (members, batch_size, 16, 24, 1), dtype=np.uint8)
+  images = rng.integers(0, 256, (members, batch_size, 16, 24, 1),
+                        dtype=np.uint8)
   ellipses = np.stack([head_ellipses((400, 480), batch_size, seed=m)
                        for m in range(members)])
   ellipses[1, 2] = np.nan
   hc_px = rng.uniform(100, 500, (members, batch_size)).astype(np.float32)
-  resizes = np.tile(stretch_resize(), (members, batch_size, 1)).astype(np.float32)
+  resizes = np.tile(stretch_resize(), (members, batch_size, 1))
+  resizes = resizes.astype(np.float32)
   keys = jax.random.split(jax.random.key(5), members)
   step = jax.jit(augment.augment_batch, static_argnames='config')
   vmapped = jax.jit(jax.vmap(lambda *args: augment.augment_batch(*args, FULL)))(
@@ -270,6 +310,19 @@ def test_ramanujan_matches_numpy():
                              ellipse_lib.ramanujan_perimeter(a, b), rtol=1e-6)
 
 
+def test_draws_stay_in_their_ranges():
+  params = augment.draw_params(jax.random.key(0), 256, FULL)
+  assert 0.35 < np.mean(params['flip']) < 0.65
+  assert np.max(np.abs(params['angle_rad'])) <= math.radians(25.0) + 1e-6
+  assert np.max(np.abs(params['translate_xy'])) <= 8.0
+  assert 0.85 <= np.min(params['zoom']) and np.max(params['zoom']) <= 1.15
+  plain = augment.draw_params(
+      jax.random.key(0), 64,
+      augment.AugmentConfig(flip=False, scale_range=None))
+  assert not np.any(plain['flip'])
+  np.testing.assert_array_equal(plain['zoom'], 1.0)
+
+
 def test_config_from_dict():
   assert augment.AugmentConfig.from_dict(None) == augment.NO_AUGMENT
 
@@ -279,7 +332,8 @@ def test_config_from_dict():
 
   config = augment.AugmentConfig.from_dict(FakeConfigDict())
   assert config == augment.AugmentConfig(False, 3.0, 10.0, (0.9, 1.1))
-  assert hash(config) == hash(augment.AugmentConfig(False, 3.0, 10.0, (0.9, 1.1)))
+  assert hash(config) == hash(
+      augment.AugmentConfig(False, 3.0, 10.0, (0.9, 1.1)))
 
 
 @pytest.mark.parametrize('fields', [{'max_rotate_deg': -1.0},

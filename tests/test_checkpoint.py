@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -52,8 +53,12 @@ def _step_dir(workdir, kind, step):
 def _damage(step_dir, rng, mode=None, file=None):
   """Truncates, overwrites bytes of, or deletes one file of `step_dir`;
   returns (relative path, mode)."""
-  files = sorted(os.path.relpath(os.path.join(root, name), step_dir)
-                 for root, _, names in os.walk(step_dir) for name in names)
+  files = [os.path.relpath(os.path.join(root, name), step_dir)
+           for root, _, names in os.walk(step_dir) for name in names]
+  # orbax names data files at random: order them by what else they are, so
+  # that a seed picks the same kind of file every time.
+  files.sort(key=lambda f: (re.sub('[0-9a-f]{32}', '', f),
+                            os.path.getsize(os.path.join(step_dir, f)), f))
   file = file or rng.choice(files)
   path = os.path.join(step_dir, file)
   with open(path, 'rb') as f:
@@ -283,6 +288,46 @@ def test_metrics_have_one_line_per_epoch_after_a_crash(tmp_path, crash_at):
   saved = _write_run(workdir, 0, crash_at, num_epochs=3)
   _write_run(workdir, saved, None, num_epochs=3)
   assert _epochs(workdir) == [1, 2, 3, 'test']
-  # The finished run continued to a 4th epoch, as with a larger num_epochs.
+  # Scored again without training: the test line stays.
+  checkpoint.MetricWriter(workdir, resume_epoch=3).close()
+  assert _epochs(workdir) == [1, 2, 3, 'test']
+  # Continued to a 4th epoch: the new test line replaces the old one.
   _write_run(workdir, 3, None, num_epochs=4)
   assert _epochs(workdir) == [1, 2, 3, 4, 'test']
+
+
+# The real trainer, resumed from a damaged checkpoint.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('seed', [0, 2])
+def test_training_resumes_from_a_damaged_checkpoint(tiny_config, tmp_path,
+                                                    capsys, seed):
+  from hc_jax import train  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / 'run')
+  tiny_config.num_epochs = 3
+  tiny_config.checkpoint_every_seconds = 0.0
+  train.train_and_evaluate(tiny_config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints', 'latest'))) \
+      == ['2', '3']
+  rng = random.Random(seed)
+  damaged = [_damage(_step_dir(workdir, 'latest', 3), rng)]
+  if seed == 2:  # Both kept checkpoints damaged.
+    damaged.append(_damage(_step_dir(workdir, 'latest', 2), rng))
+  # Without its results the run is unfinished, and continues to epoch 4.
+  os.remove(os.path.join(workdir, train.RESULTS_FILE))
+  capsys.readouterr()
+  tiny_config.num_epochs = 4
+  try:
+    results = train.train_and_evaluate(tiny_config, workdir)
+  except checkpoint.CheckpointError as e:
+    assert seed == 2 and 'no checkpoint' in str(e), (damaged, e)
+    assert not os.path.exists(os.path.join(workdir, '.lock'))
+    return
+  resumed = 3 if damaged[0] == (checkpoint.MANIFEST_FILE, 'delete') else 2
+  out = capsys.readouterr().out
+  assert f'resuming after epoch {resumed}' in out, (damaged, out)
+  assert _epochs(workdir) == [1, 2, 3, 4, 'test']
+  assert 1 <= results['selected_epoch'] <= 4
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints', 'latest'))) \
+      == ['3', '4']

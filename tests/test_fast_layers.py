@@ -19,14 +19,17 @@ def _close(actual, expected, rtol=1e-5, atol=1e-5):
                actual, expected)
 
 
-def _close_to_scale(actual, expected, rtol=1e-4):
+def _close_to_scale(actual, expected, rtol=1e-4, floor=1e-5):
   """Each array within `rtol` of the largest magnitude of the expected one.
 
   For gradients summed in a different order: elements near zero then differ
-  by float rounding relative to the array's scale, not to their own.
+  by float rounding relative to the array's scale, not to their own. Arrays
+  that should be zero (the bias of a convolution followed by BatchNorm, which
+  cancels) hold only rounding noise, so no tolerance goes below `floor`.
   """
   jax.tree.map(lambda a, e: np.testing.assert_allclose(
-      a, e, rtol=0, atol=rtol * float(jnp.abs(e).max())), actual, expected)
+      a, e, rtol=0, atol=max(rtol * float(jnp.abs(e).max()), floor)),
+               actual, expected)
 
 
 def _batch_norm_pair(epsilon=1e-3, momentum=0.99, train=True, **kwargs):
@@ -178,9 +181,9 @@ def _custom_vjp_calls(model, variables, images):
 @pytest.mark.parametrize('name, kwargs', [
     ('cnn_263k', {}), ('cnn_1m', {}),
     pytest.param('vgg16', {'batch_norm': True},  # Every layer kind.
-                 marks=pytest.mark.slow),  # About 25 s on 2 CPU cores.
+                 marks=pytest.mark.slow),  # 20-50 s on 2 CPU cores.
     pytest.param('resnet50', {'stage_sizes': (1, 1, 1, 1)},  # Every layer kind.
-                 marks=pytest.mark.slow),  # About 15 s on 2 CPU cores.
+                 marks=pytest.mark.slow),  # 20-40 s on 2 CPU cores.
 ])
 def test_models_same_with_plain_and_fast_layers(name, kwargs):
   fast = models.create_model(name, layers='fast', **kwargs)

@@ -1,6 +1,7 @@
 """Tests for reading, checking and building HC18 (hc_jax.hc18, hc_jax.hc18_tfds)."""
 
 import csv
+import errno
 import math
 import os
 import shutil
@@ -278,3 +279,112 @@ def test_real_hc18_tfds_build(tmp_path):
             for split in ('train', 'test')}
   assert counts['train'] == len(hc18.scan_split(REAL_HC18, 'train')[0])
   assert counts['test'] == len(hc18.scan_split(REAL_HC18, 'test')[0])
+
+
+# --- Files that are not what they seem: each named for what it is. ---
+
+
+def test_read_grayscale_names_the_file_system_problem(tmp_path, monkeypatch):
+  os.symlink('b.png', tmp_path / 'a.png')
+  os.symlink('a.png', tmp_path / 'b.png')
+  with pytest.raises(hc18.ImageReadError, match='symbolic link loop'):
+    hc18.read_grayscale(str(tmp_path / 'a.png'))
+  os.symlink('nowhere.png', tmp_path / 'dangling.png')
+  with pytest.raises(hc18.ImageReadError, match='broken symbolic link'):
+    hc18.read_grayscale(str(tmp_path / 'dangling.png'))
+  with pytest.raises(hc18.ImageReadError, match='file is missing'):
+    hc18.read_grayscale(str(tmp_path / 'gone.png'))
+  with pytest.raises(hc18.ImageReadError, match='is a directory'):
+    hc18.read_grayscale(str(tmp_path))
+  Image.fromarray(np.zeros([4, 4], np.uint8)).save(tmp_path / 'locked.png')
+  real_open = open
+
+  def locked_open(file, *args, **kwargs):  # Tests may run as root.
+    if str(file).endswith('locked.png'):
+      raise PermissionError(errno.EACCES, 'Permission denied', str(file))
+    return real_open(file, *args, **kwargs)
+  monkeypatch.setattr('builtins.open', locked_open)
+  with pytest.raises(hc18.ImageReadError, match='permission denied'):
+    hc18.read_grayscale(str(tmp_path / 'locked.png'))
+
+
+def test_read_grayscale_refuses_non_png(tmp_path):
+  Image.fromarray(np.zeros([4, 4], np.uint8)).save(tmp_path / 'scan.bmp')
+  with pytest.raises(hc18.ImageReadError, match='not a PNG'):
+    hc18.read_grayscale(str(tmp_path / 'scan.bmp'))
+
+
+def test_symlink_loop_in_a_split(phantom):
+  root, _ = phantom
+  name = _rows(root)[1][0]
+  os.remove(root / 'training_set' / name)
+  os.symlink(name, root / 'training_set' / name)  # Points at itself.
+  assert any(name in p and 'symbolic link loop' in p for p in _problems(root))
+
+
+@pytest.mark.parametrize('data, message', [
+    (b'\x89PNG\r\n\x1a\n\xff\xfe\xfa', 'not a UTF-8 text CSV'),
+    (b'filename,pixel size(mm),head circumference (mm)\n"' + b'x' * 200_000,
+     'line 2: malformed CSV (field larger than field limit'),
+])
+def test_binary_or_malformed_csv_is_named(phantom, data, message):
+  root, _ = phantom
+  (root / TRAIN_CSV).write_bytes(data)
+  problems = _problems(root)
+  assert any(p.startswith(TRAIN_CSV) and message in p for p in problems), (
+      problems)
+
+
+# --- Downloads are checked against registered checksums. ---
+
+
+def test_tfds_finds_the_registered_checksums():
+  hc18_tfds = pytest.importorskip('hc_jax.hc18_tfds')
+  path = os.fspath(hc18_tfds.Hc18._checksums_path)  # pylint: disable=protected-access
+  assert path == os.path.join(os.path.dirname(hc18.__file__), 'checksums.tsv')
+  assert os.path.isfile(path)
+  urls = {hc18.ZENODO_RECORD + name + '?download=1'
+          for name in hc18.ZENODO_FILES}
+  infos = hc18_tfds.Hc18.url_infos or {}
+  assert set(infos) <= urls, set(infos) - urls
+  for info in infos.values():
+    assert len(info.checksum) == 64 and int(info.size) > 0
+
+
+def test_download_without_registered_checksum_is_refused(tmp_path,
+                                                         monkeypatch):
+  """Validation is forced: an unregistered URL is never downloaded."""
+  hc18_tfds = pytest.importorskip('hc_jax.hc18_tfds')
+  monkeypatch.setattr(hc18_tfds.Hc18, 'url_infos', {})
+  with pytest.raises(RuntimeError, match='Missing checksums url: '
+                     + hc18.ZENODO_RECORD.replace('.', r'\.')):
+    hc18_tfds.build(None, str(tmp_path / 'tfds'))
+
+
+def test_corrupted_download_is_rejected(tmp_path):
+  """A file that differs from its registered size and sha256 is rejected
+  with its URL, through the same checksums.tsv format and TFDS check."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  tfds = pytest.importorskip('tensorflow_datasets')
+  from tensorflow_datasets.core.download import download_manager  # pylint: disable=import-outside-toplevel
+  name = 'test_set_pixel_size.csv'
+  url = hc18.ZENODO_RECORD + name + '?download=1'
+  good = b'filename,pixel size(mm)\n000_HC.png,0.1\n'
+  checksums = tmp_path / 'checksums.tsv'
+  checksums.write_text(f'# A registered file.\n{url}\t{len(good)}\t'
+                       f'{hashlib.sha256(good).hexdigest()}\t{name}\n')
+  url_infos = tfds.core.download.checksums.load_url_infos(checksums)
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+
+  def fetch(data):
+    (manual / name).write_bytes(data)
+    manager = tfds.download.DownloadManager(
+        download_dir=str(tmp_path / 'downloads'), manual_dir=str(manual),
+        url_infos=url_infos, force_checksums_validation=True)
+    return manager.download(url)
+
+  assert os.path.basename(os.fspath(fetch(good))) == name
+  with pytest.raises(download_manager.NonMatchingChecksumError,
+                     match=r'test_set_pixel_size\.csv.*wrong checksum'):
+    fetch(good.replace(b'0.1', b'0.2'))

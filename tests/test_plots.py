@@ -102,7 +102,7 @@ def test_command_line_plots_the_best_config_of_a_grid(tmp_path, capsys):
   out = tmp_path / 'figures'
   assert plots.main([f'--root={tmp_path / "grid"}', f'--out={out}']) == 0
   printed = capsys.readouterr().out
-  # 'good' is the best complete config; its scans are not on this machine.
+  # 'good' is the best complete config; its scans are not in the test's data.
   assert sorted(os.listdir(out)) == [
       'good_bland_altman.png', 'good_error_by_trimester.png',
       'good_learning_curves.png', 'good_scatter.png']

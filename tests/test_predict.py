@@ -1,6 +1,13 @@
-"""Tests for hc_jax.predict and hc_jax.gestational_age on tiny trained runs."""
+"""Tests for hc_jax.predict and hc_jax.gestational_age.
 
+Loading, restoring and preprocessing are tested on tiny trained runs; the
+command line's statuses, exit codes and bad-input handling on a stub model
+whose predictions are set by the test (`_stub`), so they are exact and fast.
+"""
+
+import builtins
 import csv
+import errno
 import json
 import os
 import shutil
@@ -106,78 +113,27 @@ def test_load_reproduces_the_runs_test_predictions(run, phantom_hc18):
     predictor([images[0][..., None]])
 
 
-def test_cli_on_a_test_set_with_bad_files(run, phantom_hc18, tmp_path, capsys):
+def test_cli_on_a_trained_run(run, phantom_hc18, tmp_path, capsys):
+  """The command line end to end with a real model: rows agree with `load`."""
   test_dir, good = _copy_test_set(phantom_hc18, tmp_path)
-  scan = np.asarray(Image.open(test_dir / good[0]))
-  (test_dir / 'corrupt_HC.png').write_bytes(b'\x89PNG\r\n\x1a\n not a png')
-  Image.fromarray(scan.astype(np.uint16) * 256).save(test_dir / '16bit_HC.png')
-  Image.fromarray(scan).save(test_dir / 'norow_HC.png')  # Good, but no CSV row.
-  with open(tmp_path / 'test_set_pixel_size.csv', 'a') as f:
-    f.write('corrupt_HC.png,0.1\n16bit_HC.png,0.1\n999_HC.png,0.1\n')
   out = tmp_path / 'predictions.csv'
   code = predict.main([f'--workdir={run}', f'--images={test_dir}',
-                       f'--images={test_dir / "999_HC.png"}', f'--out={out}'])
-  assert code == 1
-  rows = {row['filename']: row for row in _read_rows(out)}
-  assert len(rows) == len(good) + 4
+                       f'--out={out}'])
+  rows = _read_rows(out)
+  assert [row['filename'] for row in rows] == good
   sizes = {r['filename']: float(r['pixel size(mm)']) for r in _read_rows(
       tmp_path / 'test_set_pixel_size.csv')}
-  for name in good:
-    row = rows[name]
-    assert row['status'] == 'ok', row
-    assert float(row['pixel_size_mm']) == sizes[name]
-    assert float(row['hc_mm']) == pytest.approx(
-        float(row['hc_px']) * sizes[name], abs=2e-3)
-    assert float(row['ga_weeks']) == pytest.approx(
-        gestational_age.hadlock_ga_weeks(float(row['hc_mm'])), abs=0.01)
-    assert row['hc_mm_sd'] == ''
-  assert 'corrupt' in rows['corrupt_HC.png']['status']
-  assert '16-bit' in rows['16bit_HC.png']['status']
-  assert rows['999_HC.png']['status'] == 'file is missing'
-  assert 'no pixel size' in rows['norow_HC.png']['status']
-  for name in ('corrupt_HC.png', '16bit_HC.png', '999_HC.png', 'norow_HC.png'):
-    assert rows[name]['hc_px'] == rows[name]['hc_mm'] == ''
-  summary = capsys.readouterr().out
-  assert f'{len(good)} of {len(good) + 4} images predicted, 4 failed' in summary
-  for name in ('corrupt_HC.png', '16bit_HC.png', '999_HC.png', 'norow_HC.png'):
-    assert f'failed: {name}:' in summary
-
-
-def test_images_without_pixel_size_give_px_only(run, phantom_hc18, tmp_path):
-  scans = tmp_path / 'scans'
-  scans.mkdir()
-  names = sorted(os.listdir(os.path.join(phantom_hc18[0], 'test_set')))[:2]
-  for name in names:
-    shutil.copy(os.path.join(phantom_hc18[0], 'test_set', name), scans)
-  out = tmp_path / 'predictions.csv'
-  code = predict.main([f'--workdir={run}',
-                       f'--images={",".join(str(scans / n) for n in names)}',
-                       f'--out={out}'])
-  assert code == 0
-  rows = _read_rows(out)
-  assert [row['filename'] for row in rows] == names
-  for row in rows:
-    assert row['status'] == 'ok' and float(row['hc_px']) != 0
-    assert row['hc_mm'] == row['pixel_size_mm'] == row['ga_weeks'] == ''
-
-
-def test_overlays_one_png_per_scan_of_its_size(run, phantom_hc18, tmp_path):
-  test_dir, good = _copy_test_set(phantom_hc18, tmp_path)
-  overlays = tmp_path / 'overlays'
-  code = predict.main([f'--workdir={run}', f'--images={test_dir}',
-                       f'--out={tmp_path / "p.csv"}', f'--overlays={overlays}'])
-  assert code == 0
-  assert sorted(os.listdir(overlays)) == sorted(
-      n[:-4] + predict.OVERLAY_SUFFIX for n in good)
-  for name in good:
-    scan = Image.open(test_dir / name)
-    overlay = Image.open(overlays / (name[:-4] + predict.OVERLAY_SUFFIX))
-    assert overlay.size == scan.size
-    # The text box changed the top-left corner and left the rest alone.
-    drawn = np.asarray(overlay.convert('L'), np.int16)
-    original = np.asarray(scan, np.int16)
-    assert (drawn[:20, :60] != original[:20, :60]).any()
-    assert (drawn[-20:, -60:] == original[-20:, -60:]).all()
+  images = [hc18.read_grayscale(str(test_dir / name))[0] for name in good]
+  expected = predict.load(run)(images, [sizes[n] for n in good])
+  for i, row in enumerate(rows):
+    assert row['status'] == expected['status'][i]
+    assert float(row['hc_px']) == pytest.approx(expected['hc_px'][i], abs=2e-3)
+    assert float(row['pixel_size_mm']) == sizes[row['filename']]
+    assert (row['ga_weeks'] == '') == (row['status'] == 'implausible')
+  flagged = sum(row['status'] != 'ok' for row in rows)
+  assert code == (1 if flagged else 0)
+  assert (f'{len(rows) - flagged} of {len(rows)} images predicted'
+          in capsys.readouterr().out)
 
 
 def test_fold_ensemble_and_flip_tta(grid, phantom_hc18, tmp_path):
@@ -206,18 +162,22 @@ def test_fold_ensemble_and_flip_tta(grid, phantom_hc18, tmp_path):
   test_dir, good = _copy_test_set(phantom_hc18, tmp_path)
   csv_path = tmp_path / 'p.csv'
   assert predict.main([f'--workdir={grid}', f'--images={test_dir}',
-                       f'--out={csv_path}', '--tta-flip']) == 0
+                       f'--out={csv_path}', '--tta-flip',
+                       '--max-sd-mm=0']) == 1
   rows = _read_rows(csv_path)
   assert len(rows) == len(good)
   assert all(float(row['hc_mm_sd']) > 0 for row in rows)
+  # Every plausible row is uncertain: the runs disagree by more than 0 mm.
+  assert {row['status'] for row in rows} <= {'uncertain', 'implausible'}
+  assert 'uncertain' in {row['status'] for row in rows}
 
 
 def test_unfinished_or_mismatched_runs_are_clear_errors(run, tmp_path, capsys):
   unfinished = tmp_path / 'unfinished'
   unfinished.mkdir()
   shutil.copy(os.path.join(run, 'config.json'), unfinished)
-  with pytest.raises(ValueError, match='has no results.json: training did not '
-                     'finish'):
+  with pytest.raises(predict.PredictError, match='has no results.json: '
+                     'training did not finish'):
     predict.load(str(unfinished))
   Image.fromarray(np.zeros([8, 8], np.uint8)).save(tmp_path / 'a.png')
   assert predict.main([f'--workdir={unfinished}', f'--images={tmp_path}',
@@ -233,7 +193,7 @@ def test_unfinished_or_mismatched_runs_are_clear_errors(run, tmp_path, capsys):
     with open(mixed / name / 'config.json', 'w') as f:
       json.dump(config, f)
     shutil.copy(os.path.join(run, 'results.json'), mixed / name)
-  with pytest.raises(ValueError, match='image_size=64'):
+  with pytest.raises(predict.PredictError, match='image_size=64'):
     predict.load(str(mixed))
 
 
@@ -260,3 +220,393 @@ def test_parallel_map_keeps_order_and_returns_errors_per_item():
   assert [o if not isinstance(o, Exception) else str(o) for o in out] == [
       0, 1, 4, 'three', 16, 25, 36]
   assert predict.parallel_map(fn, []) == []
+
+
+# --- Checkpoints: only params and batch statistics are read. ---
+
+
+def _copy_run(run, root):
+  copy = root / 'run'
+  shutil.copytree(run, copy)
+  return copy
+
+
+def _state_files(run_dir):
+  best = os.path.join(predict.best_checkpoint(str(run_dir)), 'state')
+  return [os.path.join(folder, name) for folder, _, names in os.walk(best)
+          for name in names]
+
+
+def test_restore_reads_only_params_and_batch_stats(run, phantom_hc18,
+                                                   tmp_path):
+  """A best checkpoint whose optimiser state (and other fields) would not fit
+  the optimiser of today's config still loads, with the same predictions."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  images, pixel_sizes, _ = _test_fold(run, phantom_hc18[0])
+  expected = predict.load(run)(images, pixel_sizes)['hc_mm']
+  variables = predict.load(run)._variables[0]  # pylint: disable=protected-access
+  copy = _copy_run(run, tmp_path)
+  shutil.rmtree(copy / 'checkpoints' / 'best')
+  state = {'step': np.int32(7), 'params': variables['params'],
+           'batch_stats': variables['batch_stats'],
+           'opt_state': {'nu': np.zeros(3, np.float32)},  # Another optimiser.
+           'ema_params': {'w': np.ones(2, np.float32)}}   # An extra field.
+  manager = ocp.CheckpointManager(str(copy / 'checkpoints' / 'best'))
+  manager.save(3, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      progress=ocp.args.JsonSave({'epoch': 3})))
+  manager.wait_until_finished()
+  manager.close()
+  out = predict.load(str(copy))(images, pixel_sizes)
+  np.testing.assert_allclose(out['hc_mm'], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize('keep_manifest', [True, False])
+def test_truncated_checkpoint_is_a_clear_error(run, tmp_path, keep_manifest):
+  copy = _copy_run(run, tmp_path)
+  biggest = max(_state_files(copy), key=os.path.getsize)
+  with open(biggest, 'rb') as f:
+    data = f.read()
+  with open(biggest, 'wb') as f:
+    f.write(data[:len(data) // 2])
+  if not keep_manifest:  # Left to orbax's own checks.
+    for manifest in (copy / 'checkpoints' / 'best').rglob('*manifest*'):
+      manifest.unlink()
+  with pytest.raises(predict.PredictError, match='checkpoint'):
+    predict.load(str(copy))
+  Image.fromarray(_scan(64, 48)).save(tmp_path / 'a.png')
+  result = subprocess.run(
+      [sys.executable, '-m', 'hc_jax.predict', f'--workdir={copy}',
+       f'--images={tmp_path / "a.png"}', f'--out={tmp_path / "p.csv"}'],
+      cwd=REPO, capture_output=True, text=True, check=False)
+  assert result.returncode == 2, result.stderr
+  assert 'Traceback' not in result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and str(copy) in errors[0], result.stderr
+  assert not (tmp_path / 'p.csv').exists()
+
+
+def test_missing_checkpoint_and_broken_results(run, tmp_path):
+  copy = _copy_run(run, tmp_path)
+  (copy / 'results.json').write_text('{"normaliser_px": ')
+  with pytest.raises(predict.PredictError, match='results.json'):
+    predict.load(str(copy))
+  shutil.copy(os.path.join(run, 'results.json'), copy)
+  shutil.rmtree(copy / 'checkpoints')
+  with pytest.raises(predict.PredictError, match='no best checkpoint'):
+    predict.load(str(copy))
+
+
+# --- The command line on a stub model: statuses, exit codes, bad input. ---
+
+
+class _Prepared:
+  def __init__(self, array):
+    self._array = array
+
+  def numpy(self):
+    return self._array
+
+
+def _stub(member_scales=(1.0,), image_size=32, train_hc_mm=None,
+          train_hc_px=None):
+  """A Predictor whose HC in px is 10x the scan's top-left pixel, times each
+  member's scale (so an ensemble's runs disagree as the test sets)."""
+  def prepare(image):
+    prepared = np.zeros([image_size, image_size, 1], np.float32)
+    prepared[0, 0, 0] = image.numpy()[0, 0, 0] if hasattr(
+        image, 'numpy') else image[0, 0, 0]
+    return _Prepared(prepared)
+
+  def forward(scale, batch):
+    return batch[:, 0, 0, 0] * scale
+
+  return predict.Predictor(
+      runs=[f'run{i}' for i in range(len(member_scales))],
+      image_size=image_size, resize_mode='stretch',
+      normalisers_px=[10.0] * len(member_scales),
+      _variables=list(member_scales), _forward=forward, _prepare=prepare,
+      train_hc_mm=train_hc_mm, train_hc_px=train_hc_px)
+
+
+def _scan(width, height, hc_px=1000.0, seed=0):
+  """A noise scan for which the stub predicts `hc_px` (a multiple of 10)."""
+  scan = np.random.default_rng(seed).integers(0, 256, (height, width),
+                                              dtype=np.uint8)
+  scan[0, 0] = int(hc_px // 10)
+  return scan
+
+
+@pytest.fixture
+def stub_cli(monkeypatch, tmp_path):
+  """Runs predict.main with `load` returning a stub; returns (code, rows)."""
+  predictor = {'value': _stub()}
+  monkeypatch.setattr(predict, 'load', lambda workdir: predictor['value'])
+  workdir = tmp_path / 'workdir'
+  workdir.mkdir()
+
+  def run_cli(*flags, stub=None):
+    if stub is not None:
+      predictor['value'] = stub
+    out = tmp_path / 'p.csv'
+    if out.exists():
+      out.unlink()
+    code = predict.main([f'--workdir={workdir}', f'--out={out}', *flags])
+    rows = {r['filename']: r for r in _read_rows(out)} if out.exists() else None
+    return code, rows
+  return run_cli
+
+
+def test_impossible_hc_is_implausible_not_ok(stub_cli, tmp_path, capsys):
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  for name, hc_px in (('good.png', 1000), ('tiny.png', 30),
+                      ('huge.png', 2550)):
+    Image.fromarray(_scan(800, 540, hc_px)).save(scans / name)
+  with open(tmp_path / 'sizes.csv', 'w') as f:
+    f.write('filename,pixel size(mm)\ngood.png,0.15\ntiny.png,1.0\n'
+            'huge.png,0.5\n')
+  code, rows = stub_cli(f'--images={scans}',
+                        f'--pixel-sizes={tmp_path / "sizes.csv"}')
+  assert code == 1
+  assert rows['good.png']['status'] == 'ok'
+  assert float(rows['good.png']['hc_mm']) == pytest.approx(150.0)
+  assert rows['good.png']['ga_weeks'] and rows['good.png']['message'] == ''
+  # 30 px is less than a tenth of the short side; 2550 px * 0.5 mm = 1275 mm.
+  for name in ('tiny.png', 'huge.png'):
+    assert rows[name]['status'] == 'implausible', rows[name]
+    assert 'outside the plausible' in rows[name]['message']
+    assert rows[name]['ga_weeks'] == rows[name]['ga_flag'] == ''
+  assert '1 of 3 images predicted' in capsys.readouterr().out
+  # Without a pixel size, the px range alone applies.
+  code, rows = stub_cli(f'--images={scans / "tiny.png"}')
+  assert code == 1 and rows['tiny.png']['status'] == 'implausible'
+
+
+def test_training_range_applies_where_recorded(stub_cli, tmp_path):
+  Image.fromarray(_scan(800, 540, 1000)).save(tmp_path / 'a.png')
+  (tmp_path / 's.csv').write_text('filename,pixel size(mm)\na.png,0.15\n')
+  flags = (f'--images={tmp_path / "a.png"}', f'--pixel-sizes={tmp_path / "s.csv"}')
+  # 150 mm: plausible for HC18, but the model only saw 200-300 mm heads.
+  code, rows = stub_cli(*flags, stub=_stub(train_hc_mm=(200.0, 300.0),
+                                           train_hc_px=(500.0, 2000.0)))
+  assert code == 1 and rows['a.png']['status'] == 'implausible'
+  assert '182-330 mm' in rows['a.png']['message']  # Widened by 10%.
+  code, rows = stub_cli(*flags, stub=_stub(train_hc_mm=(100.0, 300.0),
+                                           train_hc_px=(1200.0, 2000.0)))
+  assert rows['a.png']['status'] == 'implausible' and 'px' in (
+      rows['a.png']['message'])
+  code, rows = stub_cli(*flags, stub=_stub(train_hc_mm=(100.0, 300.0),
+                                           train_hc_px=(500.0, 2000.0)))
+  assert code == 0 and rows['a.png']['status'] == 'ok'
+
+
+def test_training_ranges_from_results():
+  keys = predict.TRAIN_RANGE_KEYS
+  results = [dict(zip(keys, (50, 300, 400, 1500))),
+             dict(zip(keys, (45, 320, 380, 1400)))]
+  assert predict.training_ranges(results) == ((45, 320), (380, 1500))
+  assert predict.training_ranges(results + [{}]) == (None, None)
+
+
+def test_disagreeing_ensemble_is_uncertain(stub_cli, tmp_path, capsys):
+  Image.fromarray(_scan(800, 540, 1000)).save(tmp_path / 'a.png')
+  (tmp_path / 's.csv').write_text('filename,pixel size(mm)\na.png,0.15\n')
+  flags = (f'--images={tmp_path / "a.png"}', f'--pixel-sizes={tmp_path / "s.csv"}')
+  # Members at 150 and 165 mm: SD 10.6 mm.
+  code, rows = stub_cli(*flags, stub=_stub(member_scales=(1.0, 1.1)))
+  assert code == 1 and rows['a.png']['status'] == 'uncertain'
+  assert float(rows['a.png']['hc_mm_sd']) == pytest.approx(10.607, abs=1e-3)
+  assert rows['a.png']['ga_weeks']  # Still estimated, but flagged.
+  assert 'uncertain: a.png' in capsys.readouterr().out
+  code, rows = stub_cli(*flags, '--max-sd-mm=11')
+  assert code == 0 and rows['a.png']['status'] == 'ok'
+  code, rows = stub_cli(*flags, '--max-sd-mm=nan')
+  assert code == 2 and rows is None
+
+
+def test_non_scans_are_refused(stub_cli, tmp_path):
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  Image.fromarray(np.full([540, 800], 128, np.uint8)).save(scans / 'flat.png')
+  Image.fromarray(np.full([1, 1], 200, np.uint8)).save(scans / 'dot.png')
+  Image.fromarray(_scan(20, 100)).save(scans / 'narrow.png')
+  nearly = np.zeros([540, 800], np.uint8)
+  nearly[0, :3] = 255
+  Image.fromarray(nearly).save(scans / 'nearly.png')
+  Image.fromarray(_scan(800, 540)).save(scans / 'scan.png')
+  code, rows = stub_cli(f'--images={scans}')
+  assert code == 1
+  assert rows['scan.png']['status'] == 'ok'
+  for name, reason in (('flat.png', 'constant image'),
+                       ('dot.png', 'smaller than the model input'),
+                       ('narrow.png', 'smaller than the model input'),
+                       ('nearly.png', 'nearly constant image')):
+    assert rows[name]['status'] == 'refused', rows[name]
+    assert reason in rows[name]['message']
+    assert rows[name]['hc_px'] == rows[name]['ga_weeks'] == ''
+
+
+def test_bad_files_are_errors_that_say_what_they_are(stub_cli, tmp_path,
+                                                     monkeypatch, capsys):
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  scan = _scan(800, 540)
+  Image.fromarray(scan).save(scans / 'good.png')
+  (scans / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n not a png')
+  Image.fromarray(scan.astype(np.uint16) * 256).save(scans / '16bit.png')
+  os.symlink('loop_b.png', scans / 'loop_a.png')
+  os.symlink('loop_a.png', scans / 'loop_b.png')
+  os.symlink('nowhere.png', scans / 'dangling.png')
+  Image.fromarray(scan).save(scans / 'locked.png')
+  real_open = builtins.open
+
+  def locked_open(file, *args, **kwargs):  # Tests run as root, too.
+    if str(file).endswith('locked.png'):
+      raise PermissionError(errno.EACCES, 'Permission denied', str(file))
+    return real_open(file, *args, **kwargs)
+  monkeypatch.setattr(builtins, 'open', locked_open)
+  code, rows = stub_cli(f'--images={scans}', f'--images={scans / "gone.png"}')
+  assert code == 1
+  assert rows['good.png']['status'] == 'ok'
+  for name, message in (('corrupt.png', 'corrupt'), ('16bit.png', '16-bit'),
+                        ('loop_a.png', 'symbolic link loop'),
+                        ('loop_b.png', 'symbolic link loop'),
+                        ('dangling.png', 'broken symbolic link'),
+                        ('locked.png', 'permission denied'),
+                        ('gone.png', 'file is missing')):
+    assert rows[name]['status'] == 'error', rows[name]
+    assert message in rows[name]['message'], rows[name]
+    assert rows[name]['hc_px'] == ''
+  summary = capsys.readouterr().out
+  assert '1 of 8 images predicted, 7 failed or flagged' in summary
+  assert 'error: loop_a.png: symbolic link loop' in summary
+
+
+def test_rows_and_overlays_keyed_by_relative_path(stub_cli, tmp_path):
+  scans = tmp_path / 'scans'
+  for folder, hc_px in (('a', 1000), ('b', 1200)):
+    (scans / folder).mkdir(parents=True)
+    Image.fromarray(_scan(800, 540, hc_px)).save(scans / folder / '001_HC.png')
+  overlays = tmp_path / 'overlays'
+  code, rows = stub_cli(f'--images={scans}', f'--overlays={overlays}')
+  assert code == 0
+  assert float(rows['a/001_HC.png']['hc_px']) == 1000
+  assert float(rows['b/001_HC.png']['hc_px']) == 1200
+  assert (overlays / 'a' / '001_HC_prediction.png').is_file()
+  assert (overlays / 'b' / '001_HC_prediction.png').is_file()
+  # Two --images directories: keyed from their common parent.
+  code, rows = stub_cli(f'--images={scans / "a"},{scans / "b"}')
+  assert sorted(rows) == ['a/001_HC.png', 'b/001_HC.png']
+  # A second run does not take the overlays it wrote for scans.
+  shutil.copytree(overlays, scans / 'overlays')
+  code, rows = stub_cli(f'--images={scans}')
+  assert sorted(rows) == ['a/001_HC.png', 'b/001_HC.png']
+
+
+def test_overlay_one_png_per_scan_of_its_size(stub_cli, tmp_path):
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  Image.fromarray(_scan(800, 540, 1000)).save(scans / 'x.png')
+  Image.fromarray(_scan(64, 48, 100)).save(scans / 'y.png')
+  (scans / 's.csv').write_text('filename,pixel size(mm)\nx.png,0.15\ny.png,2\n')
+  overlays = tmp_path / 'overlays'
+  code, rows = stub_cli(f'--images={scans}', f'--overlays={overlays}',
+                        f'--pixel-sizes={scans / "s.csv"}')
+  assert code == 0, rows
+  for name in ('x', 'y'):
+    scan = Image.open(scans / f'{name}.png')
+    overlay = Image.open(overlays / f'{name}{predict.OVERLAY_SUFFIX}')
+    assert overlay.size == scan.size
+  drawn = np.asarray(Image.open(overlays / 'x_prediction.png').convert('L'),
+                     np.int16)
+  original = np.asarray(Image.open(scans / 'x.png'), np.int16)
+  assert (drawn[:20, :60] != original[:20, :60]).any()
+  assert (drawn[-20:, -60:] == original[-20:, -60:]).all()
+
+
+def test_pixel_size_lookup(stub_cli, tmp_path):
+  scans = tmp_path / 'test_set'
+  scans.mkdir()
+  for name in ('a.png', 'b.png'):
+    Image.fromarray(_scan(800, 540, 1000)).save(scans / name)
+  # Found beside the images directory, HC18 style; b.png has no row.
+  (tmp_path / 'test_set_pixel_size.csv').write_text(
+      'filename,pixel size(mm)\na.png,0.15\n')
+  code, rows = stub_cli(f'--images={scans}')
+  assert code == 1
+  assert float(rows['a.png']['pixel_size_mm']) == 0.15
+  assert rows['b.png']['status'] == 'error'
+  assert 'no pixel size for it in' in rows['b.png']['message']
+  # Without any CSV: HC in px only, and still ok.
+  os.remove(tmp_path / 'test_set_pixel_size.csv')
+  code, rows = stub_cli(f'--images={scans}')
+  assert code == 0
+  assert rows['a.png']['hc_mm'] == rows['a.png']['ga_weeks'] == ''
+
+
+@pytest.mark.parametrize('content, message', [
+    ('filename,pixel size(mm)\na.png,0.1\na.png,0.2\n',
+     'line 3: a.png has pixel size 0.2 mm, but 0.1 mm on line 2'),
+    ('filename,pixel size(mm)\na.png,0.1\nb.png,x\n', 'line 3: expected'),
+    ('filename,pixel size(mm)\n', 'holds no rows'),
+    (b'\x89PNG\r\n\x1a\n\xff\xfe\x00', 'is not UTF-8 text'),
+    ('a.png,0.1\nb.png\n', 'line 2: expected'),
+])
+def test_bad_pixel_size_csv_is_a_usage_error(stub_cli, tmp_path, capsys,
+                                             content, message):
+  Image.fromarray(_scan(800, 540)).save(tmp_path / 'a.png')
+  sizes = tmp_path / 'sizes.csv'
+  if isinstance(content, bytes):
+    sizes.write_bytes(content)
+  else:
+    sizes.write_text(content)
+  code, rows = stub_cli(f'--images={tmp_path / "a.png"}',
+                        f'--pixel-sizes={sizes}')
+  assert code == 2 and rows is None
+  err = capsys.readouterr().err
+  assert 'error: ' in err and str(sizes) in err and message in err, err
+
+
+def test_identical_duplicate_pixel_sizes_are_a_warning(tmp_path, capsys,
+                                                        stub_cli):
+  Image.fromarray(_scan(800, 540)).save(tmp_path / 'a.png')
+  sizes = tmp_path / 'sizes.csv'
+  sizes.write_text('a.png,0.1\nb.png,0.2\na.png,0.1\n')  # No header.
+  code, rows = stub_cli(f'--images={tmp_path / "a.png"}',
+                        f'--pixel-sizes={sizes}')
+  assert code == 0 and float(rows['a.png']['pixel_size_mm']) == 0.1
+  assert 'warning: ' in capsys.readouterr().err
+  with pytest.warns(UserWarning, match='line 3: a.png is listed again'):
+    assert predict.read_pixel_sizes(str(sizes)) == {'a.png': 0.1, 'b.png': 0.2}
+
+
+def test_unwritable_out_is_a_usage_error_leaving_nothing(stub_cli, tmp_path,
+                                                          capsys):
+  Image.fromarray(_scan(800, 540)).save(tmp_path / 'a.png')
+  images = f'--images={tmp_path / "a.png"}'
+  before = sorted(os.listdir(tmp_path))
+  code = predict.main(['--workdir=x', images, f'--out={tmp_path}'])
+  assert code == 2
+  assert f'error: --out {tmp_path} is a directory' in capsys.readouterr().err
+  (tmp_path / 'file').write_text('')
+  code = predict.main(['--workdir=x', images,
+                       f'--out={tmp_path / "file" / "p.csv"}'])
+  assert code == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: --out') and 'cannot be written' in err
+  code = predict.main(['--workdir=x', images, f'--out={tmp_path / "p.csv"}',
+                       f'--overlays={tmp_path / "file"}'])
+  assert code == 2 and '--overlays' in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path)) == sorted(before + ['file'])
+
+
+def test_help_lists_statuses_and_exit_codes(capsys):
+  with pytest.raises(SystemExit) as info:
+    predict.main(['--help'])
+  assert info.value.code == 0
+  text = capsys.readouterr().out
+  for word in predict.STATUSES + ('exit codes', '--max-sd-mm', 'message'):
+    assert word in text
+  for code in ('0  every image', '1  some images', '2  usage'):
+    assert code in text

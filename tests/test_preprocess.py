@@ -1,4 +1,5 @@
-"""Tests for hc_jax.preprocess: every op eagerly and inside tf.data, and labels."""
+"""Tests for hc_jax.preprocess (eagerly and inside tf.data) and the resize
+geometry that maps original pixels to the model input (hc_jax.prepare)."""
 
 import math
 
@@ -6,6 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from hc_jax import augment
+from hc_jax import ellipse as ellipse_lib
+from hc_jax import prepare
 from hc_jax import preprocess
 
 SIZE = 64  # Model input side for most tests: small keeps them fast.
@@ -54,28 +58,6 @@ def measure_perimeter(image):
   return ramanujan(semi_axis_a, semi_axis_b)
 
 
-@pytest.fixture(scope='module')
-def ring():
-  """A 540x800 scan-sized ring, its true HC in px, and its letterbox image."""
-  semi_axis_a, semi_axis_b = 240.0, 180.0
-  image = draw_ring(540, 800, 405.0, 265.0, semi_axis_a, semi_axis_b, 0.4)
-  letterboxed = preprocess.resize(image, 2 * SIZE, 'letterbox').numpy()
-  return {
-      'image': image,
-      'hc_px': ramanujan(semi_axis_a, semi_axis_b),
-      'letterboxed': letterboxed,
-      'perimeter': measure_perimeter(letterboxed),
-  }
-
-
-def seed(value):
-  return tf.constant([value, 7], tf.int64)
-
-
-FULL_AUGMENT = preprocess.AugmentConfig(
-    flip=True, max_translate_px=5.0, max_rotate_deg=10.0,
-    scale_range=(0.9, 1.1))
-
 OPS = {
     'resize_stretch': lambda image: preprocess.resize(image, SIZE, 'stretch'),
     'resize_letterbox': lambda image: preprocess.resize(image, SIZE,
@@ -83,14 +65,6 @@ OPS = {
     'to_uint8': lambda image: preprocess.to_uint8(
         tf.cast(image, tf.float32) * 1.3 - 20.0),
     'zscore': preprocess.zscore,
-    'random_flip': lambda image: preprocess.random_flip(image, seed(1)),
-    'random_translate': lambda image: preprocess.random_translate(
-        image, seed(2), max_px=5.0),
-    'random_rotate': lambda image: preprocess.random_rotate(
-        image, seed(3), max_deg=10.0),
-    'random_scale': lambda image: preprocess.random_scale(
-        image, seed(4), 0.8, 1.2),
-    'augment': lambda image: preprocess.augment(image, seed(5), FULL_AUGMENT),
 }
 
 
@@ -173,113 +147,39 @@ def test_zscore_of_constant_image_is_zero_not_nan(value):
   np.testing.assert_array_equal(standardised.numpy(), 0.0)
 
 
-def test_flip_is_an_exact_mirror_half_the_time():
-  image = np.random.RandomState(3).randint(0, 256, [9, 13, 1]).astype(np.uint8)
-  flipped = 0
-  for value in range(200):
-    out = preprocess.random_flip(image, seed(value)).numpy()
-    assert out.dtype == np.uint8
-    if np.array_equal(out, image[:, ::-1]):
-      flipped += 1
-    else:
-      np.testing.assert_array_equal(out, image)
-  assert 70 < flipped < 130
+@pytest.mark.parametrize('size', [(48, 80), (80, 48), 64])
+@pytest.mark.parametrize('mode', preprocess.RESIZE_MODES)
+def test_non_square_output(size, mode):
+  image = np.full([540, 800, 1], 100, np.uint8)
+  out_hw = (size, size) if isinstance(size, int) else size
+  assert preprocess.resize(image, size, mode).shape == (*out_hw, 1)
 
 
-def test_letterbox_perimeter_is_hc_times_the_resize_scale(ring):
-  # Validates the moment-based measurement used below: 128 / 800 = 0.16.
-  assert ring['perimeter'] == pytest.approx(ring['hc_px'] * 0.16, rel=0.02)
-
-
-@pytest.mark.parametrize('value', range(3))
-def test_rotate_translate_flip_keep_hc(ring, value):
-  image = ring['letterboxed']
-  rotated = preprocess.random_rotate(image, seed(value), max_deg=30.0)
-  translated = preprocess.random_translate(image, seed(value), max_px=5.0)
-  flipped = preprocess.random_flip(image, seed(value))
-  no_zoom = preprocess.AugmentConfig(max_translate_px=5.0, max_rotate_deg=30.0)
-  augmented, hc_scale = preprocess.augment(image, seed(value), no_zoom)
-  assert float(hc_scale) == 1.0
-  for out in (rotated, translated, flipped, augmented):
-    assert measure_perimeter(out.numpy()) == pytest.approx(ring['perimeter'],
-                                                           rel=0.02)
-
-
-def test_rotation_turns_from_plus_x_towards_plus_y():
-  # A dot 10 px right of the centre of a 21x31 image (centre row 10, col 15).
-  image = np.zeros([21, 31, 1], np.float32)
-  image[10, 25] = 255.0
-  quarter_turn = preprocess.affine_warp(image, angle_rad=math.pi / 2).numpy()
-  # Angles go from +x towards +y (column towards row), as HC18's ellipse angle.
-  assert np.unravel_index(quarter_turn.argmax(), image.shape) == (20, 15, 0)
-  assert quarter_turn.max() == pytest.approx(255.0, abs=1e-3)
-
-
-def test_zoom_is_about_the_centre():
-  image = np.zeros([21, 31, 1], np.float32)
-  image[10, 25] = 255.0
-  half = preprocess.affine_warp(image, scale=0.5).numpy()
-  assert np.unravel_index(half.argmax(), image.shape) == (10, 20, 0)
-
-
-def test_translation_moves_the_centre(ring):
-  image = ring['letterboxed']
-  center_before, _ = ring_moments(image)
-  shifted = preprocess.affine_warp(image, translate_xy=(4.0, -3.0))
-  center_after, _ = ring_moments(shifted.numpy())
-  np.testing.assert_allclose(center_after - center_before, [4.0, -3.0],
-                             atol=0.1)
-
-
-@pytest.mark.parametrize('value', range(3))
-def test_random_scale_multiplies_hc_by_scale(ring, value):
-  image = ring['letterboxed']
-  zoomed, scale = preprocess.random_scale(image, seed(value), 0.8, 1.25)
-  assert 0.8 <= float(scale) <= 1.25
-  assert measure_perimeter(zoomed.numpy()) == pytest.approx(
-      ring['perimeter'] * float(scale), rel=0.02)
-  augmented, hc_scale = preprocess.augment(image, seed(value), FULL_AUGMENT)
-  assert 0.9 <= float(hc_scale) <= 1.1
-  assert measure_perimeter(augmented.numpy()) == pytest.approx(
-      ring['perimeter'] * float(hc_scale), rel=0.02)
-
-
-def test_augment_is_reproducible_per_seed(ring):
-  image = ring['letterboxed']
-  first, first_scale = preprocess.augment(image, seed(11), FULL_AUGMENT)
-  again, again_scale = preprocess.augment(image, seed(11), FULL_AUGMENT)
-  other, other_scale = preprocess.augment(image, seed(12), FULL_AUGMENT)
-  np.testing.assert_array_equal(first.numpy(), again.numpy())
-  assert float(first_scale) == float(again_scale)
-  assert not np.allclose(first.numpy(), other.numpy())
-  assert float(first_scale) != float(other_scale)
-
-
-def test_augment_without_settings_is_identity(ring):
-  image = ring['letterboxed']
-  out, hc_scale = preprocess.augment(image, seed(0), preprocess.NO_AUGMENT)
-  np.testing.assert_array_equal(out.numpy(), image)
-  assert float(hc_scale) == 1.0
-
-
-@pytest.mark.parametrize('fields', [
-    {'max_translate_px': -1.0},
-    {'max_rotate_deg': -5.0},
-    {'scale_range': (1.2, 0.8)},
-    {'scale_range': (0.0, 1.0)},
-])
-def test_augment_config_rejects_bad_ranges(fields):
-  with pytest.raises(ValueError):
-    preprocess.AugmentConfig(**fields)
-
-
-def test_targets_round_trip():
-  hc_px = np.array([400.0, 1234.5], np.float32)
-  pixel_size_mm = np.array([0.1, 0.25], np.float32)
-  target = preprocess.hc_target(hc_px, 1000.0)
-  np.testing.assert_allclose(target, hc_px / 1000.0)
-  np.testing.assert_allclose(preprocess.hc_px_from_target(target, 1000.0),
-                             hc_px, rtol=1e-6)
-  np.testing.assert_allclose(
-      preprocess.hc_mm_from_target(target, 1000.0, pixel_size_mm),
-      hc_px * pixel_size_mm, rtol=1e-6)
+@pytest.mark.parametrize('mode', preprocess.RESIZE_MODES)
+@pytest.mark.parametrize('original_hw, out_hw', [
+    ((540, 800), (128, 192)), ((544, 796), (128, 128)), ((600, 500), (96, 160))])
+def test_resize_geometry_maps_the_head_where_resize_puts_it(
+    mode, original_hw, out_hw):
+  """A ring drawn on the original image, resized, lies where the geometry
+  says: its centre and second moments match the mapped ellipse."""
+  height, width = original_hw
+  ellipse = np.array([0.52 * width, 0.47 * height, 0.3 * height,
+                      0.22 * height, 0.5], np.float32)
+  image = draw_ring(height, width, *ellipse.tolist(), thickness_px=4.0)
+  resized = preprocess.resize(image, out_hw, mode).numpy()
+  sx, sy, ox, oy = prepare.resize_geometry([original_hw], out_hw, mode)[0]
+  mapped = np.asarray(augment.transform_ellipse(
+      ellipse, np.diag([sx, sy]).astype(np.float32),
+      np.array([ox, oy], np.float32)))
+  rows, cols = np.nonzero(resized[..., 0] > 0.5 * resized.max())
+  fitted = ellipse_lib.fit_ellipse(cols.astype(float), rows.astype(float))
+  np.testing.assert_allclose([fitted.center_x, fitted.center_y], mapped[:2],
+                             atol=0.4)
+  np.testing.assert_allclose([fitted.semi_axis_a, fitted.semi_axis_b],
+                             mapped[2:4], rtol=0.02, atol=0.4)
+  assert fitted.perimeter_px == pytest.approx(
+      float(augment.ramanujan_perimeter(mapped[2], mapped[3])), rel=0.01)
+  if mode == 'stretch':
+    assert sx * width == pytest.approx(out_hw[1])
+  else:
+    assert sx == pytest.approx(sy, rel=0.02)

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from configs import resnet_huber
+from hc_jax import fast_layers
 from hc_jax import models
 from hc_jax import pretrained
 from hc_jax import train
@@ -289,7 +290,7 @@ def test_flax_vgg16_computes_what_keras_does(tmp_path):
       capture_intermediates=lambda module, _: module.name == 'block5_conv3')
   feature_maps = intermediates['intermediates']['block5_conv3']['__call__'][0]
   features = np.asarray(
-      models.max_pool_2x2(jax.nn.relu(feature_maps))).mean(axis=(1, 2))
+      fast_layers.max_pool_2x2(jax.nn.relu(feature_maps))).mean(axis=(1, 2))
   np.testing.assert_allclose(features, keras_features, rtol=0,
                              atol=1e-4 * np.abs(keras_features).max())
 

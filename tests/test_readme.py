@@ -27,3 +27,35 @@ def test_both_commands_work_from_a_fresh_shell():
   for command in _set_up_commands():
     assert command.startswith('python3 -m venv .venv && . .venv/bin/activate')
     assert '\n' not in command
+
+
+def _readme_section(title):
+  with open(os.path.join(REPO, 'README.md')) as f:
+    return f.read().split(f'## {title}', 1)[1].split('\n## ', 1)[0]
+
+
+def test_readme_documents_predicts_csv_statuses_and_exit_codes():
+  from hc_jax import predict  # pylint: disable=import-outside-toplevel
+  section = _readme_section('Predicting HC for new scans')
+  assert 'python -m hc_jax.predict --workdir=' in section
+  for column in predict.COLUMNS:
+    assert f'`{column}`' in section, column
+  for status in ('ok', 'uncertain', 'implausible', 'refused', 'error'):
+    assert f'| `{status}` |' in section, status
+  for code in ('0', '1', '2'):
+    assert re.search(rf'\b{code}\s+(when|for)\b', section), code
+
+
+def test_docs_speak_of_the_project_alone():
+  # How the project was developed is no part of its documentation.
+  banned = re.compile(r'\bbrief\b|\bsessions?\b|\bissue \d|#\d+\b|'
+                      r'run\(command=|carry=|\bnot retrieved\b|/work/',
+                      re.I)
+  paths = ['README.md'] + [os.path.join('docs', name) for name in
+                           sorted(os.listdir(os.path.join(REPO, 'docs')))
+                           if name.endswith('.md')]
+  for path in paths:
+    with open(os.path.join(REPO, path)) as f:
+      for number, line in enumerate(f, 1):
+        line = line.replace('jax-ml/jax#13800', '')
+        assert not banned.search(line), f'{path}:{number}: {line.strip()}'

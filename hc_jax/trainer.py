@@ -1,0 +1,380 @@
+"""The training loop behind `train.train_members`: epochs, checkpoints, scores.
+
+A `Trainer` holds a run of M members (see `hc_jax.train`): their data
+(`hc_jax.data`), the stacked train state, one `checkpoint.Checkpoints` and
+one `checkpoint.MetricWriter` per member workdir. Each epoch it trains every
+member still alive, scores each on its validation part, keeps the best epoch
+per member, and at the end scores each member's test fold with the
+checkpoint its validation part selected.
+"""
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hc_jax import augment as augment_lib
+from hc_jax import checkpoint
+from hc_jax import data as data_lib
+from hc_jax import layers as layers_lib
+from hc_jax import losses
+from hc_jax import metrics as metrics_lib
+from hc_jax import models
+from hc_jax import prepare
+from hc_jax import train
+
+P = jax.sharding.PartitionSpec
+LOG_EVERY_SECONDS = 30.0
+AUTO_PROBE_STEPS = 3
+GPU_MODELS = ('resnet50', 'vgg16')
+
+
+DIVERGED_FILE = 'diverged.json'
+
+
+def _read_diverged(workdir: str) -> int:
+  """The epoch in which a member's loss diverged, or 0."""
+  path = os.path.join(workdir, DIVERGED_FILE)
+  if not os.path.isfile(path):
+    return 0
+  with open(path) as f:
+    return int(json.load(f)['epoch'])
+
+
+def _log(message: str) -> None:
+  print(message, flush=True)
+
+
+def _eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class Trainer:
+  """The state and loop of one call of `train.train_members`."""
+
+  def __init__(self, configs, workdirs):
+    self.configs, self.workdirs = list(configs), list(workdirs)
+    self.config = config = configs[0]
+    self.started = time.time()
+    self.mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+    self.replicated = jax.sharding.NamedSharding(self.mesh, P())
+    self.batch_sharding = jax.sharding.NamedSharding(self.mesh, P(None, 'data'))
+    self.data = data_lib.load(configs, workdirs, jax.process_index(),
+                              jax.process_count())
+    self.rescore_only = all(c.get('rescore', False) and os.path.isfile(
+        os.path.join(w, train.RESULTS_FILE)) for c, w in zip(configs, workdirs))
+    digest = self.data.info.get('source_digest')
+    for member, workdir in zip(configs, workdirs):
+      os.makedirs(workdir, exist_ok=True)
+      data_lib.save_json(os.path.join(workdir, 'config.json'), {
+          **member.to_dict(), 'source_digest': digest,
+          'layers_resolved': layers_lib.resolve(member.get('layers', 'auto'))})
+      self.data.assignment.to_json(os.path.join(workdir, data_lib.FOLDS_FILE))
+    loss_keys = [(c.loss, c.huber_delta if c.loss == 'huber' else None)
+                 for c in configs]
+    unique = list(dict.fromkeys(loss_keys))
+    self.loss_fns = tuple(losses.get_loss(configs[loss_keys.index(k)])
+                          for k in unique)
+    loss_id = [unique.index(k) for k in loss_keys]
+    keys = [jax.random.split(jax.random.key(c.seed)) for c in configs]
+    self.members = jax.device_put({
+        'key': jnp.stack([k[1] for k in keys]),
+        'loss_id': jnp.asarray(loss_id, jnp.int32),
+        'normaliser_px': jnp.asarray(self.data.normaliser_px)},
+                                  self.replicated)
+    self.num_epochs = config.num_epochs
+    model = train.create_model(config)
+    tx = train.create_optimizer(config, int(self.data.steps.max()))
+    self.init_states = [train.create_train_state(config, model, k[0], tx)
+                        for k in keys]
+    if config.get('init_from'):
+      from hc_jax import pretrained  # pylint: disable=import-outside-toplevel
+      self.init_states = [pretrained.load_into(s, config.init_from,
+                                               config.model)
+                          for s in self.init_states]
+    self.augment = augment_lib.AugmentConfig.from_dict(config.augment)
+    how = config.members_per_call
+    self.candidates = ('vmap', 'map') if how == 'auto' else (how,)
+    self.how = None if how == 'auto' and len(configs) > 1 else self.candidates[0]
+    self.steps = {c: jax.jit(functools.partial(
+        train.members_train_step, loss_fns=self.loss_fns, augment=self.augment,
+        how=c), donate_argnums=(0,)) for c in self.candidates}
+    self.predict_fn = jax.jit(functools.partial(train.members_predict, how='vmap'),
+                              out_shardings=self.replicated)
+
+  def _describe(self) -> str:
+    c, d = self.config, self.data
+    height, width = prepare.input_shape(c)
+    parts = ', '.join(f'fold {x.fold} {x.loss}' + (
+        f' seed {x.seed}' if x.seed != c.seed else '') for x in self.configs)
+    return (f'{c.model} ({parts}): {len(d.split[0]["train"])} train / '
+            f'{len(d.split[0]["val"])} val / {len(d.split[0]["test"])} test '
+            f'images at {height}x{width} ({c.resize_mode}), '
+            f'{int(d.steps.max())} steps per epoch, {jax.device_count()} '
+            f'{jax.devices()[0].platform} device(s)')
+
+  def _shard(self, array):
+    """A global array from this process's rows of [M, rows, ...] batches."""
+    if array.ndim < 2:
+      return jax.device_put(array, self.replicated)
+    global_shape = ((array.shape[0], array.shape[1] * jax.process_count()) +
+                    array.shape[2:])
+    return jax.make_array_from_process_local_data(
+        self.batch_sharding, array, global_shape)
+
+  def _restore(self):
+    """Restores every member's latest checkpoint; returns the stacked state."""
+    self.checkpoints = [checkpoint.Checkpoints(w) for w in self.workdirs]
+    restored = [ck.restore_latest(s) for ck, s in
+                zip(self.checkpoints, self.init_states)]
+    # A member that diverged is frozen for good (diverged.json in its
+    # workdir); the others resume from the epoch they all reached.
+    self.diverged = np.asarray([_read_diverged(w) for w in self.workdirs])
+    epochs = [p.get('epoch', 0) for _, p in restored]
+    alive = [e for e, d in zip(epochs, self.diverged) if not d]
+    start = min(alive) if alive else min(epochs)
+    for m, (ck, epoch) in enumerate(zip(self.checkpoints, epochs)):
+      if epoch > start:  # Killed between the members' saves.
+        restored[m] = ck.restore_latest(self.init_states[m], max_epoch=start)
+    self.start_epoch = start
+    self.best = [p.get('best', {'val_mae_mm': float('inf'), 'epoch': 0})
+                 for _, p in restored]
+    for ck in self.checkpoints:
+      ck.drop_after(start)
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *[s for s, _ in restored])
+    return jax.device_put(stacked, self.replicated)
+
+  def _member_state(self, state, m):
+    return jax.tree.map(lambda x: x[m], state)
+
+  def _predict(self, state, part):
+    """Predicted HC (px) of every member on its 'val' or 'test' images."""
+    size = self.config.eval_batch_size
+    index, mask = self.data.eval_index(part, size)
+    images = self.data.arrays['images']
+    rows = data_lib.process_slice(size, jax.process_index(),
+                                  jax.process_count())
+    out = []
+    for c in range(0, index.shape[1], size):
+      chunk = index[:, c:c + size][:, rows]
+      out.append(self.predict_fn(state, self._shard(images[chunk])))
+    predictions = np.concatenate(jax.device_get(out), axis=1)
+    return index, mask, predictions * self.data.normaliser_px[:, None]
+
+  def _errors(self, predicted, m):
+    index, mask, hc_px_pred = predicted
+    keep = index[m][mask[m]]
+    arrays = self.data.arrays
+    return metrics_lib.hc_errors(arrays['hc_px'][keep], hc_px_pred[m][mask[m]],
+                                 arrays['pixel_size_mm'][keep])
+
+  def _train_epoch(self, state, epoch):
+    alive = self.diverged == 0
+    losses_, actives = [], []
+    batches = self.data.train_batches(epoch, self.config.data.get(
+        'pipeline', 'auto'))
+    first = not self.compiled
+    for i, batch in enumerate(batches):
+      active = batch.pop('active') & alive
+      sharded = {k: self._shard(v) for k, v in batch.items()}
+      sharded['active'] = jax.device_put(active, self.replicated)
+      if self.how is None:  # 'auto' with several members: time both.
+        state = self._probe(state, sharded)
+      state, loss = self.steps[self.how](state, sharded, self.members)
+      if first and i == 0:
+        jax.block_until_ready(loss)
+        self.compiled = True
+        _log(f'compiled in {time.time() - self.compile_started:.0f} s')
+      losses_.append(loss)
+      actives.append(active)
+      self._progress(epoch, i, loss)
+    return state, np.asarray(jax.device_get(losses_)), np.asarray(actives)
+
+  def _probe(self, state, batch):
+    """'auto': times vmap and lax.map on the same batch, keeps the faster.
+    The timed steps are not kept: the state goes on from before them."""
+    times = {}
+    for how in self.candidates:
+      step = jax.jit(functools.partial(
+          train.members_train_step, loss_fns=self.loss_fns, augment=self.augment,
+          how=how))
+      jax.block_until_ready(step(state, batch, self.members))  # Compiles.
+      start = time.perf_counter()
+      for _ in range(AUTO_PROBE_STEPS):
+        out = step(state, batch, self.members)
+      jax.block_until_ready(out)
+      times[how] = (time.perf_counter() - start) / AUTO_PROBE_STEPS
+    self.how = min(times, key=times.get)
+    self.step_ms = {k: round(v * 1e3, 2) for k, v in times.items()}
+    _log('members_per_call=auto: ' + ', '.join(
+        f'{k} {v} ms per step' for k, v in self.step_ms.items()) +
+         f' -> {self.how}')
+    return state
+
+  def _progress(self, epoch, i, loss):
+    now = time.time()
+    if now - self.last_log < LOG_EVERY_SECONDS:
+      return
+    self.last_log = now
+    steps = int(self.data.steps.max())
+    done = (epoch - 1 - self.start_epoch) * steps + i + 1
+    total = (self.num_epochs - self.start_epoch) * steps
+    rate = done / max(now - self.loop_started, 1e-9)
+    _log(f'epoch {epoch}/{self.num_epochs} step {i + 1}/{steps} loss '
+         f'{float(loss.mean()):.4g} '
+         f'{rate * self.data.batch_size * len(self.configs):.3g} img/s ETA '
+         f'{_eta((total - done) / rate)}')
+
+  def run(self):
+    config, data = self.config, self.data
+    state = self._restore()
+    _log(self._describe())
+    _log(f'{models.count_params(self.init_states[0].params):,} parameters '
+         'per member')
+    if self.start_epoch:
+      _log(f'resuming after epoch {self.start_epoch}')
+    if (config.model in GPU_MODELS and jax.default_backend() == 'cpu' and
+        self.start_epoch < self.num_epochs):
+      _log(f'{config.model} on a CPU is GPU work: several minutes to compile, '
+           'then about a day for 250 epochs (see the README)')
+    writers = [checkpoint.MetricWriter(w, resume_epoch=self.start_epoch)
+               for w in self.workdirs]
+    self.compiled = False
+    self.compile_started = self.loop_started = self.last_log = time.time()
+    if self.start_epoch < self.num_epochs:
+      _log('compiling the training step...')
+    last_save = time.time()
+    epoch = self.start_epoch
+    while epoch < self.num_epochs:
+      epoch += 1
+      epoch_start = time.time()
+      state, step_losses, active = self._train_epoch(state, epoch)
+      bad = ~np.isfinite(step_losses) & active
+      for m in np.flatnonzero(bad.any(axis=0)):
+        self.diverged[m] = epoch
+        if not (self.diverged > 0).all():
+          data_lib.save_json(os.path.join(self.workdirs[m], DIVERGED_FILE),
+                             {'epoch': epoch})
+        step = int(np.argmax(bad[:, m])) + 1
+        _log(f'{self.workdirs[m]}: loss is {step_losses[step - 1, m]} at step '
+             f'{step} of epoch {epoch}; frozen, scored with epoch '
+             f'{self.best[m]["epoch"]} (selected on validation before)')
+      if (self.diverged > 0).all():
+        raise FloatingPointError(
+            f'the training loss diverged (epoch {epoch}); stopped without '
+            f'saving, the last good checkpoints are in '
+            f'{", ".join(ck.directory for ck in self.checkpoints)}')
+      val = self._predict(state, 'val')
+      save_latest = (epoch == self.num_epochs or time.time() - last_save >=
+                     config.checkpoint_every_seconds)
+      for m, writer in enumerate(writers):
+        if self.diverged[m]:
+          continue
+        errors = self._errors(val, m)
+        is_best = errors['mae_mm'] < self.best[m]['val_mae_mm']
+        if is_best:
+          self.best[m] = {'val_mae_mm': errors['mae_mm'], 'epoch': epoch}
+        mask = active[:, m]
+        writer.write({
+            'epoch': epoch, 'step': int(epoch * data.steps[m]),
+            'train_loss': float(step_losses[mask, m].mean()),
+            'epoch_seconds': round(time.time() - epoch_start, 2),
+            **{f'val_{k}': v for k, v in errors.items()}})
+        self.checkpoints[m].save(
+            epoch, self._member_state(state, m),
+            {'epoch': epoch, 'best': self.best[m]}, is_best=is_best,
+            latest=save_latest)
+        if len(self.configs) == 1:
+          _log(f'epoch {epoch}: val {metrics_lib.format_errors(errors)}'
+               f'{" *" if is_best else ""} '
+               f'({time.time() - epoch_start:.1f} s)')
+      if len(self.configs) > 1:
+        _log(f'epoch {epoch}/{self.num_epochs} ({time.time() - epoch_start:.1f}'
+             ' s): val MAE mm ' + ', '.join(
+                 f'{self._errors(val, m)["mae_mm"]:.2f}' for m in
+                 range(len(self.configs))))
+      if save_latest:
+        last_save = time.time()
+      if epoch == 1 and config.time_budget_s:
+        self._fit_budget(time.time() - epoch_start)
+      elif (config.time_budget_s and epoch < self.num_epochs and
+            time.time() - self.started + 2 * (time.time() - epoch_start) >
+            config.time_budget_s):
+        _log(f'stopping after epoch {epoch}: the next would pass '
+             f'time_budget_s={config.time_budget_s}')
+        self.num_epochs = epoch
+    for ck in self.checkpoints:
+      ck.wait()
+    return self._score_test(state, writers)
+
+  def _fit_budget(self, epoch_seconds):
+    left = self.config.time_budget_s - (time.time() - self.started)
+    fit = int(1 + max(0, (left - 2 * epoch_seconds) // epoch_seconds))
+    if fit < self.num_epochs:
+      _log(f'time_budget_s={self.config.time_budget_s}: {epoch_seconds:.1f} s '
+           f'per epoch, {fit} of {self.num_epochs} epochs fit')
+      self.num_epochs = fit
+
+  def _score_test(self, state, writers):
+    """Scores each member's test fold with its selected checkpoint."""
+    # A member that diverged before its first validation has no selected
+    # epoch: it is reported with no test figures.
+    scored = [self.best[m]['epoch'] > 0 for m in range(len(self.configs))]
+    best_states = [ck.restore_best(self.init_states[m], self.best[m]['epoch'])
+                   if scored[m] else self.init_states[m]
+                   for m, ck in enumerate(self.checkpoints)]
+    state = jax.device_put(jax.tree.map(lambda *x: jnp.stack(x), *best_states),
+                           self.replicated)
+    test = self._predict(state, 'test')
+    arrays, results = self.data.arrays, []
+    for m, (config, workdir) in enumerate(zip(self.configs, self.workdirs)):
+      index, mask, hc_px_pred = test
+      keep = index[m][mask[m]]
+      if not scored[m]:
+        _log(f'{workdir}: diverged in epoch {self.diverged[m]} before any '
+             'validation; no test figures')
+        plain, errors = None, {}
+      else:
+        plain = self._errors(test, m)
+        errors = {f'test_{k}': v for k, v in plain.items()}
+        metrics_lib.write_predictions(
+            os.path.join(workdir, train.PREDICTIONS_FILE),
+            metrics_lib.prediction_rows(
+                arrays['filename'][keep], arrays['subject_id'][keep],
+                arrays['pixel_size_mm'][keep], arrays['hc_px'][keep],
+                hc_px_pred[m][mask[m]]))
+      train_index = self.data.split[m]['train']
+      result = {
+          'model': config.model, 'loss': config.loss, 'fold': config.fold,
+          'seed': config.seed, 'selected_epoch': self.best[m]['epoch'],
+          'normaliser_px': float(self.data.normaliser_px[m]),
+          'val_mae_mm': self.best[m]['val_mae_mm'],
+          'num_epochs': self.num_epochs,
+          'planned_epochs': config.num_epochs,
+          'diverged_epoch': int(self.diverged[m]) or None,
+          'source_digest': self.data.info.get('source_digest'),
+          'num_members': len(self.configs),
+          'members_per_call': self.how if len(self.configs) > 1 else None,
+          'train_seconds': round(time.time() - self.started, 1),
+          **{f'train_hc_{unit}_{stat}': float(fn(arrays[f'hc_{unit}'][
+              train_index])) for unit in ('mm', 'px')
+             for stat, fn in (('min', np.min), ('max', np.max))},
+          **errors}
+      data_lib.save_json(os.path.join(workdir, train.RESULTS_FILE), result)
+      if errors and not self.rescore_only:
+        writers[m].write({'epoch': self.num_epochs,
+                          'step': int(self.num_epochs * self.data.steps[m]),
+                          **errors})
+      writers[m].close()
+      if errors:
+        _log(f'{workdir}: test fold {config.fold} (epoch '
+             f'{self.best[m]["epoch"]} selected on validation): '
+             f'{metrics_lib.format_errors(plain)}')
+      results.append(result)
+    return results
+
