@@ -26,6 +26,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+import time
 import zlib
 from typing import Any
 
@@ -137,40 +139,32 @@ class Checkpoints:
       raise ValueError(f'keep_latest must be >= 1, got {keep_latest}')
     self.keep_latest = keep_latest
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    # Both are pruned by hand (`save`), never by orbax: a step is deleted only
-    # once a newer one is complete with its manifest, and the best checkpoint
-    # that a kept latest checkpoint's progress names must survive until no
-    # kept latest checkpoint names it, or a resumed run could lose it.
-    try:
-      self.latest, self.best = (ocp.CheckpointManager(
-          os.path.join(self.directory, name),
-          options=ocp.CheckpointManagerOptions(
-              max_to_keep=None, create=True, enable_async_checkpointing=False))
-                                for name in ('latest', 'best'))
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f'cannot open the checkpoints in {self.directory}: {_reason(e)}'
-      ) from None
+    self.latest = _open_manager(os.path.join(self.directory, 'latest'))
+    self.best = _open_manager(os.path.join(self.directory, 'best'))
 
   @staticmethod
-  def step_dir(manager, step: int) -> str:
+  def _step_dir(manager, step: int) -> str:
     return os.path.join(str(manager.directory), str(step))
 
   def _save(self, manager, epoch: int, args) -> None:
     """Writes one step with its manifest, or raises CheckpointError leaving
     no trace of it."""
-    step_dir = self.step_dir(manager, epoch)
+    step_dir = self._step_dir(manager, epoch)
+    primary = jax.process_index() == 0
     try:
-      _remove_unfinished(str(manager.directory))
+      if primary:
+        _remove_unfinished(str(manager.directory))
       if epoch in manager.all_steps():  # A redone epoch: replace it.
-        manager.delete(epoch)
+        _delete(manager, epoch)
       if not manager.save(epoch, args=args, force=True):
         raise RuntimeError('orbax skipped the save')
-      if jax.process_index() == 0:
+      if primary:
         _write_manifest(step_dir)
     except Exception as e:  # pylint: disable=broad-except
       with contextlib.suppress(Exception):
-        _remove_unfinished(str(manager.directory))
+        _join_orbax_threads(timeout_s=30.0)  # Writers still running.
+        if primary:
+          _remove_unfinished(str(manager.directory))
         manager.reload()
         if epoch in manager.all_steps():
           manager.delete(epoch)
@@ -203,14 +197,14 @@ class Checkpoints:
     self._save(self.latest, epoch, args)
     steps = sorted(self.latest.all_steps())
     for step in steps[:-self.keep_latest]:
-      self.latest.delete(step)
+      _delete(self.latest, step)
     named = {progress.get('best', {}).get('epoch')}
     for step in steps[-self.keep_latest:]:
       if step != epoch:
         named.add(self._progress_of(step).get('best', {}).get('epoch'))
     for step in self.best.all_steps():
       if step not in named:
-        self.best.delete(step)
+        _delete(self.best, step)
 
   def _progress_of(self, step: int) -> dict[str, Any]:
     """The progress saved with latest checkpoint `step`, or {} if unreadable."""
@@ -227,7 +221,7 @@ class Checkpoints:
     Raises:
       CheckpointError: the step cannot be restored, with the reason.
     """
-    step_dir = self.step_dir(manager, step)
+    step_dir = self._step_dir(manager, step)
     verify(step_dir)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
@@ -279,7 +273,7 @@ class Checkpoints:
       manager.reload()
       for step in manager.all_steps():
         if step > epoch:
-          manager.delete(step)
+          _delete(manager, step)
 
   def restore_best(self, state, epoch: int | None = None):
     """Returns the state of the best checkpoint (of `epoch`, if given).
@@ -304,6 +298,38 @@ class Checkpoints:
   def wait(self) -> None:
     self.latest.wait_until_finished()
     self.best.wait_until_finished()
+
+
+def _open_manager(directory: str) -> ocp.CheckpointManager:
+  # Steps are pruned by hand (`Checkpoints.save`), never by orbax: one is
+  # deleted only once a newer one is complete with its manifest, and the best
+  # checkpoint that a kept latest checkpoint's progress names must survive
+  # until no kept latest checkpoint names it, or a resumed run could lose it.
+  try:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory, options=options)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'cannot open the checkpoints in {directory}: '
+                          f'{_reason(e)}') from None
+
+
+def _delete(manager: ocp.CheckpointManager, step: int) -> None:
+  try:
+    manager.delete(step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'cannot delete checkpoint {step} in '
+                          f'{manager.directory}: {_reason(e)}') from None
+
+
+def _join_orbax_threads(timeout_s: float) -> None:
+  """Waits (up to `timeout_s`) for orbax's writer threads: when one fails,
+  orbax raises at once while the others may still write."""
+  deadline = time.time() + timeout_s
+  for thread in threading.enumerate():
+    if (thread is not threading.current_thread() and
+        type(thread).__module__.startswith('orbax.')):
+      thread.join(max(0.0, deadline - time.time()))
 
 
 def _remove_unfinished(directory: str) -> None:

@@ -204,7 +204,6 @@ class RunData:
       raise ValueError(f"backend must be 'tf', 'numpy' or 'auto', not "
                        f'{backend!r}')
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    _hide_gpus_from_tf(tf)
     arrays = {name: tf.constant(self.arrays[source]) for name, source in (
         ('image', 'images'), ('ellipse', 'ellipse'), ('hc_px', 'hc_px'),
         ('resize', 'resize'))}
@@ -240,14 +239,6 @@ def _has_tensorflow() -> bool:
   except ImportError:
     return False
   return True
-
-
-def _hide_gpus_from_tf(tf) -> None:
-  """Keeps TensorFlow, which only feeds data here, off the accelerators."""
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except (RuntimeError, ValueError):
-    pass  # Already initialised; TF keeps what it has.
 
 
 def load(configs: Sequence[Any], workdirs: Sequence[str],

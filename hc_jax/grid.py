@@ -191,7 +191,8 @@ def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  from hc_jax import cli  # pylint: disable=import-outside-toplevel
+  parser = cli.ArgumentParser(
       prog='python -m hc_jax.grid', description=__doc__.splitlines()[0])
   parser.add_argument('--configs', default='',
                       help='Comma-separated config files.')
@@ -244,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f'JAX found no GPU or TPU ({jax.devices()}); check '
                          'the CUDA or TPU set-up')
     if not args.aggregate_only:
+      # Process settings (allocator, jax.distributed, TF off the GPUs) from
+      # the first config; the grid's runs share them.
+      cli.setup_process(load_config(args.configs[0], args.override))
       failed = run_grid(args.configs, args.folds, args.root, args.override,
                         shard=args.shard, stack=args.stack)['failed']
     rows = aggregate(args.root)

@@ -113,6 +113,7 @@ class WorkdirLock:
 
     Raises:
       LockedError: another live process holds the lock.
+      OSError: the lock file cannot be written (a read-only directory...).
     """
     if self.held:
       return self

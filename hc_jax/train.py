@@ -241,6 +241,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   return train_members([config], [workdir])[0]
 
 
+def _finished_results(workdir: str) -> dict[str, Any] | None:
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def train_members(configs: Sequence[Any], workdirs: Sequence[str]
                   ) -> list[dict[str, Any]]:
   """Trains several members at once; see the module docstring.
@@ -254,20 +262,22 @@ def train_members(configs: Sequence[Any], workdirs: Sequence[str]
   results = [None] * len(configs)
   todo = []
   for m, (config, workdir) in enumerate(zip(configs, workdirs)):
-    path = os.path.join(workdir, RESULTS_FILE)
-    if os.path.isfile(path) and not config.get('rescore', False):
-      _log(f'already finished: {path} (--config.rescore=True scores its test '
-           'fold again)')
-      with open(path) as f:
-        results[m] = json.load(f)
+    finished = _finished_results(workdir)
+    # The same command again changes nothing; more epochs extend the run.
+    if (finished and not config.get('rescore', False) and
+        finished.get('planned_epochs') == config.num_epochs):
+      _log(f'already finished: {os.path.join(workdir, RESULTS_FILE)} '
+           '(--config.rescore=True scores its test fold again)')
+      results[m] = finished
     else:
       todo.append(m)
   if todo:
     created = [workdirs[m] for m in todo if not os.path.isdir(workdirs[m])]
     try:
       with contextlib.ExitStack() as stack:
-        for m in todo:
-          stack.enter_context(lock_lib.WorkdirLock(workdirs[m]))
+        for m in todo:  # One lock per workdir, held by the first host.
+          if jax.process_index() == 0:
+            stack.enter_context(lock_lib.WorkdirLock(workdirs[m]))
         from hc_jax import trainer  # pylint: disable=import-outside-toplevel
         trained = trainer.Trainer([configs[m] for m in todo],
                                   [workdirs[m] for m in todo]).run()

@@ -192,6 +192,17 @@ def test_damaged_latest_falls_back_or_fails_clearly(three_epochs, tmp_path,
     assert damaged[3][0] in err and 'resuming from epoch 2' in err, err
 
 
+def test_restore_latest_up_to_an_epoch(three_epochs):
+  # Members of a run killed between their saves resume from a common epoch.
+  ckpt = checkpoint.Checkpoints(three_epochs)
+  state, progress = ckpt.restore_latest(_state(-1), max_epoch=2)
+  assert progress['epoch'] == 2
+  _assert_state(state, 2)
+  state, progress = ckpt.restore_latest(_state(-1), max_epoch=1)
+  assert progress == {}
+  _assert_state(state, -1)
+
+
 def test_unfinished_and_unchecked_checkpoints(three_epochs, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(three_epochs, workdir)

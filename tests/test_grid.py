@@ -237,7 +237,7 @@ def test_a_workdir_of_another_config_is_an_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('path, overrides, message', [
     ('configs/no_such.py', [], 'not found'),
-    (MSE_CONFIG, ['num_epoch=3'], 'Did you mean "num_epochs"'),
+    (MSE_CONFIG, ['num_epoch=3'], "did you mean 'num_epochs'"),
     (MSE_CONFIG, ['num_epochs=three'], 'invalid literal'),
     (MSE_CONFIG, ['num_epochs'], 'not KEY=VALUE'),
 ])

@@ -1,4 +1,5 @@
-"""Tests for hc_jax.predict and hc_jax.gestational_age.
+"""Tests for hc_jax.predict (with hc_jax.inference, hc_jax.runs and
+hc_jax.scan_files behind it) and hc_jax.gestational_age.
 
 Loading, restoring and preprocessing are tested on tiny trained runs; the
 command line's statuses, exit codes and bad-input handling on a stub model
@@ -20,9 +21,11 @@ import pytest
 from scipy import optimize
 
 from conftest import REPO
+from hc_jax import augment
 from hc_jax import gestational_age
 from hc_jax import hc18
 from hc_jax import predict
+from hc_jax import prepare
 from hc_jax import train
 
 
@@ -37,7 +40,7 @@ def grid(phantom_hc18, tmp_path_factory):
   root = tmp_path_factory.mktemp('grid')
   for seed in (0, 1):
     config = default.get_config()
-    config.data.hc18_dir, config.data.tfds_data_dir = phantom_hc18
+    config.data.hc18_dir, config.data.cache_dir = phantom_hc18
     config.image_size = 32
     config.num_epochs = 1
     config.batch_size = 8
@@ -172,6 +175,74 @@ def test_fold_ensemble_and_flip_tta(grid, phantom_hc18, tmp_path):
   assert 'uncertain' in {row['status'] for row in rows}
 
 
+def test_non_square_input_predicts_as_the_trainer_evaluates(
+    tiny_config, phantom_hc18, tmp_path):
+  """A run on 32 rows x 48 columns: scans are prepared as for training
+  (resize, uint8, z-score) and get the trainer's own test predictions."""
+  hc18_dir, cache_dir = phantom_hc18
+  tiny_config.image_width = 48
+  tiny_config.num_epochs = 1
+  workdir = str(tmp_path / 'wide')
+  train.train_and_evaluate(tiny_config, workdir)
+  predictor = predict.load(workdir)
+  assert predictor.input_shape == (32, 48)
+  # The prepared (resized, uint8) training images, z-scored as the trainer
+  # does, are what predict makes of the PNGs.
+  arrays, _ = prepare.prepare(hc18_dir, (32, 48), 'stretch', cache_dir)
+  scans = [hc18.read_grayscale(os.path.join(hc18_dir, 'training_set', name))[0]
+           for name in arrays['filename'][:8]]
+  np.testing.assert_allclose(
+      np.stack([predictor.preprocess(scan) for scan in scans]),
+      augment.zscore_batch(arrays['images'][:8]), atol=1e-5)
+  # The test fold: the trainer's evaluation (rounded to 0.001 mm) again.
+  images, pixel_sizes, hc_mm_train = _test_fold(workdir, hc18_dir)
+  out = predictor(images, pixel_sizes)
+  np.testing.assert_allclose(out['hc_mm'], hc_mm_train, rtol=1e-4, atol=6e-4)
+  assert set(out['status']) <= {'ok', 'implausible'}
+
+  # The command line, with scans just above and below the 48x32 input.
+  scan_dir = tmp_path / 'scans'
+  scan_dir.mkdir()
+  for name, image in zip(('a.png', 'b.png'), images):
+    Image.fromarray(image).save(scan_dir / name)
+  for name, (width, height) in (('fits.png', (48, 32)),
+                                ('narrow.png', (47, 100)),
+                                ('low.png', (100, 31))):
+    Image.fromarray(_scan(width, height)).save(scan_dir / name)
+  csv_path = tmp_path / 'p.csv'
+  predict.main([f'--workdir={workdir}', f'--images={scan_dir}',
+                f'--out={csv_path}'])
+  rows = {row['filename']: row for row in _read_rows(csv_path)}
+  assert sorted(rows) == ['a.png', 'b.png', 'fits.png', 'low.png',
+                          'narrow.png']
+  for i, name in enumerate(('a.png', 'b.png')):
+    assert rows[name]['status'] == out['status'][i]
+    assert float(rows[name]['hc_px']) == pytest.approx(out['hc_px'][i],
+                                                       abs=1e-3)
+  assert rows['fits.png']['status'] != 'refused'
+  for name, size in (('narrow.png', '47x100'), ('low.png', '100x31')):
+    assert rows[name]['status'] == 'refused', rows[name]
+    assert (f'image is {size} px, smaller than the model input 48x32'
+            in rows[name]['message'])
+
+
+def test_older_config_without_image_width_is_square(run, phantom_hc18,
+                                                     tmp_path):
+  images, pixel_sizes, _ = _test_fold(run, phantom_hc18[0])
+  expected = predict.load(run)(images, pixel_sizes)['hc_mm']
+  copy = _copy_run(run, tmp_path)
+  with open(copy / 'config.json') as f:
+    config = json.load(f)
+  for key in ('image_width', 'source_digest', 'layers_resolved'):
+    config.pop(key, None)
+  with open(copy / 'config.json', 'w') as f:
+    json.dump(config, f)
+  predictor = predict.load(str(copy))
+  assert predictor.input_shape == (32, 32)
+  np.testing.assert_allclose(predictor(images, pixel_sizes)['hc_mm'],
+                             expected, rtol=1e-6)
+
+
 def test_unfinished_or_mismatched_runs_are_clear_errors(run, tmp_path, capsys):
   unfinished = tmp_path / 'unfinished'
   unfinished.mkdir()
@@ -194,6 +265,17 @@ def test_unfinished_or_mismatched_runs_are_clear_errors(run, tmp_path, capsys):
       json.dump(config, f)
     shutil.copy(os.path.join(run, 'results.json'), mixed / name)
   with pytest.raises(predict.PredictError, match='image_size=64'):
+    predict.load(str(mixed))
+  # An older run's config.json has no image_width: a square input (0).
+  for name, image_width in (('a', None), ('b', 48)):
+    with open(os.path.join(run, 'config.json')) as f:
+      config = json.load(f)
+    config.pop('image_width', None)
+    if image_width:
+      config['image_width'] = image_width
+    with open(mixed / name / 'config.json', 'w') as f:
+      json.dump(config, f)
+  with pytest.raises(predict.PredictError, match='image_width=48 but .* has 0'):
     predict.load(str(mixed))
 
 

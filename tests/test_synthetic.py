@@ -13,11 +13,12 @@ from PIL import Image
 from scipy import ndimage
 
 from hc_jax import ellipse
+from hc_jax import hc18
 from hc_jax import synthetic
 
 NUM_TRAIN = 40
 NUM_TEST = 6
-REAL_HC18 = pathlib.Path('/work/shared/hc18')
+REAL_HC18 = pathlib.Path(hc18.default_dir() or '/nonexistent/hc18')
 
 
 @pytest.fixture(scope='module')

@@ -1,0 +1,158 @@
+"""Tests of the one data path: prepared HC18 arrays, folds, members' batches."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from hc_jax import data
+from hc_jax import hc18
+from hc_jax import prepare
+
+
+@pytest.fixture
+def run_data(tiny_config, tmp_path):
+  configs = []
+  for fold in (0, 2):
+    config = tiny_config.copy_and_resolve_references()
+    config.fold = fold
+    configs.append(config)
+  return data.load(configs, [str(tmp_path / 'a'), str(tmp_path / 'b')])
+
+
+def test_tf_data_and_numpy_give_the_same_batches(run_data):
+  for epoch in (1, 2):
+    via_tf = list(run_data.train_batches(epoch, backend='tf'))
+    via_numpy = list(run_data.train_batches(epoch, backend='numpy'))
+    assert len(via_tf) == len(via_numpy) == run_data.steps.max()
+    for a, b in zip(via_tf, via_numpy):
+      assert sorted(a) == sorted(b)
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+  first = next(run_data.train_batches(1, 'numpy'))['image']
+  second = next(run_data.train_batches(2, 'numpy'))['image']
+  assert first.shape[:2] == (2, run_data.batch_size)
+  assert not np.array_equal(first, second)  # A new order every epoch.
+
+
+def test_a_members_batches_do_not_depend_on_the_others(tiny_config, tmp_path,
+                                                       run_data):
+  config = tiny_config.copy_and_resolve_references()
+  config.fold = 2
+  alone = data.load([config], [str(tmp_path / 'c')])
+  index_alone, _ = alone.epoch_index(3)
+  index_both, _ = run_data.epoch_index(3)
+  np.testing.assert_array_equal(index_alone[:, 0], index_both[:, 1])
+
+
+def test_each_member_trains_on_its_training_part_only(run_data):
+  for m, split in enumerate(run_data.split):
+    index, active = run_data.epoch_index(1)
+    used = set(index[active[:, m], m].ravel().tolist())
+    assert used <= set(split['train'].tolist())
+    assert len(used) == run_data.steps[m] * run_data.batch_size
+    assert not set(split['train']) & (set(split['val']) | set(split['test']))
+
+
+def test_normaliser_sees_only_training_images(tiny_config, tmp_path):
+  """The largest HC of the data set lies outside some fold's training part;
+  that fold's normaliser must be its own training maximum, not the global."""
+  configs = []
+  for fold in range(tiny_config.num_folds):
+    configs.append(tiny_config.copy_and_resolve_references())
+    configs[-1].fold = fold
+  run_data = data.load(configs, [str(tmp_path / f'f{k}') for k in range(5)])
+  hc_px = run_data.arrays['hc_px']
+  global_max = int(np.argmax(hc_px))
+  held_out = [m for m, s in enumerate(run_data.split)
+              if global_max not in s['train']]
+  assert held_out, 'phantom data should hold the largest HC out of a fold'
+  for m, split in enumerate(run_data.split):
+    assert run_data.normaliser_px[m] == pytest.approx(
+        hc_px[split['train']].max())
+  for m in held_out:
+    assert run_data.normaliser_px[m] < hc_px[global_max]
+
+
+def test_eval_index_covers_every_image_once(run_data):
+  for part in ('val', 'test'):
+    index, mask = run_data.eval_index(part, 8)
+    assert index.shape[1] % 8 == 0
+    for m, split in enumerate(run_data.split):
+      assert sorted(index[m][mask[m]].tolist()) == sorted(split[part].tolist())
+
+
+def test_process_slices_of_two_hosts_make_the_global_batch(run_data):
+  """Simulates two processes: each reads its own rows, together the batch."""
+  rows = [data.process_slice(run_data.batch_size, p, 2) for p in range(2)]
+  whole = next(run_data.train_batches(1, 'numpy'))
+  parts = []
+  for row in rows:
+    run_data.rows = row
+    parts.append(next(run_data.train_batches(1, 'numpy')))
+  run_data.rows = slice(None)
+  for key in ('image', 'hc_px', 'ellipse', 'resize'):
+    np.testing.assert_array_equal(
+        np.concatenate([p[key] for p in parts], axis=1), whole[key])
+  with pytest.raises(ValueError, match='not divisible'):
+    data.process_slice(6, 0, 4)
+
+
+def test_prepared_arrays_hold_images_and_geometry(run_data, tiny_config):
+  arrays = run_data.arrays
+  assert arrays['images'].dtype == np.uint8
+  assert arrays['images'].shape[1:] == (32, 32, 1)
+  np.testing.assert_allclose(
+      arrays['hc_mm'], arrays['hc_px'] * arrays['pixel_size_mm'], rtol=1e-3)
+  assert np.isfinite(arrays['ellipse']).all()
+  np.testing.assert_allclose(
+      arrays['resize'],
+      prepare.resize_geometry(arrays['original_hw'], (32, 32), 'stretch'))
+  assert run_data.info['source_digest'] == prepare.source_digest(
+      tiny_config.data.hc18_dir)
+
+
+def test_non_square_letterbox_input(tiny_config, tmp_path):
+  tiny_config.image_width = 48
+  tiny_config.resize_mode = 'letterbox'
+  loaded = data.load([tiny_config], [str(tmp_path / 'run')])
+  assert loaded.arrays['images'].shape[1:] == (32, 48, 1)
+  sx, sy = loaded.arrays['resize'][:, 0], loaded.arrays['resize'][:, 1]
+  np.testing.assert_allclose(sx, sy, rtol=0.05)
+
+
+def test_another_copy_is_prepared_anew_and_a_broken_one_is_refused(
+    tiny_config, tmp_path):
+  """The cache is keyed by the source: pointing at another copy (here a
+  broken one) must check that copy, not reuse the build already cached."""
+  copy = tmp_path / 'copy'
+  shutil.copytree(tiny_config.data.hc18_dir, copy)
+  original = data.load([tiny_config], [str(tmp_path / 'a')])
+  victims = sorted(p for p in os.listdir(copy / 'training_set')
+                   if p.endswith('HC.png'))[:2]
+  with open(copy / 'training_set' / victims[0], 'wb') as f:
+    f.write(b'not a png')
+  os.remove(copy / 'training_set' / victims[1])
+  assert prepare.source_digest(str(copy)) != original.info['source_digest']
+  tiny_config.data.hc18_dir = str(copy)
+  with pytest.raises(hc18.HC18Error) as error:
+    data.load([tiny_config], [str(tmp_path / 'b')])
+  assert victims[0] in str(error.value) and victims[1] in str(error.value)
+
+
+def test_prepared_export_is_checked_against_the_config(tiny_config, tmp_path,
+                                                       run_data):
+  path = str(tmp_path / 'export.npz')
+  prepare.save(path, run_data.arrays, run_data.info)
+  tiny_config.data.prepared = path
+  loaded = data.load([tiny_config], [str(tmp_path / 'run')])
+  np.testing.assert_array_equal(loaded.arrays['images'],
+                                run_data.arrays['images'])
+  tiny_config.image_size = 64
+  with pytest.raises(prepare.PreparedError, match='asks for'):
+    data.load([tiny_config], [str(tmp_path / 'run2')])
+  with open(path, 'wb') as f:
+    f.write(b'garbage')
+  with pytest.raises(prepare.PreparedError, match='cannot read'):
+    prepare.load(path)
