@@ -1,64 +1,71 @@
-"""Training throughput on a GPU: one model, fold-vmapped models, the input.
+"""Training throughput on a GPU: one model, M stacked members, augmentation.
 
-  python3 benchmarks/gpu_train_step.py [--data=export/hc18_224.npz]
+  python3 benchmarks/gpu_train_step.py [--data=export/hc18_224x224_stretch.npz]
       [--model=resnet50] [--image_size=224] [--dtypes=float32,bfloat16]
-      [--batch_sizes=8,64] [--members=5] [--member_batch_size=8]
-      [--members_per_call=0,1] [--seconds=5] [--epochs=250]
-      [--time_budget_s=inf] [--out=DIR]
+      [--batch_size=8] [--members=15] [--how=vmap,map] [--seconds=5]
+      [--epochs=250] [--time_budget_s=inf] [--out=DIR] [--allow_cpu]
 
 For each compute dtype, times in images per second:
 
-* `hc_jax.train.train_step` of one model on ready batches (the model alone);
-* `hc_jax.member_steps.members_train_step`: `--members` models (5 = the
-  folds) in one jitted step of `--member_batch_size` images each, with the
-  on-device gather and augmentation included (what `benchmarks/gpu_grid.py`
-  runs),
-  vmapped together (members_per_call 0: grouped convolutions) and one after
-  another (1: `jax.lax.map`, plain convolutions);
-* the on-device input pipeline alone: gather + augment + z-score of
-  members × member_batch_size images per call;
+* one model: `hc_jax.train.train_step` (augmentation, forward, loss,
+  gradient, Adam) on batches of `--batch_size` images; the baseline;
+* `--members` models stacked on a leading member axis in one jitted step,
+  `hc_jax.train.members_train_step`, each on its own batch of `--batch_size`
+  images, with `how='vmap'` (one vmap: grouped convolutions) and `how='map'`
+  (the members one after another inside the step, `jax.lax.map`): what
+  `python -m hc_jax.grid --stack` runs;
+* the augmentation alone (`hc_jax.augment.augment_batch`) on
+  members x batch_size images per call;
 
-and prints what one 5-fold run of `--epochs` epochs would take at those rates
-(training steps only: epochs × training images of all folds / rate). Images
-come from the export when `--data` is given, else random uint8. Imports no
-TensorFlow. With `--out`, also writes `gpu_train_step.json` there, rewritten
-after every measurement (a run cut short keeps what it measured). Stops at
-once where JAX has no accelerator, unless --allow_cpu.
+with each rate's ratio to the one-model baseline of the same dtype measured
+in the same run, and what `--members` runs of `--epochs` epochs would take at
+that rate (training steps only). The batches sit on the device already, so
+the figures leave out gathering them on the host (see
+benchmarks/input_pipeline.py). Images come from an export
+(`python -m hc_jax.prepare`) when `--data` is given, else random uint8 with
+plausible ellipses. Imports no TensorFlow. With `--out`, writes
+`gpu_train_step.json` there, rewritten after every measurement (a run cut
+short keeps what it measured). Stops at once where JAX has no accelerator,
+unless --allow_cpu.
 """
 
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
 
 START = time.perf_counter()
 # Run from a bare checkout too (a GPU machine without `pip install -e .`).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
-import numpy as np
-import optax
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
 
-from hc_jax import device_augment
-from hc_jax import losses
-from hc_jax import member_steps
-from hc_jax import models
-from hc_jax import numpy_data
-from hc_jax import train
-from hc_jax import train_folds
+from configs import default  # pylint: disable=wrong-import-position
+from hc_jax import augment  # pylint: disable=wrong-import-position
+from hc_jax import losses  # pylint: disable=wrong-import-position
+from hc_jax import models  # pylint: disable=wrong-import-position
+from hc_jax import prepare  # pylint: disable=wrong-import-position
+from hc_jax import train  # pylint: disable=wrong-import-position
 
-NUM_FOLDS = 5
-VAL_FRACTION = 0.1
+HOWS = ('vmap', 'map')
+DTYPES = ('float32', 'bfloat16')
+# Training images of one fold's member when --data is not given: 900 scans,
+# 4 of 5 folds, 90 % of those (the rest selects the epoch).
+TRAIN_FRACTION = 0.8 * 0.9
 
 
 def timed_rate(step, carry, images_per_call: int, seconds: float,
                warmup: int = 2) -> tuple[float, float]:
   """Calls `carry = step(carry, i)` for `seconds`; returns (img/s, compile s).
 
-  The first call (compilation) and `warmup` more are not timed.
+  The first call (compilation) and `warmup` more are not timed; at least one
+  call is.
   """
   start = time.perf_counter()
   carry = jax.block_until_ready(step(carry, 0))
@@ -85,180 +92,225 @@ def duration(seconds: float) -> str:
   return f'{seconds / 60:.1f} min' if seconds >= 60 else f'{seconds:.1f} s'
 
 
-def initial_state(model_name: str, dtype: str, image_size: int):
-  config = train_folds.FoldsConfig(model=model_name, dtype=dtype,
-                                   image_size=image_size)
-  return train.create_train_state(config, train.create_model(config),
-                                  jax.random.key(0), optax.adam(1e-3))
+def random_arrays(num_images: int, height: int, width: int,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+  """Random uint8 images with plausible HC18 targets (540x800 originals)."""
+  rng = np.random.default_rng(seed)
+  original_hw = np.tile([[540, 800]], (num_images, 1)).astype(np.int32)
+  a = rng.uniform(100, 250, num_images)
+  b = a * rng.uniform(0.6, 0.9, num_images)
+  ellipse = np.stack([rng.uniform(300, 500, num_images),
+                      rng.uniform(200, 340, num_images), a, b,
+                      rng.uniform(-math.pi / 2, math.pi / 2, num_images)], 1)
+  h = ((a - b) / (a + b)) ** 2
+  hc_px = math.pi * (a + b) * (1 + 3 * h / (10 + np.sqrt(4 - 3 * h)))
+  return {'images': rng.integers(0, 256, (num_images, height, width, 1),
+                                 np.uint8),
+          'ellipse': ellipse.astype(np.float32),
+          'hc_px': hc_px.astype(np.float32),
+          'resize': prepare.resize_geometry(original_hw, (height, width),
+                                            'stretch')}
 
 
-def single_model_rate(model_name, dtype, image_size, batch_size, seconds):
-  """img/s of `train.train_step` on one ready batch."""
-  state = initial_state(model_name, dtype, image_size)
-  rng = np.random.default_rng(0)
-  batch = {'image': jnp.asarray(rng.normal(
-      size=(batch_size, image_size, image_size, 1)), jnp.float32),
-           'target': jnp.asarray(rng.uniform(0.2, 1.0, batch_size),
-                                 jnp.float32)}
-  step = jax.jit(functools.partial(train.train_step, loss_fn=losses.mse,
-                                   dropout_key=jax.random.key(1)),
-                 donate_argnums=(0,))
-  return timed_rate(lambda state, i: step(state, batch)[0], state, batch_size,
-                    seconds)
+def make_batch(arrays, shape: tuple[int, ...], seed: int = 0):
+  """A training batch of `shape` (e.g. (B,) or (M, B)) drawn from `arrays`,
+  on the device."""
+  index = np.random.default_rng(seed).integers(0, len(arrays['images']), shape)
+  return jax.device_put({
+      'image': arrays['images'][index], 'ellipse': arrays['ellipse'][index],
+      'hc_px': arrays['hc_px'][index], 'resize': arrays['resize'][index]})
 
 
-def members_rate(model_name, dtype, images, members, batch_size, seconds,
-                 members_per_call=0):
-  """img/s of the fold-vmapped step, gather and augmentation included."""
-  state = initial_state(model_name, dtype, images.shape[1])
-  state = jax.tree.map(
-      lambda x: jnp.repeat(jnp.asarray(x)[None], members, axis=0), state)
-  rng = np.random.default_rng(0)
-  index = jnp.asarray(rng.integers(0, len(images), (1, members, batch_size)),
-                      jnp.int32)
-  active = jnp.ones((1, members), bool)
-  hc_px = jnp.asarray(rng.uniform(400, 1000, len(images)), jnp.float32)
-  member_arrays = {'fold': jnp.arange(members, dtype=jnp.int32),
-                   'loss_id': jnp.zeros(members, jnp.int32),
-                   'normaliser_px': jnp.full(members, 1000.0, jnp.float32)}
+def model_config(model: str, dtype: str, image_size: int):
+  """configs/default.py with the benchmark's model, dtype and input size."""
+  config = default.get_config()
+  config.model, config.dtype, config.image_size = model, dtype, image_size
+  return config
+
+
+def initial_state(config, steps_per_epoch: int = 100):
+  return train.create_train_state(
+      config, train.create_model(config), jax.random.key(0),
+      train.create_optimizer(config, steps_per_epoch))
+
+
+def single_model_rate(config, arrays, batch_size, seconds):
+  """img/s of `train.train_step` (augmentation included) of one model."""
+  state = initial_state(config)
+  batch = make_batch(arrays, (batch_size,))
+  member = {'key': jax.random.key(1),
+            'normaliser_px': jnp.asarray(1000.0, jnp.float32)}
   step = jax.jit(functools.partial(
-      member_steps.members_train_step, loss_fns=(losses.mse,),
-      augment=device_augment.AugmentConfig(), dropout_key=jax.random.key(1),
-      augment_key=jax.random.key(2), members_per_call=members_per_call),
+      train.train_step, loss_fn=losses.get_loss(config),
+      augment=augment.AugmentConfig.from_dict(config.augment)),
                  donate_argnums=(0,))
-  return timed_rate(
-      lambda state, i: step(state, index, active, 0, i, member_arrays, images,
-                            hc_px)[0], state, members * batch_size, seconds)
-
-
-def input_rate(images, batch_size, seconds):
-  """img/s of gather + augment + z-score on the device."""
-  rng = np.random.default_rng(0)
-  index = jnp.asarray(rng.integers(0, len(images), batch_size), jnp.int32)
-
-  @jax.jit
-  def augment(key, i, images, index):  # Arguments, not baked-in constants.
-    batch, _ = device_augment.augment_batch(
-        jax.random.fold_in(key, i), images[index],
-        device_augment.AugmentConfig())
-    return batch
-
-  key = jax.random.key(0)
-  # The carry is the last batch; each call draws new augmentations.
-  return timed_rate(lambda _, i: augment(key, i, images, index), None,
+  return timed_rate(lambda state, i: step(state, batch, member)[0], state,
                     batch_size, seconds)
 
 
-def train_images_per_fold(data_path: str, num_images: int) -> float:
-  """Mean training images of a fold: from the export's folds, or estimated."""
-  folds_path = data_path[:-len('.npz')] + '.folds.json' if data_path else ''
-  if folds_path and os.path.isfile(folds_path):
-    from hc_jax import folds as folds_lib  # pylint: disable=g-import-not-at-top
-    assignment = folds_lib.FoldAssignment.from_json(folds_path)
-    return float(np.mean([len(assignment.split(k)['train'])
-                          for k in range(assignment.num_folds)]))
-  return num_images * (1 - 1 / NUM_FOLDS) * (1 - VAL_FRACTION)
+def members_rate(config, arrays, members, batch_size, seconds, how):
+  """img/s of `train.members_train_step` of `members` stacked models."""
+  one = initial_state(config)
+  state = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x)[None], members, 0),
+                       one)
+  batch = make_batch(arrays, (members, batch_size))
+  batch['active'] = jnp.ones(members, bool)
+  member_arrays = {'key': jax.random.split(jax.random.key(1), members),
+                   'loss_id': jnp.zeros(members, jnp.int32),
+                   'normaliser_px': jnp.full(members, 1000.0, jnp.float32)}
+  step = jax.jit(functools.partial(
+      train.members_train_step, loss_fns=(losses.get_loss(config),),
+      augment=augment.AugmentConfig.from_dict(config.augment), how=how),
+                 donate_argnums=(0,))
+  return timed_rate(lambda state, i: step(state, batch, member_arrays)[0],
+                    state, members * batch_size, seconds)
 
 
-def main(argv=None):
+def augment_rate(config, arrays, batch_size, seconds):
+  """img/s of `augment.augment_batch` (warp, targets, z-score) alone."""
+  batch = make_batch(arrays, (batch_size,))
+  settings = augment.AugmentConfig.from_dict(config.augment)
+
+  @jax.jit
+  def run(key, i, batch):  # Arguments, not baked-in constants.
+    return augment.augment_batch(
+        jax.random.fold_in(key, i), batch['image'], batch['ellipse'],
+        batch['hc_px'], batch['resize'], settings)
+
+  key = jax.random.key(0)
+  # The carry is the last output; each call draws new augmentations.
+  return timed_rate(lambda _, i: run(key, i, batch), None, batch_size,
+                    seconds)
+
+
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--data', default='', help='an export .npz (optional)')
+  parser.add_argument('--data', default='',
+                      help='an .npz from python -m hc_jax.prepare (optional)')
   parser.add_argument('--model', default='resnet50')
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--dtypes', default='float32,bfloat16')
-  parser.add_argument('--batch_sizes', default='8,64')
-  parser.add_argument('--members', type=int, default=NUM_FOLDS)
-  parser.add_argument('--member_batch_size', type=int, default=8)
-  parser.add_argument('--members_per_call', default='0,1',
-                      help='0: all members in one vmap; 1: one after another '
-                      'inside the step (jax.lax.map); k: chunks of k')
-  parser.add_argument('--seconds', type=float, default=5.0)
+  parser.add_argument('--batch_size', type=int, default=8,
+                      help='images per model and step (the paper: 8)')
+  parser.add_argument('--members', type=int, default=15,
+                      help='stacked models (15: 3 losses x 5 folds)')
+  parser.add_argument('--how', default='vmap,map',
+                      help='how the members are mapped: vmap, map or both')
+  parser.add_argument('--seconds', type=float, default=5.0,
+                      help='timed seconds per measurement')
   parser.add_argument('--epochs', type=int, default=250)
   parser.add_argument('--num_images', type=int, default=900,
-                      help='training-set size when --data is not given')
+                      help='random images when --data is not given')
   parser.add_argument('--time_budget_s', type=float, default=float('inf'),
                       help='skip the measurements that would start later')
-  parser.add_argument('--out', default='')
+  parser.add_argument('--out', default='', help='directory for the JSON')
   parser.add_argument('--allow_cpu', action='store_true',
                       help='measure even where JAX has no accelerator')
   args = parser.parse_args(argv)
-  try:
-    train_folds.require_accelerator(args.allow_cpu)
-  except RuntimeError as error:
-    sys.exit(f'gpu_train_step: {error}')
   if args.model not in models.MODELS:
-    sys.exit(f'gpu_train_step: unknown model {args.model!r}; choose one of '
-             f'{", ".join(sorted(models.MODELS))}')
+    _fail(f'unknown model {args.model!r}; choose one of '
+          f'{", ".join(sorted(models.MODELS))}')
+  args.dtypes = [d for d in args.dtypes.split(',') if d]
+  args.how = [h for h in args.how.split(',') if h]
+  for name, values, allowed in (('dtypes', args.dtypes, DTYPES),
+                                ('how', args.how, HOWS)):
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+      _fail(f'--{name} takes {", ".join(allowed)}; got {bad or "nothing"}')
+  for name in ('image_size', 'batch_size', 'members', 'num_images'):
+    if getattr(args, name) < 1:
+      _fail(f'--{name} must be positive, got {getattr(args, name)}')
+  return args
+
+
+def main(argv=None):
+  args = _parse_args(argv)
+  if jax.default_backend() == 'cpu' and not args.allow_cpu:
+    _fail(f'JAX found no GPU or TPU ({jax.devices()}); check the CUDA set-up, '
+          'or pass --allow_cpu to measure the CPU')
   if args.data:
-    images = numpy_data.load_numpy(args.data)['images']
-    if images.shape[1] != args.image_size:
-      sys.exit(f'gpu_train_step: {args.data} holds {images.shape[1]}px '
-               f'images, not --image_size={args.image_size}')
+    try:
+      arrays, _ = prepare.load(args.data)
+    except prepare.PreparedError as e:
+      _fail(str(e))
+    if arrays['images'].shape[1:3] != (args.image_size, args.image_size):
+      _fail(f'{args.data} holds {arrays["images"].shape[1]}x'
+            f'{arrays["images"].shape[2]} images, not --image_size='
+            f'{args.image_size}')
   else:
-    images = np.random.default_rng(0).integers(
-        0, 256, (args.num_images, args.image_size, args.image_size, 1),
-        np.uint8)
-  images = jax.device_put(images)
-  per_fold = train_images_per_fold(args.data, args.num_images)
-  run_images = args.epochs * NUM_FOLDS * per_fold
+    arrays = random_arrays(args.num_images, args.image_size, args.image_size)
+  per_member = round(len(arrays['images']) * TRAIN_FRACTION, 1)
   device = jax.devices()[0].device_kind
-  print(f'{device}, jax {jax.__version__}; {args.model} at '
-        f'{args.image_size}x{args.image_size}; a {NUM_FOLDS}-fold run of '
-        f'{args.epochs} epochs trains on {run_images:,.0f} images '
-        f'({per_fold:.0f} per fold and epoch)', flush=True)
-  takes_dtype = 'dtype' in models.MODELS[args.model].__dataclass_fields__
-  rows = []
+  print(f'{device} ({jax.default_backend()}), jax {jax.__version__}; '
+        f'{args.model} at {args.image_size}x{args.image_size}, batch '
+        f'{args.batch_size} per model; a run of {args.epochs} epochs trains '
+        f'each member on {args.epochs * per_member:,.0f} images', flush=True)
+  rows, baseline = [], {}
 
   def write_json():
     if args.out:
       os.makedirs(args.out, exist_ok=True)
-      with open(os.path.join(args.out, 'gpu_train_step.json'), 'w') as f:
-        json.dump({'device': device, 'jax': jax.__version__,
-                   'settings': vars(args), 'train_images_per_fold': per_fold,
-                   'rows': rows}, f, indent=2)
+      path = os.path.join(args.out, 'gpu_train_step.json')
+      with open(path + '.tmp', 'w') as f:
+        settings = {**vars(args), 'time_budget_s': None if math.isinf(
+            args.time_budget_s) else args.time_budget_s}
+        json.dump({'device': device, 'backend': jax.default_backend(),
+                   'jax': jax.__version__, 'settings': settings,
+                   'train_images_per_member': per_member, 'rows': rows}, f,
+                  indent=2)
+      os.replace(path + '.tmp', path)
 
-  def report(label, rate, compile_seconds, dtype='', run=True):
-    run_seconds = run_images / rate
-    rows.append({'what': label, 'dtype': dtype, 'images_per_second': rate,
+  def report(what, dtype, members, rate, compile_seconds):
+    ratio = rate / baseline[dtype] if dtype in baseline else None
+    run_seconds = (args.epochs * per_member * members / rate
+                   if what != 'augment only' else None)
+    rows.append({'what': what, 'dtype': dtype, 'members': members,
+                 'batch_per_model': args.batch_size,
+                 'images_per_second': rate, 'ratio_to_one_model': ratio,
                  'compile_seconds': compile_seconds,
-                 'run_seconds': run_seconds if run else None})
-    print(f'{label:<44} {dtype:>8} {rate:9.1f} img/s  (compile '
-          f'{compile_seconds:5.1f} s)' + (
-              f'  5-fold run: {duration(run_seconds)}' if run else ''),
-          flush=True)
+                 'run_seconds': run_seconds})
+    text = f'{what:<24} {dtype:>8} {rate:10.1f} img/s'
+    if what == 'one model':
+      text += '  baseline     '
+    elif ratio is not None:
+      text += f'  {ratio:5.2f}x one model'
+    text += f'  (compile {compile_seconds:5.1f} s)'
+    if run_seconds is not None:
+      text += (f'  {members} run(s) of {args.epochs} epochs: '
+               f'{duration(run_seconds)}')
+    print(text, flush=True)
     write_json()
 
-  batch = args.members * args.member_batch_size
-  rate, compiled = input_rate(images, batch, args.seconds)
-  report(f'input only: gather+augment+zscore, {batch}/call', rate, compiled,
-         run=False)
-  measurements = []  # (label, dtype, thunk returning (rate, compile s)).
-  for dtype in args.dtypes.split(','):
-    if dtype not in ('float32', 'bfloat16'):
-      sys.exit(f'gpu_train_step: dtype must be float32 or bfloat16, got '
-               f'{dtype!r}')
-    if dtype != 'float32' and not takes_dtype:
-      print(f'{args.model} has no compute dtype setting: {dtype} skipped')
-      continue
-    for batch_size in map(int, args.batch_sizes.split(',')):
-      measurements.append((f'one model, batch {batch_size}', dtype,
-                           functools.partial(
-                               single_model_rate, args.model, dtype,
-                               args.image_size, batch_size, args.seconds)))
-    for per_call in map(int, args.members_per_call.split(',')):
-      how = {0: 'vmapped', 1: 'in turn'}.get(per_call, f'vmapped by {per_call}')
-      measurements.append((
-          f'{args.members} models {how} x batch {args.member_batch_size} '
-          '(+input)', dtype, functools.partial(
-              members_rate, args.model, dtype, images, args.members,
-              args.member_batch_size, args.seconds, per_call)))
-  for label, dtype, measure in measurements:
-    if time.perf_counter() - START > args.time_budget_s:
-      print(f'{label} {dtype}: skipped, past --time_budget_s='
-            f'{args.time_budget_s:.0f}', flush=True)
-      continue
-    report(label, *measure(), dtype)  # Rewrites the JSON.
+  for dtype in args.dtypes:
+    config = model_config(args.model, dtype, args.image_size)
+    measurements = [('one model', 1, functools.partial(
+        single_model_rate, config, arrays, args.batch_size, args.seconds))]
+    measurements += [(f'{args.members} members {how}', args.members,
+                      functools.partial(members_rate, config, arrays,
+                                        args.members, args.batch_size,
+                                        args.seconds, how))
+                     for how in args.how]
+    for what, members, measure in measurements:
+      if time.perf_counter() - START > args.time_budget_s:
+        print(f'{what} {dtype}: skipped, past --time_budget_s='
+              f'{args.time_budget_s:.0f}', flush=True)
+        continue
+      rate, compile_seconds = measure()
+      if what == 'one model':
+        baseline[dtype] = rate
+      report(what, dtype, members, rate, compile_seconds)
+  # The augmentation is float32 whatever the model computes in.
+  if time.perf_counter() - START <= args.time_budget_s:
+    config = model_config(args.model, 'float32', args.image_size)
+    report('augment only', 'float32', args.members, *augment_rate(
+        config, arrays, args.members * args.batch_size, args.seconds))
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -1,82 +1,119 @@
-"""Throughput of the tf.data training pipeline: cached, augmented, batched.
+"""Throughput of the training batches: tf.data against plain NumPy.
 
-  python benchmarks/input_pipeline.py [--hc18_dir=DIR] [--image_size=224]
-      [--batch_size=32]
+  python benchmarks/input_pipeline.py [--hc18_dir=DIR] [--image_size=128]
+      [--batch_size=8] [--members=1] [--epochs=3] [--backends=numpy,tf]
 
-Reads HC18 (the copy beside the checkout, $HC18_DIR or --hc18_dir; phantom
-scans when none is found), prepares the train split once (decode, resize,
-cache), then times full passes of `input_pipeline.train_dataset` with the
-paper's augmentation. The first pass fills the cache and is reported apart.
-Prints images per second (and per CPU-second, which another job on the
-machine disturbs less), and the ratio against the un-augmented pipeline
-measured in the same run as the baseline.
+Reads HC18 (the copy beside the checkout, $HC18_DIR or --hc18_dir; 300
+phantom scans when none is found), prepares it once (`hc_jax.prepare`,
+cached), then times whole epochs of `hc_jax.data.RunData.train_batches` with
+each backend: 'tf' gathers in a tf.data pipeline that prefetches in the
+background, 'numpy' gathers in the loop. Both yield the same batches (uint8
+images, targets and resize geometry of `--members` members, folds 0, 1, ...);
+the augmentation runs later, on the accelerator, and is not timed here. The
+first epoch of each backend is a warm-up and not counted. Prints batches and
+images per second, images per CPU-second (which another job on the machine
+disturbs less), and each backend's ratio to NumPy measured in the same run.
 """
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
-from hc_jax import hc18  # pylint: disable=g-import-not-at-top
-from hc_jax import hc18_tfds
-from hc_jax import input_pipeline
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import default
+from hc_jax import data
+from hc_jax import hc18
 from hc_jax import synthetic
 
+BACKENDS = ('numpy', 'tf')
 
-def time_passes(dataset, passes: int) -> tuple[float, float, int]:
-  """Wall seconds, CPU seconds (all threads) and images, per pass."""
-  images = 0
+
+def time_epochs(run_data, backend: str, epochs: int
+                ) -> tuple[float, float, int, int]:
+  """Wall seconds, CPU seconds (all threads), batches and images of
+  `epochs` epochs (from epoch 2; epoch 1 is the warm-up)."""
+  for _ in run_data.train_batches(1, backend):
+    pass
+  batches = images = 0
   start, start_cpu = time.perf_counter(), time.process_time()
-  for _ in range(passes):
-    for batch in dataset:
-      images += int(batch['image'].shape[0])
-  return ((time.perf_counter() - start) / passes,
-          (time.process_time() - start_cpu) / passes, images // passes)
+  for epoch in range(2, epochs + 2):
+    for batch in run_data.train_batches(epoch, backend):
+      batches += 1
+      images += int(batch['image'].shape[0] * batch['image'].shape[1])
+  return (time.perf_counter() - start, time.process_time() - start_cpu,
+          batches, images)
 
 
-def main():
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--hc18_dir', default=hc18.default_dir())
-  parser.add_argument('--tfds_data_dir', default=None)
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--passes', type=int, default=3)
-  args = parser.parse_args()
-  scratch = tempfile.mkdtemp()
-  source = args.hc18_dir
+  parser.add_argument('--cache_dir', default='',
+                      help="prepared arrays ('' for ~/.cache/hc_jax)")
+  parser.add_argument('--image_size', type=int, default=128)
+  parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--members', type=int, default=1,
+                      help='members of the run (test folds 0, 1, ...)')
+  parser.add_argument('--epochs', type=int, default=3,
+                      help='timed epochs per backend')
+  parser.add_argument('--backends', default='numpy,tf')
+  args = parser.parse_args(argv)
+  backends = [b for b in args.backends.split(',') if b]
+  backends = sorted(set(backends), key=lambda b: (BACKENDS + (b,)).index(b))
+  if not backends or any(b not in BACKENDS for b in backends):
+    _fail(f'--backends takes {", ".join(BACKENDS)}; got {args.backends!r}')
+  if not 1 <= args.members <= 5:
+    _fail(f'--members must be 1 to 5 (one per test fold), got {args.members}')
+  for name in ('image_size', 'batch_size', 'epochs'):
+    if getattr(args, name) < 1:
+      _fail(f'--{name} must be positive, got {getattr(args, name)}')
+  scratch = tempfile.mkdtemp(prefix='input_pipeline_')
+  source, cache_dir = args.hc18_dir, args.cache_dir
   if source is None:
     source = os.path.join(scratch, 'hc18')
     synthetic.write_hc18(source, num_train=300, num_test=4)
+    cache_dir = cache_dir or os.path.join(scratch, 'cache')
     print('HC18 not found: using 300 phantom scans')
-  builder = hc18_tfds.build(source, args.tfds_data_dir or
-                            os.path.join(scratch, 'tfds'))
-  prepared = input_pipeline.prepare(builder.as_dataset(split='train'),
-                                    args.image_size, 'stretch').cache()
+  configs, workdirs = [], []
+  for fold in range(args.members):
+    config = default.get_config()
+    config.data.hc18_dir, config.data.cache_dir = source, cache_dir
+    config.image_size, config.batch_size = args.image_size, args.batch_size
+    config.fold = fold
+    configs.append(config)
+    workdirs.append(os.path.join(scratch, f'fold{fold}'))
   start = time.perf_counter()
-  count = sum(1 for _ in prepared)
-  print(f'{count} images decoded, resized to {args.image_size}x'
-        f'{args.image_size} and cached in {time.perf_counter() - start:.1f} s')
-  paper = {'flip': True, 'max_translate_px': 5.0, 'max_rotate_deg': 10.0}
+  try:
+    run_data = data.load(configs, workdirs)
+  except ValueError as e:  # hc18.HC18Error and prepare.PreparedError too.
+    _fail(str(e))
+  print(f'{len(run_data.arrays["images"])} scans at {args.image_size}x'
+        f'{args.image_size} ready in {time.perf_counter() - start:.1f} s; '
+        f'{args.members} member(s), batch {args.batch_size}, '
+        f'{int(run_data.steps.max())} steps per epoch', flush=True)
   rates = {}
-  for name, augment in (('no augmentation (baseline)', None),
-                        ("paper's augmentation", paper),
-                        ('paper + scale 0.9-1.1', {**paper,
-                                                   'scale_range': (0.9, 1.1)})):
-    dataset = input_pipeline.train_dataset(
-        prepared, batch_size=args.batch_size, normaliser_px=1000.0, seed=0,
-        augment=augment, num_epochs=1)
-    time_passes(dataset, 1)  # Warm up: fills train_dataset's own cache.
-    seconds, cpu_seconds, images = time_passes(dataset, args.passes)
-    rates[name] = images / seconds
-    baseline = next(iter(rates.values()))
-    # Images per CPU-second counts the work whatever else shares the machine.
-    print(f'{name}: {rates[name]:,.0f} img/s '
-          f'({rates[name] / baseline:.2f}x baseline), '
-          f'{images / cpu_seconds:,.0f} img per CPU-second, batch '
-          f'{args.batch_size}')
+  for backend in backends:
+    seconds, cpu_seconds, batches, images = time_epochs(run_data, backend,
+                                                        args.epochs)
+    rates[backend] = batches / seconds
+    ratio = (f', {rates[backend] / rates["numpy"]:.3g}x numpy'
+             if 'numpy' in rates else '')
+    print(f'{backend}: {rates[backend]:,.1f} batches/s '
+          f'({images / seconds:,.0f} img/s, '
+          f'{images / max(cpu_seconds, 1e-9):,.0f} img per CPU-second)'
+          f'{ratio}', flush=True)
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

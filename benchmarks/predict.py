@@ -6,7 +6,8 @@
 For each image: read the PNG (`hc18.read_grayscale`), resize to the model's
 input size and round to uint8 as the training cache does, z-score
 (`preprocess.resize`, `to_uint8`, `zscore`, in one `tf.function`), run the
-jitted model in evaluation mode, and convert the output to millimetres with
+jitted model in evaluation mode (built with `inference.LAYERS`, as
+`hc_jax.predict` builds it), and convert the output to millimetres with
 the image's pixel size (`targets.hc_mm_from_target`).
 
 Weights are randomly initialised (speed does not depend on them), so the HC
@@ -33,8 +34,8 @@ import numpy as np
 import tensorflow as tf
 
 from hc_jax import hc18
+from hc_jax import inference
 from hc_jax import models
-from hc_jax import predict as predict_lib
 from hc_jax import preprocess
 from hc_jax import synthetic
 from hc_jax import targets
@@ -65,7 +66,7 @@ class Predictor:
 
   def __init__(self, model_name: str, resize_mode: str = 'stretch'):
     self.image_size = SIZES[model_name]
-    model = models.create_model(model_name)
+    model = models.create_model(model_name, layers=inference.LAYERS)
     self.variables = jax.jit(functools.partial(model.init, train=False))(
         jax.random.key(0),
         jnp.zeros((1, self.image_size, self.image_size, 1)))
@@ -107,12 +108,12 @@ class Predictor:
   def batch(self, records, threaded: bool = True) -> np.ndarray:
     """HC in mm of a batch of images, end to end.
 
-    `threaded` reads and resizes the files on all cores, as `hc_jax.predict`
+    `threaded` reads and resizes the files on all cores, as `hc_jax.inference`
     does; False does it one after another (the baseline).
     """
     read_prepare = lambda record: self.prepare(self.read(record)).numpy()
     if threaded:
-      prepared = predict_lib.parallel_map(read_prepare, records)
+      prepared = inference.parallel_map(read_prepare, records)
       for item in prepared:
         if isinstance(item, Exception):
           raise item
@@ -187,7 +188,7 @@ def main():
             f'preprocess {r["preprocess_ms"]:.1f}, model + mm '
             f'{r["model_ms"]:.1f} ms); batch {args.batch_size}: '
             f'{r["img_per_s"]:.1f} img/s (files read on '
-            f'{predict_lib.available_cores()} '
+            f'{inference.available_cores()} '
             f'threads; {r["serial_img_per_s"]:.1f} one after another: '
             f'{r["img_per_s"] / r["serial_img_per_s"]:.2f}x)', flush=True)
 

@@ -107,11 +107,19 @@ def hc_jax_state_step_batch(model_name: str, batch_size: int, size: int,
   state = train.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables.get('batch_stats', {}), tx=optax.adam(1e-3))
+  from hc_jax import augment  # pylint: disable=import-outside-toplevel
+  # No augmentation (only the z-score, as in evaluation), so the step is the
+  # model's; targets are hc_px / normaliser_px = target.
+  member = {'key': jax.random.key(1), 'normaliser_px': jnp.float32(1.0)}
   step = jax.jit(functools.partial(
-      train.train_step, loss_fn=losses.mse, dropout_key=jax.random.key(1)),
+      train.train_step, member=member, loss_fn=losses.mse,
+      augment=augment.AugmentConfig(flip=False, max_translate_px=0.0,
+                                    max_rotate_deg=0.0)),
                  donate_argnums=(0,))
   images, target = _random_batch(batch_size, size)
-  batch = {'image': jnp.asarray(images), 'target': jnp.asarray(target)}
+  batch = {'image': jnp.asarray(images), 'hc_px': jnp.asarray(target),
+           'ellipse': jnp.zeros((batch_size, 5), jnp.float32),
+           'resize': jnp.zeros((batch_size, 4), jnp.float32)}
   return state, step, batch
 
 

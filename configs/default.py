@@ -16,8 +16,12 @@ def get_config():
   config.model = 'cnn_263k'
   config.dtype = 'float32'  # Compute dtype of ResNet50/VGG16: or 'bfloat16'.
   config.layers = 'auto'  # 'fast' (hc_jax.fast_layers) on a CPU, else 'plain'.
+  # Fields of the model's class to set (e.g. hcnet's head), by name.
+  config.model_options = ml_collections.ConfigDict()
   config.loss = 'mse'
   config.huber_delta = 0.5  # The paper's δ.
+  # Ellipse models (hcnet_ellipse): weight of the ellipse-shape loss term.
+  config.ellipse_weight = 1.0
   # Pretrained weights to start from ('' for none): a Keras ResNet50 .h5 or
   # .keras file in the keras.applications layout (see hc_jax/pretrained.py).
   config.init_from = ''
@@ -28,7 +32,6 @@ def get_config():
   # HC18 in the Zenodo layout; '' means $HC18_DIR or ../shared/hc18, and
   # 'download' fetches it from Zenodo.
   config.data.hc18_dir = ''
-  config.data.tfds_data_dir = ''  # '' means TFDS's default.
   config.data.num_synthetic = 60  # Phantom training images, source 'synthetic'.
   # Prepared arrays to train from ('' prepares HC18 and caches it by the
   # source's digest): an .npz written by `python -m hc_jax.prepare`, for a

@@ -134,6 +134,11 @@ def summarise_config(config_dir: str) -> tuple[dict[str, Any], dict]:
                               'worst_mm'), math.nan), worst_file='',
                num_images=0)
   row['complete'] = row['num_folds'] >= row['num_folds_expected']
+  # Runs that a time budget stopped before their planned epochs.
+  epochs = [_read_json(os.path.join(w, RESULTS_FILE)) for w in done.values()]
+  row['cut_folds'] = sorted(
+      fold for fold, r in zip(done, epochs)
+      if r.get('num_epochs', 0) < r.get('planned_epochs', 0))
   return row, pooled
 
 
@@ -220,8 +225,12 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
            'MAE (mm) | median (mm) | worst (mm) | Wilcoxon p vs best | Note |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for row in rows:
-    note = '' if row['complete'] else (
-        f'incomplete: {row["num_folds"]}/{row["num_folds_expected"]} folds')
+    notes = [] if row['complete'] else [
+        f'incomplete: {row["num_folds"]}/{row["num_folds_expected"]} folds']
+    if row.get('cut_folds'):
+      notes.append('fewer epochs than planned (time budget) in folds '
+                   + ' '.join(str(k) for k in row['cut_folds']))
+    note = '; '.join(notes)
     lines.append(
         f'| {row["config"]} | {row["model"]} | {row["loss"]} | '
         f'{row["num_folds"]}/{row["num_folds_expected"]} | {row["num_images"]} '

@@ -204,9 +204,12 @@ class RunData:
       raise ValueError(f"backend must be 'tf', 'numpy' or 'auto', not "
                        f'{backend!r}')
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    arrays = {name: tf.constant(self.arrays[source]) for name, source in (
-        ('image', 'images'), ('ellipse', 'ellipse'), ('hc_px', 'hc_px'),
-        ('resize', 'resize'))}
+    if not hasattr(self, '_tf_arrays'):  # Copied into TensorFlow once.
+      self._tf_arrays = {name: tf.constant(self.arrays[source])
+                         for name, source in (
+                             ('image', 'images'), ('ellipse', 'ellipse'),
+                             ('hc_px', 'hc_px'), ('resize', 'resize'))}
+    arrays = self._tf_arrays
     dataset = tf.data.Dataset.from_tensor_slices((index, active)).map(
         lambda i, a: {**{k: tf.gather(v, i) for k, v in arrays.items()},
                       'active': a},

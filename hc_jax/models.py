@@ -36,6 +36,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from hc_jax import hcnet
 from hc_jax import layers as layers_lib
 
 ModuleDef = Any
@@ -335,6 +336,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'cnn_1m': CNN1M,
     'vgg16': VGG16,
     'resnet50': ResNet50,
+    'hcnet': hcnet.HCNet,  # hc_jax/hcnet.py: the normalised HC, bounded.
+    'hcnet_ellipse': hcnet.HCNetEllipse,  # An ellipse; hc_jax/ellipse_head.py.
 }
 
 
@@ -385,6 +388,18 @@ def from_config(config: Any) -> nn.Module:
   kwargs = {'dtype': DTYPES[dtype]}
   if config.model == 'resnet50' and config.get('init_from'):
     kwargs['keras_v1'] = True  # Keras' stride placement and epsilon.
+  options = config.get('model_options') or {}
+  if hasattr(options, 'to_dict'):  # An ml_collections.ConfigDict.
+    options = options.to_dict()
+  fields = MODELS[config.model].__dataclass_fields__ if (
+      config.model in MODELS) else {}
+  unknown = sorted(set(options) - set(fields) - {'parent', 'name'})
+  if unknown:
+    known = sorted(set(fields) - {'parent', 'name', 'layers', 'dtype'})
+    raise ValueError(f'model_options {unknown} are not fields of '
+                     f'{config.model!r}; it has {known}')
+  for key, value in options.items():
+    kwargs[key] = tuple(value) if isinstance(value, list) else value
   return create_model(config.model, layers=config.get('layers', 'auto'),
                       **kwargs)
 

@@ -339,5 +339,22 @@ def _overlay_lines(row) -> list[str]:
   return lines
 
 
+def quiet_closed_event_loop(previous_hook):
+  """A `sys.unraisablehook` that drops tensorstore's 'Event loop is closed'.
+
+  orbax closes its event loop as soon as one read of a damaged checkpoint
+  fails; reads still in flight then report that error, with a traceback,
+  when they finish, after the one-line error was printed. Anything else goes
+  to `previous_hook`.
+  """
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError)
+            and str(error) == 'Event loop is closed'):
+      previous_hook(unraisable)
+  return hook
+
+
 if __name__ == '__main__':
+  sys.unraisablehook = quiet_closed_event_loop(sys.unraisablehook)
   sys.exit(main())

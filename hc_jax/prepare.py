@@ -256,15 +256,15 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
 
 def main(argv=None) -> int:
   """Exports the prepared data of a config, for a machine without TensorFlow."""
-  import argparse  # pylint: disable=import-outside-toplevel
   from hc_jax import cli  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='python -m hc_jax.prepare', description=main.__doc__)
   parser.add_argument('--config', required=True, help='a config file')
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--override', action='append', default=[],
                       metavar='KEY=VALUE', help='config field to change')
   args = parser.parse_args(argv)
+  cli.quiet_logs()
 
   def run():
     from hc_jax import data  # pylint: disable=import-outside-toplevel

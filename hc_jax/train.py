@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from hc_jax import augment as augment_lib
+from hc_jax import ellipse_head
 from hc_jax import lock as lock_lib
 from hc_jax import losses
 from hc_jax import models
@@ -144,8 +145,13 @@ def create_train_state(config, model, key, tx) -> TrainState:
                            batch_stats=variables.get('batch_stats', {}), tx=tx)
 
 
-def train_step(state: TrainState, batch, member, *, loss_fn, augment):
+def train_step(state: TrainState, batch, member, *, loss_fn, augment,
+               ellipse_weight: float = 1.0):
   """One optimiser step of one member on its batch.
+
+  A model whose output is `[B, 6]` is an ellipse model: its loss is
+  `ellipse_head.train_loss` (the HC from the decoded ellipse, plus
+  `ellipse_weight` x the shape term against the augmented ellipses).
 
   Args:
     state: the member's `TrainState`.
@@ -154,13 +160,14 @@ def train_step(state: TrainState, batch, member, *, loss_fn, augment):
     member: {'key': the member's key, 'normaliser_px': scalar}.
     loss_fn: `(predictions, targets) -> loss`.
     augment: an `augment.AugmentConfig`.
+    ellipse_weight: weight of an ellipse model's shape term.
 
   Returns:
     `(state, loss)`.
   """
   augment_key, dropout_key = jax.random.split(
       jax.random.fold_in(member['key'], state.step))
-  images, _, hc_px = augment_lib.augment_batch(
+  images, ellipses, hc_px = augment_lib.augment_batch(
       augment_key, batch['image'], batch['ellipse'], batch['hc_px'],
       batch['resize'], augment)
   target = hc_px / member['normaliser_px']
@@ -169,6 +176,11 @@ def train_step(state: TrainState, batch, member, *, loss_fn, augment):
     predictions, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images,
         train=True, rngs={'dropout': dropout_key}, mutable=['batch_stats'])
+    if predictions.ndim == 2:  # An ellipse model (hc_jax.ellipse_head).
+      return ellipse_head.train_loss(
+          predictions, ellipses, batch['resize'], target,
+          member['normaliser_px'], images.shape[1:3], loss_fn,
+          ellipse_weight), updates
     return loss_fn(predictions, target), updates
 
   (loss, updates), grads = jax.value_and_grad(compute_loss, has_aux=True)(
@@ -190,7 +202,8 @@ def map_members(fn, xs, how: str = 'vmap'):
   return jax.vmap(fn)(xs) if how == 'vmap' else jax.lax.map(fn, xs)
 
 
-def members_train_step(state, batch, members, *, loss_fns, augment, how):
+def members_train_step(state, batch, members, *, loss_fns, augment, how,
+                       ellipse_weight: float = 1.0):
   """One step of every member; a member whose `batch['active']` is False is
   left unchanged (it has fewer steps this epoch, or it diverged)."""
 
@@ -201,7 +214,8 @@ def members_train_step(state, batch, members, *, loss_fns, augment, how):
     else:
       loss_fn = lambda p, t: jax.lax.switch(member['loss_id'], loss_fns, p, t)
     new_state, loss = train_step(member_state, member_batch, member,
-                                 loss_fn=loss_fn, augment=augment)
+                                 loss_fn=loss_fn, augment=augment,
+                                 ellipse_weight=ellipse_weight)
     new_state = jax.tree.map(
         lambda new, old: jnp.where(member_batch['active'], new, old),
         new_state, member_state)
@@ -210,11 +224,31 @@ def members_train_step(state, batch, members, *, loss_fns, augment, how):
   return map_members(one, (state, batch, members), how)
 
 
-def members_predict(state, images, how: str = 'vmap'):
-  """Normalised predictions [M, E] of every member on its z-scored images."""
-  return map_members(lambda xs: xs[0].apply_fn(
-      {'params': xs[0].params, 'batch_stats': xs[0].batch_stats},
-      augment_lib.zscore_batch(xs[1]), train=False), (state, images), how)
+def members_predict(state, images, how: str = 'vmap', resize=None,
+                    normaliser_px=None):
+  """Normalised predictions [M, E] of every member on its z-scored images.
+
+  An ellipse model's HC comes from its decoded ellipse, which needs each
+  image's `resize` [M, E, 4] and each member's `normaliser_px` [M].
+  """
+
+  def one(xs):
+    member_state, member_images = xs[0], xs[1]
+    outputs = member_state.apply_fn(
+        {'params': member_state.params,
+         'batch_stats': member_state.batch_stats},
+        augment_lib.zscore_batch(member_images), train=False)
+    if outputs.ndim == 2:  # An ellipse model (hc_jax.ellipse_head).
+      if len(xs) < 4:
+        raise ValueError('an ellipse model needs resize and normaliser_px '
+                         'to predict the HC')
+      return ellipse_head.normalised_hc(outputs, xs[2], xs[3],
+                                        *member_images.shape[1:3])
+    return outputs
+
+  if resize is None:
+    return map_members(one, (state, images), how)
+  return map_members(one, (state, images, resize, normaliser_px), how)
 
 
 def _log(message: str) -> None:

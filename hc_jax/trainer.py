@@ -103,7 +103,8 @@ class Trainer:
     self.how = None if how == 'auto' and len(configs) > 1 else self.candidates[0]
     self.steps = {c: jax.jit(functools.partial(
         train.members_train_step, loss_fns=self.loss_fns, augment=self.augment,
-        how=c), donate_argnums=(0,)) for c in self.candidates}
+        how=c, ellipse_weight=config.get('ellipse_weight', 1.0)),
+                             donate_argnums=(0,)) for c in self.candidates}
     self.predict_fn = jax.jit(functools.partial(train.members_predict, how='vmap'),
                               out_shardings=self.replicated)
 
@@ -157,12 +158,16 @@ class Trainer:
     size = self.config.eval_batch_size
     index, mask = self.data.eval_index(part, size)
     images = self.data.arrays['images']
+    resize = self.data.arrays['resize']  # An ellipse model's HC needs it.
     rows = data_lib.process_slice(size, jax.process_index(),
                                   jax.process_count())
     out = []
     for c in range(0, index.shape[1], size):
       chunk = index[:, c:c + size][:, rows]
-      out.append(self.predict_fn(state, self._shard(images[chunk])))
+      out.append(self.predict_fn(
+          state, self._shard(images[chunk]),
+          resize=self._shard(resize[chunk].astype(np.float32)),
+          normaliser_px=self.members['normaliser_px']))
     predictions = np.concatenate(jax.device_get(out), axis=1)
     return index, mask, predictions * self.data.normaliser_px[:, None]
 
@@ -189,7 +194,8 @@ class Trainer:
       if first and i == 0:
         jax.block_until_ready(loss)
         self.compiled = True
-        _log(f'compiled in {time.time() - self.compile_started:.0f} s')
+        self.compile_seconds = time.time() - self.compile_started
+        _log(f'compiled in {self.compile_seconds:.0f} s')
       losses_.append(loss)
       actives.append(active)
       self._progress(epoch, i, loss)
@@ -202,7 +208,7 @@ class Trainer:
     for how in self.candidates:
       step = jax.jit(functools.partial(
           train.members_train_step, loss_fns=self.loss_fns, augment=self.augment,
-          how=how))
+          how=how, ellipse_weight=self.config.get('ellipse_weight', 1.0)))
       jax.block_until_ready(step(state, batch, self.members))  # Compiles.
       start = time.perf_counter()
       for _ in range(AUTO_PROBE_STEPS):
@@ -245,6 +251,7 @@ class Trainer:
     writers = [checkpoint.MetricWriter(w, resume_epoch=self.start_epoch)
                for w in self.workdirs]
     self.compiled = False
+    self.compile_seconds = 0.0
     self.compile_started = self.loop_started = self.last_log = time.time()
     if self.start_epoch < self.num_epochs:
       _log('compiling the training step...')
@@ -255,20 +262,22 @@ class Trainer:
       epoch_start = time.time()
       state, step_losses, active = self._train_epoch(state, epoch)
       bad = ~np.isfinite(step_losses) & active
+      news = []
       for m in np.flatnonzero(bad.any(axis=0)):
         self.diverged[m] = epoch
-        if not (self.diverged > 0).all():
-          data_lib.save_json(os.path.join(self.workdirs[m], DIVERGED_FILE),
-                             {'epoch': epoch})
         step = int(np.argmax(bad[:, m])) + 1
-        _log(f'{self.workdirs[m]}: loss is {step_losses[step - 1, m]} at step '
-             f'{step} of epoch {epoch}; frozen, scored with epoch '
+        news.append(f'loss is {step_losses[step - 1, m]} at step '
+                    f'{(epoch - 1) * data.steps[m] + step} (epoch {epoch})')
+        _log(f'{self.workdirs[m]}: {news[-1]}; frozen, scored with epoch '
              f'{self.best[m]["epoch"]} (selected on validation before)')
       if (self.diverged > 0).all():
         raise FloatingPointError(
-            f'the training loss diverged (epoch {epoch}); stopped without '
+            f'{news[-1]}: the training loss diverged; stopped without '
             f'saving, the last good checkpoints are in '
             f'{", ".join(ck.directory for ck in self.checkpoints)}')
+      for m in np.flatnonzero(self.diverged == epoch):
+        data_lib.save_json(os.path.join(self.workdirs[m], DIVERGED_FILE),
+                           {'epoch': epoch})
       val = self._predict(state, 'val')
       save_latest = (epoch == self.num_epochs or time.time() - last_save >=
                      config.checkpoint_every_seconds)
@@ -300,8 +309,9 @@ class Trainer:
                  range(len(self.configs))))
       if save_latest:
         last_save = time.time()
-      if epoch == 1 and config.time_budget_s:
-        self._fit_budget(time.time() - epoch_start)
+      if epoch == self.start_epoch + 1 and config.time_budget_s:
+        # The first epoch's compiling (and 'auto' probing) is not repeated.
+        self._fit_budget(time.time() - epoch_start - self.compile_seconds)
       elif (config.time_budget_s and epoch < self.num_epochs and
             time.time() - self.started + 2 * (time.time() - epoch_start) >
             config.time_budget_s):

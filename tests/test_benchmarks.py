@@ -5,6 +5,7 @@ run and print what they promise; they measure nothing.
 """
 
 import collections
+import json
 import os
 import re
 import subprocess
@@ -12,9 +13,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from hc_jax import models
+from hc_jax import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, 'benchmarks')
@@ -62,15 +65,15 @@ def test_keras_twin_unknown_model():
     keras_models.create_model('resnet18', 32)
 
 
-def _run(script, *flags):
+def _run(script, *flags, env=None, returncode=0):
   # Compile time dominates these runs; the figures they print are not checked.
-  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2',
+  env = {**(env or os.environ), 'TF_CPP_MIN_LOG_LEVEL': '2',
          'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
   result = subprocess.run(
       [sys.executable, os.path.join(BENCHMARKS, script), *flags], env=env,
       capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
+  assert result.returncode == returncode, result.stderr[-3000:]
+  return result.stdout if returncode == 0 else result.stderr
 
 
 NUMBER = r'[0-9]+\.[0-9]+'
@@ -136,3 +139,91 @@ def test_conv_im2col_rejects_a_bad_shape():
       [sys.executable, os.path.join(BENCHMARKS, 'conv_im2col.py'),
        '--shapes=8x64x16'], capture_output=True, text=True, check=False)
   assert result.returncode == 2 and 'NxHxCxC_OUT' in result.stderr
+
+
+def _tiny_export(path, num_images=12, size=32):
+  """A prepared .npz of random scans, as `python -m hc_jax.prepare` writes."""
+  rng = np.random.default_rng(0)
+  a = rng.uniform(100, 200, num_images)
+  arrays = {
+      'images': rng.integers(0, 256, (num_images, size, size, 1), np.uint8),
+      'filename': [f'{i:03d}_HC.png' for i in range(num_images)],
+      'subject_id': np.arange(num_images), 'pixel_size_mm': np.full(
+          num_images, 0.15), 'hc_mm': a * 0.75, 'hc_px': a * 5.0,
+      'ellipse': np.stack([np.full(num_images, 400.0), np.full(
+          num_images, 270.0), a, 0.8 * a, np.zeros(num_images)], 1),
+      'original_hw': np.tile([[540, 800]], (num_images, 1)),
+      'resize': prepare.resize_geometry([[540, 800]] * num_images,
+                                        (size, size), 'stretch')}
+  prepare.save(str(path), arrays, {'format_version': prepare.FORMAT_VERSION,
+                                   'image_hw': [size, size],
+                                   'resize_mode': 'stretch'})
+  return str(path)
+
+
+def test_gpu_train_step_without_tensorflow(tmp_path):
+  from test_gpu_path import tf_free_env  # pylint: disable=import-outside-toplevel
+  data = _tiny_export(tmp_path / 'export.npz')
+  out = _run('gpu_train_step.py', '--allow_cpu', f'--data={data}',
+             '--model=cnn_263k', '--image_size=32', '--dtypes=float32',
+             '--batch_size=2', '--members=3', '--how=vmap,map', '--seconds=0',
+             f'--out={tmp_path}', env=tf_free_env(tmp_path))
+  assert re.search(rf'one model +float32 +{NUMBER} img/s +baseline', out), out
+  for how in ('vmap', 'map'):
+    assert re.search(rf'3 members {how} +float32 +{NUMBER} img/s +{NUMBER}x '
+                     r'one model .* 3 run\(s\) of 250 epochs', out), out
+  assert re.search(rf'augment only +float32 +{NUMBER} img/s +{NUMBER}x', out)
+  with open(tmp_path / 'gpu_train_step.json') as f:
+    rows = json.load(f)['rows']
+  assert [(r['what'], r['members']) for r in rows] == [
+      ('one model', 1), ('3 members vmap', 3), ('3 members map', 3),
+      ('augment only', 3)]
+  assert rows[0]['ratio_to_one_model'] == 1.0
+  for row in rows[1:]:
+    assert row['ratio_to_one_model'] == pytest.approx(
+        row['images_per_second'] / rows[0]['images_per_second'])
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu',
+                    reason='checks the refusal on a machine without a GPU')
+def test_gpu_train_step_stops_without_an_accelerator():
+  err = _run('gpu_train_step.py', '--model=cnn_263k', returncode=2)
+  assert err.strip().splitlines() == [
+      err.strip().splitlines()[-1]] and 'error: JAX found no GPU' in err, err
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--how=pmap', "--how takes vmap, map; got ['pmap']"),
+    ('--dtypes=float16', '--dtypes takes float32, bfloat16'),
+    ('--model=resnet18', "unknown model 'resnet18'"),
+    ('--data=/nonexistent.npz', '/nonexistent.npz: no such prepared file')])
+def test_gpu_train_step_rejects_bad_settings(flag, message):
+  err = _run('gpu_train_step.py', '--allow_cpu', flag, returncode=2)
+  assert err.startswith('error: ') and message in err, err
+
+
+def test_gpu_train_step_rejects_an_export_of_another_size(tmp_path):
+  data = _tiny_export(tmp_path / 'export.npz')
+  err = _run('gpu_train_step.py', '--allow_cpu', f'--data={data}',
+             '--image_size=64', returncode=2)
+  assert 'holds 32x32 images, not --image_size=64' in err, err
+
+
+def test_input_pipeline_compares_backends(phantom_hc18):
+  hc18_dir, cache_dir = phantom_hc18
+  out = _run('input_pipeline.py', f'--hc18_dir={hc18_dir}',
+             f'--cache_dir={cache_dir}', '--image_size=32', '--members=2',
+             '--epochs=1', '--backends=tf,numpy')
+  assert re.search(r'60 scans at 32x32 ready .* 2 member\(s\), batch 8, '
+                   r'[0-9]+ steps per epoch', out), out
+  rate = r'[0-9,]+\.[0-9]'
+  numpy_line = re.search(rf'^numpy: {rate} batches/s \([0-9,]+ img/s', out,
+                         re.M)
+  tf_line = re.search(rf'^tf: {rate} batches/s .*, [0-9.e+-]+x numpy$', out,
+                      re.M)
+  assert numpy_line and tf_line and numpy_line.start() < tf_line.start(), out
+
+
+def test_input_pipeline_rejects_a_bad_backend():
+  err = _run('input_pipeline.py', '--backends=numpy,jax', returncode=2)
+  assert "error: --backends takes numpy, tf; got 'numpy,jax'" in err, err

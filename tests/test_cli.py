@@ -56,12 +56,12 @@ def test_a_broken_config_file_is_one_line(tmp_path):
 
 def test_overrides_are_parsed_by_type_and_the_config_stays_locked():
   config = _load(['num_epochs=3', 'learning_rate=1e-4', 'augment.flip=false',
-                  'augment.scale_range=(0.9, 1.1)', 'data.tfds_data_dir=/x'])
+                  'augment.scale_range=(0.9, 1.1)', 'data.cache_dir=/x'])
   assert (config.loss, config.num_epochs, config.learning_rate) == (
       'mse', 3, 1e-4)
   assert config.augment.flip is False
   assert tuple(config.augment.scale_range) == (0.9, 1.1)
-  assert config.data.tfds_data_dir == '/x'
+  assert config.data.cache_dir == '/x'
   assert isinstance(config, config_dict.ConfigDict)
   with pytest.raises(AttributeError):
     config.num_epoch = 5  # A typo in code is caught too.

@@ -228,7 +228,7 @@ def test_a_workdir_of_another_config_is_an_error(tmp_path, monkeypatch):
   (workdir / 'config.json').write_text(json.dumps(config.to_dict()))
   # Where the data is may change; what is trained may not.
   grid.run_grid([MSE_CONFIG], [0], str(tmp_path),
-                ['num_epochs=5', 'data.tfds_data_dir=/elsewhere'])
+                ['num_epochs=5', 'data.cache_dir=/elsewhere'])
   assert len(calls) == 1
   with pytest.raises(ValueError, match='num_epochs=5 there, 7 now'):
     grid.run_grid([MSE_CONFIG], [0], str(tmp_path), ['num_epochs=7'])
@@ -250,12 +250,12 @@ def test_bad_configs_and_overrides_are_one_clear_line(path, overrides, message):
 def test_overrides_are_parsed_by_field_type():
   config = grid.load_config(MAE_CONFIG, [
       'num_epochs=3', 'learning_rate=1e-4', 'augment.flip=false',
-      'augment.scale_range=(0.9, 1.1)', 'data.tfds_data_dir=/tmp/x'])
+      'augment.scale_range=(0.9, 1.1)', 'data.cache_dir=/tmp/x'])
   assert (config.loss, config.num_epochs, config.learning_rate) == (
       'mae', 3, 1e-4)
   assert config.augment.flip is False
   assert tuple(config.augment.scale_range) == (0.9, 1.1)
-  assert config.data.tfds_data_dir == '/tmp/x'
+  assert config.data.cache_dir == '/tmp/x'
 
 
 def test_command_line_takes_both_override_forms(tmp_path, monkeypatch):
@@ -279,7 +279,7 @@ def _run_real_grid(phantom_hc18, root, config_paths, folds):
       '--override', 'num_epochs=1', '--override', 'image_size=32',
       '--override', 'eval_batch_size=8', '--override', 'log_every_steps=1000',
       f'--config.data.hc18_dir={hc18_dir}',
-      f'--config.data.tfds_data_dir={tfds_dir}'])
+      f'--config.data.cache_dir={tfds_dir}'])
 
 
 def _check_pooled_against_fold_results(root, name, row, folds):

@@ -132,7 +132,6 @@ config.batch_size = 8
 config.eval_batch_size = 8
 config.data.hc18_dir = {hc18_dir!r}
 config.data.cache_dir = {cache_dir!r}
-config.data.tfds_data_dir = {tfds_dir!r}
 workdir = {workdir!r}
 """
 
@@ -151,7 +150,6 @@ def test_colab_notebook_runs_in_order_on_a_cpu(tmp_path, monkeypatch,
     if "cli.load_config('configs/resnet_huber.py')" in cell.source:
       cells.append(nbformat.v4.new_code_cell(TINY_CPU_CONFIG.format(
           hc18_dir=phantom_hc18[0], cache_dir=phantom_hc18[1],
-          tfds_dir=str(tmp_path / 'tfds'),
           workdir=str(tmp_path / 'resnet_huber_fold0'))))
   assert len(cells) == len(notebook.cells)  # One skipped, one added.
   notebook.cells = cells

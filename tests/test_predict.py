@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 from PIL import Image
@@ -366,6 +367,18 @@ def test_truncated_checkpoint_is_a_clear_error(run, tmp_path, keep_manifest):
   errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
   assert len(errors) == 1 and str(copy) in errors[0], result.stderr
   assert not (tmp_path / 'p.csv').exists()
+
+
+def test_late_closed_event_loop_errors_are_dropped():
+  """Only the command line's one-line error is printed for a damaged
+  checkpoint, not tensorstore's late reports from orbax's closed loop."""
+  seen = []
+  hook = predict.quiet_closed_event_loop(seen.append)
+  for error in (RuntimeError('Event loop is closed'), RuntimeError('other'),
+                ValueError('Event loop is closed')):
+    hook(types.SimpleNamespace(exc_type=type(error), exc_value=error,
+                               exc_traceback=None, err_msg=None, object=None))
+  assert [str(u.exc_value) for u in seen] == ['other', 'Event loop is closed']
 
 
 def test_missing_checkpoint_and_broken_results(run, tmp_path):
