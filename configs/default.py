@@ -81,6 +81,9 @@ def get_config():
   # Running a finished run again scores its test fold again (else it is
   # left as it is).
   config.rescore = False
+  # False for runs that choose settings: the test fold is then never scored
+  # (results.json holds the validation figures only).
+  config.score_test = True
   config.seed = 0
   config.log_every_steps = 50
   # The checkpoint to resume from is written at most this often (and after

@@ -334,20 +334,24 @@ class Trainer:
     """Scores each member's test fold with its selected checkpoint."""
     # A member that diverged before its first validation has no selected
     # epoch: it is reported with no test figures.
-    scored = [self.best[m]['epoch'] > 0 for m in range(len(self.configs))]
+    # With score_test=False (settings chosen on validation) the test fold
+    # is never looked at.
+    scored = [self.best[m]['epoch'] > 0 and self.config.score_test
+              for m in range(len(self.configs))]
     best_states = [ck.restore_best(self.init_states[m], self.best[m]['epoch'])
                    if scored[m] else self.init_states[m]
                    for m, ck in enumerate(self.checkpoints)]
     state = jax.device_put(jax.tree.map(lambda *x: jnp.stack(x), *best_states),
                            self.replicated)
-    test = self._predict(state, 'test')
+    test = self._predict(state, 'test') if any(scored) else None
     arrays, results = self.data.arrays, []
     for m, (config, workdir) in enumerate(zip(self.configs, self.workdirs)):
-      index, mask, hc_px_pred = test
-      keep = index[m][mask[m]]
+      index, mask, hc_px_pred = test or (None, None, None)
+      keep = index[m][mask[m]] if scored[m] else None
       if not scored[m]:
-        _log(f'{workdir}: diverged in epoch {self.diverged[m]} before any '
-             'validation; no test figures')
+        if config.score_test:
+          _log(f'{workdir}: diverged in epoch {self.diverged[m]} before any '
+               'validation; no test figures')
         plain, errors = None, {}
       else:
         plain = self._errors(test, m)
