@@ -137,9 +137,11 @@ def _locate_files(dl_manager) -> tuple[str, dict[str, str]]:
           {name: hc18.ZENODO_RECORD + name + '?download=1'
            for name in hc18.ZENODO_FILES})
     except Exception as e:  # pylint: disable=broad-except
-      raise RuntimeError(
-          f'Could not download HC18 from Zenodo ({type(e).__name__}: {e}).'
-          f'{_MANUAL_INSTRUCTIONS}') from None
+      raise ValueError(
+          f'Could not download HC18 from Zenodo ({type(e).__name__}: '
+          f'{" ".join(str(e).split())}). Downloads are verified against '
+          'hc_jax/checksums.tsv (see its header).'
+          f'{" ".join(_MANUAL_INSTRUCTIONS.split())}') from None
     return _from_download(paths)
   image_dirs = {}
   for split, (folder, _) in hc18.SPLITS.items():
