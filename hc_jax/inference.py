@@ -3,6 +3,7 @@
   predictor = inference.load('runs/cv_grid')
   out = predictor([image_uint8_2d, ...], pixel_sizes_mm=[0.1, ...])
   out['hc_mm'], out['hc_mm_sd'], out['hc_px'], out['status'], out['message']
+  out['ellipse_px'], out['ellipse_mm']  # Ellipse models only.
 
 Images are preprocessed by the training code's own TF ops (resize to the
 model input, `image_size` rows by `image_width` columns, the uint8 rounding
@@ -11,6 +12,23 @@ images get the very predictions in its `predictions_test.csv`. Only the
 model's parameters and batch statistics are restored from the best
 checkpoint (`hc_jax.runs`); the optimiser state is never read.
 
+Two kinds of model are told apart by their output. A label model returns
+`[B]`, the normalised HC (times the run's `normaliser_px`: HC in px). An
+ellipse model (`hcnet_ellipse`) returns `[B, 6]`, decoded by
+`hc_jax.ellipse_head.predict_ellipse` into the head's ellipse and its HC in
+pixels of the ORIGINAL image, using each image's own resize geometry
+(`prepare.resize_geometry` of its size, the run's input shape and resize
+mode). Ellipses are `[center_x, center_y, semi_axis_a, semi_axis_b,
+angle_rad]`, x the column and y the row, a >= b, the angle of a from +x
+towards +y in [0, pi), as `hc_jax.ellipse.Ellipse`.
+
+The HC of an ellipse model, as of a label model, is the mean over the runs
+of each run's HC (with `tta_flip`, the mean over the scan and its mirror).
+Its ellipse is `combine_ellipses` of every run's (and view's) ellipse: the
+mean centre and mean root shape matrix, safe for the angle, scaled so that
+its perimeter is that HC. The mirror's ellipse is mirrored back in
+model-input pixels (x -> W - 1 - x, angle -> pi - angle) first.
+
 Each prediction gets a status: 'ok'; 'uncertain' (a fold ensemble whose
 runs' SD in mm is above `max_sd_mm`); 'implausible' (HC outside the
 plausible range: HC18's span, the training range where recorded, each
@@ -18,7 +36,6 @@ widened by `RANGE_MARGIN`, and in px what fits in the image); or 'refused'
 (a (nearly) constant image, or one smaller than the model input).
 """
 
-import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -27,7 +44,9 @@ from typing import Sequence
 
 import numpy as np
 
+from hc_jax import ellipse as ellipse_lib
 from hc_jax import runs as runs_lib
+from hc_jax import scan_files
 
 BATCH_SIZE = 32
 # HC of the HC18 training set, min and max; a head outside it is outside what
@@ -49,34 +68,68 @@ LAYERS = 'plain'
 PredictError = runs_lib.PredictError
 
 
-def available_cores() -> int:
-  """The cores this process may run on (its affinity, e.g. under taskset)."""
-  if hasattr(os, 'sched_getaffinity'):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count() or 1
-
-
-def parallel_map(fn, items) -> list:
-  """[fn(item) or the exception it raised, ...], in order, over threads.
-
-  PNG decoding (PIL) and the resize (TensorFlow) release the GIL, so reading
-  and preparing scans on all cores is faster than one after another.
-  """
-  def call(item):
-    try:
-      return fn(item)
-    except Exception as e:  # pylint: disable=broad-except  # Reported per item.
-      return e
-  items = list(items)
-  if len(items) < 2:
-    return [call(item) for item in items]
-  workers = min(len(items), available_cores())
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    return list(pool.map(call, items))
+# Reading and preparing scans on all cores (`hc_jax.scan_files`).
+available_cores = scan_files.available_cores  # pylint: disable=invalid-name
+parallel_map = scan_files.parallel_map  # pylint: disable=invalid-name
 
 
 def _widen(low: float, high: float) -> tuple[float, float]:
   return low / (1 + RANGE_MARGIN), high * (1 + RANGE_MARGIN)
+
+
+def mirror_ellipses(ellipses: np.ndarray, width: int) -> np.ndarray:
+  """Ellipses `[..., 5]` of a left-right mirrored image, mirrored back.
+
+  Args:
+    ellipses: `[cx, cy, a, b, angle]` in pixels of an image `width` columns
+      wide (pixel centres at integers).
+    width: columns of that image.
+
+  Returns:
+    float64 `[..., 5]`: x -> width - 1 - x, angle -> pi - angle (in [0, pi)).
+  """
+  out = np.array(ellipses, np.float64)
+  out[..., 0] = width - 1 - out[..., 0]
+  out[..., 4] = _wrap_angle(math.pi - out[..., 4])
+  return out
+
+
+def _wrap_angle(angle: np.ndarray) -> np.ndarray:
+  """Angles into [0, pi) (np.mod can round up to pi itself)."""
+  angle = np.mod(angle, math.pi)
+  return np.where(angle >= math.pi, angle - math.pi, angle)
+
+
+def combine_ellipses(ellipses: np.ndarray, hc_px: np.ndarray) -> np.ndarray:
+  """One ellipse per image from several predictions of it.
+
+  The centres are averaged, and so are the root shape matrices
+  P = R diag(a, b) R^T, which do not change when the angle turns by pi (or
+  when a and b swap with the angle turned by pi/2), so the angle averages
+  safely. The mean ellipse is then scaled about its centre so that its
+  Ramanujan perimeter is `hc_px`.
+
+  Args:
+    ellipses: `[K, N, 5]` `[cx, cy, a, b, angle]`, K predictions of N images.
+    hc_px: `[N]` the HC each combined ellipse must have (a NaN gives NaN).
+
+  Returns:
+    float64 `[N, 5]`, a >= b, angle in [0, pi).
+  """
+  ellipses = np.asarray(ellipses, np.float64)
+  a, b, angle = ellipses[..., 2], ellipses[..., 3], ellipses[..., 4]
+  mean, half = (a + b) / 2, (a - b) / 2
+  p00 = (mean + half * np.cos(2 * angle)).mean(0)
+  p01 = (half * np.sin(2 * angle)).mean(0)
+  p11 = (mean - half * np.cos(2 * angle)).mean(0)
+  radius = np.hypot((p00 - p11) / 2, p01)
+  major, minor = (p00 + p11) / 2 + radius, (p00 + p11) / 2 - radius
+  angle = _wrap_angle(0.5 * np.arctan2(2 * p01, p00 - p11))
+  with np.errstate(invalid='ignore', divide='ignore'):
+    scale = np.asarray(hc_px, np.float64) / ellipse_lib.ramanujan_perimeter(
+        major, minor)
+  return np.stack([ellipses[..., 0].mean(0), ellipses[..., 1].mean(0),
+                   major * scale, minor * scale, angle], -1)
 
 
 @dataclasses.dataclass
@@ -92,6 +145,8 @@ class Predictor:
       the runs did not record it.
     train_hc_px: (min, max) HC in px of the training images, or None.
     image_width: columns of the model input; 0 for a square one.
+    predicts_ellipse: whether the model is an ellipse model (its output is
+      `[B, 6]`, see `hc_jax.ellipse_head`) rather than a label model (`[B]`).
   """
   runs: list[str]
   image_size: int
@@ -103,6 +158,7 @@ class Predictor:
   train_hc_mm: tuple[float, float] | None = None
   train_hc_px: tuple[float, float] | None = None
   image_width: int = 0
+  predicts_ellipse: bool = False
 
   @property
   def is_ensemble(self) -> bool:
@@ -179,7 +235,7 @@ class Predictor:
                pixel_sizes_mm: Sequence[float | None] | None = None,
                tta_flip: bool = False,
                max_sd_mm: float = DEFAULT_MAX_SD_MM) -> dict[str, np.ndarray]:
-    """Predicts HC for a list of scans, in batches of `BATCH_SIZE`.
+    """Predicts HC (and an ellipse model's ellipse) for a list of scans.
 
     Args:
       images: [H, W] uint8 scans of any sizes.
@@ -194,10 +250,16 @@ class Predictor:
       the pixel size is unknown), 'hc_mm_sd': SD (ddof=1) of the runs' HC in
       mm (NaN for a single run)}, float64 arrays [N], means over the runs
       (NaN for refused images); and 'status', 'message': str arrays [N], the
-      status ('ok', 'uncertain', 'implausible' or 'refused') and why.
+      status ('ok', 'uncertain', 'implausible' or 'refused') and why. An
+      ellipse model adds 'ellipse_px', float64 [N, 5] `[cx, cy, a, b,
+      angle]` in px of the original image (`combine_ellipses` of the runs'
+      and views' ellipses; its perimeter is 'hc_px'), and 'ellipse_mm', the
+      same with the centre and semi-axes times the pixel size (NaN where it
+      is unknown); NaN rows for refused images.
 
     Raises:
       ValueError: for an image that is not a 2D uint8 array.
+      PredictError: when the model's output is neither `[B]` nor `[B, 6]`.
     """
     num_images = len(images)
     if pixel_sizes_mm is None:
@@ -221,26 +283,26 @@ class Predictor:
       else:
         inputs[i] = prepared
     views = [inputs, inputs[:, :, ::-1]] if tta_flip else [inputs]
-    targets = np.zeros([len(self.runs), num_images], np.float64)
-    for start in range(0, num_images, BATCH_SIZE):
-      stop = min(start + BATCH_SIZE, num_images)
-      for view in views:
-        batch = np.zeros([BATCH_SIZE] + list(inputs.shape[1:]), np.float32)
-        batch[:stop - start] = view[start:stop]  # Padded: one compiled shape.
-        for member, variables in enumerate(self._variables):
-          out = np.asarray(self._forward(variables, batch), np.float64)
-          targets[member, start:stop] += out[:stop - start] / len(views)
-    hc_px = targets * np.asarray(self.normalisers_px)[:, None]
+    outputs = self._outputs(views)  # [views, runs, N] or [views, runs, N, 6].
+    out = {}
+    if outputs.ndim == 4:
+      hc_px = self._decode_ellipses(outputs, images, out)
+    else:
+      hc_px = outputs.mean(0) * np.asarray(self.normalisers_px)[:, None]
     hc_mm = hc_px * pixel_size
-    out = {
+    out.update({
         'hc_px': hc_px.mean(axis=0),
         'hc_mm': hc_mm.mean(axis=0),
         'hc_mm_sd': (hc_mm.std(axis=0, ddof=1) if self.is_ensemble else
                      np.full(num_images, math.nan)),
-    }
+    })
+    if 'ellipse_px' in out:
+      out['ellipse_px'] = combine_ellipses(out['ellipse_px'], out['hc_px'])
+      out['ellipse_mm'] = out['ellipse_px'].copy()
+      out['ellipse_mm'][:, :4] *= pixel_size[:, None]
     for i in range(num_images):
       if status[i] == 'refused':
-        for key in ('hc_px', 'hc_mm', 'hc_mm_sd'):
+        for key in out:
           out[key][i] = math.nan
       else:
         status[i], message[i] = self._check(
@@ -248,6 +310,54 @@ class Predictor:
             np.shape(images[i]), max_sd_mm)
     out.update(status=status, message=message)
     return out
+
+  def _outputs(self, views: Sequence[np.ndarray]) -> np.ndarray:
+    """Every run's output on every view, float64 [views, runs, N, ...]."""
+    num_images = len(views[0])
+    outputs = np.zeros([len(views), len(self.runs), num_images] + (
+        [6] if self.predicts_ellipse else []), np.float64)
+    for start in range(0, num_images, BATCH_SIZE):
+      stop = min(start + BATCH_SIZE, num_images)
+      for v, view in enumerate(views):
+        batch = np.zeros([BATCH_SIZE] + list(view.shape[1:]), np.float32)
+        batch[:stop - start] = view[start:stop]  # Padded: one compiled shape.
+        for member, variables in enumerate(self._variables):
+          out = np.asarray(self._forward(variables, batch), np.float64)
+          if out.shape[1:] != outputs.shape[3:]:
+            raise PredictError(
+                f'the model returns {list(out.shape)} for a batch of '
+                f'{BATCH_SIZE}; expected [{BATCH_SIZE}] (HC) or '
+                f'[{BATCH_SIZE}, 6] (an ellipse)')
+          outputs[v, member, start:stop] = out[:stop - start]
+    return outputs
+
+  def _decode_ellipses(self, outputs: np.ndarray, images, out: dict
+                       ) -> np.ndarray:
+    """Decodes an ellipse model's outputs [views, runs, N, 6].
+
+    Sets out['ellipse_px'] to every run's and view's ellipse in original
+    pixels, [views * runs, N, 5], and returns each run's HC in px [runs, N],
+    the mean over the views.
+    """
+    # pylint: disable=import-outside-toplevel
+    from hc_jax import ellipse_head
+    from hc_jax import prepare
+    num_views, num_runs, num_images = outputs.shape[:3]
+    height, width = self.input_shape
+    original_hw = np.array([np.shape(image)[:2] for image in images],
+                           np.int64).reshape(-1, 2)
+    resize = prepare.resize_geometry(np.maximum(original_hw, 1),
+                                     (height, width), self.resize_mode)
+    resize = np.broadcast_to(resize, outputs.shape[:3] + (4,))
+    decoded = ellipse_head.predict_ellipse(outputs, resize, height, width)
+    hc_px = np.asarray(decoded['hc_px'], np.float64)  # Mirroring keeps it.
+    ellipses = np.asarray(decoded['ellipse_px'], np.float64)
+    if num_views == 2:  # The mirror's ellipses, mirrored back.
+      ellipses[1] = np.asarray(ellipse_head.to_original_pixels(
+          mirror_ellipses(decoded['ellipse_in'][1], width).astype(np.float32),
+          resize[1]), np.float64)
+    out['ellipse_px'] = ellipses.reshape(num_views * num_runs, num_images, 5)
+    return hc_px.mean(0)
 
 
 def _hide_gpus_from_tf(tf):
@@ -297,6 +407,12 @@ def load(workdir: str) -> Predictor:
     abstract = jax.eval_shape(
         functools.partial(model.init, train=False), jax.random.key(0),
         jnp.zeros((1, height, width, 1), jnp.float32))
+    output = jax.eval_shape(
+        functools.partial(model.apply, train=False), abstract,
+        jax.ShapeDtypeStruct((2, height, width, 1), jnp.float32))
+    if output.shape not in ((2,), (2, 6)):
+      raise ValueError(f'the model returns {list(output.shape)} for 2 images; '
+                       'expected [2] (HC) or [2, 6] (an ellipse)')
   except Exception as e:  # pylint: disable=broad-except  # Any config error.
     raise runs_lib.PredictError(
         f'{config_path}: cannot build the model ({runs_lib.error_line(e)})'
@@ -316,4 +432,5 @@ def load(workdir: str) -> Predictor:
                    resize_mode=config.resize_mode,
                    normalisers_px=normalisers_px, _variables=variables,
                    _forward=forward, _prepare=prepare_image,
-                   train_hc_mm=train_hc_mm, train_hc_px=train_hc_px)
+                   train_hc_mm=train_hc_mm, train_hc_px=train_hc_px,
+                   predicts_ellipse=output.shape == (2, 6))

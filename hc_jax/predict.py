@@ -2,7 +2,8 @@
 
   python -m hc_jax.predict --workdir=runs/cnn263k_mse_fold0 \
       --images=path/to/hc18/test_set --out=predictions.csv \
-      [--pixel-sizes=CSV] [--overlays=DIR] [--tta-flip] [--max-sd-mm=10]
+      [--pixel-sizes=CSV] [--overlays=DIR] [--tta-flip] [--max-sd-mm=10] \
+      [--submission=FILE]
 
 For each image: HC in pixels of the original image, in mm where its pixel size
 is known, and the gestational age by Hadlock (1984), flagged outside the 14-42
@@ -39,6 +40,15 @@ A workdir whose subdirectories are finished runs (`fold0/` ... `fold4/`) is a
 fold ensemble: HC is the mean over the runs and `hc_mm_sd` their standard
 deviation (ddof=1).
 
+A run of an ellipse model (`hcnet_ellipse`) also predicts the head's
+ellipse, in pixels of the original image: the CSV gains `ELLIPSE_COLUMNS`
+(centre x = column, y = row; semi-axes a >= b; `angle_rad` the angle of a
+from +x towards +y, i.e. clockwise on the screen, in [0, pi); in mm where
+the pixel size is known), and overlays draw it. An ensemble's (or
+`--tta-flip`'s) ellipse is the mean of the runs' ellipses, scaled so that
+its perimeter is the reported HC (`inference.combine_ellipses`).
+`--submission=FILE` writes the HC18 challenge CSV (`write_submission`).
+
 This module is the command line: flags, the scans and their pixel sizes
 (`hc_jax.scan_files`), the CSV and overlays, exit codes. The predictor itself
 is `hc_jax.inference` (`predict.load` is `inference.load`):
@@ -46,21 +56,18 @@ is `hc_jax.inference` (`predict.load` is `inference.load`):
   predictor = predict.load('runs/cv_grid')
   out = predictor([image_uint8_2d, ...], pixel_sizes_mm=[0.1, ...])
   out['hc_mm'], out['hc_mm_sd'], out['hc_px'], out['status'], out['message']
+  out['ellipse_px'], out['ellipse_mm']  # An ellipse model's.
 
 It preprocesses scans with the training code's own ops, so a run's test-fold
 images get the very predictions in its `predictions_test.csv`.
 """
 
 import argparse
-import csv
 import math
 import os
 import sys
-import tempfile
 from typing import Sequence
 import warnings
-
-import numpy as np
 
 from hc_jax import gestational_age
 from hc_jax import hc18
@@ -87,31 +94,29 @@ available_cores = inference.available_cores
 load = inference.load
 parallel_map = inference.parallel_map
 OVERLAY_SUFFIX = scan_files.OVERLAY_SUFFIX
+check_writable = scan_files.check_writable
 find_pixel_size_csv = scan_files.find_pixel_size_csv
+SUBMISSION_COLUMNS = scan_files.SUBMISSION_COLUMNS
+check_submission_inputs = scan_files.check_submission_inputs
 image_paths = scan_files.image_paths
+pixel_sizes_of = scan_files.pixel_sizes_of
 read_pixel_sizes = scan_files.read_pixel_sizes
+some_names = scan_files.some_names
+write_csv = scan_files.write_csv
+write_overlay = scan_files.write_overlay
+write_submission = scan_files.write_submission
 # pylint: enable=invalid-name
 
 PROGRESS_EVERY = 64  # Images per chunk, and per progress line.
 COLUMNS = ('filename', 'pixel_size_mm', 'hc_px', 'hc_mm', 'hc_mm_sd',
            'ga_weeks', 'ga_flag', 'status', 'message')
+# Added after COLUMNS for an ellipse model.
+ELLIPSE_COLUMNS = ('center_x_px', 'center_y_px', 'semi_axis_a_px',
+                   'semi_axis_b_px', 'angle_rad', 'center_x_mm', 'center_y_mm',
+                   'semi_axis_a_mm', 'semi_axis_b_mm')
 STATUSES = ('ok', 'uncertain', 'implausible', 'refused', 'error')
 # Exit codes of the command line.
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
-
-
-def write_overlay(image: np.ndarray, lines: Sequence[str], path: str) -> None:
-  """Writes the scan as RGB with `lines` of text in its top-left corner."""
-  # pylint: disable=import-outside-toplevel
-  from PIL import Image, ImageDraw, ImageFont
-  canvas = Image.fromarray(image).convert('RGB')
-  draw = ImageDraw.Draw(canvas)
-  font = ImageFont.load_default(size=max(10, image.shape[0] // 27))
-  text = '\n'.join(lines)
-  box = draw.multiline_textbbox((8, 8), text, font=font)
-  draw.rectangle((box[0] - 4, box[1] - 4, box[2] + 4, box[3] + 4), fill='black')
-  draw.multiline_text((8, 8), text, font=font, fill=(255, 220, 0))
-  canvas.save(path)
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -119,42 +124,15 @@ def _fmt(value: float, digits: int) -> str:
       f'{value:.{digits}f}')
 
 
-def check_writable(path: str, what: str) -> None:
-  """Raises PredictError unless a file can be created in `path`'s folder."""
-  if os.path.isdir(path):
-    raise PredictError(f'{what} {path} is a directory; give a file name')
-  folder = os.path.dirname(os.path.abspath(path))
-  try:
-    os.makedirs(folder, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=folder, prefix='.hc_jax_probe_')
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise PredictError(f'{what} {path} cannot be written '
-                       f'({e.strerror or e})') from None
-
-
-def write_rows(path: str, rows: Sequence[dict]) -> None:
-  """Writes the prediction CSV (`COLUMNS`) atomically.
+def write_rows(path: str, rows: Sequence[dict],
+               columns: Sequence[str] = COLUMNS) -> None:
+  """Writes the prediction CSV atomically: `COLUMNS`, and for an ellipse
+  model `COLUMNS + ELLIPSE_COLUMNS`.
 
   Raises:
     PredictError: when it cannot be written; nothing is left behind.
   """
-  check_writable(path, '--out')
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path),
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=COLUMNS)
-      writer.writeheader()
-      writer.writerows(rows)
-    os.replace(tmp, path)
-  except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise PredictError(f'--out {path} cannot be written ({e.strerror or e})'
-                       ) from None
+  write_csv(path, columns, rows, '--out')
 
 
 _DESCRIPTION = 'Predict HC (and gestational age) for new scans.'
@@ -171,12 +149,32 @@ status of each row (the CSV's `status`; `message` says why unless ok):
 
 CSV columns: {", ".join(COLUMNS)}
 
+ellipse models (hcnet_ellipse) add the head's ellipse, in pixels of the
+original image and in mm where the pixel size is known (x the column, y the
+row, semi-axes a >= b, angle_rad the angle of a from +x towards +y, i.e.
+clockwise on the screen, in [0, pi)); overlays draw it:
+  {", ".join(ELLIPSE_COLUMNS[:5])},
+  {", ".join(ELLIPSE_COLUMNS[5:])}
+
+--submission FILE: the HC18 challenge CSV, one row per image (its base name):
+  {",".join(SUBMISSION_COLUMNS)}
+  It needs an ellipse model and the pixel size of every image (else exit 2),
+  and is written only when every image was predicted. Our ellipse maps onto
+  it unchanged: center_x_mm = column, center_y_mm = row, semi_axes_a_mm = a,
+  semi_axes_b_mm = b (each x pixel size), angle_rad = angle_rad. Checked on
+  HC18's 900 training annotations: the public entries' conversion of
+  OpenCV's fitEllipse on (row, column) points (x/y swapped,
+  angle_rad = (-angle_deg * pi / 180) mod pi) gives exactly our fit of each
+  annotation (centre, a >= b, angle); the other angle sense does not.
+
 exit codes:
   0  every image predicted, with status ok
   1  some images failed or were flagged (any status but ok)
   2  usage, configuration or model error (bad flags, missing or unfinished
      run, unreadable checkpoint or config, bad pixel-size CSV, unwritable
-     --out or --overlays); a one-line 'error: ...' on stderr, no CSV written
+     --out, --overlays or --submission, --submission without an ellipse
+     model or without every pixel size); a one-line 'error: ...' on stderr,
+     no CSV written
 """
 
 
@@ -201,26 +199,10 @@ def _parse_args(argv):
                       type=float, default=DEFAULT_MAX_SD_MM,
                       help='ensemble SD (mm) above which a prediction is '
                       f'uncertain (default {DEFAULT_MAX_SD_MM:g})')
+  parser.add_argument('--submission',
+                      help='also write the HC18 challenge CSV (ellipse '
+                      'models; every pixel size needed), see below')
   return parser.parse_args(argv)
-
-
-def _pixel_sizes(args, files: dict[str, str]) -> dict[str, tuple]:
-  """{filename: (csv path or None, pixel size or None)} for every image."""
-  if args.pixel_sizes:
-    sizes = read_pixel_sizes(args.pixel_sizes)
-    return {name: (args.pixel_sizes, sizes.get(name, sizes.get(
-        os.path.basename(name)))) for name in files}
-  tables = {}
-  for image_dir in dict.fromkeys(os.path.dirname(p) for p in files.values()):
-    found = find_pixel_size_csv(image_dir or '.')
-    tables[image_dir] = (found, read_pixel_sizes(found) if found else {})
-    print(f'pixel sizes for {image_dir or "."}/: '
-          f'{found or "none found, HC in px only"}', file=sys.stderr)
-  out = {}
-  for name, path in files.items():
-    csv_path, sizes = tables[os.path.dirname(path)]
-    out[name] = (csv_path, sizes.get(os.path.basename(path)))
-  return out
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None):
@@ -251,26 +233,47 @@ def main(argv: Sequence[str] | None = None) -> int:
           raise PredictError(f'--overlays {args.overlays} cannot be created '
                              f'({e.strerror or e})') from None
         check_writable(os.path.join(args.overlays, 'probe.png'), '--overlays')
+      if args.submission:
+        check_writable(args.submission, '--submission')
       files = image_paths(args.images)
-      pixel_sizes = _pixel_sizes(args, files)
+      pixel_sizes = pixel_sizes_of(files, args.pixel_sizes)
+      if args.submission:
+        check_submission_inputs(files, pixel_sizes)
       predictor = load(args.workdir)
-      rows = _predict_files(predictor, files, pixel_sizes, args)
-      write_rows(args.out, rows)
+      if args.submission and not predictor.predicts_ellipse:
+        raise PredictError('--submission needs a model that predicts the '
+                           f'ellipse; {args.workdir} predicts HC only')
+      rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args)
+      write_rows(args.out, rows, COLUMNS + ELLIPSE_COLUMNS
+                 if predictor.predicts_ellipse else COLUMNS)
+      missing = [name for name in files if name not in ellipses_mm]
+      if args.submission and not missing:
+        write_submission(args.submission, ellipses_mm)
     except PredictError as e:
       print(f'error: {e}', file=sys.stderr)
       return EXIT_USAGE
   flagged = [row for row in rows if row['status'] != 'ok']
   print(f'{len(rows) - len(flagged)} of {len(rows)} images predicted, '
-        f'{len(flagged)} failed or flagged; wrote {args.out}')
+        f'{len(flagged)} failed or flagged; wrote {args.out}'
+        + (f' and {args.submission}' if args.submission and not missing
+           else ''))
   for row in flagged:
     print(f'  {row["status"]}: {row["filename"]}: {row["message"]}')
+  if args.submission and missing:
+    print(f'error: --submission {args.submission} not written: '
+          f'{some_names(missing)} {"has" if len(missing) == 1 else "have"} '
+          f'no ellipse (refused or unreadable, see {args.out})',
+          file=sys.stderr)
   return EXIT_FLAGGED if flagged else EXIT_OK
 
 
 def _predict_files(predictor: Predictor, files: dict[str, str],
-                   pixel_sizes: dict[str, tuple], args) -> list[dict]:
-  """The CSV rows for `files` ({filename: path}), chunk by chunk."""
-  rows = []
+                   pixel_sizes: dict[str, tuple], args
+                   ) -> tuple[list[dict], dict[str, list]]:
+  """The CSV rows for `files` ({filename: path}), chunk by chunk, and an
+  ellipse model's ellipses in mm ({filename: [cx, cy, a, b, angle]}) of the
+  images predicted where the pixel size is known."""
+  rows, ellipses_mm = [], {}
   names = list(files)
   for start in range(0, len(names), PROGRESS_EVERY):
     chunk = []  # (row, image) of the files that read well.
@@ -305,6 +308,12 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
         row.update(hc_px=_fmt(out['hc_px'][i], 3),
                    hc_mm=_fmt(out['hc_mm'][i], 3),
                    hc_mm_sd=_fmt(out['hc_mm_sd'][i], 3))
+        ellipse = None
+        if predictor.predicts_ellipse:
+          ellipse = out['ellipse_px'][i]
+          row.update(_ellipse_cells(ellipse, out['ellipse_mm'][i]))
+          if math.isfinite(out['ellipse_mm'][i][0]):
+            ellipses_mm[row['filename']] = list(out['ellipse_mm'][i])
         if row['status'] != 'implausible':
           ga_weeks = gestational_age.hadlock_ga_weeks(out['hc_mm'][i])
           row.update(ga_weeks=_fmt(ga_weeks, 2),
@@ -315,13 +324,20 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
               os.path.splitext(row['filename'])[0] + OVERLAY_SUFFIX)
           try:
             os.makedirs(os.path.dirname(overlay), exist_ok=True)
-            write_overlay(image, _overlay_lines(row), overlay)
+            write_overlay(image, _overlay_lines(row), overlay, ellipse)
           except OSError as e:
             raise PredictError(f'overlay {overlay} cannot be written '
                                f'({e.strerror or e})') from None
     if len(names) > PROGRESS_EVERY:
       print(f'{len(rows)}/{len(names)} images', file=sys.stderr)
-  return rows
+  return rows, ellipses_mm
+
+
+def _ellipse_cells(ellipse_px, ellipse_mm) -> dict[str, str]:
+  """An ellipse model's `ELLIPSE_COLUMNS` of one row."""
+  values = list(ellipse_px) + list(ellipse_mm[:4])
+  return {column: _fmt(value, 6 if column == 'angle_rad' else 3)
+          for column, value in zip(ELLIPSE_COLUMNS, values)}
 
 
 def _overlay_lines(row) -> list[str]:

@@ -23,10 +23,14 @@ from scipy import optimize
 
 from conftest import REPO
 from hc_jax import augment
+from hc_jax import ellipse as ellipse_lib
+from hc_jax import ellipse_head
 from hc_jax import gestational_age
 from hc_jax import hc18
+from hc_jax import inference
 from hc_jax import predict
 from hc_jax import prepare
+from hc_jax import scan_files
 from hc_jax import train
 
 
@@ -705,3 +709,184 @@ def test_help_lists_statuses_and_exit_codes(capsys):
     assert word in text
   for code in ('0  every image', '1  some images', '2  usage'):
     assert code in text
+  for word in ('--submission', 'center_x_px', 'semi_axes_a_mm', 'angle_rad'):
+    assert word in text
+
+
+# --- Ellipse models: a stub whose ellipse is set by the scan. ---
+
+
+def _ellipse_stub(a_in=12.0, b_in=8.0, member_scales=(1.0,)):
+  """A Predictor of an ellipse model on 32x32 inputs (every 8th pixel of a
+  256x256 scan). Its ellipse, in model-input pixels, is centred on the
+  brightest input pixel (c, r), has semi-axes a_in, b_in (times the
+  member's scale), and the angle of the direction from the input's centre
+  to (c, r): mirroring the input mirrors the ellipse."""
+  size = 32
+
+  def prepare(image):
+    image = np.asarray(image, np.float32)
+    step = max(1, image.shape[0] // size)
+    return _Prepared(np.ascontiguousarray(image[::step, ::step][:size, :size]))
+
+  def inverse_softplus(value):
+    return np.log(np.expm1(value))
+
+  def forward(scale, batch):
+    raw = np.zeros([len(batch), 6])
+    for i, view in enumerate(np.asarray(batch)[..., 0]):
+      row, col = np.unravel_index(np.argmax(view), view.shape)
+      angle = np.arctan2(row - 15.5, col - 15.5) % np.pi
+      raw[i, :2] = [np.log((c + 0.5) / (size - c - 0.5)) for c in (col, row)]
+      raw[i, 2:4] = [inverse_softplus(axis * scale / (size / 2) -
+                                      ellipse_head.MIN_SEMI_AXIS) -
+                     ellipse_head.SOFTPLUS_SHIFT for axis in (a_in, b_in)]
+      raw[i, 4:] = np.cos(2 * angle), np.sin(2 * angle)
+    return raw
+
+  return predict.Predictor(
+      runs=[f'run{i}' for i in range(len(member_scales))],
+      image_size=size, resize_mode='stretch',
+      normalisers_px=[1.0] * len(member_scales),
+      _variables=list(member_scales), _forward=forward, _prepare=prepare,
+      predicts_ellipse=True)
+
+
+def _bright_scan(row, col, seed=0):
+  """A 256x256 noise scan whose brightest pixel, at input (row, col) of
+  `_ellipse_stub`, is scan pixel (8 row, 8 col)."""
+  scan = np.random.default_rng(seed).integers(0, 200, (256, 256),
+                                              dtype=np.uint8)
+  scan[8 * row, 8 * col] = 255
+  return scan
+
+
+def _stretched(x_in, y_in):
+  """Input pixel -> scan pixel for a 256x256 scan stretched to 32x32."""
+  scale, offset = 32 / 256, 0.5 * 32 / 256 - 0.5
+  return (x_in - offset) / scale, (y_in - offset) / scale
+
+
+def test_ellipse_model_rows(stub_cli, tmp_path):
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  Image.fromarray(_bright_scan(4, 24)).save(scans / 'a.png')
+  (tmp_path / 's.csv').write_text('filename,pixel size(mm)\na.png,0.3\n')
+  out = tmp_path / 'p.csv'
+  code, rows = stub_cli(f'--images={scans}',
+                        f'--pixel-sizes={tmp_path / "s.csv"}',
+                        stub=_ellipse_stub())
+  assert code == 0, rows
+  with open(out, newline='') as f:
+    assert tuple(next(csv.reader(f))) == (predict.COLUMNS +
+                                          predict.ELLIPSE_COLUMNS)
+  row = rows['a.png']
+  cells = {key: float(row[key]) for key in predict.ELLIPSE_COLUMNS}
+  center_x, center_y = _stretched(24, 4)
+  expected_px = {'center_x_px': center_x, 'center_y_px': center_y,
+                 'semi_axis_a_px': 12 * 8, 'semi_axis_b_px': 8 * 8,
+                 'angle_rad': np.arctan2(4 - 15.5, 24 - 15.5) % np.pi}
+  for key, value in expected_px.items():
+    assert cells[key] == pytest.approx(value, abs=2e-3), key
+    if key != 'angle_rad':
+      assert cells[key.replace('_px', '_mm')] == pytest.approx(
+          value * 0.3, abs=2e-3), key
+  assert float(row['hc_px']) == pytest.approx(
+      ellipse_lib.ramanujan_perimeter(96, 64), abs=2e-3)
+  # A label-only model keeps its columns exactly.
+  stub_cli(f'--images={scans}', stub=_stub())
+  with open(out, newline='') as f:
+    assert next(csv.reader(f)) == [
+        'filename', 'pixel_size_mm', 'hc_px', 'hc_mm', 'hc_mm_sd', 'ga_weeks',
+        'ga_flag', 'status', 'message']
+  # Without a pixel size: the mm cells are empty, px ones written.
+  code, rows = stub_cli(f'--images={scans}', stub=_ellipse_stub())
+  assert rows['a.png']['center_x_mm'] == rows['a.png']['semi_axis_a_mm'] == ''
+  assert float(rows['a.png']['center_x_px']) == pytest.approx(center_x,
+                                                              abs=2e-3)
+
+
+def test_ellipse_flip_tta_mirrors_the_ellipse_back():
+  """The mirror's ellipse is mirrored back before the views are combined,
+  so a model that follows the scan gives the same ellipse with TTA."""
+  predictor = _ellipse_stub()
+  scans = [_bright_scan(4, 24), _bright_scan(20, 3, seed=1)]
+  plain = predictor(scans, [0.3, 0.3])
+  flipped = predictor(scans, [0.3, 0.3], tta_flip=True)
+  np.testing.assert_allclose(flipped['ellipse_px'], plain['ellipse_px'],
+                             atol=1e-3)
+  np.testing.assert_allclose(flipped['hc_mm'], plain['hc_mm'], rtol=1e-6)
+  # Mirroring the scan mirrors the ellipse: x -> W - 1 - x, angle -> pi - angle.
+  mirrored = predictor([np.ascontiguousarray(s[:, ::-1]) for s in scans],
+                       [0.3, 0.3])['ellipse_px']
+  assert mirrored[:, 4] != pytest.approx(plain['ellipse_px'][:, 4], abs=0.1)
+
+
+def test_ellipse_ensemble_hc_is_the_mean_and_the_ellipse_agrees():
+  predictor = _ellipse_stub(member_scales=(1.0, 1.2))
+  scans = [_bright_scan(4, 24)]
+  out = predictor(scans, [0.3])
+  members = [_ellipse_stub(member_scales=(s,))(scans, [0.3])
+             for s in (1.0, 1.2)]
+  assert out['hc_mm'][0] == pytest.approx(
+      np.mean([m['hc_mm'][0] for m in members]), rel=1e-6)
+  assert out['hc_mm_sd'][0] > 0
+  ellipse = out['ellipse_px'][0]
+  assert ellipse_lib.ramanujan_perimeter(ellipse[2], ellipse[3]) == (
+      pytest.approx(out['hc_px'][0], rel=1e-9))
+  np.testing.assert_allclose(ellipse[2:4], [96 * 1.1, 64 * 1.1], rtol=1e-3)
+  np.testing.assert_allclose(ellipse[[0, 1, 4]],
+                             members[0]['ellipse_px'][0][[0, 1, 4]], atol=1e-3)
+  np.testing.assert_allclose(out['ellipse_mm'][0][:4], ellipse[:4] * 0.3)
+
+
+def test_combine_ellipses_is_safe_for_the_angle():
+  # Angles either side of 0 (== pi) average to 0, not pi/2.
+  ellipses = np.array([[[10, 20, 30, 20, 0.1]], [[12, 22, 30, 20,
+                                                    np.pi - 0.1]]])
+  hc_px = ellipse_lib.ramanujan_perimeter(30, 20) * np.ones(1)
+  combined = inference.combine_ellipses(ellipses, hc_px)[0]
+  np.testing.assert_allclose(combined[:2], [11, 21])
+  assert min(combined[4], np.pi - combined[4]) < 1e-9
+  assert ellipse_lib.ramanujan_perimeter(combined[2], combined[3]) == (
+      pytest.approx(hc_px[0]))
+  # One ellipse written as (a, b, angle) and as (b, a, angle + pi/2): itself.
+  same = np.array([[[0, 0, 30, 20, 0.3]], [[0, 0, 20, 30, 0.3 + np.pi / 2]]])
+  np.testing.assert_allclose(
+      inference.combine_ellipses(same, hc_px)[0], [0, 0, 30, 20, 0.3],
+      atol=1e-9)
+  # Mirroring: x -> W - 1 - x, angle -> pi - angle, in [0, pi).
+  np.testing.assert_allclose(
+      inference.mirror_ellipses(np.array([3.0, 4, 5, 2, 0.0]), 10),
+      [6, 4, 5, 2, 0])
+  np.testing.assert_allclose(
+      inference.mirror_ellipses(np.array([3.0, 4, 5, 2, 0.5]), 10),
+      [6, 4, 5, 2, np.pi - 0.5])
+
+
+def test_ellipse_overlay_draws_the_outline(stub_cli, tmp_path):
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  Image.fromarray(_bright_scan(16, 16)).save(scans / 'a.png')
+  overlays = tmp_path / 'overlays'
+  for stub, name in ((_ellipse_stub(), 'ellipse'), (_stub(), 'label')):
+    code, rows = stub_cli(f'--images={scans}',
+                          f'--overlays={overlays / name}', stub=stub)
+    assert code == 0, rows
+  # The stub's ellipse: centred on input pixel (16, 16), at pi/4.
+  points = np.round(scan_files.ellipse_points(
+      [*_stretched(16, 16), 96, 64, np.pi / 4])).astype(int)
+  points = points[points[:, 1] > 70]  # Below the text.
+  for name in ('ellipse', 'label'):
+    overlay = np.asarray(Image.open(overlays / name / 'a_prediction.png'))
+    green = (overlay[..., 1] == 255) & (overlay[..., 0] == 0)
+    near = np.zeros_like(green)  # Green within one pixel.
+    for dy in (-1, 0, 1):
+      for dx in (-1, 0, 1):
+        near |= np.roll(green, (dy, dx), axis=(0, 1))
+    on_outline = near[points[:, 1], points[:, 0]].mean()
+    if name == 'ellipse':
+      assert on_outline > 0.95, on_outline
+    else:
+      assert on_outline == 0
+    assert not green[120:136, 120:136].any()  # The inside is untouched.
