@@ -103,18 +103,24 @@ def check_same_config(workdir: str, config) -> None:
 
 
 def plan(config_paths: Sequence[str], folds: Sequence[int], root: str,
-         overrides: Sequence[str] = ()) -> list[tuple[Any, str]]:
-  """Loads and checks every (config, fold) run; returns (config, workdir)s."""
+         overrides: Sequence[str] = (), seeds: Sequence[int] = ()
+         ) -> list[tuple[Any, str]]:
+  """Loads and checks every (config, fold) run; returns (config, workdir)s.
+
+  With `seeds`, every run is repeated per seed, in ROOT/<stem>_seed<s>/.
+  """
   from hc_jax import train  # pylint: disable=import-outside-toplevel
   stems = [config_stem(path) for path in config_paths]
   if len(set(stems)) != len(stems):
     raise ValueError(f'config file names must differ: {list(config_paths)}')
   runs = []
   for path, stem in zip(config_paths, stems):
-    for fold in folds:
-      config = load_config(path, list(overrides) + [f'fold={fold}'])
+    for seed, fold in [(s, f) for s in (seeds or [None]) for f in folds]:
+      extra = [f'fold={fold}'] + ([] if seed is None else [f'seed={seed}'])
+      config = load_config(path, list(overrides) + extra)
       train.check_config(config)
-      workdir = os.path.join(root, stem, f'fold{fold}')
+      name = stem if seed is None else f'{stem}_seed{seed}'
+      workdir = os.path.join(root, name, f'fold{fold}')
       check_same_config(workdir, config)
       runs.append((config, workdir))
   return runs
@@ -135,7 +141,8 @@ def stack_groups(runs: Sequence[tuple[Any, str]]) -> list[list[int]]:
 
 def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
              overrides: Sequence[str] = (), shard: tuple[int, int] = (0, 1),
-             stack: bool = False) -> dict[str, list[str]]:
+             stack: bool = False, seeds: Sequence[int] = ()
+             ) -> dict[str, list[str]]:
   """Trains every config on every fold, skipping finished runs.
 
   All configs are loaded and checked before the first run starts. A run that
@@ -152,6 +159,8 @@ def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
       array over several machines; `--aggregate_only` gathers the table).
     stack: train the runs that differ only in fold, loss or seed as members
       of one jitted step (`train.train_members`): fills a GPU better.
+    seeds: repeat every run with each of these seeds (ROOT/<stem>_seed<s>),
+      e.g. for an ensemble per fold whose members never saw its test fold.
 
   Returns:
     {'trained': [...], 'skipped': [...], 'failed': [...]} workdirs.
@@ -162,7 +171,7 @@ def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
   index, count = shard
   if not 0 <= index < count:
     raise ValueError(f'--shard must be i/n with 0 <= i < n, got {index}/{count}')
-  runs = plan(config_paths, folds, root, overrides)[index::count]
+  runs = plan(config_paths, folds, root, overrides, seeds)[index::count]
   done = {'trained': [], 'skipped': [], 'failed': []}
   pending = []
   for config, workdir in runs:
@@ -207,6 +216,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--shard', default='0/1', metavar='I/N',
                       help='Take every N-th run from the I-th, e.g. a job '
                       'array over N machines (default 0/1: all).')
+  parser.add_argument('--seeds', default='',
+                      help='Comma-separated seeds: each run once per seed, '
+                      'in ROOT/<config>_seed<s>/fold<k>.')
   parser.add_argument('--stack', action='store_true',
                       help='Train runs that differ only in fold, loss or '
                       'seed at once, as members of one jitted step (GPU).')
@@ -224,6 +236,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   except ValueError:
     parser.error(f'--folds must be comma-separated integers, not {args.folds}')
   args.configs = [path for path in args.configs.split(',') if path.strip()]
+  try:
+    args.seeds = [int(seed) for seed in args.seeds.split(',') if seed.strip()]
+  except ValueError:
+    parser.error(f'--seeds must be comma-separated integers, not {args.seeds}')
   try:
     index, count = (int(x) for x in args.shard.split('/'))
   except ValueError:
@@ -249,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       # the first config; the grid's runs share them.
       cli.setup_process(load_config(args.configs[0], args.override))
       failed = run_grid(args.configs, args.folds, args.root, args.override,
-                        shard=args.shard, stack=args.stack)['failed']
+                        shard=args.shard, stack=args.stack,
+                        seeds=args.seeds)['failed']
     rows = aggregate(args.root)
   except cli.usage_errors() as e:  # hc18.HC18Error is a ValueError too.
     print(f'error: {cli.error_text(e)}', file=sys.stderr)

@@ -323,3 +323,19 @@ def test_real_grid_of_two_configs_and_two_folds(phantom_hc18, tmp_path, capsys):
     _check_pooled_against_fold_results(root, name, row, (0, 1))
   assert sum(row['best'] for row in rows.values()) == 1
   assert (root / 'results.md').read_text().count('incomplete: 2/5 folds') == 2
+
+
+def test_seeds_repeat_every_run_in_its_own_directory(tmp_path):
+  runs = grid.plan([MSE_CONFIG], [0, 2], str(tmp_path), seeds=[1, 2])
+  assert [(config.seed, config.fold) for config, _ in runs] == [
+      (1, 0), (1, 2), (2, 0), (2, 2)]
+  assert [os.path.relpath(workdir, tmp_path) for _, workdir in runs] == [
+      os.path.join('cnn263k_mse_seed1', 'fold0'),
+      os.path.join('cnn263k_mse_seed1', 'fold2'),
+      os.path.join('cnn263k_mse_seed2', 'fold0'),
+      os.path.join('cnn263k_mse_seed2', 'fold2')]
+  assert len(grid.stack_groups(runs)) == 1  # Seeds and folds stack.
+  with pytest.raises(SystemExit) as exit_info:
+    grid.main(['--configs', MSE_CONFIG, '--root', str(tmp_path),
+               '--seeds', 'x'])
+  assert exit_info.value.code == 2
