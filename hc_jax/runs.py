@@ -164,7 +164,7 @@ def best_checkpoint(run: str) -> str:
   Raises:
     PredictError: when the run has none.
   """
-  best = os.path.join(run, 'checkpoints', 'best')
+  best = os.path.join(os.path.abspath(run), 'checkpoints', 'best')
   try:
     steps = [int(name) for name in os.listdir(best) if name.isdigit()]
   except OSError:

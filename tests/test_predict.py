@@ -121,6 +121,16 @@ def test_load_reproduces_the_runs_test_predictions(run, phantom_hc18):
     predictor([images[0][..., None]])
 
 
+def test_a_relative_workdir_works(run, phantom_hc18, monkeypatch):
+  """As in the README: --workdir=runs/<name> relative to the shell."""
+  images, pixel_sizes, hc_mm_train = _test_fold(run, phantom_hc18[0])
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(run)))
+  relative = os.path.relpath(run)
+  assert not os.path.isabs(relative)
+  out = predict.load(relative)(images, pixel_sizes)
+  np.testing.assert_allclose(out['hc_mm'], hc_mm_train, atol=1e-3)
+
+
 def test_cli_on_a_trained_run(run, phantom_hc18, tmp_path, capsys):
   """The command line end to end with a real model: rows agree with `load`."""
   test_dir, good = _copy_test_set(phantom_hc18, tmp_path)
