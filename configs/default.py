@@ -59,6 +59,9 @@ def get_config():
   config.augment.max_translate_px = 5.0
   config.augment.max_rotate_deg = 10.0
   config.augment.scale_range = ml_collections.FieldReference(None, field_type=tuple)
+  # HC moved with the warp exactly; False: HC times the zoom only (the
+  # earlier pipeline's approximation under the stretch), for comparison.
+  config.augment.exact_labels = True
 
   # Optimisation (the paper's: Adam, lr 1e-3, batch 8).
   config.batch_size = 8

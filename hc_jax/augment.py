@@ -53,11 +53,15 @@ class AugmentConfig:
       pixels.
     max_rotate_deg: rotation about the image centre drawn uniformly in ±this.
     scale_range: None, or `(min_zoom, max_zoom)` of a zoom about the centre.
+    exact_labels: move HC with the warp exactly (under an anisotropic resize
+      a rotation changes the true HC); False keeps HC times the zoom only,
+      the approximation of the paper's pipeline, for comparison.
   """
   flip: bool = True
   max_translate_px: float = 5.0
   max_rotate_deg: float = 10.0
   scale_range: Optional[Tuple[float, float]] = None
+  exact_labels: bool = True
 
   def __post_init__(self):
     for name in ('max_translate_px', 'max_rotate_deg'):
@@ -66,6 +70,7 @@ class AugmentConfig:
         raise ValueError(f'{name} must be a finite number >= 0, got {value!r}.')
       object.__setattr__(self, name, float(value))
     object.__setattr__(self, 'flip', bool(self.flip))
+    object.__setattr__(self, 'exact_labels', bool(self.exact_labels))
     if self.scale_range is not None:
       try:
         min_zoom, max_zoom = (float(value) for value in self.scale_range)
@@ -331,6 +336,8 @@ def augment_batch(key, images, ellipses, hc_px, resize, config: AugmentConfig):
             jnp.asarray(hc_px, jnp.float32))
   params = draw_params(key, batch_size, config)
   images = zscore_batch(warp_images(images, params))
-  ellipses, hc_px = transform_targets(params, ellipses, hc_px, resize,
-                                      height, width)
-  return images, ellipses, hc_px
+  moved, moved_hc_px = transform_targets(params, ellipses, hc_px, resize,
+                                         height, width)
+  if not config.exact_labels:
+    moved_hc_px = jnp.asarray(hc_px, jnp.float32) * params['zoom']
+  return images, moved, moved_hc_px

@@ -354,3 +354,25 @@ def test_bad_shapes_raise():
   with pytest.raises(ValueError, match='images'):
     augment.augment_batch(jax.random.key(0), np.zeros((8, 8, 1)),
                           np.zeros((2, 5)), np.zeros(2), np.zeros((2, 4)), FULL)
+
+
+def test_approximate_labels_keep_hc_times_zoom_only():
+  """exact_labels=False reproduces the earlier pipeline's labels: under a
+  stretch a rotation leaves HC unchanged, only the zoom scales it."""
+  key = jax.random.key(3)
+  images = jnp.zeros((4, 16, 24, 1), jnp.uint8)
+  ellipses = jnp.tile(jnp.array([[400.0, 270.0, 200.0, 120.0, 0.7]]), (4, 1))
+  hc_px = augment.ramanujan_perimeter(ellipses[:, 2], ellipses[:, 3])
+  resize = jnp.tile(jnp.array([[24 / 800, 16 / 540, 0.0, 0.0]]), (4, 1))
+  config = augment.AugmentConfig(max_rotate_deg=30.0, scale_range=(0.8, 1.2))
+  approximate = augment.AugmentConfig(max_rotate_deg=30.0,
+                                      scale_range=(0.8, 1.2),
+                                      exact_labels=False)
+  _, moved, exact_hc = augment.augment_batch(key, images, ellipses, hc_px,
+                                             resize, config)
+  _, moved_too, approx_hc = augment.augment_batch(key, images, ellipses, hc_px,
+                                                  resize, approximate)
+  zoom = augment.draw_params(key, 4, config)['zoom']
+  np.testing.assert_allclose(approx_hc, hc_px * zoom, rtol=1e-6)
+  np.testing.assert_allclose(moved_too, moved, rtol=1e-6)
+  assert np.abs(np.asarray(exact_hc) / np.asarray(approx_hc) - 1).max() > 1e-3
