@@ -174,7 +174,7 @@ def test_aggregate_of_an_empty_or_missing_root_is_an_error(tmp_path, capsys):
 
 
 def _record_calls(monkeypatch, fail_folds=()):
-  """Replaces train_and_evaluate by a recorder that leaves a results.json."""
+  """Replaces training by a recorder that leaves a results.json per run."""
   calls = []
 
   def fake_train_and_evaluate(config, workdir):
@@ -187,7 +187,11 @@ def _record_calls(monkeypatch, fail_folds=()):
       json.dump({'fold': config.fold}, f)
     return {}
 
+  def fake_train_members(configs, workdirs):
+    return [fake_train_and_evaluate(c, w) for c, w in zip(configs, workdirs)]
+
   monkeypatch.setattr(train, 'train_and_evaluate', fake_train_and_evaluate)
+  monkeypatch.setattr(train, 'train_members', fake_train_members)
   return calls
 
 
