@@ -356,9 +356,11 @@ def test_download_without_registered_checksum_is_refused(tmp_path,
   """Validation is forced: an unregistered URL is never downloaded."""
   hc18_tfds = pytest.importorskip('hc_jax.hc18_tfds')
   monkeypatch.setattr(hc18_tfds.Hc18, 'url_infos', {})
-  with pytest.raises(RuntimeError, match='Missing checksums url: '
-                     + hc18.ZENODO_RECORD.replace('.', r'\.')):
+  with pytest.raises(ValueError, match='Missing checksums url: '
+                     + hc18.ZENODO_RECORD.replace('.', r'\.')) as error:
     hc18_tfds.build(None, str(tmp_path / 'tfds'))
+  message = str(error.value)
+  assert '\n' not in message and 'checksums.tsv' in message
 
 
 def test_corrupted_download_is_rejected(tmp_path):

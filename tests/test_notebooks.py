@@ -95,7 +95,7 @@ def test_notebook_is_valid_and_its_code_compiles(name):
 
 def test_colab_notebook_trains_resnet_huber_on_the_tpu():
   source = '\n'.join(cell.source for cell in _read('colab_tpu.ipynb').cells)
-  for needed in ('configs/resnet_huber.py', "hc18_dir = 'download'",
+  for needed in ('configs/resnet_huber.py', "hc18_dir = '/content/hc18'",
                  'train.train_and_evaluate(config, workdir)', 'jax.devices()',
                  'plots.plot_all'):
     assert needed in source, needed
