@@ -97,6 +97,7 @@ class Trainer:
       self.init_states = [pretrained.load_into(s, config.init_from,
                                                config.model)
                           for s in self.init_states]
+      _log(f'initialised from {config.init_from}')
     self.augment = augment_lib.AugmentConfig.from_dict(config.augment)
     how = config.members_per_call
     self.candidates = ('vmap', 'map') if how == 'auto' else (how,)
