@@ -59,12 +59,11 @@ def get_config():
   config.augment.max_translate_px = 5.0
   config.augment.max_rotate_deg = 10.0
   config.augment.scale_range = ml_collections.FieldReference(None, field_type=tuple)
-  # The HC label under augmentation. False (the paper's): HC times the zoom
-  # only, so a label does not change with a rotation; True: HC moved with the
-  # warp exactly (under the stretch to a square, a rotation changes the true
-  # HC by a few per cent, which a small CNN cannot see and learns as noise:
-  # 263K CNN + MSE, fold 0, 10.63 mm with True against 8.89 mm with False,
-  # docs/results.md). The ellipse always moves exactly.
+  # The HC label under augmentation. False (the paper's protocol): HC times
+  # the zoom only, so the label does not change with a rotation; True: HC
+  # moved with the warp exactly (under the stretch to a square a rotation
+  # changes the true HC by a few per cent). On fold 0 the two were within the
+  # runs' spread (docs/results.md). The ellipse always moves exactly.
   config.augment.exact_labels = False
 
   # Optimisation (the paper's: Adam, lr 1e-3, batch 8).
