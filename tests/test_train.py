@@ -83,7 +83,8 @@ def _num_lines(path):
     return 0
 
 
-@pytest.mark.parametrize('checkpoint_every_seconds', [0, 1e6])
+@pytest.mark.parametrize('checkpoint_every_seconds', [
+    0, pytest.param(1e6, marks=pytest.mark.slow)])  # 1e6: ~40 s more.
 def test_resume_after_kill_matches_uninterrupted_run(
     tiny_config, tmp_path, checkpoint_every_seconds):
   # 0: the latest checkpoint after every epoch, killed after epoch 2's.
