@@ -113,7 +113,27 @@ class Backbone(nn.Module):
     return layers.dense(self.outputs, dtype=jnp.float32, name='head')(x)
 
 
-class HCNet(nn.Module):
+class _HCNetFields(nn.Module):
+  """The fields both HCNets share (see `Backbone`)."""
+
+  widths: Sequence[int] = (16, 32, 64, 128, 128)
+  head: str = 'flatten'
+  hidden: int = 64
+  dropout: float = 0.3
+  dilated: bool = False
+  layers: str = 'plain'
+  dtype: Any = jnp.float32
+
+
+def _backbone(model: _HCNetFields, outputs: int) -> Backbone:
+  """The model's `Backbone` with `outputs` values per image (call it inside
+  the model's compact `__call__`)."""
+  return Backbone(outputs, model.widths, model.head, model.hidden,
+                  model.dropout, model.dilated, model.layers, model.dtype,
+                  name='backbone')
+
+
+class HCNet(_HCNetFields):
   """The label-only HCNet: the normalised HC of each image.
 
   Attributes:
@@ -121,14 +141,7 @@ class HCNet(nn.Module):
     bounded: Whether the output is squashed into [BOUND_LOW, BOUND_HIGH].
   """
 
-  widths: Sequence[int] = (16, 32, 64, 128, 128)
-  head: str = 'flatten'
-  hidden: int = 64
-  dropout: float = 0.3
-  dilated: bool = False
   bounded: bool = True
-  layers: str = 'plain'
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -141,15 +154,13 @@ class HCNet(nn.Module):
     Returns:
       float32 `[batch]`.
     """
-    z = Backbone(1, self.widths, self.head, self.hidden, self.dropout,
-                 self.dilated, self.layers, self.dtype, name='backbone')(
-                     x, train)[:, 0]
+    z = _backbone(self, 1)(x, train)[:, 0]
     if self.bounded:
       return BOUND_LOW + (BOUND_HIGH - BOUND_LOW) * jax.nn.sigmoid(z)
     return z
 
 
-class HCNetEllipse(nn.Module):
+class HCNetEllipse(_HCNetFields):
   """The ellipse HCNet: six raw values per image for `ellipse_head.decode`.
 
   Any raw values decode to a valid ellipse; `hc_jax.train` recognises this
@@ -158,14 +169,6 @@ class HCNetEllipse(nn.Module):
   Attributes:
     widths, head, hidden, dropout, dilated, layers, dtype: as for `Backbone`.
   """
-
-  widths: Sequence[int] = (16, 32, 64, 128, 128)
-  head: str = 'flatten'
-  hidden: int = 64
-  dropout: float = 0.3
-  dilated: bool = False
-  layers: str = 'plain'
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -179,6 +182,4 @@ class HCNetEllipse(nn.Module):
       float32 `[batch, 6]`: raw centre x, centre y, semi-axis a, semi-axis b,
       cos 2θ, sin 2θ (see `hc_jax.ellipse_head.decode`).
     """
-    return Backbone(ELLIPSE_OUTPUTS, self.widths, self.head, self.hidden,
-                    self.dropout, self.dilated, self.layers, self.dtype,
-                    name='backbone')(x, train)
+    return _backbone(self, ELLIPSE_OUTPUTS)(x, train)
