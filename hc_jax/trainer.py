@@ -280,12 +280,13 @@ class Trainer:
         data_lib.save_json(os.path.join(self.workdirs[m], DIVERGED_FILE),
                            {'epoch': epoch})
       val = self._predict(state, 'val')
+      val_errors = [self._errors(val, m) for m in range(len(self.configs))]
       save_latest = (epoch == self.num_epochs or time.time() - last_save >=
                      config.checkpoint_every_seconds)
       for m, writer in enumerate(writers):
         if self.diverged[m]:
           continue
-        errors = self._errors(val, m)
+        errors = val_errors[m]
         is_best = errors['mae_mm'] < self.best[m]['val_mae_mm']
         if is_best:
           self.best[m] = {'val_mae_mm': errors['mae_mm'], 'epoch': epoch}
@@ -306,8 +307,7 @@ class Trainer:
       if len(self.configs) > 1:
         _log(f'epoch {epoch}/{self.num_epochs} ({time.time() - epoch_start:.1f}'
              ' s): val MAE mm ' + ', '.join(
-                 f'{self._errors(val, m)["mae_mm"]:.2f}' for m in
-                 range(len(self.configs))))
+                 f'{errors["mae_mm"]:.2f}' for errors in val_errors))
       if save_latest:
         last_save = time.time()
       if epoch == self.start_epoch + 1 and config.time_budget_s:
