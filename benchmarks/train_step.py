@@ -1,14 +1,28 @@
 """Images per second of the full training step, hc_jax against Keras/TensorFlow.
 
   python benchmarks/train_step.py --models=cnn_263k,cnn_1m --batch_sizes=8,32
-      [--seconds=5] [--min_steps=3] [--rounds=2] [--image_size=S]
+      [--seconds=5] [--min_steps=3] [--rounds=2] [--image_size=S|HxW]
       [--variants=keras,hc_jax,hc_jax+malloc]
 
+Models: the paper's cnn_263k, cnn_1m, vgg16, resnet50 and hc_jax's own hcnet
+and hcnet_ellipse (built with their config files' input size and
+model_options, see `benchmarks/keras_models.py`).
+
 One step is forward, MSE, gradient and Adam (lr 1e-3) on a fixed random batch
-at the model's configured input size (`SIZES`; `--image_size` overrides it).
-hc_jax times the jitted `hc_jax.train.train_step` (state donated); Keras times
-`train_on_batch` on the twin model from `benchmarks/keras_models.py`,
-compiled with Adam(1e-3) and 'mse' (no XLA: Keras' default on a CPU).
+at the model's configured input size (`SIZES`; `--image_size` overrides it
+for every model, as one side or HxW). hc_jax times the jitted
+`hc_jax.train.train_step` (state donated) on a valid random batch (540x800
+originals stretched to the input, random head ellipses and their HC), with no
+augmentation; Keras times `train_on_batch` on the twin model from
+`benchmarks/keras_models.py`, compiled with Adam(1e-3) and 'mse' (no XLA:
+Keras' default on a CPU).
+
+For hcnet_ellipse the two losses differ: hc_jax's step is its real one (the
+six outputs decoded to an ellipse, the HC computed from it, MSE on the HC
+plus the config's `ellipse_weight` x the shape term, `hc_jax.ellipse_head`),
+while Keras fits the six raw outputs to random targets with plain MSE. That
+loss works on 6 numbers per image, so the step's cost is the convolutions'
+either way, and the difference, if any, is charged to hc_jax.
 
 Every figure comes from a fresh subprocess, so each framework runs under its
 own allocator settings (`VARIANTS`: '+malloc' sets GLIBC_TUNABLES to
@@ -27,6 +41,7 @@ mode), forward + gradient, and the full step, to show where the time goes.
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -40,8 +55,12 @@ BENCHMARKS = os.path.join(REPO, 'benchmarks')
 if BENCHMARKS not in sys.path:
   sys.path.insert(0, BENCHMARKS)
 
-# Input side of each model (the configs' image_size).
-SIZES = {'cnn_263k': 128, 'cnn_1m': 128, 'vgg16': 224, 'resnet50': 224}
+import keras_models  # pylint: disable=wrong-import-position
+
+# Input of each model: one side, or (height, width) (see keras_models.SIZES).
+SIZES = keras_models.SIZES
+# The HC normaliser of the hc_jax batch: HC18's largest training HC, in px.
+NORMALISER_PX = 1786.5
 
 # glibc malloc settings that keep XLA's large per-step buffers in the heap
 # instead of a fresh mmap (and page faults) for each: one arena, no mmap, no
@@ -68,18 +87,76 @@ VARIANTS = {
 RESULT_PREFIX = 'RESULT '
 
 
-def _random_batch(batch_size: int, image_size: int):
-  """A fixed batch of random images `[B, S, S, 1]` and targets `[B]`."""
+def parse_size(text: str) -> tuple[int, int]:
+  """'S' or 'HxW' -> (height, width), for `--image_size`."""
+  parts = text.lower().split('x')
+  if len(parts) > 2 or not all(part.isdigit() for part in parts):
+    raise argparse.ArgumentTypeError(
+        f'takes a side S or HxW, e.g. 128 or 128x192; got {text!r}')
+  return int(parts[0]), int(parts[-1])
+
+
+def _random_batch(batch_size: int, image_size, outputs: int = 1):
+  """A fixed batch of random images `[B, H, W, 1]` and targets.
+
+  Args:
+    batch_size: images in the batch.
+    image_size: the input's side, or (height, width).
+    outputs: values per target.
+
+  Returns:
+    (float32 images, float32 targets `[B]` for one output, else
+    `[B, outputs]`).
+  """
   import numpy as np  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
-  images = rng.normal(size=(batch_size, image_size, image_size, 1))
-  return (images.astype(np.float32),
-          rng.uniform(0.2, 1.0, batch_size).astype(np.float32))
+  height, width = keras_models.as_hw(image_size)
+  images = rng.normal(size=(batch_size, height, width, 1))
+  targets = rng.uniform(0.2, 1.0, (batch_size, outputs))
+  if outputs == 1:
+    targets = targets[:, 0]
+  return images.astype(np.float32), targets.astype(np.float32)
+
+
+def hc_jax_batch(batch_size: int, image_size) -> dict:
+  """A valid random batch for `hc_jax.train.train_step`, any model.
+
+  The images of `_random_batch`; HC18-sized (540x800) originals stretched to
+  the input, random head ellipses in original pixels and their HC.
+
+  Args:
+    batch_size: images in the batch.
+    image_size: the input's side, or (height, width).
+
+  Returns:
+    {'image', 'ellipse', 'hc_px', 'resize'} as NumPy arrays.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from hc_jax import prepare  # pylint: disable=import-outside-toplevel
+  images, _ = _random_batch(batch_size, image_size)
+  rng = np.random.default_rng(1)
+  semi_a = rng.uniform(90.0, 280.0, batch_size)
+  semi_b = rng.uniform(0.7, 0.95, batch_size) * semi_a
+  ellipse = np.stack([rng.uniform(300.0, 500.0, batch_size),
+                      rng.uniform(200.0, 340.0, batch_size), semi_a, semi_b,
+                      rng.uniform(0.0, math.pi, batch_size)], 1)
+  # Ramanujan's perimeter, as hc_jax.augment.ramanujan_perimeter.
+  ratio = ((semi_a - semi_b) / (semi_a + semi_b)) ** 2
+  hc_px = math.pi * (semi_a + semi_b) * (
+      1 + 3 * ratio / (10 + np.sqrt(4 - 3 * ratio)))
+  resize = prepare.resize_geometry([[540, 800]] * batch_size,
+                                   keras_models.as_hw(image_size), 'stretch')
+  return {'image': images, 'ellipse': ellipse.astype(np.float32),
+          'hc_px': hc_px.astype(np.float32),
+          'resize': np.asarray(resize, np.float32)}
 
 
 def _time_steps(step, seconds: float, min_steps: int,
                 sync=lambda: None) -> tuple[int, float]:
-  """Runs `step()` for at least `seconds` and `min_steps`; (steps, seconds)."""
+  """Runs `step()` for at least `seconds` and `min_steps`; (steps, seconds).
+
+  `sync()`, called once at the end, waits for the last step.
+  """
   count, start = 0, time.perf_counter()
   while count < min_steps or time.perf_counter() - start < seconds:
     step()
@@ -88,42 +165,58 @@ def _time_steps(step, seconds: float, min_steps: int,
   return count, time.perf_counter() - start
 
 
-def hc_jax_state_step_batch(model_name: str, batch_size: int, size: int,
+def _ellipse_weight(model_name: str) -> float:
+  """The config's `ellipse_weight` (1.0 for a model without a config)."""
+  if model_name not in keras_models.CONFIGS:
+    return 1.0
+  return float(keras_models.load_config(model_name).get('ellipse_weight', 1.0))
+
+
+def hc_jax_state_step_batch(model_name: str, batch_size: int, size,
                             fast_layers: bool = True):
-  """hc_jax's train state, its jitted MSE train step and a random batch."""
+  """hc_jax's train state, its jitted MSE train step and a random batch.
+
+  Args:
+    model_name: a key of `SIZES`.
+    batch_size: images per step.
+    size: the input's side, or (height, width).
+    fast_layers: `hc_jax.fast_layers` ('fast') or the 'plain' layers.
+
+  Returns:
+    (state, step, batch): `step(state, batch) -> (state, loss)` is the jitted
+    `hc_jax.train.train_step` with the state donated.
+  """
   # pylint: disable=import-outside-toplevel
   import functools
   import jax
   import jax.numpy as jnp
   import optax
+  from hc_jax import augment
   from hc_jax import losses
-  from hc_jax import models
   from hc_jax import train
   # pylint: enable=import-outside-toplevel
-  model = models.create_model(model_name,
-                              layers='fast' if fast_layers else 'plain')
+  height, width = keras_models.as_hw(size)
+  model = keras_models.flax_model(model_name,
+                                  layers='fast' if fast_layers else 'plain')
   variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), jnp.zeros((1, size, size, 1)))
+      jax.random.key(0), jnp.zeros((1, height, width, 1)))
   state = train.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables.get('batch_stats', {}), tx=optax.adam(1e-3))
-  from hc_jax import augment  # pylint: disable=import-outside-toplevel
   # No augmentation (only the z-score, as in evaluation), so the step is the
-  # model's; targets are hc_px / normaliser_px = target.
-  member = {'key': jax.random.key(1), 'normaliser_px': jnp.float32(1.0)}
+  # model's.
+  member = {'key': jax.random.key(1),
+            'normaliser_px': jnp.float32(NORMALISER_PX)}
   step = jax.jit(functools.partial(
       train.train_step, member=member, loss_fn=losses.mse,
       augment=augment.AugmentConfig(flip=False, max_translate_px=0.0,
-                                    max_rotate_deg=0.0)),
-                 donate_argnums=(0,))
-  images, target = _random_batch(batch_size, size)
-  batch = {'image': jnp.asarray(images), 'hc_px': jnp.asarray(target),
-           'ellipse': jnp.zeros((batch_size, 5), jnp.float32),
-           'resize': jnp.zeros((batch_size, 4), jnp.float32)}
+                                    max_rotate_deg=0.0),
+      ellipse_weight=_ellipse_weight(model_name)), donate_argnums=(0,))
+  batch = jax.device_put(hc_jax_batch(batch_size, (height, width)))
   return state, step, batch
 
 
-def _hc_jax_step(model_name: str, batch_size: int, size: int,
+def _hc_jax_step(model_name: str, batch_size: int, size,
                  fast_layers: bool = True):
   """hc_jax's jitted train step on a random batch: (step fn, sync fn)."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -138,21 +231,34 @@ def _hc_jax_step(model_name: str, batch_size: int, size: int,
     # that reads the loss), so a timing window ends when its steps do.
     jax.block_until_ready(previous)
 
-  return step, lambda: jax.block_until_ready(holder['metrics'])
+  def last_loss():
+    jax.block_until_ready(holder['metrics'])
+    return float(holder['metrics'])
+
+  return step, last_loss
 
 
-def _keras_step(model_name: str, batch_size: int, size: int,
-                jit_compile: bool):
-  """Keras' `train_on_batch` on the twin model: (step fn, sync fn)."""
+def _keras_step(model_name: str, batch_size: int, size, jit_compile: bool):
+  """Keras' `train_on_batch` on the twin model: (step fn, sync fn).
+
+  The sync fn returns the last step's loss.
+  """
   import keras  # pylint: disable=import-outside-toplevel
-  import keras_models  # pylint: disable=import-outside-toplevel
   model = keras_models.create_model(model_name, size)
   model.compile(optimizer=keras.optimizers.Adam(1e-3), loss='mse',
                 jit_compile=jit_compile)
-  images, target = _random_batch(batch_size, size)
-  target = target[:, None]  # Keras' model outputs [batch, 1].
-  # train_on_batch returns the loss as a NumPy value, so each step is synced.
-  return lambda: model.train_on_batch(images, target), lambda: None
+  outputs = int(model.output.shape[-1])
+  images, target = _random_batch(batch_size, size, outputs)
+  if outputs == 1:
+    target = target[:, None]  # Keras' model outputs [batch, 1].
+  holder = {'loss': None}
+
+  def step():
+    # train_on_batch returns the loss as a NumPy value, so each step is
+    # synced.
+    holder['loss'] = model.train_on_batch(images, target)
+
+  return step, lambda: float(holder['loss'])
 
 
 def _mallopt() -> None:
@@ -162,7 +268,7 @@ def _mallopt() -> None:
     raise OSError('mallopt failed (not glibc?)')
 
 
-def run_worker(framework: str, model_name: str, batch_size: int, size: int,
+def run_worker(framework: str, model_name: str, batch_size: int, size,
                seconds: float, min_steps: int) -> dict:
   """Times one framework on one model and batch size in this process.
 
@@ -171,12 +277,17 @@ def run_worker(framework: str, model_name: str, batch_size: int, size: int,
       'keras_xla'.
     model_name: a key of `SIZES`.
     batch_size: images per step.
-    size: side of the square input images.
+    size: the input's side, or (height, width).
     seconds: least timing window after warm-up.
     min_steps: least number of timed steps.
 
   Returns:
-    {'img_per_s', 'steps', 'seconds', 'warmup_s'}.
+    {'img_per_s', 'steps', 'seconds', 'warmup_s', 'loss'} ('loss': the last
+    step's).
+
+  Raises:
+    FloatingPointError: when the last loss is NaN or infinite (the figure
+      would time a broken step).
   """
   start = time.perf_counter()
   if framework == 'hc_jax_mallopt':
@@ -193,12 +304,16 @@ def run_worker(framework: str, model_name: str, batch_size: int, size: int,
   sync()
   warmup_s = time.perf_counter() - start
   steps, elapsed = _time_steps(step, seconds, min_steps, sync)
+  loss = sync()
+  if not math.isfinite(loss):
+    raise FloatingPointError(f'{framework} {model_name}: the loss is {loss} '
+                             f'after {steps + 2} steps')
   return {'img_per_s': steps * batch_size / elapsed, 'steps': steps,
-          'seconds': elapsed, 'warmup_s': warmup_s}
+          'seconds': elapsed, 'warmup_s': warmup_s, 'loss': loss}
 
 
 def run_in_subprocess(variant: str, model_name: str, batch_size: int,
-                      size: int, seconds: float, min_steps: int) -> dict:
+                      size, seconds: float, min_steps: int) -> dict:
   """Runs `run_worker` for `variant` in a fresh Python with its environment."""
   framework, env_changes = VARIANTS[variant]
   env = dict(os.environ)
@@ -210,7 +325,7 @@ def run_in_subprocess(variant: str, model_name: str, batch_size: int,
       env[key] = value
   command = [sys.executable, os.path.abspath(__file__), '--worker', framework,
              '--models', model_name, '--batch_sizes', str(batch_size),
-             '--image_size', str(size),
+             '--image_size', keras_models.hw_label(size),
              '--seconds', str(seconds), '--min_steps', str(min_steps)]
   result = subprocess.run(command, env=env, capture_output=True, text=True,
                           check=False)
@@ -222,29 +337,39 @@ def run_in_subprocess(variant: str, model_name: str, batch_size: int,
 
 
 def compare(model_names, batch_sizes, variants, seconds: float,
-            min_steps: int, rounds: int, image_size: int | None = None
-            ) -> dict:
+            min_steps: int, rounds: int, image_size=None) -> dict:
   """Runs every variant alternately, `rounds` times; prints and returns rates.
 
+  Args:
+    model_names: keys of `SIZES`.
+    batch_sizes: images per step, each timed.
+    variants: keys of `VARIANTS`.
+    seconds: least timing window per measurement.
+    min_steps: least number of timed steps per measurement.
+    rounds: times each variant is measured.
+    image_size: None for each model's `SIZES`, or one side or (height,
+      width) for every model.
+
   Returns:
-    {(model, size, batch_size): {variant: [img/s per round]}}.
+    {(model, 'HxW', batch_size): {variant: [img/s per round]}}.
   """
-  rates = {(m, image_size or SIZES[m], b): {v: [] for v in variants}
+  sizes = {m: image_size or SIZES[m] for m in model_names}
+  rates = {(m, keras_models.hw_label(sizes[m]), b): {v: [] for v in variants}
            for m in model_names for b in batch_sizes}
   for round_index in range(rounds):
     # Rotate the order each round so no variant always runs first.
     shift = round_index % len(variants)
     order = variants[shift:] + variants[:shift]
     for model_name in model_names:
-      size = image_size or SIZES[model_name]
+      size, label = sizes[model_name], keras_models.hw_label(sizes[model_name])
       for batch_size in batch_sizes:
         for variant in order:
           result = run_in_subprocess(variant, model_name, batch_size, size,
                                      seconds, min_steps)
-          rates[model_name, size, batch_size][variant].append(
+          rates[model_name, label, batch_size][variant].append(
               result['img_per_s'])
           print(f'round {round_index + 1} {variant:14s} {model_name} '
-                f'{size}x{size} batch {batch_size}: '
+                f'{label} batch {batch_size}: '
                 f'{result["img_per_s"]:8.2f} img/s ({result["steps"]} steps in '
                 f'{result["seconds"]:.1f} s, warm-up '
                 f'{result["warmup_s"]:.0f} s)',
@@ -260,7 +385,7 @@ def summarise(rates: dict) -> None:
     fmt = lambda x: f'{x:.1f}' if x >= 10 else f'{x:.2f}'
     cells = [f'{v} {fmt(medians[v])} [{fmt(min(r))}-{fmt(max(r))}]'
              for v, r in by_variant.items() if r]
-    line = f'{model_name} {size}x{size} batch {batch_size}: ' + '; '.join(cells)
+    line = f'{model_name} {size} batch {batch_size}: ' + '; '.join(cells)
     jax_best = max((m for v, m in medians.items()
                     if VARIANTS[v][0].startswith('hc_jax')), default=None)
     keras_best = max((m for v, m in medians.items()
@@ -270,42 +395,51 @@ def summarise(rates: dict) -> None:
     print(line, flush=True)
 
 
-def breakdown(model_name: str, batch_size: int, size: int, seconds: float,
+def breakdown(model_name: str, batch_size: int, size, seconds: float,
               min_steps: int) -> None:
-  """Prints ms per step for hc_jax's forward, forward + gradient, full step."""
+  """Prints ms per step for hc_jax's forward, forward + gradient, full step.
+
+  The forward pass and gradient are those of `hc_jax.train.train_step`'s loss
+  (for an ellipse model the decoded ellipse's HC and shape term).
+  """
   # pylint: disable=import-outside-toplevel
-  import functools
   import jax
-  import jax.numpy as jnp
+  from hc_jax import augment
+  from hc_jax import ellipse_head
   from hc_jax import losses
-  from hc_jax import models
   # pylint: enable=import-outside-toplevel
-  model = models.create_model(model_name)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), jnp.zeros((1, size, size, 1)))
-  images, target = map(jnp.asarray, _random_batch(batch_size, size))
+  state, _, batch = hc_jax_state_step_batch(model_name, batch_size, size)
+  images = augment.zscore_batch(batch['image'])
+  target = batch['hc_px'] / NORMALISER_PX
+  weight = _ellipse_weight(model_name)
 
   def loss(params):
-    predictions, updates = model.apply(
-        {**variables, 'params': params}, images, train=True,
-        rngs={'dropout': jax.random.key(1)}, mutable=['batch_stats'])
-    return losses.mse(predictions, target), updates
+    predictions, _ = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, images,
+        train=True, rngs={'dropout': jax.random.key(1)},
+        mutable=['batch_stats'])
+    if predictions.ndim == 2:  # An ellipse model, as in train.train_step.
+      return ellipse_head.train_loss(
+          predictions, batch['ellipse'], batch['resize'], target,
+          NORMALISER_PX, images.shape[1:3], losses.mse, weight)
+    return losses.mse(predictions, target)
 
   stages = {
-      'forward': jax.jit(lambda p: loss(p)[0]),
-      'forward+gradient': jax.jit(jax.grad(lambda p: loss(p)[0])),
+      'forward': jax.jit(loss),
+      'forward+gradient': jax.jit(jax.grad(loss)),
   }
+  label = keras_models.hw_label(size)
   for name, fn in stages.items():
-    jax.block_until_ready(fn(variables['params']))
+    jax.block_until_ready(fn(state.params))
     holder = {}
     steps, elapsed = _time_steps(
-        lambda fn=fn: holder.update(out=fn(variables['params'])), seconds,
+        lambda fn=fn: holder.update(out=fn(state.params)), seconds,
         min_steps, lambda: jax.block_until_ready(holder['out']))
-    print(f'hc_jax {model_name} {size}x{size} batch {batch_size} {name}: '
+    print(f'hc_jax {model_name} {label} batch {batch_size} {name}: '
           f'{1e3 * elapsed / steps:.1f} ms', flush=True)
   result = run_worker('hc_jax', model_name, batch_size, size, seconds,
                       min_steps)
-  print(f'hc_jax {model_name} {size}x{size} batch {batch_size} full step: '
+  print(f'hc_jax {model_name} {label} batch {batch_size} full step: '
         f'{1e3 * batch_size / result["img_per_s"]:.1f} ms '
         f'({result["img_per_s"]:.1f} img/s)', flush=True)
 
@@ -323,8 +457,8 @@ def main():
   parser.add_argument('--min_steps', type=int, default=3,
                       help='least number of timed steps per measurement')
   parser.add_argument('--rounds', type=int, default=2)
-  parser.add_argument('--image_size', type=int, default=None,
-                      help='input side for every model (default: SIZES)')
+  parser.add_argument('--image_size', type=parse_size, default=None,
+                      help='input S or HxW for every model (default: SIZES)')
   parser.add_argument('--variants', default='keras,hc_jax,hc_jax+malloc',
                       help=f'comma-separated, from: {", ".join(VARIANTS)}')
   parser.add_argument('--breakdown', action='store_true',
@@ -344,9 +478,9 @@ def main():
       parser.error(f'unknown variant {variant!r}; choose from '
                    f'{", ".join(VARIANTS)}')
   if (not batch_sizes or min(batch_sizes) < 1 or args.rounds < 1
-      or (args.image_size is not None and args.image_size < 32)):
+      or (args.image_size is not None and min(args.image_size) < 32)):
     parser.error('batch sizes and --rounds must be positive, --image_size '
-                 'at least 32')
+                 'at least 32 per side')
   if args.worker:
     result = run_worker(args.worker, model_names[0], batch_sizes[0],
                         args.image_size or SIZES[model_names[0]],

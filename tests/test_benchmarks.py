@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hc_jax import models
 from hc_jax import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,14 +23,15 @@ BENCHMARKS = os.path.join(REPO, 'benchmarks')
 sys.path.insert(0, BENCHMARKS)
 
 import keras_models  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def _flax_kernel_shapes(name, image_size):
+def _flax_kernel_shapes(name, image_size, **options):
   """Multiset of the Flax model's parameter shapes."""
-  model = models.create_model(name)
+  model = keras_models.flax_model(name, **options)
+  height, width = keras_models.as_hw(image_size)
   variables = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, image_size, image_size, 1)),
-      train=False))
+      jax.random.key(0), jnp.zeros((1, height, width, 1)), train=False))
   return collections.Counter(
       tuple(leaf.shape) for leaf in jax.tree.leaves(variables['params']))
 
@@ -65,6 +65,89 @@ def test_keras_twin_unknown_model():
     keras_models.create_model('resnet18', 32)
 
 
+# hcnet's settings in configs/hcnet_label.py when these tests were written.
+HCNET_OPTIONS = {'widths': (16, 32, 64, 128, 128), 'head': 'flatten',
+                 'dilated': False}
+
+
+@pytest.mark.parametrize('name, image_size, count', [
+    ('hcnet', (128, 128), 376_305), ('hcnet', (128, 192), 441_841),
+    ('hcnet_ellipse', (128, 128), 376_630),
+    ('hcnet_ellipse', (128, 192), 442_166)])
+def test_hcnet_twins_pinned_counts(name, image_size, count):
+  assert keras_models.compare_params(name, image_size, **HCNET_OPTIONS) == (
+      count, 0, count)
+
+
+@pytest.mark.parametrize('name, outputs', [('hcnet', 1), ('hcnet_ellipse', 6)])
+@pytest.mark.parametrize('image_size', [None, (32, 48)])
+def test_hcnet_twins_match_their_config(name, outputs, image_size):
+  # None: the config's input (configs/hcnet_label.py, hcnet_ellipse.py).
+  config = keras_models.load_config(name)
+  assert config.model == name
+  assert keras_models.SIZES[name] == prepare.input_shape(config)
+  size = keras_models.SIZES[name] if image_size is None else image_size
+  keras_count, extra, flax_count = keras_models.compare_params(name,
+                                                               image_size)
+  assert keras_count == flax_count and extra == 0
+  model = keras_models.create_model(name, image_size)
+  assert _keras_shapes(model, False) == _flax_kernel_shapes(
+      name, size, **keras_models.model_options(name))
+  assert tuple(model.input.shape) == (None, *size, 1)
+  assert tuple(model.output.shape) == (None, outputs)
+
+
+@pytest.mark.parametrize('name, options', [
+    ('hcnet', {}), ('hcnet', {'bounded': False}),
+    ('hcnet', {'head': 'gap', 'dilated': True}),
+    ('hcnet_ellipse', {})])
+def test_hcnet_twin_computes_the_flax_function(name, options):
+  # The Flax weights copied into the twin give the same outputs: the same
+  # layers in the same order, and for hcnet the same bounded output.
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(3, 32, 48, 1)).astype(np.float32)
+  flax_model = keras_models.flax_model(name, layers='plain', **options)
+  variables = flax_model.init(jax.random.key(0), images, train=False)
+  params = jax.tree.map(
+      lambda x: x + rng.normal(0, 0.2, x.shape).astype(np.float32),
+      variables['params'])['backbone']
+  stats = jax.tree.map(
+      lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32),
+      variables['batch_stats'])['backbone']
+  model = keras_models.create_model(name, (32, 48), **options)
+  copied = 0
+  for layer in model.layers:
+    if layer.name.endswith('_bn'):
+      layer.set_weights([params[layer.name]['scale'],
+                         params[layer.name]['bias'],
+                         stats[layer.name]['mean'] - 1,
+                         stats[layer.name]['var']])
+    elif layer.name in params:
+      layer.set_weights([params[layer.name][key] for key in ('kernel', 'bias')
+                         if key in params[layer.name]])
+    else:
+      continue
+    copied += 1
+  assert copied == len(params)
+  expected = flax_model.apply(
+      {'params': {'backbone': params},
+       'batch_stats': {'backbone': {
+           k: {'mean': v['mean'] - 1, 'var': v['var']}
+           for k, v in stats.items()}}}, images, train=False)
+  outputs = np.asarray(model(images, training=False))
+  np.testing.assert_allclose(outputs, np.reshape(expected, outputs.shape),
+                             rtol=1e-4, atol=1e-5)
+  if name == 'hcnet' and options.get('bounded', True):
+    assert np.all((outputs >= 0.05) & (outputs <= 1.25))
+
+
+def test_hcnet_twin_rejects_an_unknown_option():
+  with pytest.raises(ValueError, match='bad options for hcnet_ellipse'):
+    keras_models.create_model('hcnet_ellipse', (32, 32), bounded=True)
+  with pytest.raises(ValueError, match='cnn_1m takes no options'):
+    keras_models.create_model('cnn_1m', 32, dilated=True)
+
+
 def _run(script, *flags, env=None, returncode=0):
   # Compile time dominates these runs; the figures they print are not checked.
   env = {**(env or os.environ), 'TF_CPP_MIN_LOG_LEVEL': '2',
@@ -87,6 +170,64 @@ def test_train_step_compares_frameworks():
     assert re.search(rf'round 1 {variant} +cnn_263k 32x32 batch 2: +{NUMBER} '
                      r'img/s', out), out
   assert re.search(rf'hc_jax/Keras \(best of each\) {NUMBER}', out), out
+
+
+@pytest.mark.slow  # Two worker processes: 15-30 s on 2 CPU cores.
+def test_train_step_compares_frameworks_on_hcnet():
+  out = _run('train_step.py', '--models=hcnet', '--batch_sizes=2',
+             '--image_size=32x48', '--seconds=0', '--min_steps=1',
+             '--rounds=1', '--variants=hc_jax,keras')
+  for variant in ('hc_jax', 'keras'):
+    assert re.search(rf'round 1 {variant} +hcnet 32x48 batch 2: +{NUMBER} '
+                     r'img/s', out), out
+  assert re.search(rf'hcnet 32x48 batch 2: hc_jax {NUMBER}.*; keras '
+                   rf'{NUMBER}.*; hc_jax/Keras \(best of each\) {NUMBER}',
+                   out), out
+
+
+@pytest.fixture
+def fast_compile():
+  # Compile time dominates the in-process steps below.
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+
+
+@pytest.mark.parametrize('framework', ['hc_jax', 'keras'])
+def test_train_step_worker_times_hcnet_ellipse(framework, fast_compile):
+  # In this process: the real hc_jax step (ellipse loss) on a valid batch,
+  # and Keras' MSE on the six outputs, each with a finite loss.
+  result = train_step.run_worker(framework, 'hcnet_ellipse', 2, (32, 48),
+                                 seconds=0, min_steps=1)
+  assert result['steps'] == 1 and result['img_per_s'] > 0
+  assert np.isfinite(result['loss'])
+
+
+def test_train_step_worker_refuses_a_nan_loss(monkeypatch, fast_compile):
+  # A batch without a resize geometry makes the ellipse loss NaN.
+  batch = train_step.hc_jax_batch
+  monkeypatch.setattr(train_step, 'hc_jax_batch', lambda *args: {
+      **batch(*args), 'resize': np.zeros((2, 4), np.float32)})
+  with pytest.raises(FloatingPointError, match='hc_jax hcnet_ellipse: the '
+                     'loss is nan'):
+    train_step.run_worker('hc_jax', 'hcnet_ellipse', 2, (32, 48), seconds=0,
+                          min_steps=1)
+
+
+@pytest.mark.parametrize('text, size', [('128', (128, 128)),
+                                        ('128x192', (128, 192))])
+def test_train_step_parses_image_size(text, size):
+  assert train_step.parse_size(text) == size
+
+
+def test_train_step_rejects_a_bad_image_size():
+  result = subprocess.run(
+      [sys.executable, os.path.join(BENCHMARKS, 'train_step.py'),
+       '--image_size=128x'], capture_output=True, text=True, check=False)
+  assert result.returncode == 2
+  assert ("--image_size: takes a side S or HxW, e.g. 128 or 128x192; got "
+          "'128x'") in result.stderr, result.stderr
 
 
 def test_train_step_breakdown():
