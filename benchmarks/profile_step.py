@@ -1,7 +1,7 @@
 """Where the time of hc_jax's training step goes, per compiled XLA operation.
 
   python benchmarks/profile_step.py --model=cnn_1m --batch_size=32
-      [--steps=10] [--top=25] [--image_size=S] [--plain_layers]
+      [--steps=10] [--top=25] [--image_size=S|HxW] [--plain_layers]
 
 Runs the jitted `hc_jax.train.train_step` (forward, MSE, gradient, Adam) under
 `jax.profiler.trace`, sums the time of each XLA operation (a fusion, a
@@ -110,8 +110,9 @@ def main():
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--top', type=int, default=25)
-  parser.add_argument('--image_size', type=int, default=None,
-                      help='input side (default: the model\'s, SIZES)')
+  parser.add_argument('--image_size', type=train_step_bench.parse_size,
+                      default=None,
+                      help='S or HxW (default: the model\'s, SIZES)')
   parser.add_argument('--plain_layers', action='store_true',
                       help="without hc_jax.fast_layers (layers='plain')")
   args = parser.parse_args()
@@ -121,7 +122,8 @@ def main():
   step_ms, rows = profile(args.model, args.batch_size, size, args.steps,
                           not args.plain_layers)
   listed_ms = sum(row[0] for row in rows)
-  print(f'{args.model} {size}x{size} batch '
+  label = train_step_bench.keras_models.hw_label(size)
+  print(f'{args.model} {label} batch '
         f'{args.batch_size}: {step_ms:.1f} ms per step (traced), '
         f'{listed_ms:.1f} ms in {len(rows)} XLA operations')
   for ms, name, shape, fused in rows[:args.top]:
