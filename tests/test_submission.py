@@ -18,6 +18,7 @@ import pytest
 from hc_jax import ellipse as ellipse_lib
 from hc_jax import hc18
 from hc_jax import predict
+from hc_jax import scan_files
 from hc_jax import train
 
 HEADER = ['filename', 'center_x_mm', 'center_y_mm', 'semi_axes_a_mm',
@@ -180,3 +181,54 @@ def test_ellipse_run_reproduces_its_test_predictions(ellipse_run,
                              [float(r['hc_mm_pred']) for r in rows],
                              atol=1e-3)
   assert out['ellipse_px'].shape == (len(rows), 5)
+
+
+# The committed HC18 challenge submission (docs/results.md says how it was
+# made): the ellipse of each of the 335 test scans of the copy the results
+# were measured on.
+SUBMISSION = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'submissions', 'hc18_test_hcnet_ellipse.csv')
+SUBMISSION_HEADER = ['filename', 'center_x_mm', 'center_y_mm',
+                     'semi_axes_a_mm', 'semi_axes_b_mm', 'angle_rad']
+
+
+def test_committed_submission_is_in_the_challenge_format():
+  with open(SUBMISSION, newline='') as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == SUBMISSION_HEADER
+  body = rows[1:]
+  assert len(body) == 335
+  names = [row[0] for row in body]
+  assert len(set(names)) == len(names)
+  assert all(name.endswith('_HC.png') and '/' not in name for name in names)
+  values = np.array([[float(v) for v in row[1:]] for row in body])
+  assert np.isfinite(values).all()
+  centre, a, b, angle = values[:, :2], values[:, 2], values[:, 3], values[:, 4]
+  assert (centre > 0).all() and (b > 0).all() and (a >= b).all()
+  assert ((angle >= 0) & (angle < np.pi)).all()
+  # In mm, not px: HC18's heads measure 44-346 mm (training set), so a
+  # perimeter outside 20-500 mm means a unit or axis mix-up. (The model's
+  # errors can leave 44-346 mm; docs/results.md lists the scans it did.)
+  hc_mm = ellipse_lib.ramanujan_perimeter(a, b)
+  assert ((hc_mm > 20) & (hc_mm < 500)).all(), (hc_mm.min(), hc_mm.max())
+
+
+REAL_HC18 = hc18.default_dir()
+
+
+@pytest.mark.skipif(REAL_HC18 is None, reason='HC18 copy not found')
+def test_committed_submission_covers_the_test_set_inside_each_scan():
+  with open(SUBMISSION, newline='') as f:
+    rows = {row['filename']: row for row in csv.DictReader(f)}
+  test_dir = os.path.join(REAL_HC18, 'test_set')
+  names = sorted(n for n in os.listdir(test_dir) if n.endswith('HC.png'))
+  assert sorted(rows) == names
+  pixel_sizes = scan_files.read_pixel_sizes(
+      os.path.join(REAL_HC18, 'test_set_pixel_size.csv'))
+  for name in names:
+    with Image.open(os.path.join(test_dir, name)) as image:
+      width, height = image.size
+    size = pixel_sizes[name]
+    x = float(rows[name]['center_x_mm']) / size
+    y = float(rows[name]['center_y_mm']) / size
+    assert 0 <= x < width and 0 <= y < height, (name, x, y, width, height)
