@@ -98,9 +98,11 @@ def test_hcnet_twins_match_their_config(name, outputs, image_size):
 
 
 @pytest.mark.parametrize('name, options', [
-    ('hcnet', {}), ('hcnet', {'bounded': False}),
-    ('hcnet', {'head': 'gap', 'dilated': True}),
-    ('hcnet_ellipse', {})])
+    ('hcnet', {}),
+    pytest.param('hcnet', {'bounded': False}, marks=pytest.mark.slow),
+    pytest.param('hcnet', {'head': 'gap', 'dilated': True},
+                 marks=pytest.mark.slow),
+    pytest.param('hcnet_ellipse', {}, marks=pytest.mark.slow)])
 def test_hcnet_twin_computes_the_flax_function(name, options):
   # The Flax weights copied into the twin give the same outputs: the same
   # layers in the same order, and for hcnet the same bounded output.
@@ -194,6 +196,7 @@ def fast_compile():
   jax.config.update('jax_disable_most_optimizations', previous)
 
 
+@pytest.mark.slow  # About 4 s each; the default run times hcnet's CLI path.
 @pytest.mark.parametrize('framework', ['hc_jax', 'keras'])
 def test_train_step_worker_times_hcnet_ellipse(framework, fast_compile):
   # In this process: the real hc_jax step (ellipse loss) on a valid batch,
@@ -302,6 +305,7 @@ def _tiny_export(path, num_images=12, size=32):
   return str(path)
 
 
+@pytest.mark.slow  # About 10 s; tests/test_gpu_path.py runs the GPU path.
 def test_gpu_train_step_without_tensorflow(tmp_path):
   from test_gpu_path import tf_free_env  # pylint: disable=import-outside-toplevel
   data = _tiny_export(tmp_path / 'export.npz')

@@ -150,6 +150,7 @@ def test_ensemble_is_the_mean_of_its_members_within_each_fold(
   assert int(table[0]['num_images']) == ensemble.num_images
 
 
+@pytest.mark.slow  # Predicts every test image twice more.
 def test_flip_tta_is_the_mean_of_the_scan_and_its_mirror(
     members, single, phantom_hc18):
   flipped = cv_score.score(members[:1], tta_flip=True)
