@@ -45,18 +45,18 @@ import argparse
 import csv
 import dataclasses
 import os
-import re
 import sys
 from typing import Callable, Sequence
 
 import numpy as np
 
+from hc_jax import aggregate
 from hc_jax import folds as folds_lib
 from hc_jax import hc18
 from hc_jax import metrics
 from hc_jax import runs as runs_lib
 
-FOLD_DIR = re.compile(r'^fold(\d+)$')  # As `hc_jax.aggregate` finds them.
+FOLD_DIR = aggregate.FOLD_DIR
 FOLDS_FILE = 'folds.json'
 # One row per scored image (the CSV of --out), then one column per member.
 IMAGE_COLUMNS = ('fold', 'filename', 'subject_id', 'pixel_size_mm',
@@ -98,10 +98,7 @@ def member_runs(root: str) -> dict[int, str]:
   if os.path.isfile(os.path.join(root, 'config.json')):
     candidates = [root]
   else:
-    candidates = sorted(
-        (os.path.join(root, name) for name in os.listdir(root)
-         if FOLD_DIR.match(name) and os.path.isdir(os.path.join(root, name))),
-        key=lambda path: int(FOLD_DIR.match(os.path.basename(path))[1]))
+    candidates = list(aggregate.fold_dirs(root).values())
     if not candidates:
       subdirs = sorted(name for name in os.listdir(root)
                        if os.path.isdir(os.path.join(root, name)))
