@@ -22,6 +22,14 @@ def get_config():
   config.huber_delta = 0.5  # The paper's δ.
   # Ellipse models (hcnet_ellipse): weight of the ellipse-shape loss term.
   config.ellipse_weight = 1.0
+  # Mask models (hcnet_mask): weights of the loss terms, per-pixel BCE and
+  # soft Dice against the rendered reference ellipse, the HC loss on the
+  # moments' HC, and a centre-and-shape term (hc_jax/mask_head.py).
+  config.mask_loss = ml_collections.ConfigDict()
+  config.mask_loss.bce = 1.0
+  config.mask_loss.dice = 1.0
+  config.mask_loss.hc = 1.0
+  config.mask_loss.ellipse = 0.0
   # Pretrained weights to start from ('' for none): a Keras ResNet50 .h5 or
   # .keras file in the keras.applications layout (see hc_jax/pretrained.py).
   config.init_from = ''

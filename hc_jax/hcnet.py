@@ -36,7 +36,7 @@ survive the pools (at least 32 for five blocks); 128x192 keeps HC18's
 momentum 0.99 and epsilon 1e-3 (Keras' defaults, as the paper's CNNs).
 """
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from flax import linen as nn
 import jax
@@ -141,6 +141,7 @@ class HCNet(_HCNetFields):
     bounded: Whether the output is squashed into [BOUND_LOW, BOUND_HIGH].
   """
 
+  output_kind: ClassVar[str] = 'hc'
   bounded: bool = True
 
   @nn.compact
@@ -163,12 +164,14 @@ class HCNet(_HCNetFields):
 class HCNetEllipse(_HCNetFields):
   """The ellipse HCNet: six raw values per image for `ellipse_head.decode`.
 
-  Any raw values decode to a valid ellipse; `hc_jax.train` recognises this
-  model by its `[batch, 6]` output and computes the HC from the ellipse.
+  Any raw values decode to a valid ellipse; the model declares its kind,
+  'ellipse', and `hc_jax.train` computes the HC from the ellipse.
 
   Attributes:
     widths, head, hidden, dropout, dilated, layers, dtype: as for `Backbone`.
   """
+
+  output_kind: ClassVar[str] = 'ellipse'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

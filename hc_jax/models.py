@@ -30,13 +30,14 @@ model a training config asks for.
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
 from hc_jax import hcnet
+from hc_jax import hcnet_mask
 from hc_jax import layers as layers_lib
 
 ModuleDef = Any
@@ -80,6 +81,8 @@ class PaperCNN(nn.Module):
     layers: 'plain' or 'fast' (see `hc_jax.layers`).
     dtype: Compute dtype; parameters, the head and the output stay float32.
   """
+
+  output_kind: ClassVar[str] = 'hc'  # One normalised HC per image.
 
   conv_features: Sequence[int]
   dense_features: Sequence[int]
@@ -173,6 +176,8 @@ class VGG16(nn.Module):
     layers: 'plain' or 'fast' (see `hc_jax.layers`).
     dtype: Compute dtype of the convolution stack.
   """
+
+  output_kind: ClassVar[str] = 'hc'  # One normalised HC per image.
 
   batch_norm: bool = False
   layers: str = 'plain'
@@ -293,6 +298,8 @@ class ResNet50(nn.Module):
     layers: 'plain' or 'fast' (see `hc_jax.layers`).
   """
 
+  output_kind: ClassVar[str] = 'hc'  # One normalised HC per image.
+
   dtype: Any = jnp.float32
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   keras_v1: bool = False
@@ -338,7 +345,35 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'resnet50': ResNet50,
     'hcnet': hcnet.HCNet,  # hc_jax/hcnet.py: the normalised HC, bounded.
     'hcnet_ellipse': hcnet.HCNetEllipse,  # An ellipse; hc_jax/ellipse_head.py.
+    'hcnet_mask': hcnet_mask.HCNetMask,  # A head mask; hc_jax/mask_head.py.
 }
+
+# What a model's output is, as each model class declares it
+# (`output_kind`): 'hc', one normalised HC per image `[B]`; 'ellipse', six
+# raw ellipse values `[B, 6]` (hc_jax/ellipse_head.py); 'mask', a head-mask
+# logit map with its moments' geometry (a dict, hc_jax/mask_head.py).
+OUTPUT_KINDS = ('hc', 'ellipse', 'mask')
+
+
+def output_kind(model: Any) -> str:
+  """The declared output kind of a model: a `MODELS` name, class, module or
+  config (its `model`)."""
+  if isinstance(model, str):
+    name = model
+  elif isinstance(model, type) or isinstance(model, nn.Module):
+    name = None
+  else:
+    name = model.model
+  cls = model if isinstance(model, type) else (
+      type(model) if name is None else MODELS.get(name))
+  if cls is None:
+    raise ValueError(f'Unknown model {name!r}; known models: '
+                     f'{", ".join(sorted(MODELS))}.')
+  kind = getattr(cls, 'output_kind', None)
+  if kind not in OUTPUT_KINDS:
+    raise ValueError(f'model {cls.__name__} declares no output_kind (one of '
+                     f'{", ".join(OUTPUT_KINDS)})')
+  return kind
 
 
 def create_model(name: str, layers: str = 'auto', **kwargs) -> nn.Module:

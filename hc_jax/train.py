@@ -43,6 +43,7 @@ from hc_jax import augment as augment_lib
 from hc_jax import ellipse_head
 from hc_jax import lock as lock_lib
 from hc_jax import losses
+from hc_jax import mask_head
 from hc_jax import models
 from hc_jax import prepare
 
@@ -145,13 +146,37 @@ def create_train_state(config, model, key, tx) -> TrainState:
                            batch_stats=variables.get('batch_stats', {}), tx=tx)
 
 
-def train_step(state: TrainState, batch, member, *, loss_fn, augment,
-               ellipse_weight: float = 1.0):
-  """One optimiser step of one member on its batch.
+def output_functions(config):
+  """`(loss_of, hc_of)` for the output kind the config's model declares.
 
-  A model whose output is `[B, 6]` is an ellipse model: its loss is
-  `ellipse_head.train_loss` (the HC from the decoded ellipse, plus
-  `ellipse_weight` x the shape term against the augmented ellipses).
+  `loss_of(outputs, ellipses, resize, target, normaliser_px, image_hw,
+  loss_fn)` is a batch's loss; `hc_of(outputs, resize, normaliser_px,
+  image_hw)` its normalised HC `[B]`. The kind comes from the model class
+  (`models.output_kind`), never from the output's shape.
+  """
+  kind = models.output_kind(config)
+  if kind == 'hc':
+    return (lambda out, ell, resize, target, norm, hw, loss_fn:
+            loss_fn(out, target)), (lambda out, resize, norm, hw: out)
+  if kind == 'ellipse':
+    weight = config.get('ellipse_weight', 1.0)
+    return ((lambda out, ell, resize, target, norm, hw, loss_fn:
+             ellipse_head.train_loss(out, ell, resize, target, norm, hw,
+                                     loss_fn, weight)),
+            (lambda out, resize, norm, hw:
+             ellipse_head.normalised_hc(out, resize, norm, *hw)))
+  model = models.from_config(config)
+  stride, cells = model.stride, model.margin // model.stride
+  weights = dict(config.get('mask_loss', {}) or {})
+  return ((lambda out, ell, resize, target, norm, hw, loss_fn:
+           mask_head.train_loss(out, ell, resize, target, norm, stride, cells,
+                                loss_fn, weights)),
+          (lambda out, resize, norm, hw: mask_head.hc_px(out, resize) / norm))
+
+
+def train_step(state: TrainState, batch, member, *, loss_fn, augment,
+               loss_of=None):
+  """One optimiser step of one member on its batch.
 
   Args:
     state: the member's `TrainState`.
@@ -160,7 +185,8 @@ def train_step(state: TrainState, batch, member, *, loss_fn, augment,
     member: {'key': the member's key, 'normaliser_px': scalar}.
     loss_fn: `(predictions, targets) -> loss`.
     augment: an `augment.AugmentConfig`.
-    ellipse_weight: weight of an ellipse model's shape term.
+    loss_of: the model kind's loss (`output_functions(config)[0]`); None for
+      a model of kind 'hc'.
 
   Returns:
     `(state, loss)`.
@@ -176,12 +202,11 @@ def train_step(state: TrainState, batch, member, *, loss_fn, augment,
     predictions, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images,
         train=True, rngs={'dropout': dropout_key}, mutable=['batch_stats'])
-    if predictions.ndim == 2:  # An ellipse model (hc_jax.ellipse_head).
-      return ellipse_head.train_loss(
-          predictions, ellipses, batch['resize'], target,
-          member['normaliser_px'], images.shape[1:3], loss_fn,
-          ellipse_weight), updates
-    return loss_fn(predictions, target), updates
+    if loss_of is None:
+      return loss_fn(predictions, target), updates
+    return loss_of(predictions, ellipses, batch['resize'], target,
+                   member['normaliser_px'], images.shape[1:3],
+                   loss_fn), updates
 
   (loss, updates), grads = jax.value_and_grad(compute_loss, has_aux=True)(
       state.params)
@@ -203,7 +228,7 @@ def map_members(fn, xs, how: str = 'vmap'):
 
 
 def members_train_step(state, batch, members, *, loss_fns, augment, how,
-                       ellipse_weight: float = 1.0):
+                       loss_of=None):
   """One step of every member; a member whose `batch['active']` is False is
   left unchanged (it has fewer steps this epoch, or it diverged)."""
 
@@ -215,7 +240,7 @@ def members_train_step(state, batch, members, *, loss_fns, augment, how,
       loss_fn = lambda p, t: jax.lax.switch(member['loss_id'], loss_fns, p, t)
     new_state, loss = train_step(member_state, member_batch, member,
                                  loss_fn=loss_fn, augment=augment,
-                                 ellipse_weight=ellipse_weight)
+                                 loss_of=loss_of)
     new_state = jax.tree.map(
         lambda new, old: jnp.where(member_batch['active'], new, old),
         new_state, member_state)
@@ -225,11 +250,12 @@ def members_train_step(state, batch, members, *, loss_fns, augment, how,
 
 
 def members_predict(state, images, how: str = 'vmap', resize=None,
-                    normaliser_px=None):
+                    normaliser_px=None, hc_of=None):
   """Normalised predictions [M, E] of every member on its z-scored images.
 
-  An ellipse model's HC comes from its decoded ellipse, which needs each
-  image's `resize` [M, E, 4] and each member's `normaliser_px` [M].
+  A model of kind 'ellipse' or 'mask' gives its HC through `hc_of`
+  (`output_functions(config)[1]`), which needs each image's `resize`
+  [M, E, 4] and each member's `normaliser_px` [M].
   """
 
   def one(xs):
@@ -238,13 +264,12 @@ def members_predict(state, images, how: str = 'vmap', resize=None,
         {'params': member_state.params,
          'batch_stats': member_state.batch_stats},
         augment_lib.zscore_batch(member_images), train=False)
-    if outputs.ndim == 2:  # An ellipse model (hc_jax.ellipse_head).
-      if len(xs) < 4:
-        raise ValueError('an ellipse model needs resize and normaliser_px '
-                         'to predict the HC')
-      return ellipse_head.normalised_hc(outputs, xs[2], xs[3],
-                                        *member_images.shape[1:3])
-    return outputs
+    if hc_of is None:
+      return outputs
+    if len(xs) < 4:
+      raise ValueError('this model needs resize and normaliser_px to '
+                       'predict the HC')
+    return hc_of(outputs, xs[2], xs[3], member_images.shape[1:3])
 
   if resize is None:
     return map_members(one, (state, images), how)

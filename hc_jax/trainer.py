@@ -102,11 +102,16 @@ class Trainer:
     how = config.members_per_call
     self.candidates = ('vmap', 'map') if how == 'auto' else (how,)
     self.how = None if how == 'auto' and len(configs) > 1 else self.candidates[0]
-    self.steps = {c: jax.jit(functools.partial(
+    loss_of, hc_of = train.output_functions(config)
+    if models.output_kind(config) == 'hc':
+      loss_of = hc_of = None
+    self.step_fns = {c: functools.partial(
         train.members_train_step, loss_fns=self.loss_fns, augment=self.augment,
-        how=c, ellipse_weight=config.get('ellipse_weight', 1.0)),
-                             donate_argnums=(0,)) for c in self.candidates}
-    self.predict_fn = jax.jit(functools.partial(train.members_predict, how='vmap'),
+        how=c, loss_of=loss_of) for c in self.candidates}
+    self.steps = {c: jax.jit(fn, donate_argnums=(0,))
+                  for c, fn in self.step_fns.items()}
+    self.predict_fn = jax.jit(functools.partial(
+        train.members_predict, how='vmap', hc_of=hc_of),
                               out_shardings=self.replicated)
 
   def _describe(self) -> str:
@@ -207,9 +212,7 @@ class Trainer:
     The timed steps are not kept: the state goes on from before them."""
     times = {}
     for how in self.candidates:
-      step = jax.jit(functools.partial(
-          train.members_train_step, loss_fns=self.loss_fns, augment=self.augment,
-          how=how, ellipse_weight=self.config.get('ellipse_weight', 1.0)))
+      step = jax.jit(self.step_fns[how])
       jax.block_until_ready(step(state, batch, self.members))  # Compiles.
       start = time.perf_counter()
       for _ in range(AUTO_PROBE_STEPS):

@@ -6,6 +6,7 @@ import math
 import os
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -227,7 +228,9 @@ def test_the_ellipse_model_overfits_eight_phantoms():
   member = {'key': jax.random.key(0), 'normaliser_px': jnp.float32(normaliser)}
   step = jax.jit(functools.partial(
       train.train_step, loss_fn=losses.get_loss('mae'),
-      augment=augment.NO_AUGMENT, ellipse_weight=1.0))
+      augment=augment.NO_AUGMENT, loss_of=train.output_functions(
+          ml_collections.ConfigDict({'model': 'hcnet_ellipse',
+                                     'ellipse_weight': 1.0}))[0]))
 
   def hc_error(state):
     raw, _ = state.apply_fn(

@@ -1,0 +1,189 @@
+"""HCNetMask: a small U-Net whose head mask gives the ellipse and the HC in the graph.
+
+A fully convolutional encoder-decoder:
+
+* encoder: one level per entry of `widths`, each two 3x3 convolutions
+  (BatchNorm, ReLU), a 2x2/2 max pool between levels;
+* bottleneck, at 1/2^(levels-1) of the input: two 3x3 convolutions at the
+  last width, the second dilated by 2, with a global-mean context vector
+  (Dense of the spatial mean) added, and optionally (`attention=True`) one
+  multi-head self-attention block over the bottleneck's cells (with a
+  learned 2D position embedding of the relative position, so any input size
+  works);
+* decoder: 2x nearest upsampling, a skip concatenation and two 3x3
+  convolutions per level, up to 1/`stride` of the input; a 1x1 convolution to
+  one head-mask logit per cell.
+
+The input is padded (zeros, the z-scored mean) by `margin` input pixels on
+every side, and then up to a multiple of 2^(levels-1), so any H x W works and
+the mask extends `margin` pixels beyond the image: a head cut by the border
+is drawn whole. The mask's cells keep exact input-pixel coordinates
+(`mask_head.grid_coordinates`), so the ellipse is exact under any resize.
+
+`__call__` returns `mask_head.geometry` of the logits: the logit map, the soft
+mask's centroid and second moments, the ellipse in model-input pixels and
+the quality signal. `mask_head.hc_px(outputs, resize)` is the HC in original
+pixels. Registered as 'hcnet_mask' in `hc_jax.models.MODELS`, kind 'mask'.
+"""
+
+from typing import Any, ClassVar, Sequence
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+
+from hc_jax import layers as layers_lib
+from hc_jax import mask_head
+
+
+# The logits' initial bias: sigmoid(-3) = 0.05.
+LOGIT_PRIOR = -3.0
+
+
+class HCNetMaskError(ValueError):
+  """A setting or an input the network cannot take."""
+
+
+class _ConvBlock(nn.Module):
+  """Two 3x3 convolutions, each BatchNorm + ReLU."""
+
+  width: int
+  layers: str
+  dtype: Any
+  dilation: int = 1
+
+  @nn.compact
+  def __call__(self, x, train):
+    layers = layers_lib.Layers(self.layers, self.dtype)
+    for i, dilation in enumerate((1, self.dilation)):
+      x = layers.conv(self.width, use_bias=False,
+                      kernel_dilation=(dilation, dilation), name=f'conv{i}')(x)
+      x = nn.relu(layers.batch_norm(train, 0.99, 1e-3, name=f'bn{i}')(x))
+    return x
+
+
+class _Attention(nn.Module):
+  """Pre-norm multi-head self-attention over the cells, residual."""
+
+  heads: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    batch, rows, cols, width = x.shape
+    tokens = x.reshape(batch, rows * cols, width).astype(jnp.float32)
+    # Position: a small MLP of each cell's (row, col) in [-1, 1].
+    yy, xx = jnp.meshgrid(jnp.linspace(-1, 1, rows), jnp.linspace(-1, 1, cols),
+                          indexing='ij')
+    pos = jnp.stack([yy, xx], -1).reshape(1, rows * cols, 2)
+    pos = nn.Dense(width, name='position')(nn.tanh(
+        nn.Dense(16, name='position_hidden')(pos)))
+    h = nn.LayerNorm(name='norm')(tokens + pos)
+    h = nn.MultiHeadDotProductAttention(num_heads=self.heads,
+                                        name='attention')(h, h)
+    return (tokens + h).reshape(batch, rows, cols, width).astype(x.dtype)
+
+
+class HCNetMask(nn.Module):
+  """The dense HC model.
+
+  Attributes:
+    widths: channels of each encoder level (the last is the bottleneck's).
+    stride: input pixels per mask cell, a power of two below
+      2^(len(widths)-1) (2: the mask at half the input resolution).
+    margin: input pixels of mask beyond each image border (a multiple of
+      `stride`).
+    attention: one self-attention block at the bottleneck.
+    attention_heads: its heads.
+    moments: 'plain' or 'window' (`mask_head.moments`).
+    window_radius: the window's normalised radius for 'window'.
+    layers: 'plain' or 'fast' (see `hc_jax.layers`).
+    dtype: compute dtype; the logits and the geometry stay float32.
+  """
+
+  output_kind: ClassVar[str] = 'mask'
+
+  widths: Sequence[int] = (8, 16, 32, 64, 64)
+  stride: int = 2
+  margin: int = 8
+  attention: bool = False
+  attention_heads: int = 4
+  moments: str = 'plain'
+  window_radius: float = 1.4
+  layers: str = 'plain'
+  dtype: Any = jnp.float32
+
+  def _check(self, x):
+    levels = len(self.widths)
+    if levels < 2 or min(self.widths) < 1:
+      raise HCNetMaskError(f'widths must be at least two positive channel '
+                           f'counts, got {tuple(self.widths)}')
+    if self.stride < 1 or self.stride & (self.stride - 1) or (
+        self.stride >= 2 ** (levels - 1)):
+      raise HCNetMaskError(f'stride must be a power of two below '
+                           f'{2 ** (levels - 1)}, got {self.stride}')
+    if self.margin < 0 or self.margin % self.stride:
+      raise HCNetMaskError(f'margin must be a non-negative multiple of the '
+                           f'stride {self.stride}, got {self.margin}')
+    if self.moments not in mask_head.MOMENT_MODES:
+      raise HCNetMaskError(f'moments must be one of '
+                           f'{", ".join(mask_head.MOMENT_MODES)}, got '
+                           f'{self.moments!r}')
+    if x.ndim != 4:
+      raise HCNetMaskError('expected images of shape [batch, height, width, '
+                           f'1], got {x.shape}')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    """Predicts the head mask and its geometry.
+
+    Args:
+      x: z-scored images `[batch, height, width, 1]`, any height and width.
+      train: whether to use batch statistics.
+
+    Returns:
+      `mask_head.geometry`: 'logits' `[batch, rows, cols]` with rows =
+      ceil(height / stride) + 2 margin / stride (likewise cols), 'center',
+      'cov', 'ellipse_in' (model-input pixels), 'mass', 'quality'.
+    """
+    self._check(x)
+    levels = len(self.widths)
+    height, width = x.shape[1:3]
+    unit = 2 ** (levels - 1)
+    m = self.margin
+    pad_h = -(height + 2 * m) % unit
+    pad_w = -(width + 2 * m) % unit
+    x = jnp.pad(x, ((0, 0), (m, m + pad_h), (m, m + pad_w), (0, 0)))
+    x = x.astype(self.dtype)
+    skips = []
+    for i, channels in enumerate(self.widths[:-1]):
+      x = _ConvBlock(channels, self.layers, self.dtype, name=f'down{i}')(
+          x, train)
+      skips.append(x)
+      x = layers_lib.Layers(self.layers, self.dtype).max_pool(x)
+    x = _ConvBlock(self.widths[-1], self.layers, self.dtype, dilation=2,
+                   name='bottleneck')(x, train)
+    context = nn.Dense(self.widths[-1], dtype=self.dtype, name='context')(
+        jnp.mean(x, axis=(1, 2)))
+    x = x + context[:, None, None, :]
+    if self.attention:
+      x = _Attention(self.attention_heads, self.dtype, name='attention')(x)
+    level = levels - 1
+    while 2 ** (level - 1) >= self.stride:
+      level -= 1
+      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+      x = jnp.concatenate([x, skips[level]], -1)
+      x = _ConvBlock(self.widths[level], self.layers, self.dtype,
+                     name=f'up{level}')(x, train)
+    # The bias starts at LOGIT_PRIOR: the background, most of the canvas,
+    # starts near 0 rather than at 0.5, which would put the moments' ellipse
+    # over the whole canvas.
+    logits = layers_lib.Layers(self.layers, jnp.float32).conv(
+        1, (1, 1), dtype=jnp.float32,
+        bias_init=nn.initializers.constant(LOGIT_PRIOR), name='logits')(x)[..., 0]
+    cells = m // self.stride
+    rows = -(-height // self.stride) + 2 * cells
+    cols = -(-width // self.stride) + 2 * cells
+    logits = logits[:, :rows, :cols]
+    return mask_head.geometry(logits, self.stride, cells, self.moments,
+                              self.window_radius)
