@@ -51,7 +51,8 @@ if REPO not in sys.path:  # `configs` is imported from the checkout.
 from hc_jax import prepare  # pylint: disable=wrong-import-position
 
 # The config file (in configs/) that sets each of hc_jax's own models.
-CONFIGS = {'hcnet': 'hcnet_label', 'hcnet_ellipse': 'hcnet_ellipse'}
+CONFIGS = {'hcnet': 'hcnet_label', 'hcnet_ellipse': 'hcnet_ellipse',
+           'hcnet_mask': 'hcnet_mask'}
 
 
 def load_config(name: str):
@@ -248,8 +249,73 @@ def hcnet_ellipse(image_size=None, widths=(16, 32, 64, 128, 128),
   return keras.Model(inputs, outputs, name='hcnet_ellipse')
 
 
+def hcnet_mask(image_size=None, widths=(8, 16, 32, 64, 64), stride: int = 2,
+               margin: int = 8, attention: bool = False, **head_only):
+  """`hc_jax.hcnet_mask.HCNetMask` in Keras: the mask logits `[B, r, c, 1]`.
+
+  The same layers in the same order (zero padding by `margin` and up to a
+  multiple of 2^(levels-1), two Conv(no bias) -> BN -> ReLU per level, 2x2
+  max pools, a bottleneck with a dilated second convolution and a Dense of
+  the spatial mean added, nearest 2x upsampling, skip concatenations, a 1x1
+  convolution to one logit), so the same parameter count. The moments, the
+  ellipse and the HC after the logits are hc_jax's, not the twin's: the
+  Keras twin's loss is BCE alone, which is less work than hc_jax's step
+  (target rendering, BCE, Dice, moments, HC loss). `head_only` takes the
+  Flax model's fields that act after the logits (`moments`,
+  `window_radius`) and ignores them; `attention` must be False.
+  """
+  import keras  # pylint: disable=import-outside-toplevel
+  from keras import layers  # pylint: disable=import-outside-toplevel
+  unknown = set(head_only) - {'moments', 'window_radius', 'attention_heads'}
+  if unknown:
+    raise TypeError(f'unexpected options {sorted(unknown)}')
+  if attention:
+    raise ValueError('the Keras twin has no attention block')
+  height, width = as_hw(SIZES['hcnet_mask'] if image_size is None
+                        else image_size)
+  levels = len(widths)
+  unit = 2 ** (levels - 1)
+  pad_h, pad_w = -(height + 2 * margin) % unit, -(width + 2 * margin) % unit
+  inputs = keras.Input((height, width, 1))
+  x = layers.ZeroPadding2D(((margin, margin + pad_h),
+                            (margin, margin + pad_w)))(inputs)
+
+  def block(x, channels, name, dilation=1):
+    for i, rate in enumerate((1, dilation)):
+      x = layers.Conv2D(channels, 3, padding='same', dilation_rate=rate,
+                        use_bias=False, name=f'{name}_conv{i}')(x)
+      x = layers.BatchNormalization(momentum=0.99, epsilon=1e-3,
+                                    name=f'{name}_bn{i}')(x)
+      x = layers.ReLU()(x)
+    return x
+
+  skips = []
+  for i, channels in enumerate(widths[:-1]):
+    x = block(x, channels, f'down{i}')
+    skips.append(x)
+    x = layers.MaxPooling2D()(x)
+  x = block(x, widths[-1], 'bottleneck', dilation=2)
+  context = layers.Dense(widths[-1], name='context')(
+      layers.GlobalAveragePooling2D()(x))
+  x = layers.Add()([x, layers.Reshape((1, 1, widths[-1]))(context)])
+  level = levels - 1
+  while 2 ** (level - 1) >= stride:
+    level -= 1
+    x = layers.UpSampling2D(2, interpolation='nearest')(x)
+    x = layers.Concatenate()([x, skips[level]])
+    x = block(x, widths[level], f'up{level}')
+  logits = layers.Conv2D(1, 1, name='logits')(x)
+  cells = margin // stride
+  rows = -(-height // stride) + 2 * cells
+  cols = -(-width // stride) + 2 * cells
+  logits = layers.Cropping2D(((0, logits.shape[1] - rows),
+                              (0, logits.shape[2] - cols)))(logits)
+  return keras.Model(inputs, logits, name='hcnet_mask')
+
+
 MODELS = {'cnn_263k': cnn_263k, 'cnn_1m': cnn_1m, 'vgg16': vgg16,
-          'resnet50': resnet50, 'hcnet': hcnet, 'hcnet_ellipse': hcnet_ellipse}
+          'resnet50': resnet50, 'hcnet': hcnet, 'hcnet_ellipse': hcnet_ellipse,
+          'hcnet_mask': hcnet_mask}
 
 
 def _check_name(name: str) -> None:

@@ -165,11 +165,21 @@ def _time_steps(step, seconds: float, min_steps: int,
   return count, time.perf_counter() - start
 
 
-def _ellipse_weight(model_name: str) -> float:
-  """The config's `ellipse_weight` (1.0 for a model without a config)."""
-  if model_name not in keras_models.CONFIGS:
-    return 1.0
-  return float(keras_models.load_config(model_name).get('ellipse_weight', 1.0))
+def _loss_of(model_name: str):
+  """The model kind's loss of `hc_jax.train.train_step` (None for kind 'hc'),
+  with the config's settings for a model in `keras_models.CONFIGS`."""
+  # pylint: disable=import-outside-toplevel
+  import ml_collections
+  from hc_jax import models
+  from hc_jax import train
+  # pylint: enable=import-outside-toplevel
+  if model_name in keras_models.CONFIGS:
+    config = keras_models.load_config(model_name)
+  else:
+    config = ml_collections.ConfigDict({'model': model_name})
+  if models.output_kind(config) == 'hc':
+    return None
+  return train.output_functions(config)[0]
 
 
 def hc_jax_state_step_batch(model_name: str, batch_size: int, size,
@@ -211,7 +221,7 @@ def hc_jax_state_step_batch(model_name: str, batch_size: int, size,
       train.train_step, member=member, loss_fn=losses.mse,
       augment=augment.AugmentConfig(flip=False, max_translate_px=0.0,
                                     max_rotate_deg=0.0),
-      ellipse_weight=_ellipse_weight(model_name)), donate_argnums=(0,))
+      loss_of=_loss_of(model_name)), donate_argnums=(0,))
   batch = jax.device_put(hc_jax_batch(batch_size, (height, width)))
   return state, step, batch
 
@@ -247,10 +257,20 @@ def _keras_step(model_name: str, batch_size: int, size, jit_compile: bool):
   model = keras_models.create_model(model_name, size)
   model.compile(optimizer=keras.optimizers.Adam(1e-3), loss='mse',
                 jit_compile=jit_compile)
-  outputs = int(model.output.shape[-1])
-  images, target = _random_batch(batch_size, size, outputs)
-  if outputs == 1:
-    target = target[:, None]  # Keras' model outputs [batch, 1].
+  if len(model.output.shape) == 4:  # A mask model: BCE on its logit map.
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                  jit_compile=jit_compile)
+    images, _ = _random_batch(batch_size, size)
+    target = (np.random.default_rng(2).uniform(
+        size=(batch_size,) + tuple(model.output.shape[1:])) > 0.7).astype(
+            np.float32)
+  else:
+    outputs = int(model.output.shape[-1])
+    images, target = _random_batch(batch_size, size, outputs)
+    if outputs == 1:
+      target = target[:, None]  # Keras' model outputs [batch, 1].
   holder = {'loss': None}
 
   def step():
@@ -400,28 +420,26 @@ def breakdown(model_name: str, batch_size: int, size, seconds: float,
   """Prints ms per step for hc_jax's forward, forward + gradient, full step.
 
   The forward pass and gradient are those of `hc_jax.train.train_step`'s loss
-  (for an ellipse model the decoded ellipse's HC and shape term).
+  (for an ellipse or mask model, its kind's loss).
   """
   # pylint: disable=import-outside-toplevel
   import jax
   from hc_jax import augment
-  from hc_jax import ellipse_head
   from hc_jax import losses
   # pylint: enable=import-outside-toplevel
   state, _, batch = hc_jax_state_step_batch(model_name, batch_size, size)
   images = augment.zscore_batch(batch['image'])
   target = batch['hc_px'] / NORMALISER_PX
-  weight = _ellipse_weight(model_name)
+  loss_of = _loss_of(model_name)
 
   def loss(params):
     predictions, _ = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images,
         train=True, rngs={'dropout': jax.random.key(1)},
         mutable=['batch_stats'])
-    if predictions.ndim == 2:  # An ellipse model, as in train.train_step.
-      return ellipse_head.train_loss(
-          predictions, batch['ellipse'], batch['resize'], target,
-          NORMALISER_PX, images.shape[1:3], losses.mse, weight)
+    if loss_of is not None:  # As in train.train_step.
+      return loss_of(predictions, batch['ellipse'], batch['resize'], target,
+                     NORMALISER_PX, images.shape[1:3], losses.mse)
     return losses.mse(predictions, target)
 
   stages = {

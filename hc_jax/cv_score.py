@@ -61,15 +61,25 @@ FOLDS_FILE = 'folds.json'
 # One row per scored image (the CSV of --out), then one column per member.
 IMAGE_COLUMNS = ('fold', 'filename', 'subject_id', 'pixel_size_mm',
                  'hc_mm_true', 'hc_mm_pred', 'error_mm', 'hc_px_true',
-                 'hc_px_pred')
+                 'hc_px_pred', 'quality')
 # One row per scoring (the CSV that --summary_csv appends to).
 SUMMARY_COLUMNS = ('name', 'runs', 'tta_flip', 'folds', 'num_images',
                    'mae_mm', 'mae_mm_std', 'mae_px', 'mae_px_std', 'pmae',
                    'pmae_std', 'median_mm', 'worst_mm', 'worst_file',
-                   'bias_mm', 'num_gross')
+                   'bias_mm', 'num_gross', 'num_outside_10pct', 'part')
+# The columns of summary CSVs written before `num_outside_10pct` and `part`;
+# rows are still appended to them, in their own columns.
+OLD_SUMMARY_COLUMNS = SUMMARY_COLUMNS[:-2]
 # A prediction below GROSS_RATIO[0] or above GROSS_RATIO[1] times the true
 # HC is a gross error: the model measured something other than the head.
 GROSS_RATIO = (0.5, 1.5)
+# A prediction outside 0.9-1.1 times the true HC is counted apart.
+CLOSE_RATIO = (0.9, 1.1)
+# The parts of each fold that can be scored: its test fold, or the validation
+# part carved from its training folds (for choosing settings).
+PARTS = ('test', 'val')
+# Errors (mm) whose catching by the quality flag is tabulated.
+FLAG_ERRORS_MM = (5.0, 10.0, 20.0)
 DEFAULT_WORST = 10
 
 
@@ -335,6 +345,8 @@ class Scores:
     median_mm, worst_mm: median and largest absolute error in mm.
     worst_file: the image of `worst_mm`.
     num_gross: predictions outside `GROSS_RATIO` times the true HC.
+    num_outside_10pct: predictions outside `CLOSE_RATIO` times the true HC.
+    part: 'test' or 'val', the part of each fold scored.
   """
   members: list[str]
   roots: list[str]
@@ -355,6 +367,8 @@ class Scores:
   worst_mm: float
   worst_file: str
   num_gross: int
+  num_outside_10pct: int = 0
+  part: str = 'test'
 
   @property
   def member_columns(self) -> list[str]:
@@ -386,24 +400,28 @@ def _read_images(paths: Sequence[str]) -> list[np.ndarray]:
 
 
 def _predict_hc_px(workdir: str, images, pixel_sizes, tta_flip: bool,
-                   filenames) -> np.ndarray:
-  """A workdir's HC in px of the original images (the mean of its runs)."""
+                   filenames, model_options=None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """A workdir's HC in px of the original images (the mean of its runs), and
+  its quality signal (NaN but for a mask model)."""
   from hc_jax import inference  # pylint: disable=import-outside-toplevel
   try:
-    out = inference.load(workdir)(images, list(pixel_sizes), tta_flip=tta_flip)
+    out = inference.load(workdir, model_options)(
+        images, list(pixel_sizes), tta_flip=tta_flip)
   except runs_lib.PredictError as e:
     raise ScoreError(str(e)) from None
   hc_px = np.asarray(out['hc_px'], np.float64)
   for i in np.flatnonzero(~np.isfinite(hc_px))[:1]:
     raise ScoreError(f'{workdir} gives no HC for {filenames[i]}: '
                      f'{out["message"][i] or out["status"][i]}')
-  return hc_px
+  return hc_px, np.asarray(out['quality'], np.float64)
 
 
 def score(run_roots: Sequence[str], tta_flip: bool = False,
           hc18_dir: str | None = None,
           progress: Callable[[str], None] | None = None,
-          unseen_test_ok: bool = False) -> Scores:
+          unseen_test_ok: bool = False, part: str = 'test',
+          model_options: dict | None = None) -> Scores:
   """Scores runs on their own test folds, alone or as an ensemble.
 
   Args:
@@ -414,6 +432,11 @@ def score(run_roots: Sequence[str], tta_flip: bool = False,
       for the runs' own (see `find_hc18_dir`).
     progress: called with a line after each fold (e.g. print).
     unseen_test_ok: also score runs trained with `score_test=False`.
+    part: 'test' (each fold's test images, by its own runs) or 'val' (each
+      fold's validation part, carved from its training folds: for choosing
+      settings without looking at the test folds).
+    model_options: model fields to set other than as trained that change no
+      parameter (e.g. a mask model's `moments`; `inference.load`).
 
   Returns:
     The `Scores`.
@@ -423,8 +446,11 @@ def score(run_roots: Sequence[str], tta_flip: bool = False,
       `find_hc18_dir`), or a test image missing from HC18's CSV or unreadable.
     hc18.HC18Error: for a malformed HC18 CSV.
   """
+  if part not in PARTS:
+    raise ScoreError(f'part must be one of {", ".join(PARTS)}; got {part!r}')
   run_roots = list(run_roots)
-  members, assignment = check_members(run_roots, unseen_test_ok)
+  members, assignment = check_members(run_roots,
+                                      unseen_test_ok or part == 'val')
   labels = member_labels(run_roots)
   hc18_dir = find_hc18_dir(_all_runs(members), hc18_dir)
   reference = read_reference(hc18_dir)
@@ -432,7 +458,7 @@ def score(run_roots: Sequence[str], tta_flip: bool = False,
   image_dir = os.path.join(hc18_dir, hc18.SPLITS['train'][0])
   rows, fold_scores = [], {}
   for fold in members[0]:
-    filenames = assignment.split(fold)['test']
+    filenames = assignment.split(fold)[part]
     missing = [name for name in filenames if name not in reference]
     if missing:
       raise ScoreError(f'{len(missing)} test image(s) of fold {fold} are not '
@@ -440,9 +466,10 @@ def score(run_roots: Sequence[str], tta_flip: bool = False,
     images = _read_images([os.path.join(image_dir, n) for n in filenames])
     pixel_size = np.array([reference[n][0] for n in filenames], np.float64)
     true_mm = np.array([reference[n][1] for n in filenames], np.float64)
-    member_px = np.stack([
-        _predict_hc_px(runs[fold], images, pixel_size, tta_flip, filenames)
-        for runs in members])
+    predicted = [_predict_hc_px(runs[fold], images, pixel_size, tta_flip,
+                                filenames, model_options) for runs in members]
+    member_px = np.stack([hc for hc, _ in predicted])
+    quality = np.stack([q for _, q in predicted]).mean(0)
     pred_px = member_px.mean(0)
     true_px = true_mm / pixel_size
     for i, name in enumerate(filenames):
@@ -450,7 +477,8 @@ def score(run_roots: Sequence[str], tta_flip: bool = False,
              'pixel_size_mm': pixel_size[i], 'hc_mm_true': true_mm[i],
              'hc_mm_pred': pred_px[i] * pixel_size[i],
              'error_mm': (pred_px[i] - true_px[i]) * pixel_size[i],
-             'hc_px_true': true_px[i], 'hc_px_pred': pred_px[i]}
+             'hc_px_true': true_px[i], 'hc_px_pred': pred_px[i],
+             'quality': quality[i]}
       row.update({f'hc_mm_{label}': member_px[m, i] * pixel_size[i]
                   for m, label in enumerate(labels)})
       rows.append(row)
@@ -459,8 +487,10 @@ def score(run_roots: Sequence[str], tta_flip: bool = False,
         'mae_mm': float(np.mean(np.abs(pred_px - true_px) * pixel_size))}
     if progress:
       progress(format_fold(fold, fold_scores[fold]))
-  return _scores(labels, run_roots, members, tta_flip, hc18_dir, rows,
-                 fold_scores)
+  result = _scores(labels, run_roots, members, tta_flip, hc18_dir, rows,
+                   fold_scores)
+  result.part = part
+  return result
 
 
 def _scores(labels, roots, members, tta_flip, hc18_dir, rows, fold_scores
@@ -483,7 +513,55 @@ def _scores(labels, roots, members, tta_flip, hc18_dir, rows, fold_scores
       median_mm=float(np.median(abs_mm)), worst_mm=float(abs_mm[worst]),
       worst_file=rows[worst]['filename'],
       num_gross=int(np.sum(~((ratio >= GROSS_RATIO[0]) &
-                             (ratio <= GROSS_RATIO[1])))))
+                             (ratio <= GROSS_RATIO[1])))),
+      num_outside_10pct=int(np.sum(~((ratio >= CLOSE_RATIO[0]) &
+                                     (ratio <= CLOSE_RATIO[1])))))
+
+
+def flag_table(rows: Sequence[dict], thresholds: Sequence[float]
+               ) -> list[dict]:
+  """What flagging `quality < threshold` catches, per threshold.
+
+  Args:
+    rows: per-image rows with 'quality' and 'error_mm'.
+    thresholds: quality thresholds.
+
+  Returns:
+    One dict per threshold: 'threshold', 'flagged' (images), 'flagged_pct',
+    and for each error E of `FLAG_ERRORS_MM` 'over_<E>' (images with
+    |error| > E mm) and 'caught_<E>' (of those, flagged); 'good_flagged'
+    (flagged images with |error| <= the first E).
+  """
+  quality = np.array([row['quality'] for row in rows], np.float64)
+  error = np.abs(np.array([row['error_mm'] for row in rows], np.float64))
+  table = []
+  for threshold in thresholds:
+    flagged = quality < threshold
+    entry = {'threshold': float(threshold), 'flagged': int(flagged.sum()),
+             'flagged_pct': 100.0 * float(flagged.mean())}
+    for limit in FLAG_ERRORS_MM:
+      over = error > limit
+      entry[f'over_{limit:g}'] = int(over.sum())
+      entry[f'caught_{limit:g}'] = int((over & flagged).sum())
+    entry['good_flagged'] = int((flagged & (error <= FLAG_ERRORS_MM[0])).sum())
+    table.append(entry)
+  return table
+
+
+def format_flag_table(table: Sequence[dict]) -> str:
+  """The flag table as Markdown."""
+  head = ('| quality below | flagged | ' + ' | '.join(
+      f'caught of > {e:g} mm' for e in FLAG_ERRORS_MM) +
+          f' | flagged with error <= {FLAG_ERRORS_MM[0]:g} mm |')
+  lines = [head, '|' + ' --- |' * (3 + len(FLAG_ERRORS_MM))]
+  for entry in table:
+    cells = [f'{entry["threshold"]:.3f}',
+             f'{entry["flagged"]} ({entry["flagged_pct"]:.1f} %)']
+    cells += [f'{entry[f"caught_{e:g}"]} / {entry[f"over_{e:g}"]}'
+              for e in FLAG_ERRORS_MM]
+    cells.append(str(entry['good_flagged']))
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
 
 
 def format_fold(fold: int, fold_score: dict) -> str:
@@ -504,7 +582,9 @@ def format_report(scores: Scores, name: str, worst: int = DEFAULT_WORST
       f'{scores.bias_mm:+.2f} mm',
       f'  median {scores.median_mm:.2f} mm, worst {scores.worst_mm:.2f} mm '
       f'({scores.worst_file}); {scores.num_gross} prediction(s) outside '
-      f'{GROSS_RATIO[0]:g}x-{GROSS_RATIO[1]:g}x the true HC']
+      f'{GROSS_RATIO[0]:g}x-{GROSS_RATIO[1]:g}x the true HC, '
+      f'{scores.num_outside_10pct} outside {CLOSE_RATIO[0]:g}x-'
+      f'{CLOSE_RATIO[1]:g}x']
   if worst > 0:
     header = ['fold', 'filename', 'true_mm', 'pred_mm', 'error_mm',
               'pixel_mm'] + (scores.member_columns if len(scores.members) > 1
@@ -552,7 +632,7 @@ def check_summary_csv(path: str) -> None:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
       raise ScoreError(f'--summary_csv {path} cannot be read '
                        f'({runs_lib.error_line(e)})') from None
-    if tuple(header) != SUMMARY_COLUMNS:
+    if tuple(header) not in (SUMMARY_COLUMNS, OLD_SUMMARY_COLUMNS):
       raise ScoreError(f'--summary_csv {path} has other columns than '
                        f'{",".join(SUMMARY_COLUMNS)}')
   elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -563,12 +643,16 @@ def append_summary(path: str, row: dict) -> None:
   """Appends one `SUMMARY_COLUMNS` row (and the header to a new file)."""
   check_summary_csv(path)
   new = not os.path.isfile(path) or not os.path.getsize(path)
+  columns = SUMMARY_COLUMNS
+  if not new:
+    with open(path, newline='', encoding='utf-8') as f:
+      columns = tuple(next(csv.reader(f), SUMMARY_COLUMNS))
   try:
     with open(path, 'a', newline='', encoding='utf-8') as f:
-      writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+      writer = csv.DictWriter(f, fieldnames=columns)
       if new:
         writer.writeheader()
-      writer.writerow({key: _fmt(row[key]) for key in SUMMARY_COLUMNS})
+      writer.writerow({key: _fmt(row[key]) for key in columns})
   except OSError as e:
     raise ScoreError(f'--summary_csv {path} cannot be written '
                      f'({e.strerror or e})') from None
@@ -600,7 +684,25 @@ def _parse_args(argv) -> argparse.Namespace:
                       dest='unseen_test_ok', action='store_true',
                       help='also score runs trained with score_test=False '
                       '(their test fold kept unseen during tuning)')
+  parser.add_argument('--part', choices=PARTS, default='test',
+                      help='score each fold\'s test images (default) or its '
+                      'validation part, carved from its training folds, for '
+                      'choosing settings')
+  parser.add_argument('--moments', choices=('plain', 'window'),
+                      help='mask models: the moment pass to use, if not the '
+                      'one trained with (no parameter depends on it)')
+  parser.add_argument('--quality_thresholds', '--quality-thresholds',
+                      dest='quality_thresholds',
+                      help='mask models: comma-separated quality thresholds '
+                      'to print the flag table for (what flagging quality '
+                      'below each catches)')
   args = parser.parse_args(argv)
+  try:
+    args.quality_thresholds = [float(x) for x in (
+        args.quality_thresholds or '').split(',') if x.strip()]
+  except ValueError:
+    parser.error(f'--quality_thresholds must be numbers, got '
+                 f'{args.quality_thresholds!r}')
   args.runs = [root.strip() for spec in args.runs for root in spec.split(',')
                if root.strip()]
   if not args.runs:
@@ -618,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from hc_jax import scan_files
   try:
     # Fails fast, before TensorFlow is imported.
-    check_members(args.runs, args.unseen_test_ok)
+    check_members(args.runs, args.unseen_test_ok or args.part == 'val')
     if args.out:
       scan_files.check_writable(args.out, '--out')
     if args.summary_csv:
@@ -626,10 +728,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.quiet_logs()
     scores = score(args.runs, tta_flip=args.tta_flip, hc18_dir=args.hc18_dir,
                    progress=lambda line: print(line, flush=True),
-                   unseen_test_ok=args.unseen_test_ok)
+                   unseen_test_ok=args.unseen_test_ok, part=args.part,
+                   model_options=({'moments': args.moments} if args.moments
+                                  else None))
     name = args.name or '+'.join(scores.members) + (
-        '+flip' if args.tta_flip else '')
+        '+flip' if args.tta_flip else '') + (
+            f'+{args.moments}' if args.moments else '') + (
+                '+val' if args.part == 'val' else '')
     print(format_report(scores, name, args.worst))
+    if args.quality_thresholds:
+      print(format_flag_table(flag_table(scores.rows,
+                                         args.quality_thresholds)))
     if args.out:
       write_rows(args.out, scores)
       print(f'wrote {args.out}')

@@ -12,11 +12,15 @@ images get the very predictions in its `predictions_test.csv`. Only the
 model's parameters and batch statistics are restored from the best
 checkpoint (`hc_jax.runs`); the optimiser state is never read.
 
-Two kinds of model are told apart by their output. A label model returns
-`[B]`, the normalised HC (times the run's `normaliser_px`: HC in px). An
-ellipse model (`hcnet_ellipse`) returns `[B, 6]`, decoded by
-`hc_jax.ellipse_head.predict_ellipse` into the head's ellipse and its HC in
-pixels of the ORIGINAL image, using each image's own resize geometry
+Each model declares its output kind (`models.output_kind`). A label model
+('hc') returns `[B]`, the normalised HC (times the run's `normaliser_px`: HC
+in px). An ellipse model ('ellipse', `hcnet_ellipse`) returns `[B, 6]`,
+decoded by `hc_jax.ellipse_head.decode`; a mask model ('mask',
+`hcnet_mask`) returns a head mask whose moments give the ellipse
+(`hc_jax.mask_head`), and a quality signal, the soft IoU of the mask and
+that ellipse, below `min_quality` of which a prediction is 'uncertain'. Both
+give the head's ellipse in model-input pixels, from which its HC in pixels of
+the ORIGINAL image follows through each image's own resize geometry
 (`prepare.resize_geometry` of its size, the run's input shape and resize
 mode). Ellipses are `[center_x, center_y, semi_axis_a, semi_axis_b,
 angle_rad]`, x the column and y the row, a >= b, the angle of a from +x
@@ -30,7 +34,8 @@ its perimeter is that HC. The mirror's ellipse is mirrored back in
 model-input pixels (x -> W - 1 - x, angle -> pi - angle) first.
 
 Each prediction gets a status: 'ok'; 'uncertain' (a fold ensemble whose
-runs' SD in mm is above `max_sd_mm`); 'implausible' (HC outside the
+runs' SD in mm is above `max_sd_mm`, or a mask model's quality below
+`min_quality`); 'implausible' (HC outside the
 plausible range: HC18's span, the training range where recorded, each
 widened by `RANGE_MARGIN`, and in px what fits in the image); or 'refused'
 (a (nearly) constant image, or one smaller than the model input).
@@ -59,6 +64,10 @@ RANGE_MARGIN = 0.1
 # Fold-ensemble SD (mm) above which a prediction is 'uncertain'. Runs of one
 # config trained on different folds of HC18 agree to a few mm.
 DEFAULT_MAX_SD_MM = 10.0
+# A mask model's quality (soft IoU of its mask and its moments' ellipse, the
+# mean over the runs) below which a prediction is 'uncertain'; see
+# docs/results.md ("The quality signal") for how it was chosen.
+DEFAULT_MIN_QUALITY = 0.0
 # A scan's pixel values vary; below this SD (grey levels) there is no image.
 MIN_PIXEL_SD = 1.0
 # Inference builds every model with Flax's own layers: `hc_jax.fast_layers`
@@ -145,8 +154,9 @@ class Predictor:
       the runs did not record it.
     train_hc_px: (min, max) HC in px of the training images, or None.
     image_width: columns of the model input; 0 for a square one.
-    predicts_ellipse: whether the model is an ellipse model (its output is
-      `[B, 6]`, see `hc_jax.ellipse_head`) rather than a label model (`[B]`).
+    kind: the model's declared output kind, 'hc', 'ellipse' or 'mask'
+      (`models.output_kind`).
+    mask_grid: a mask model's (stride, margin in cells), else None.
   """
   runs: list[str]
   image_size: int
@@ -158,7 +168,13 @@ class Predictor:
   train_hc_mm: tuple[float, float] | None = None
   train_hc_px: tuple[float, float] | None = None
   image_width: int = 0
-  predicts_ellipse: bool = False
+  kind: str = 'hc'
+  mask_grid: tuple[int, int] | None = None
+
+  @property
+  def predicts_ellipse(self) -> bool:
+    """Whether the model gives the head's ellipse (kind 'ellipse' or 'mask')."""
+    return self.kind in ('ellipse', 'mask')
 
   @property
   def is_ensemble(self) -> bool:
@@ -215,7 +231,8 @@ class Predictor:
                        f'{image.shape}')
     return self._prepare(image[..., None]).numpy()
 
-  def _check(self, hc_px, hc_mm, hc_mm_sd, image_shape, max_sd_mm):
+  def _check(self, hc_px, hc_mm, hc_mm_sd, image_shape, max_sd_mm,
+             quality=math.nan, min_quality=0.0):
     """(status, message) of one prediction."""
     low, high = self.plausible_px(image_shape)
     if not low <= hc_px <= high:  # Also for NaN.
@@ -229,12 +246,17 @@ class Predictor:
       if hc_mm_sd > max_sd_mm:  # False for NaN (a single run).
         return 'uncertain', (f'the ensemble\'s runs disagree: SD '
                              f'{hc_mm_sd:.1f} mm > {max_sd_mm:g} mm')
+    if quality < min_quality:  # False for NaN (no quality signal).
+      return 'uncertain', (f'the head mask is not an ellipse: quality '
+                           f'{quality:.3f} < {min_quality:g}')
     return 'ok', ''
 
   def __call__(self, images: Sequence[np.ndarray],
                pixel_sizes_mm: Sequence[float | None] | None = None,
                tta_flip: bool = False,
-               max_sd_mm: float = DEFAULT_MAX_SD_MM) -> dict[str, np.ndarray]:
+               max_sd_mm: float = DEFAULT_MAX_SD_MM,
+               min_quality: float | None = None,
+               keep_masks: bool = False) -> dict[str, np.ndarray]:
     """Predicts HC (and an ellipse model's ellipse) for a list of scans.
 
     Args:
@@ -244,6 +266,11 @@ class Predictor:
       tta_flip: average each run's predictions on the scan and on its
         left-right mirror.
       max_sd_mm: an ensemble SD above this makes a prediction 'uncertain'.
+      min_quality: a mask model's quality below this makes a prediction
+        'uncertain' (None: `DEFAULT_MIN_QUALITY`).
+      keep_masks: a mask model also returns 'mask', each image's mean soft
+        mask over the runs (and views) on the model's grid, and
+        'mask_outline', its 0.5 contour as points in original pixels.
 
     Returns:
       {'hc_px': HC in px of the original image, 'hc_mm': HC in mm (NaN where
@@ -255,12 +282,15 @@ class Predictor:
       angle]` in px of the original image (`combine_ellipses` of the runs'
       and views' ellipses; its perimeter is 'hc_px'), and 'ellipse_mm', the
       same with the centre and semi-axes times the pixel size (NaN where it
-      is unknown); NaN rows for refused images.
+      is unknown); NaN rows for refused images. A mask model adds
+      'quality' [N], the mean over the runs and views (NaN for others).
 
     Raises:
       ValueError: for an image that is not a 2D uint8 array.
-      PredictError: when the model's output is neither `[B]` nor `[B, 6]`.
+      PredictError: when the model's output is not what its kind declares.
     """
+    if min_quality is None:
+      min_quality = DEFAULT_MIN_QUALITY
     num_images = len(images)
     if pixel_sizes_mm is None:
       pixel_sizes_mm = [None] * num_images
@@ -283,57 +313,116 @@ class Predictor:
       else:
         inputs[i] = prepared
     views = [inputs, inputs[:, :, ::-1]] if tta_flip else [inputs]
-    outputs = self._outputs(views)  # [views, runs, N] or [views, runs, N, 6].
+    outputs = self._outputs(views)  # [views, runs, N] or [views, runs, N, 5].
     out = {}
-    if outputs.ndim == 4:
-      hc_px = self._decode_ellipses(outputs, images, out)
+    if self.predicts_ellipse:
+      hc_px = self._decode_ellipses(outputs['value'], images, out)
     else:
-      hc_px = outputs.mean(0) * np.asarray(self.normalisers_px)[:, None]
+      hc_px = outputs['value'].mean(0) * np.asarray(self.normalisers_px)[:, None]
     hc_mm = hc_px * pixel_size
     out.update({
         'hc_px': hc_px.mean(axis=0),
         'hc_mm': hc_mm.mean(axis=0),
         'hc_mm_sd': (hc_mm.std(axis=0, ddof=1) if self.is_ensemble else
                      np.full(num_images, math.nan)),
+        'quality': outputs['quality'].mean(axis=(0, 1)),
     })
     if 'ellipse_px' in out:
       out['ellipse_px'] = combine_ellipses(out['ellipse_px'], out['hc_px'])
       out['ellipse_mm'] = out['ellipse_px'].copy()
       out['ellipse_mm'][:, :4] *= pixel_size[:, None]
+    if keep_masks and 'mask' in outputs:
+      out['mask'] = outputs['mask']
+      out['mask_outline'] = self._outlines(outputs['mask'], images)
     for i in range(num_images):
       if status[i] == 'refused':
         for key in out:
-          out[key][i] = math.nan
+          if key != 'mask_outline':
+            out[key][i] = math.nan
+        if 'mask_outline' in out:
+          out['mask_outline'][i] = np.zeros((0, 2))
       else:
         status[i], message[i] = self._check(
             out['hc_px'][i], out['hc_mm'][i], out['hc_mm_sd'][i],
-            np.shape(images[i]), max_sd_mm)
+            np.shape(images[i]), max_sd_mm, out['quality'][i], min_quality)
     out.update(status=status, message=message)
     return out
 
-  def _outputs(self, views: Sequence[np.ndarray]) -> np.ndarray:
-    """Every run's output on every view, float64 [views, runs, N, ...]."""
+  def _outputs(self, views: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every run's output on every view.
+
+    Returns:
+      {'value': float64 [views, runs, N] (normalised HC) or [views, runs, N,
+      5] (the ellipse in model-input pixels, views as given), 'quality':
+      [views, runs, N] (NaN but for a mask model)}; a mask model adds 'mask',
+      float32 [N, rows, cols], the mean soft mask over runs and views (the
+      mirror's mirrored back).
+    """
     num_images = len(views[0])
-    outputs = np.zeros([len(views), len(self.runs), num_images] + (
-        [6] if self.predicts_ellipse else []), np.float64)
+    value = np.zeros([len(views), len(self.runs), num_images] + (
+        [5] if self.predicts_ellipse else []), np.float64)
+    quality = np.full([len(views), len(self.runs), num_images], math.nan)
+    mask = None
     for start in range(0, num_images, BATCH_SIZE):
       stop = min(start + BATCH_SIZE, num_images)
       for v, view in enumerate(views):
         batch = np.zeros([BATCH_SIZE] + list(view.shape[1:]), np.float32)
         batch[:stop - start] = view[start:stop]  # Padded: one compiled shape.
         for member, variables in enumerate(self._variables):
-          out = np.asarray(self._forward(variables, batch), np.float64)
-          if out.shape[1:] != outputs.shape[3:]:
+          out = {k: np.asarray(x) for k, x in
+                 self._forward(variables, batch).items()}
+          if out['value'].shape[1:] != value.shape[3:]:
             raise PredictError(
-                f'the model returns {list(out.shape)} for a batch of '
-                f'{BATCH_SIZE}; expected [{BATCH_SIZE}] (HC) or '
-                f'[{BATCH_SIZE}, 6] (an ellipse)')
-          outputs[v, member, start:stop] = out[:stop - start]
-    return outputs
+                f'the model returns {list(out["value"].shape)} for a batch '
+                f'of {BATCH_SIZE}; its kind {self.kind!r} needs '
+                f'{[BATCH_SIZE] + list(value.shape[3:])}')
+          value[v, member, start:stop] = out['value'][:stop - start]
+          if 'quality' in out:
+            quality[v, member, start:stop] = out['quality'][:stop - start]
+          if 'mask' in out:
+            if mask is None:
+              mask = np.zeros((num_images,) + out['mask'].shape[1:],
+                              np.float32)
+            part = out['mask'][:stop - start]
+            mask[start:stop] += part[:, :, ::-1] if v == 1 else part
+    result = {'value': value, 'quality': quality}
+    if mask is not None:
+      result['mask'] = mask / (len(views) * len(self.runs))
+    return result
 
-  def _decode_ellipses(self, outputs: np.ndarray, images, out: dict
+  def _resize(self, images) -> np.ndarray:
+    """[N, 4] resize geometry of each image into the model input."""
+    from hc_jax import prepare  # pylint: disable=import-outside-toplevel
+    original_hw = np.array([np.shape(image)[:2] for image in images],
+                           np.int64).reshape(-1, 2)
+    return prepare.resize_geometry(np.maximum(original_hw, 1),
+                                   self.input_shape, self.resize_mode)
+
+  def _outlines(self, masks: np.ndarray, images) -> list[np.ndarray]:
+    """The 0.5 contour of each soft mask: [K, 2] (x, y) in original pixels.
+
+    The points are the centres of the mask cells inside (p >= 0.5) with a
+    4-neighbour outside, mapped through the image's resize geometry.
+    """
+    from hc_jax import mask_head  # pylint: disable=import-outside-toplevel
+    stride, cells = self.mask_grid
+    rows, cols = masks.shape[1:]
+    x, y = (np.asarray(a, np.float64) for a in
+            mask_head.grid_coordinates(rows, cols, stride, cells))
+    resize = self._resize(images)
+    outlines = []
+    for mask, (sx, sy, ox, oy) in zip(masks, resize):
+      inside = mask >= 0.5
+      padded = np.pad(inside, 1)
+      edge = inside & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] &
+                        padded[1:-1, :-2] & padded[1:-1, 2:])
+      i, j = np.nonzero(edge)
+      outlines.append(np.stack([(x[j] - ox) / sx, (y[i] - oy) / sy], -1))
+    return outlines
+
+  def _decode_ellipses(self, ellipse_in: np.ndarray, images, out: dict
                        ) -> np.ndarray:
-    """Decodes an ellipse model's outputs [views, runs, N, 6].
+    """The ellipses [views, runs, N, 5] in model-input pixels -> original.
 
     Sets out['ellipse_px'] to every run's and view's ellipse in original
     pixels, [views * runs, N, 5], and returns each run's HC in px [runs, N],
@@ -341,21 +430,16 @@ class Predictor:
     """
     # pylint: disable=import-outside-toplevel
     from hc_jax import ellipse_head
-    from hc_jax import prepare
-    num_views, num_runs, num_images = outputs.shape[:3]
-    height, width = self.input_shape
-    original_hw = np.array([np.shape(image)[:2] for image in images],
-                           np.int64).reshape(-1, 2)
-    resize = prepare.resize_geometry(np.maximum(original_hw, 1),
-                                     (height, width), self.resize_mode)
-    resize = np.broadcast_to(resize, outputs.shape[:3] + (4,))
-    decoded = ellipse_head.predict_ellipse(outputs, resize, height, width)
-    hc_px = np.asarray(decoded['hc_px'], np.float64)  # Mirroring keeps it.
-    ellipses = np.asarray(decoded['ellipse_px'], np.float64)
+    num_views, num_runs, num_images = ellipse_in.shape[:3]
+    width = self.input_shape[1]
+    ellipse_in = np.array(ellipse_in, np.float64)
     if num_views == 2:  # The mirror's ellipses, mirrored back.
-      ellipses[1] = np.asarray(ellipse_head.to_original_pixels(
-          mirror_ellipses(decoded['ellipse_in'][1], width).astype(np.float32),
-          resize[1]), np.float64)
+      ellipse_in[1] = mirror_ellipses(ellipse_in[1], width)
+    resize = np.broadcast_to(self._resize(images), ellipse_in.shape[:3] + (4,))
+    ellipse_in = ellipse_in.astype(np.float32)
+    hc_px = np.asarray(ellipse_head.hc_px(ellipse_in, resize), np.float64)
+    ellipses = np.asarray(ellipse_head.to_original_pixels(ellipse_in, resize),
+                          np.float64)
     out['ellipse_px'] = ellipses.reshape(num_views * num_runs, num_images, 5)
     return hc_px.mean(0)
 
@@ -367,12 +451,14 @@ def _hide_gpus_from_tf(tf):
     pass
 
 
-def load(workdir: str) -> Predictor:
+def load(workdir: str, model_options: dict | None = None) -> Predictor:
   """Loads a finished run, or a grid of runs as an ensemble.
 
   Args:
     workdir: a run directory (config.json, results.json, checkpoints/best) or
       a directory of such runs of the same model config (e.g. fold0..fold4).
+    model_options: model fields to set other than as trained, which change
+      no parameter (e.g. a mask model's `moments`), or None.
 
   Returns:
     A `Predictor`.
@@ -398,6 +484,8 @@ def load(workdir: str) -> Predictor:
   config_path = os.path.join(runs[0], 'config.json')
   try:
     config = ml_collections.ConfigDict({**configs[0], 'layers': LAYERS})
+    if model_options:
+      config.model_options.update(model_options)
     height, width = prepare.input_shape(config)
     if min(height, width) < 1:
       raise ValueError(f'the model input is {width}x{height} px')
@@ -407,12 +495,17 @@ def load(workdir: str) -> Predictor:
     abstract = jax.eval_shape(
         functools.partial(model.init, train=False), jax.random.key(0),
         jnp.zeros((1, height, width, 1), jnp.float32))
+    kind = models.output_kind(config)
+    forward = _forward_of(model, kind, height, width)
     output = jax.eval_shape(
-        functools.partial(model.apply, train=False), abstract,
-        jax.ShapeDtypeStruct((2, height, width, 1), jnp.float32))
-    if output.shape not in ((2,), (2, 6)):
+        forward, abstract, jax.ShapeDtypeStruct((2, height, width, 1),
+                                                jnp.float32))['value']
+    expected = {'hc': (2,), 'ellipse': (2, 5), 'mask': (2, 5)}[kind]
+    if output.shape != expected:
       raise ValueError(f'the model returns {list(output.shape)} for 2 images; '
-                       'expected [2] (HC) or [2, 6] (an ellipse)')
+                       f'its kind {kind!r} needs {list(expected)}')
+    mask_grid = ((model.stride, model.margin // model.stride)
+                 if kind == 'mask' else None)
   except Exception as e:  # pylint: disable=broad-except  # Any config error.
     raise runs_lib.PredictError(
         f'{config_path}: cannot build the model ({runs_lib.error_line(e)})'
@@ -427,10 +520,32 @@ def load(workdir: str) -> Predictor:
     resized = preprocess.resize(image, (height, width), config.resize_mode)
     return preprocess.zscore(preprocess.to_uint8(resized))
 
-  forward = jax.jit(functools.partial(model.apply, train=False))
   return Predictor(runs=runs, image_size=height, image_width=width,
                    resize_mode=config.resize_mode,
                    normalisers_px=normalisers_px, _variables=variables,
-                   _forward=forward, _prepare=prepare_image,
+                   _forward=jax.jit(forward), _prepare=prepare_image,
                    train_hc_mm=train_hc_mm, train_hc_px=train_hc_px,
-                   predicts_ellipse=output.shape == (2, 6))
+                   kind=kind, mask_grid=mask_grid)
+
+
+def _forward_of(model, kind: str, height: int, width: int):
+  """`(variables, images) -> {'value', ...}` for a model of kind `kind`.
+
+  'value' is the normalised HC `[B]` ('hc') or the ellipse `[B, 5]` in
+  model-input pixels ('ellipse', 'mask'); a mask model adds 'quality' `[B]`
+  and 'mask', its soft mask.
+  """
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from hc_jax import ellipse_head
+
+  def forward(variables, images):
+    out = model.apply(variables, images, train=False)
+    if kind == 'hc':
+      return {'value': out}
+    if kind == 'ellipse':
+      return {'value': ellipse_head.decode(out, height, width)}
+    return {'value': out['ellipse_in'], 'quality': out['quality'],
+            'mask': jax.nn.sigmoid(out['logits'])}
+
+  return forward

@@ -114,6 +114,8 @@ COLUMNS = ('filename', 'pixel_size_mm', 'hc_px', 'hc_mm', 'hc_mm_sd',
 ELLIPSE_COLUMNS = ('center_x_px', 'center_y_px', 'semi_axis_a_px',
                    'semi_axis_b_px', 'angle_rad', 'center_x_mm', 'center_y_mm',
                    'semi_axis_a_mm', 'semi_axis_b_mm')
+# Added after those for a mask model: its quality signal.
+MASK_COLUMNS = ('quality',)
 STATUSES = ('ok', 'uncertain', 'implausible', 'refused', 'error')
 # Exit codes of the command line.
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
@@ -139,7 +141,8 @@ _DESCRIPTION = 'Predict HC (and gestational age) for new scans.'
 _EPILOG = f"""\
 status of each row (the CSV's `status`; `message` says why unless ok):
   ok           predicted and plausible
-  uncertain    fold ensemble SD above --max-sd-mm (pixel size known)
+  uncertain    fold ensemble SD above --max-sd-mm (pixel size known), or a
+               mask model's quality below --min-quality
   implausible  HC outside HC18's {HC18_HC_MM[0]:g}-{HC18_HC_MM[1]:g} mm, the model's training
                range, or what fits in the image (each widened by
                {RANGE_MARGIN:.0%}); HC is written, no gestational age
@@ -155,6 +158,9 @@ row, semi-axes a >= b, angle_rad the angle of a from +x towards +y, i.e.
 clockwise on the screen, in [0, pi)); overlays draw it:
   {", ".join(ELLIPSE_COLUMNS[:5])},
   {", ".join(ELLIPSE_COLUMNS[5:])}
+mask models (hcnet_mask) add {", ".join(MASK_COLUMNS)}, the soft IoU of the
+head mask and the ellipse of its moments (1: the mask is an ellipse); overlays
+also draw the mask's outline (red dots)
 
 --submission FILE: the HC18 challenge CSV, one row per image (its base name):
   {",".join(SUBMISSION_COLUMNS)}
@@ -199,6 +205,11 @@ def _parse_args(argv):
                       type=float, default=DEFAULT_MAX_SD_MM,
                       help='ensemble SD (mm) above which a prediction is '
                       f'uncertain (default {DEFAULT_MAX_SD_MM:g})')
+  parser.add_argument('--min-quality', '--min_quality', dest='min_quality',
+                      type=float, default=inference.DEFAULT_MIN_QUALITY,
+                      help='a mask model\'s quality below which a prediction '
+                      'is uncertain (default '
+                      f'{inference.DEFAULT_MIN_QUALITY:g})')
   parser.add_argument('--submission',
                       help='also write the HC18 challenge CSV (ellipse '
                       'models; every pixel size needed), see below')
@@ -225,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
       if not math.isfinite(args.max_sd_mm) or args.max_sd_mm < 0:
         raise PredictError(f'--max-sd-mm must be >= 0, got {args.max_sd_mm}')
+      if not 0 <= args.min_quality <= 1:  # False for NaN.
+        raise PredictError(f'--min-quality must be in [0, 1], got '
+                           f'{args.min_quality}')
       check_writable(args.out, '--out')
       if args.overlays:
         try:
@@ -244,8 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise PredictError('--submission needs a model that predicts the '
                            f'ellipse; {args.workdir} predicts HC only')
       rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args)
-      write_rows(args.out, rows, COLUMNS + ELLIPSE_COLUMNS
-                 if predictor.predicts_ellipse else COLUMNS)
+      write_rows(args.out, rows, COLUMNS + (
+          ELLIPSE_COLUMNS if predictor.predicts_ellipse else ()) + (
+              MASK_COLUMNS if predictor.kind == 'mask' else ()))
       missing = [name for name in files if name not in ellipses_mm]
       if args.submission and not missing:
         write_submission(args.submission, ellipses_mm)
@@ -300,7 +315,9 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
     if chunk:
       out = predictor([image for _, image in chunk],
                       [row['pixel_size_mm'] or None for row, _ in chunk],
-                      tta_flip=args.tta_flip, max_sd_mm=args.max_sd_mm)
+                      tta_flip=args.tta_flip, max_sd_mm=args.max_sd_mm,
+                      min_quality=args.min_quality,
+                      keep_masks=bool(args.overlays))
       for i, (row, image) in enumerate(chunk):
         row.update(status=out['status'][i], message=out['message'][i])
         if row['status'] == 'refused':
@@ -314,6 +331,8 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
           row.update(_ellipse_cells(ellipse, out['ellipse_mm'][i]))
           if math.isfinite(out['ellipse_mm'][i][0]):
             ellipses_mm[row['filename']] = list(out['ellipse_mm'][i])
+        if predictor.kind == 'mask':
+          row['quality'] = _fmt(out['quality'][i], 4)
         if row['status'] != 'implausible':
           ga_weeks = gestational_age.hadlock_ga_weeks(out['hc_mm'][i])
           row.update(ga_weeks=_fmt(ga_weeks, 2),
@@ -324,7 +343,9 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
               os.path.splitext(row['filename'])[0] + OVERLAY_SUFFIX)
           try:
             os.makedirs(os.path.dirname(overlay), exist_ok=True)
-            write_overlay(image, _overlay_lines(row), overlay, ellipse)
+            write_overlay(image, _overlay_lines(row), overlay, ellipse,
+                          out['mask_outline'][i] if 'mask_outline' in out
+                          else None)
           except OSError as e:
             raise PredictError(f'overlay {overlay} cannot be written '
                                f'({e.strerror or e})') from None

@@ -276,7 +276,8 @@ def ellipse_points(ellipse: Sequence[float], num_points: int = 360
 
 
 def write_overlay(image: np.ndarray, lines: Sequence[str], path: str,
-                  ellipse: Sequence[float] | None = None) -> None:
+                  ellipse: Sequence[float] | None = None,
+                  outline: np.ndarray | None = None) -> None:
   """Writes the scan as RGB with `lines` of text in its top-left corner.
 
   Args:
@@ -284,12 +285,19 @@ def write_overlay(image: np.ndarray, lines: Sequence[str], path: str,
     lines: the text.
     path: the PNG to write.
     ellipse: `[cx, cy, a, b, angle]` in the scan's pixels, drawn as an
-      outline, or None.
+      outline (green), or None.
+    outline: `[K, 2]` (x, y) points of a head mask's outline in the scan's
+      pixels, drawn as red dots, or None.
   """
   # pylint: disable=import-outside-toplevel
   from PIL import Image, ImageDraw, ImageFont
   canvas = Image.fromarray(image).convert('RGB')
   draw = ImageDraw.Draw(canvas)
+  if outline is not None:
+    radius = max(1, image.shape[0] // 300)
+    for x, y in np.asarray(outline, np.float64).reshape(-1, 2):
+      draw.ellipse((x - radius, y - radius, x + radius, y + radius),
+                   fill=(255, 40, 40))
   if ellipse is not None and np.all(np.isfinite(ellipse)):
     points = [tuple(p) for p in ellipse_points(ellipse)]
     draw.line(points + points[:1], fill=(0, 255, 0),
