@@ -184,3 +184,23 @@ def test_grid_require_accelerator_stops_on_a_cpu(export, tmp_path):
   assert result.returncode == 2
   assert 'error: JAX found no GPU or TPU' in result.stderr
   assert not (tmp_path / 'grid').exists()
+
+
+def test_the_dense_model_trains_stacked_from_the_export_without_tensorflow(
+    export, tmp_path):
+  """docs/gpu.md's dense-model recipe: two folds of hcnet_mask in one step."""
+  env = tf_free_env(tmp_path)
+  root = tmp_path / 'grid'
+  result = _python(['-m', 'hc_jax.grid', '--configs=configs/hcnet_mask.py',
+                    '--folds=0,1', f'--root={root}', '--stack',
+                    f'--config.data.prepared={export}',
+                    '--config.image_size=32', '--config.image_width=0',
+                    '--config.model_options.widths=(4,8,8,8)',
+                    '--config.num_epochs=1', '--config.eval_batch_size=8',
+                    '--config.members_per_call=vmap'], env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for fold in (0, 1):
+    results = json.loads((root / 'hcnet_mask' / f'fold{fold}' /
+                          'results.json').read_text())
+    assert results['num_members'] == 2
+    assert np.isfinite(results['test_mae_mm'])

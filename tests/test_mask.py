@@ -296,3 +296,77 @@ def test_the_mask_model_learns_eight_phantoms():
   assert np.isfinite(float(loss))
   after = hc_error(state)
   assert after < 0.1 and after < before / 3, (before, after)
+
+
+@pytest.fixture(scope='module')
+def mask_run(phantom_hc18, tmp_path_factory):
+  """A finished tiny hcnet_mask run on the phantoms (32x48, 2 epochs)."""
+  from configs import hcnet_mask as mask_config  # pylint: disable=import-outside-toplevel
+  config = mask_config.get_config()
+  config.data.hc18_dir, config.data.cache_dir = phantom_hc18
+  config.image_size, config.image_width = 32, 48
+  config.model_options.widths = (4, 8, 8, 8)
+  config.model_options.margin = 4
+  config.num_epochs = 2
+  config.warmup_epochs = 1
+  config.eval_batch_size = 8
+  workdir = str(tmp_path_factory.mktemp('mask_run') / 'fold0')
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_predict_reproduces_a_mask_runs_test_predictions(mask_run, phantom_hc18):
+  from hc_jax import inference  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(mask_run, train.PREDICTIONS_FILE), newline='') as f:
+    rows = list(csv.DictReader(f))
+  images = [hc18.read_grayscale(os.path.join(
+      phantom_hc18[0], 'training_set', r['filename']))[0] for r in rows]
+  pixel_sizes = [float(r['pixel_size_mm']) for r in rows]
+  predictor = inference.load(mask_run)
+  assert predictor.kind == 'mask' and predictor.predicts_ellipse
+  out = predictor(images, pixel_sizes, keep_masks=True)
+  np.testing.assert_allclose(out['hc_mm'], [float(r['hc_mm_pred'])
+                                            for r in rows], atol=1e-2)
+  assert np.all((out['quality'] >= 0) & (out['quality'] <= 1))
+  # The reported ellipse is the moments' ellipse: its perimeter is the HC.
+  perimeter = ellipse_lib.ramanujan_perimeter(out['ellipse_px'][:, 2],
+                                              out['ellipse_px'][:, 3])
+  np.testing.assert_allclose(perimeter, out['hc_px'], rtol=1e-4)
+  assert len(out['mask_outline']) == len(images)
+  # Every quality below the threshold makes the prediction 'uncertain'.
+  strict = predictor(images, pixel_sizes, min_quality=1.0)
+  was_ok = out['status'] == 'ok'
+  assert np.all(strict['status'][was_ok] == 'uncertain')
+  assert np.all(strict['status'][~was_ok] == out['status'][~was_ok])
+
+
+def test_low_quality_is_uncertain():
+  from hc_jax import inference  # pylint: disable=import-outside-toplevel
+  predictor = inference.Predictor(
+      runs=['run'], image_size=32, resize_mode='stretch',
+      normalisers_px=[1.0], _variables=[None], _forward=None, _prepare=None,
+      kind='mask', mask_grid=(2, 2))
+  check = functools.partial(predictor._check, 1000.0, 150.0, math.nan,
+                            (540, 800), 10.0)
+  assert check(0.9, 0.8) == ('ok', '')
+  status, message = check(0.7, 0.8)
+  assert status == 'uncertain' and 'quality 0.700 < 0.8' in message
+  assert check(math.nan, 0.8) == ('ok', '')  # No signal: nothing to flag.
+
+
+def test_predict_cli_writes_quality_and_mask_overlays(mask_run, phantom_hc18,
+                                                      tmp_path):
+  from hc_jax import predict  # pylint: disable=import-outside-toplevel
+  out, overlays = tmp_path / 'hc.csv', tmp_path / 'overlays'
+  code = predict.main([f'--workdir={mask_run}',
+                       f'--images={phantom_hc18[0]}/test_set',
+                       f'--out={out}', f'--overlays={overlays}', '--tta-flip'])
+  assert code in (0, 1)
+  with open(out, newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert rows and 'quality' in rows[0] and 'center_x_px' in rows[0]
+  assert all(r['quality'] for r in rows if r['status'] != 'refused')
+  assert len(os.listdir(overlays)) == len(rows)
+  assert predict.main([f'--workdir={mask_run}',
+                       f'--images={phantom_hc18[0]}/test_set',
+                       f'--out={out}', '--min-quality=2']) == 2

@@ -428,7 +428,7 @@ def _stub(member_scales=(1.0,), image_size=32, train_hc_mm=None,
     return _Prepared(prepared)
 
   def forward(scale, batch):
-    return batch[:, 0, 0, 0] * scale
+    return {'value': batch[:, 0, 0, 0] * scale}
 
   return predict.Predictor(
       runs=[f'run{i}' for i in range(len(member_scales))],
@@ -752,14 +752,14 @@ def _ellipse_stub(a_in=12.0, b_in=8.0, member_scales=(1.0,)):
                                       ellipse_head.MIN_SEMI_AXIS) -
                      ellipse_head.SOFTPLUS_SHIFT for axis in (a_in, b_in)]
       raw[i, 4:] = np.cos(2 * angle), np.sin(2 * angle)
-    return raw
+    return {'value': np.asarray(ellipse_head.decode(raw, size, size))}
 
   return predict.Predictor(
       runs=[f'run{i}' for i in range(len(member_scales))],
       image_size=size, resize_mode='stretch',
       normalisers_px=[1.0] * len(member_scales),
       _variables=list(member_scales), _forward=forward, _prepare=prepare,
-      predicts_ellipse=True)
+      kind='ellipse')
 
 
 def _bright_scan(row, col, seed=0):

@@ -122,7 +122,7 @@ def test_submission_needs_an_ellipse_model(scans, tmp_path, monkeypatch,
   label_model = predict.Predictor(
       runs=['run'], image_size=32, resize_mode='stretch',
       normalisers_px=[1000.0], _variables=[None],
-      _forward=lambda variables, batch: np.full(len(batch), 0.5),
+      _forward=lambda variables, batch: {'value': np.full(len(batch), 0.5)},
       _prepare=lambda image: None)
   monkeypatch.setattr(predict, 'load', lambda workdir: label_model)
   out, submission = tmp_path / 'p.csv', tmp_path / 'submission.csv'
