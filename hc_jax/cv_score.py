@@ -691,6 +691,10 @@ def _parse_args(argv) -> argparse.Namespace:
   parser.add_argument('--moments', choices=('plain', 'window'),
                       help='mask models: the moment pass to use, if not the '
                       'one trained with (no parameter depends on it)')
+  parser.add_argument('--window_radius', '--window-radius',
+                      dest='window_radius', type=float,
+                      help='mask models: the window\'s normalised radius of '
+                      'moments=window, if not the one trained with')
   parser.add_argument('--quality_thresholds', '--quality-thresholds',
                       dest='quality_thresholds',
                       help='mask models: comma-separated quality thresholds '
@@ -726,14 +730,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.summary_csv:
       check_summary_csv(args.summary_csv)
     cli.quiet_logs()
+    options = {k: v for k, v in (('moments', args.moments),
+                                 ('window_radius', args.window_radius))
+               if v is not None}
     scores = score(args.runs, tta_flip=args.tta_flip, hc18_dir=args.hc18_dir,
                    progress=lambda line: print(line, flush=True),
                    unseen_test_ok=args.unseen_test_ok, part=args.part,
-                   model_options=({'moments': args.moments} if args.moments
-                                  else None))
+                   model_options=options or None)
     name = args.name or '+'.join(scores.members) + (
-        '+flip' if args.tta_flip else '') + (
-            f'+{args.moments}' if args.moments else '') + (
+        '+flip' if args.tta_flip else '') + ''.join(
+            f'+{k}={v}' for k, v in options.items()) + (
                 '+val' if args.part == 'val' else '')
     print(format_report(scores, name, args.worst))
     if args.quality_thresholds:

@@ -257,3 +257,33 @@ def test_bad_runs_are_one_line_errors(members, phantom_hc18, tmp_path, capsys):
   # A directory that is not HC18.
   assert cv_score.main([f'--runs={members[0]}', f'--hc18_dir={tmp_path}']) == 2
   assert 'holds no training_set_pixel_size_and_HC.csv' in _error_line(capsys)
+
+
+def test_validation_part_reproduces_the_trainers_validation_mae(members):
+  """--part=val scores each fold's validation part, not its test fold."""
+  val = cv_score.score(members[:1], part='val')
+  assert val.part == 'val'
+  for fold in FOLDS:
+    run = os.path.join(members[0], f'fold{fold}')
+    assignment = cv_score.read_assignment(run)
+    names = sorted(r['filename'] for r in val.rows if r['fold'] == fold)
+    assert names == sorted(assignment.split(fold)['val'])
+    assert not set(names) & set(assignment.split(fold)['test'])
+    with open(os.path.join(run, 'metrics.jsonl')) as f:
+      last = [json.loads(line) for line in f if 'val_mae_mm' in line][-1]
+    assert val.folds[fold]['mae_mm'] == pytest.approx(last['val_mae_mm'],
+                                                      rel=1e-3)
+  with pytest.raises(cv_score.ScoreError, match='part must be one of'):
+    cv_score.score(members[:1], part='train')
+
+
+def test_flag_table_counts_what_a_threshold_catches():
+  rows = [{'quality': q, 'error_mm': e} for q, e in
+          [(0.95, 1.0), (0.9, -2.0), (0.6, 12.0), (0.5, -25.0), (0.85, 6.0)]]
+  table = cv_score.flag_table(rows, [0.7, 0.88])
+  assert table[0]['flagged'] == 2 and table[0]['caught_10'] == 2
+  assert table[0]['over_5'] == 3 and table[0]['caught_5'] == 2
+  assert table[0]['over_20'] == 1 and table[0]['caught_20'] == 1
+  assert table[1]['flagged'] == 3 and table[1]['caught_5'] == 3
+  assert table[1]['good_flagged'] == 0
+  assert '2 / 2' in cv_score.format_flag_table(table)
