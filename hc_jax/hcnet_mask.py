@@ -113,7 +113,11 @@ class HCNetMask(nn.Module):
   layers: str = 'plain'
   dtype: Any = jnp.float32
 
-  def _check(self, x):
+  def __post_init__(self):
+    self._check_fields()
+    super().__post_init__()
+
+  def _check_fields(self):
     levels = len(self.widths)
     if levels < 2 or min(self.widths) < 1:
       raise HCNetMaskError(f'widths must be at least two positive channel '
@@ -125,10 +129,15 @@ class HCNetMask(nn.Module):
     if self.margin < 0 or self.margin % self.stride:
       raise HCNetMaskError(f'margin must be a non-negative multiple of the '
                            f'stride {self.stride}, got {self.margin}')
+    if not self.window_radius > 0:  # False for NaN.
+      raise HCNetMaskError(f'window_radius must be positive, got '
+                           f'{self.window_radius}')
     if self.moments not in mask_head.MOMENT_MODES:
       raise HCNetMaskError(f'moments must be one of '
                            f'{", ".join(mask_head.MOMENT_MODES)}, got '
                            f'{self.moments!r}')
+
+  def _check(self, x):
     if x.ndim != 4:
       raise HCNetMaskError('expected images of shape [batch, height, width, '
                            f'1], got {x.shape}')

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 
 from hc_jax import augment
 
+# The terms of `train_loss` (the config's `mask_loss` weights).
+LOSS_TERMS = ('bce', 'dice', 'hc', 'ellipse')
 # Moment passes a model may use.
 MOMENT_MODES = ('plain', 'window')
 # Sub-cells per side of the coverage rendering.

@@ -31,6 +31,7 @@ and ends the same.
 import contextlib
 import functools
 import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -82,6 +83,16 @@ def check_config(config) -> None:
                'learning_rate'):
     if config[name] <= 0:
       raise ValueError(f'{name} must be positive, got {config[name]}')
+  weights = dict(config.get('mask_loss', {}) or {})
+  unknown = sorted(set(weights) - set(mask_head.LOSS_TERMS))
+  if unknown:
+    raise ValueError(f'mask_loss has no terms {unknown}; it has '
+                     f'{", ".join(mask_head.LOSS_TERMS)}')
+  for name, value in weights.items():
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and
+            value >= 0):
+      raise ValueError(f'mask_loss.{name} must be a finite number >= 0, got '
+                       f'{value!r}')
   augment_lib.AugmentConfig.from_dict(config.augment)  # Raises if bad.
   losses.get_loss(config)
   models.from_config(config)  # Unknown layers, a dtype it cannot honour.

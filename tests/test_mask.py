@@ -169,9 +169,8 @@ def test_the_model_with_attention_runs_and_has_its_parameters():
     (dict(margin=3), 'margin'), (dict(moments='median'), 'moments'),
     (dict(widths=(4,)), 'widths'), (dict(widths=(0, 0, 0)), 'widths')])
 def test_bad_settings_are_one_clear_error(option, message):
-  model = hcnet_mask.HCNetMask(**{'widths': (4, 8, 8, 8), **option})
   with pytest.raises(hcnet_mask.HCNetMaskError, match=message):
-    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False)
+    hcnet_mask.HCNetMask(**{'widths': (4, 8, 8, 8), **option})
 
 
 def test_every_model_declares_its_kind():
@@ -370,3 +369,20 @@ def test_predict_cli_writes_quality_and_mask_overlays(mask_run, phantom_hc18,
   assert predict.main([f'--workdir={mask_run}',
                        f'--images={phantom_hc18[0]}/test_set',
                        f'--out={out}', '--min-quality=2']) == 2
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('mask_loss.dice', -1.0, 'mask_loss.dice must be a finite number >= 0'),
+    ('mask_loss.bce', float('nan'), 'mask_loss.bce must be a finite'),
+    ('model_options.stride', 3, 'stride must be a power of two')])
+def test_bad_mask_settings_fail_before_any_work(field, value, message):
+  from configs import hcnet_mask as mask_config  # pylint: disable=import-outside-toplevel
+  config = mask_config.get_config()
+  group, key = field.split('.')
+  config[group][key] = value
+  with pytest.raises(ValueError, match=message):
+    train.check_config(config)
+  config = mask_config.get_config()
+  config.mask_loss.focal = 1.0
+  with pytest.raises(ValueError, match='mask_loss has no terms'):
+    train.check_config(config)
