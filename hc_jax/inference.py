@@ -65,9 +65,10 @@ RANGE_MARGIN = 0.1
 # config trained on different folds of HC18 agree to a few mm.
 DEFAULT_MAX_SD_MM = 10.0
 # A mask model's quality (soft IoU of its mask and its moments' ellipse, the
-# mean over the runs) below which a prediction is 'uncertain'; see
-# docs/results.md ("The quality signal") for how it was chosen.
-DEFAULT_MIN_QUALITY = 0.0
+# mean over the runs) below which a prediction is 'uncertain': the 10th
+# percentile of hcnet_mask's quality on the five folds' validation parts (364
+# images), chosen there; see docs/results.md ("The quality signal").
+DEFAULT_MIN_QUALITY = 0.959
 # A scan's pixel values vary; below this SD (grey levels) there is no image.
 MIN_PIXEL_SD = 1.0
 # Inference builds every model with Flax's own layers: `hc_jax.fast_layers`
