@@ -452,14 +452,19 @@ def _hide_gpus_from_tf(tf):
     pass
 
 
-def load(workdir: str, model_options: dict | None = None) -> Predictor:
-  """Loads a finished run, or a grid of runs as an ensemble.
+def load(workdir: str | None = None, model_options: dict | None = None,
+         model: str | None = None) -> Predictor:
+  """Loads a finished run, a grid of runs as an ensemble, or a shipped model.
 
   Args:
-    workdir: a run directory (config.json, results.json, checkpoints/best) or
-      a directory of such runs of the same model config (e.g. fold0..fold4).
+    workdir: a run directory (config.json, results.json, checkpoints/best), a
+      directory of such runs of the same model config (e.g. fold0..fold4), or
+      a shipped-model archive (`hc_jax.shipped`, a .npz file); None: the
+      shipped model `model`.
     model_options: model fields to set other than as trained, which change
       no parameter (e.g. a mask model's `moments`), or None.
+    model: the name of a shipped model (`shipped.names()`); None with no
+      `workdir`: `shipped.DEFAULT_MODEL`.
 
   Returns:
     A `Predictor`.
@@ -468,7 +473,15 @@ def load(workdir: str, model_options: dict | None = None) -> Predictor:
     PredictError: no run at `workdir`, an unfinished run, an ensemble of
       mismatched runs, an unreadable config, results or checkpoint file.
   """
-  runs = runs_lib.run_dirs(workdir)  # Before the heavy imports: fail fast.
+  from hc_jax import shipped  # pylint: disable=import-outside-toplevel
+  if workdir is not None and model is not None:
+    raise runs_lib.PredictError('give a workdir or a shipped model, not both')
+  archive = None
+  if workdir is None or shipped.is_archive(workdir):
+    archive = shipped.read(model if workdir is None else workdir)
+    runs = archive.runs
+  else:  # Before the heavy imports: fail fast.
+    runs = runs_lib.run_dirs(workdir)
   # pylint: disable=import-outside-toplevel
   import jax
   import jax.numpy as jnp
@@ -477,12 +490,16 @@ def load(workdir: str, model_options: dict | None = None) -> Predictor:
   from hc_jax import models
   from hc_jax import prepare
   from hc_jax import preprocess
-  configs = runs_lib.read_configs(runs)
-  results = [runs_lib.read_json(os.path.join(run, 'results.json'))
-             for run in runs]
+  if archive:
+    configs, results = archive.configs, archive.results
+  else:
+    configs = runs_lib.read_configs(runs)
+    results = [runs_lib.read_json(os.path.join(run, 'results.json'))
+               for run in runs]
   normalisers_px = runs_lib.normalisers_px(runs, results)
   train_hc_mm, train_hc_px = runs_lib.training_ranges(results)
-  config_path = os.path.join(runs[0], 'config.json')
+  config_path = archive.path if archive else os.path.join(runs[0],
+                                                         'config.json')
   try:
     config = ml_collections.ConfigDict({**configs[0], 'layers': LAYERS})
     if model_options:
@@ -511,7 +528,9 @@ def load(workdir: str, model_options: dict | None = None) -> Predictor:
     raise runs_lib.PredictError(
         f'{config_path}: cannot build the model ({runs_lib.error_line(e)})'
     ) from None
-  variables = [runs_lib.restore_variables(run, abstract) for run in runs]
+  variables = [archive.variables(i, abstract) if archive else
+               runs_lib.restore_variables(run, abstract)
+               for i, run in enumerate(runs)]
   _hide_gpus_from_tf(tf)
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, 1], tf.uint8)])

@@ -4,6 +4,13 @@
       --images=path/to/hc18/test_set --out=predictions.csv \
       [--pixel-sizes=CSV] [--overlays=DIR] [--tta-flip] [--max-sd-mm=10] \
       [--submission=FILE]
+  python -m hc_jax.predict --samples --out=hc.csv --overlays=overlays/
+
+Without `--workdir`, the model shipped with the package predicts
+(`hc_jax.shipped`: `--model=NAME`, default the five-fold `hcnet_mask`
+ensemble), so no training and no HC18 copy are needed; `--samples` adds the
+five HC18 test-set scans shipped with it (and their pixel sizes) to
+`--images`.
 
 For each image: HC in pixels of the original image, in mm where its pixel size
 is known, and the gestational age by Hadlock (1984), flagged outside the 14-42
@@ -74,6 +81,7 @@ from hc_jax import hc18
 from hc_jax import inference
 from hc_jax import runs
 from hc_jax import scan_files
+from hc_jax import shipped
 
 # The library, under the names callers of this module use.
 # pylint: disable=invalid-name
@@ -189,11 +197,19 @@ def _parse_args(argv):
   parser = cli.ArgumentParser(  # Its errors are one line, exit status 2.
       prog='python -m hc_jax.predict', description=_DESCRIPTION,
       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True,
-                      help='a finished run, or a directory of runs (ensemble)')
-  parser.add_argument('--images', action='append', required=True,
+  parser.add_argument('--workdir',
+                      help='a finished run, or a directory of runs (ensemble); '
+                      'default: the shipped model (--model)')
+  parser.add_argument('--model',
+                      help='a model shipped with hc_jax (default '
+                      f'{shipped.DEFAULT_MODEL}; shipped: '
+                      f'{", ".join(shipped.names()) or "none"})')
+  parser.add_argument('--images', action='append',
                       help='directories (searched recursively) or PNG files, '
                       'comma-separated or repeated')
+  parser.add_argument('--samples', action='store_true',
+                      help='also predict the sample scans shipped with hc_jax '
+                      '(five HC18 test-set images, CC BY 4.0)')
   parser.add_argument('--pixel-sizes', '--pixel_sizes', dest='pixel_sizes',
                       help='CSV filename,pixel size(mm); default: the HC18 '
                       'CSV beside each images directory')
@@ -249,14 +265,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_writable(os.path.join(args.overlays, 'probe.png'), '--overlays')
       if args.submission:
         check_writable(args.submission, '--submission')
-      files = image_paths(args.images)
+      if args.workdir and args.model:
+        raise PredictError('give --workdir or --model, not both')
+      if not args.images and not args.samples:
+        raise PredictError('no scans: give --images (or --samples)')
+      files = image_paths((args.images or []) + (
+          [shipped.SAMPLE_IMAGES_DIR] if args.samples else []))
       pixel_sizes = pixel_sizes_of(files, args.pixel_sizes)
       if args.submission:
         check_submission_inputs(files, pixel_sizes)
-      predictor = load(args.workdir)
+      predictor = (load(args.workdir) if args.workdir else
+                   load(model=args.model))  # None: the default shipped one.
       if args.submission and not predictor.predicts_ellipse:
         raise PredictError('--submission needs a model that predicts the '
-                           f'ellipse; {args.workdir} predicts HC only')
+                           f'ellipse; {args.workdir or args.model} predicts '
+                           'HC only')
       rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args)
       write_rows(args.out, rows, COLUMNS + (
           ELLIPSE_COLUMNS if predictor.predicts_ellipse else ()) + (

@@ -1,0 +1,156 @@
+"""The model and sample scans shipped with the package."""
+
+import configparser
+import csv
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from hc_jax import predict
+from hc_jax import shipped
+
+MAX_BYTES = 20_000_000
+HCNET_MASK_PARAMS = 308_985
+TOLERANCE_MM = 0.05
+
+
+def _expected(name=shipped.DEFAULT_MODEL):
+  with open(shipped.EXPECTED_CSV.format(name=name), newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def test_archives_are_plain_arrays_and_json_within_the_size_budget():
+  assert shipped.DEFAULT_MODEL in shipped.names()
+  total = 0
+  for name in shipped.names():
+    path = shipped.path_of(name)
+    total += os.path.getsize(path)
+    with np.load(path, allow_pickle=False) as archive:  # No pickle needed.
+      arrays = {key: archive[key] for key in archive.files}
+    meta = json.loads(str(arrays.pop('meta')))
+    assert meta['format'] == shipped.FORMAT and meta['name'] == name
+    assert all(a.dtype != object for a in arrays.values())
+    floats = {a.dtype for a in arrays.values()
+              if np.issubdtype(a.dtype, np.floating)}
+    assert floats == {np.dtype(meta['storage_dtype'])}
+    for member, config, result in zip(meta['members'], meta['configs'],
+                                      meta['results']):
+      assert config['model'] == result['model']
+      assert result['normaliser_px'] > 0
+      assert result['train_hc_mm_min'] < result['train_hc_mm_max']
+      assert result['source_digest'] == config['source_digest']
+      params = sum(a.size for key, a in arrays.items()
+                   if key.startswith(f'{member}/params/'))
+      if name == 'hcnet_mask':
+        assert params == HCNET_MASK_PARAMS
+        assert any(key.startswith(f'{member}/batch_stats/') for key in arrays)
+    assert 'HC18' in meta['provenance']['data']
+  assert total <= MAX_BYTES
+  meta = shipped.read().meta
+  assert meta['members'] == [f'fold{k}' for k in range(5)]
+  assert meta['cv']['num_images'] == 900
+  assert 0 < meta['cv']['mae_mm'] < 5
+
+
+def test_package_data_declares_the_shipped_files():
+  parser = configparser.ConfigParser()
+  parser.read(os.path.join(REPO, 'setup.cfg'))
+  patterns = parser['options.package_data']['hc_jax'].split()
+  declared = {os.path.normpath(path) for pattern in patterns
+              for path in glob.glob(os.path.join(REPO, 'hc_jax', pattern))}
+  wanted = glob.glob(os.path.join(shipped.SHIPPED_DIR, '*.npz')) + glob.glob(
+      os.path.join(shipped.SAMPLES_DIR, '**', '*.*'), recursive=True)
+  assert wanted and {os.path.normpath(p) for p in wanted} <= declared
+
+
+def test_samples_have_pixel_sizes_and_attribution():
+  names = sorted(os.listdir(shipped.SAMPLE_IMAGES_DIR))
+  assert len(names) == 5
+  with open(os.path.join(shipped.SAMPLES_DIR, 'test_set_pixel_size.csv')) as f:
+    sizes = {row['filename']: float(row['pixel size(mm)'])
+             for row in csv.DictReader(f)}
+  assert sorted(sizes) == names
+  assert sorted(row['filename'] for row in _expected()) == names
+  with open(os.path.join(shipped.SAMPLES_DIR, 'ATTRIBUTION.md')) as f:
+    text = f.read()
+  assert 'CC BY 4.0' in text and '1327317' in text
+
+
+def test_unknown_or_damaged_archives_are_clear_errors(tmp_path):
+  with pytest.raises(shipped.PredictError, match='no shipped model'):
+    shipped.read('no_such_model')
+  bad = tmp_path / 'bad.npz'
+  np.savez(bad, meta=np.array(json.dumps({'format': 'other'})))
+  with pytest.raises(shipped.PredictError, match='not a shipped model'):
+    shipped.read(str(bad))
+  with pytest.raises(shipped.PredictError, match='exists; not overwritten'):
+    shipped.export(str(tmp_path), str(bad))
+
+
+def test_archive_variables_are_checked_against_the_model(tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'tiny.npz'
+  meta = {'format': shipped.FORMAT, 'name': 'tiny', 'members': ['fold0'],
+          'configs': [{}], 'results': [{}], 'storage_dtype': 'float16'}
+  np.savez(path, meta=np.array(json.dumps(meta)),
+           **{'fold0/params/Dense_0/kernel': np.ones((2, 3), np.float16)})
+  archive = shipped.read(str(path))
+  good = {'params': {'Dense_0': {'kernel': jax.ShapeDtypeStruct(
+      (2, 3), np.float32)}}}
+  variables = archive.variables(0, good)
+  assert variables['params']['Dense_0']['kernel'].dtype == np.float32
+  bad = {'params': {'Dense_0': {'kernel': jax.ShapeDtypeStruct(
+      (3, 3), np.float32)}}}
+  with pytest.raises(shipped.PredictError, match='does not hold this model'):
+    archive.variables(0, bad)
+
+
+def test_shipped_model_reproduces_its_sample_predictions():
+  # The expected CSV was written by the runs the archive was exported from;
+  # the archive (float16 weights) must give the same HC within 0.05 mm.
+  from hc_jax import hc18  # pylint: disable=import-outside-toplevel
+  from hc_jax import inference  # pylint: disable=import-outside-toplevel
+  expected = _expected()
+  predictor = inference.load()
+  assert predictor.kind == 'mask' and len(predictor.runs) == 5
+  images = [hc18.read_grayscale(os.path.join(shipped.SAMPLE_IMAGES_DIR,
+                                             row['filename']))[0]
+            for row in expected]
+  out = predictor(images, [float(row['pixel_size_mm']) for row in expected])
+  for i, row in enumerate(expected):
+    assert abs(out['hc_mm'][i] - float(row['hc_mm'])) <= TOLERANCE_MM
+    assert abs(out['hc_mm_sd'][i] - float(row['hc_mm_sd'])) <= TOLERANCE_MM
+    assert abs(out['quality'][i] - float(row['quality'])) <= 1e-3
+    assert out['status'][i] == row['status']
+
+
+def test_cli_flags_without_a_model_or_images_are_usage_errors(tmp_path,
+                                                              capsys):
+  out = str(tmp_path / 'hc.csv')
+  assert predict.main([f'--out={out}']) == predict.EXIT_USAGE
+  assert 'no scans' in capsys.readouterr().err
+  assert predict.main(['--samples', '--model=no_such_model',
+                       f'--out={out}']) == predict.EXIT_USAGE
+  assert 'no shipped model' in capsys.readouterr().err
+  assert predict.main(['--samples', '--model=hcnet_mask', f'--workdir={tmp_path}',
+                       f'--out={out}']) == predict.EXIT_USAGE
+  assert 'not both' in capsys.readouterr().err
+  assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_cli_predicts_the_samples_with_the_shipped_model(tmp_path, capsys):
+  out, overlays = tmp_path / 'hc.csv', tmp_path / 'overlays'
+  assert predict.main(['--samples', f'--out={out}',
+                       f'--overlays={overlays}']) == predict.EXIT_OK
+  assert '5 of 5 images predicted' in capsys.readouterr().out
+  with open(out, newline='') as f:
+    rows = list(csv.DictReader(f))
+  for row, want in zip(rows, _expected()):
+    assert row['filename'] == want['filename']
+    assert abs(float(row['hc_mm']) - float(want['hc_mm'])) <= TOLERANCE_MM
+  assert len(os.listdir(overlays)) == 5
