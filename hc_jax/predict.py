@@ -73,6 +73,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from typing import Sequence
 import warnings
 
@@ -313,6 +314,7 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
   images predicted where the pixel size is known."""
   rows, ellipses_mm = [], {}
   names = list(files)
+  progress = Progress(len(names))
   for start in range(0, len(names), PROGRESS_EVERY):
     chunk = []  # (row, image) of the files that read well.
     chunk_names = names[start:start + PROGRESS_EVERY]
@@ -372,9 +374,47 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
           except OSError as e:
             raise PredictError(f'overlay {overlay} cannot be written '
                                f'({e.strerror or e})') from None
-    if len(names) > PROGRESS_EVERY:
-      print(f'{len(rows)}/{len(names)} images', file=sys.stderr)
+    progress.update(len(rows))
+  progress.done()
   return rows, ellipses_mm
+
+
+class Progress:
+  """A progress line on stderr (rate and ETA), only when it is a terminal.
+
+  It is rewritten in place (carriage return) after each chunk of
+  `PROGRESS_EVERY` images and ended with a newline; nothing is written when
+  stderr is not a terminal (a log file, a pipe) or for a single chunk.
+  """
+
+  def __init__(self, total: int, stream=None, clock=time.monotonic):
+    self.total = total
+    self.stream = stream or sys.stderr
+    self.clock = clock
+    self.start = clock()
+    self.shown = False
+    isatty = getattr(self.stream, 'isatty', None)
+    self.enabled = total > PROGRESS_EVERY and bool(isatty and isatty())
+
+  def line(self, done: int) -> str:
+    """'done/total images, R images/s, ETA m:ss'."""
+    elapsed = max(self.clock() - self.start, 1e-9)
+    rate = done / elapsed
+    left = (self.total - done) / rate if rate > 0 else math.inf
+    eta = (f'{int(left // 60)}:{int(left % 60):02d}' if math.isfinite(left)
+           else '?')
+    return (f'{done}/{self.total} images, {rate:.1f} images/s, ETA {eta}')
+
+  def update(self, done: int) -> None:
+    if self.enabled:
+      self.stream.write('\r' + self.line(done) + '\x1b[K')
+      self.stream.flush()
+      self.shown = True
+
+  def done(self) -> None:
+    if self.shown:
+      self.stream.write('\n')
+      self.stream.flush()
 
 
 def _ellipse_cells(ellipse_px, ellipse_mm) -> dict[str, str]:
