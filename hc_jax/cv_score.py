@@ -19,6 +19,12 @@ of its folds.json), so that fold k's test images are predicted by fold k's
 runs only: no member has seen the images it is scored on, in training or in
 selection.
 
+A shipped model's archive (`hc_jax.shipped`, e.g.
+`--runs=hc_jax/shipped/hcnet_mask.npz`) is a member too: each of its fold
+models predicts its own test fold, the folds drawn again from the HC18 CSV
+with the members' own fold settings (an archive keeps no folds.json), so that
+the figures it ships with can be reproduced from the file alone.
+
 The test images are read from the original PNGs of HC18's training_set/
 (`--hc18_dir`; by default the directory each run's config names, else
 `hc18.default_dir()`), checked to be the copy the runs trained on (the
@@ -103,6 +109,8 @@ def member_runs(root: str) -> dict[int, str]:
     ScoreError: no such directory, no run in it, an unfinished run, or a
       `fold<k>/` whose runs are of another fold.
   """
+  if _shipped().is_archive(root):
+    return _archive_members(root)
   if not os.path.isdir(root):
     raise ScoreError(f'{root} does not exist')
   if os.path.isfile(os.path.join(root, 'config.json')):
@@ -135,12 +143,54 @@ def member_runs(root: str) -> dict[int, str]:
   return dict(sorted(found.items()))
 
 
+def _shipped():
+  from hc_jax import shipped  # pylint: disable=import-outside-toplevel
+  return shipped
+
+
+def _archive(run: str):
+  """The shipped-model archive (or the one member) a run label names."""
+  try:
+    return _shipped().read(run)
+  except runs_lib.PredictError as e:
+    raise ScoreError(str(e)) from None
+
+
+def _archive_members(path: str) -> dict[int, str]:
+  """{fold: '<archive>:<member>'} of a shipped model's fold members.
+
+  Raises:
+    ScoreError: not a shipped model, or two members of one fold.
+  """
+  archive = _archive(path)
+  found = {}
+  for run, config in zip(archive.runs, archive.configs):
+    fold = config.get('fold')
+    if isinstance(fold, bool) or not isinstance(fold, int):
+      raise ScoreError(f'{run} has no integer fold')
+    if fold in found:
+      raise ScoreError(f'{path} holds two members of fold {fold} '
+                       f'({found[fold]}, {run}); score one of them')
+    found[fold] = run
+  return dict(sorted(found.items()))
+
+
+def _config(run: str) -> dict:
+  """A run's config (its config.json, or a shipped member's)."""
+  if _shipped().is_archive(run):
+    return _archive(run).configs[0]
+  return runs_lib.read_json(os.path.join(run, 'config.json'))
+
+
 def runs_in(workdir: str) -> list[str]:
-  """The finished runs of a workdir: itself, or its run subdirectories.
+  """The finished runs of a workdir: itself, or its run subdirectories (a
+  shipped member is its own run).
 
   Raises:
     ScoreError: none, or one without results.json.
   """
+  if _shipped().is_archive(workdir):
+    return [workdir]
   try:
     return runs_lib.run_dirs(workdir)
   except runs_lib.PredictError as e:
@@ -148,7 +198,7 @@ def runs_in(workdir: str) -> list[str]:
 
 
 def _fold_of(run: str) -> int:
-  fold = runs_lib.read_json(os.path.join(run, 'config.json')).get('fold')
+  fold = _config(run).get('fold')
   if isinstance(fold, bool) or not isinstance(fold, int):
     raise ScoreError(f'{os.path.join(run, "config.json")} has no integer fold')
   return fold
@@ -170,12 +220,30 @@ def member_labels(roots: Sequence[str]) -> list[str]:
   return labels
 
 
-def read_assignment(run: str) -> folds_lib.FoldAssignment:
+def read_assignment(run: str, hc18_dir: str | None = None
+                    ) -> folds_lib.FoldAssignment:
   """The fold assignment a run trained under (its folds.json).
+
+  A shipped member keeps no folds.json: its folds are drawn again, as
+  training drew them, from the HC18 copy's CSV (`hc18_dir`, checked by
+  `find_hc18_dir` to be the copy it trained on) with its config's
+  `num_folds`, `val_fraction` and `fold_seed`.
 
   Raises:
     ScoreError: when it is missing or unreadable.
   """
+  if _shipped().is_archive(run):
+    config = _config(run)
+    reference = read_reference(hc18_dir or find_hc18_dir([run]))
+    names = sorted(reference)
+    try:
+      return folds_lib.assign_folds(
+          names, [reference[name][1] for name in names],
+          num_folds=config['num_folds'], val_fraction=config['val_fraction'],
+          seed=config['fold_seed'])
+    except (KeyError, TypeError, ValueError) as e:
+      raise ScoreError(f'{run}: its folds cannot be drawn again '
+                       f'({runs_lib.error_line(e)})') from None
   path = os.path.join(run, FOLDS_FILE)
   if not os.path.isfile(path):
     raise ScoreError(f'{run} has no {FOLDS_FILE}')
@@ -186,14 +254,18 @@ def read_assignment(run: str) -> folds_lib.FoldAssignment:
                      f'({runs_lib.error_line(e)})') from None
 
 
-def check_members(roots: Sequence[str], unseen_test_ok: bool = False
+def check_members(roots: Sequence[str], unseen_test_ok: bool = False,
+                  hc18_dir: str | None = None
                   ) -> tuple[list[dict[int, str]], folds_lib.FoldAssignment]:
   """Every member's runs, checked to share folds and fold assignment.
 
   Args:
-    roots: the members (see `member_runs`).
+    roots: the members (see `member_runs`; a shipped model's archive is a
+      member whose fold models are its members).
     unseen_test_ok: also accept runs trained with `score_test=False`, whose
       test fold was kept unseen while settings are chosen on validation.
+    hc18_dir: the HC18 copy the folds of shipped members are drawn from
+      (None: `find_hc18_dir`'s).
 
   Returns:
     ([{fold: workdir} per member], the shared fold assignment).
@@ -217,15 +289,16 @@ def check_members(roots: Sequence[str], unseen_test_ok: bool = False
   all_runs = _all_runs(members)
   if not unseen_test_ok:
     for run in all_runs:
-      if runs_lib.read_json(os.path.join(run, 'config.json')).get(
-          'score_test') is False:
+      if _config(run).get('score_test') is False:
         raise ScoreError(
             f'{run} was trained with score_test=False: its test fold is '
             'kept unseen while settings are chosen on validation; pass '
             '--unseen_test_ok to score it anyway')
-  assignment = read_assignment(all_runs[0])
+  if hc18_dir is None and any(_shipped().is_archive(r) for r in all_runs):
+    hc18_dir = find_hc18_dir(all_runs)
+  assignment = read_assignment(all_runs[0], hc18_dir)
   for run in all_runs[1:]:
-    other = read_assignment(run)
+    other = read_assignment(run, hc18_dir)
     if (other.num_folds, other.images) != (assignment.num_folds,
                                            assignment.images):
       raise ScoreError(f'{run}/{FOLDS_FILE} assigns the images to folds '
@@ -245,8 +318,14 @@ def _all_runs(members: Sequence[dict[int, str]]) -> list[str]:
 
 
 def _source_digest(run: str) -> str | None:
-  for name in ('results.json', 'config.json'):
-    digest = runs_lib.read_json(os.path.join(run, name)).get('source_digest')
+  if _shipped().is_archive(run):
+    archive = _archive(run)
+    documents = [archive.results[0], archive.configs[0]]
+  else:
+    documents = [runs_lib.read_json(os.path.join(run, name))
+                 for name in ('results.json', 'config.json')]
+  for document in documents:
+    digest = document.get('source_digest')
     if digest:
       return str(digest)
   return None
@@ -254,7 +333,7 @@ def _source_digest(run: str) -> str | None:
 
 def _configured_dir(run: str) -> str | None:
   """The HC18 directory a run's config names (or finds), or None."""
-  data = runs_lib.read_json(os.path.join(run, 'config.json')).get('data', {})
+  data = _config(run).get('data', {})
   if data.get('source') == 'synthetic':  # Written into the run by training.
     return os.path.join(run, 'data', 'hc18_synthetic')
   if data.get('hc18_dir') == 'download':
@@ -450,7 +529,8 @@ def score(run_roots: Sequence[str], tta_flip: bool = False,
     raise ScoreError(f'part must be one of {", ".join(PARTS)}; got {part!r}')
   run_roots = list(run_roots)
   members, assignment = check_members(run_roots,
-                                      unseen_test_ok or part == 'val')
+                                      unseen_test_ok or part == 'val',
+                                      hc18_dir)
   labels = member_labels(run_roots)
   hc18_dir = find_hc18_dir(_all_runs(members), hc18_dir)
   reference = read_reference(hc18_dir)
@@ -724,7 +804,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   from hc_jax import scan_files
   try:
     # Fails fast, before TensorFlow is imported.
-    check_members(args.runs, args.unseen_test_ok or args.part == 'val')
+    check_members(args.runs, args.unseen_test_ok or args.part == 'val',
+                  args.hc18_dir)
     if args.out:
       scan_files.check_writable(args.out, '--out')
     if args.summary_csv:

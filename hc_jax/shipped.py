@@ -75,8 +75,20 @@ def names() -> list[str]:
     return []
 
 
+def split_member(path: str) -> tuple[str, str | None]:
+  """('<archive>', '<member>') of a member's label '<archive>:<member>'
+  (`Archive.runs`), or (path, None)."""
+  head, sep, member = path.rpartition(':')
+  if sep and head.endswith(ARCHIVE_SUFFIX) and member and os.sep not in member:
+    return head, member
+  return path, None
+
+
 def is_archive(path: str | None) -> bool:
-  """Whether `path` names a shipped-model archive file (rather than a run)."""
+  """Whether `path` names a shipped-model archive file (rather than a run),
+  or one member of one ('<archive>:<member>')."""
+  if path:
+    path = split_member(path)[0]
   return bool(path) and path.endswith(ARCHIVE_SUFFIX) and not os.path.isdir(
       path)
 
@@ -129,6 +141,21 @@ class Archive:
       for key, value in runs_lib.CONFIG_DEFAULTS.items():
         config.setdefault(key, value)
 
+  def only(self, member: str) -> 'Archive':
+    """This archive restricted to one member (e.g. to score a fold model on
+    its own test fold).
+
+    Raises:
+      PredictError: the archive has no such member.
+    """
+    if member not in self.members:
+      raise PredictError(f'{self.path} has no member {member!r} (members: '
+                         f'{", ".join(self.members)})')
+    i = self.members.index(member)
+    self.members, self.runs = [member], [self.runs[i]]
+    self.configs, self.results = [self.configs[i]], [self.results[i]]
+    return self
+
   def variables(self, index: int, abstract_variables: dict) -> dict:
     """Member `index`'s {'params', 'batch_stats'}, in the model's dtypes.
 
@@ -158,17 +185,22 @@ class Archive:
 
 
 def read(name_or_path: str | None = None) -> Archive:
-  """A shipped model by name (None: `DEFAULT_MODEL`) or archive path.
+  """A shipped model by name (None: `DEFAULT_MODEL`) or archive path, or one
+  member of it ('<archive>:<member>', as `Archive.runs` names them).
 
   Raises:
-    PredictError: an unknown name, or a file that is not a shipped model.
+    PredictError: an unknown name or member, or a file that is not a
+      shipped model.
   """
   if name_or_path is None:
     name_or_path = DEFAULT_MODEL
-  path = name_or_path if is_archive(name_or_path) else path_of(name_or_path)
+  path, member = split_member(name_or_path)
+  if not is_archive(path):
+    path = path_of(path)
   if not os.path.isfile(path):
     raise PredictError(f'shipped model {path} does not exist')
-  return Archive(path)
+  archive = Archive(path)
+  return archive.only(member) if member else archive
 
 
 def pooled_cv(run_dirs: list[str]) -> dict | None:

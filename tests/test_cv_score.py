@@ -287,3 +287,29 @@ def test_flag_table_counts_what_a_threshold_catches():
   assert table[1]['flagged'] == 3 and table[1]['caught_5'] == 3
   assert table[1]['good_flagged'] == 0
   assert '2 / 2' in cv_score.format_flag_table(table)
+
+
+def test_a_shipped_archive_is_scored_as_its_runs(members, single, tmp_path,
+                                                 capsys):
+  """An exported archive's members predict their own test folds, the folds
+  drawn again from the CSV (an archive keeps no folds.json)."""
+  from hc_jax import shipped  # pylint: disable=import-outside-toplevel
+  archive = str(tmp_path / 'tiny.npz')
+  shipped.export(members[0], archive)
+  got = cv_score.score([archive])
+  assert list(got.folds) == list(FOLDS)
+  assert [r['filename'] for r in got.rows] == [
+      r['filename'] for r in single.rows]
+  np.testing.assert_allclose(list(_by_name(got.rows).values()),
+                             list(_by_name(single.rows).values()), rtol=1e-5)
+  for fold in FOLDS:
+    run = os.path.join(members[0], f'fold{fold}')
+    drawn = cv_score.read_assignment(got.runs[fold][0])
+    assert drawn.split(fold) == cv_score.read_assignment(run).split(fold)
+  # One member of the archive alone is one fold's run.
+  one = shipped.read(f'{archive}:fold1')
+  assert one.members == ['fold1'] and one.configs[0]['fold'] == 1
+  assert cv_score.member_runs(archive) == {0: f'{archive}:fold0',
+                                           1: f'{archive}:fold1'}
+  assert cv_score.main([f'--runs={archive}:nothing']) == 2
+  assert 'has no member' in capsys.readouterr().err

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from hc_jax import hc18
 from hc_jax import predict
 from hc_jax import shipped
 
@@ -154,3 +155,21 @@ def test_cli_predicts_the_samples_with_the_shipped_model(tmp_path, capsys):
     assert row['filename'] == want['filename']
     assert abs(float(row['hc_mm']) - float(want['hc_mm'])) <= TOLERANCE_MM
   assert len(os.listdir(overlays)) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (hc18.default_dir() and os.path.isdir(os.path.join(
+    hc18.default_dir(), 'training_set'))), reason='HC18 copy not found')
+def test_shipped_model_reproduces_its_cross_validation_figures():
+  """Each fold member on its own test fold of the HC18 copy gives the pooled
+  figures the archive records (float16 storage moves them < 0.05 mm)."""
+  from hc_jax import cv_score  # pylint: disable=import-outside-toplevel
+  archive = shipped.read()
+  scores = cv_score.score([archive.path])
+  cv = archive.meta['cv']
+  assert scores.num_images == cv['num_images']
+  assert scores.mae_mm == pytest.approx(cv['mae_mm'], abs=TOLERANCE_MM)
+  assert scores.bias_mm == pytest.approx(cv['bias_mm'], abs=TOLERANCE_MM)
+  for fold, result in zip(range(len(archive.results)), archive.results):
+    assert scores.folds[result['fold']]['mae_mm'] == pytest.approx(
+        result['test_mae_mm'], abs=TOLERANCE_MM), fold

@@ -183,17 +183,20 @@ def test_ellipse_run_reproduces_its_test_predictions(ellipse_run,
   assert out['ellipse_px'].shape == (len(rows), 5)
 
 
-# The committed HC18 challenge submission (docs/results.md says how it was
-# made): the ellipse of each of the 335 test scans of the copy the results
-# were measured on.
-SUBMISSION = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'submissions', 'hc18_test_hcnet_ellipse.csv')
+# The committed HC18 challenge submissions (docs/results.md says how they
+# were made): the ellipse of each of the 335 test scans of the copy the
+# results were measured on, by the dense model and by hcnet_ellipse.
+SUBMISSIONS = [os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'submissions', f'hc18_test_{name}.csv')
+               for name in ('hcnet_mask', 'hcnet_ellipse')]
 SUBMISSION_HEADER = ['filename', 'center_x_mm', 'center_y_mm',
                      'semi_axes_a_mm', 'semi_axes_b_mm', 'angle_rad']
 
 
-def test_committed_submission_is_in_the_challenge_format():
-  with open(SUBMISSION, newline='') as f:
+@pytest.mark.parametrize('submission', SUBMISSIONS,
+                         ids=[os.path.basename(p) for p in SUBMISSIONS])
+def test_committed_submission_is_in_the_challenge_format(submission):
+  with open(submission, newline='') as f:
     rows = list(csv.reader(f))
   assert rows[0] == SUBMISSION_HEADER
   body = rows[1:]
@@ -217,8 +220,10 @@ REAL_HC18 = hc18.default_dir()
 
 
 @pytest.mark.skipif(REAL_HC18 is None, reason='HC18 copy not found')
-def test_committed_submission_covers_the_test_set_inside_each_scan():
-  with open(SUBMISSION, newline='') as f:
+@pytest.mark.parametrize('submission', SUBMISSIONS,
+                         ids=[os.path.basename(p) for p in SUBMISSIONS])
+def test_committed_submission_covers_the_test_set_inside_each_scan(submission):
+  with open(submission, newline='') as f:
     rows = {row['filename']: row for row in csv.DictReader(f)}
   test_dir = os.path.join(REAL_HC18, 'test_set')
   names = sorted(n for n in os.listdir(test_dir) if n.endswith('HC.png'))
