@@ -48,7 +48,7 @@ RERUN_MAY_CHANGE = ('data.hc18_dir', 'data.cache_dir', 'data.prepared',
                     'rescore',
                     'eval_batch_size', 'distributed',
                     'checkpoint_every_seconds', 'tune_malloc',
-                    'source_digest', 'layers_resolved')
+                    'source_digest', 'content_digest', 'layers_resolved')
 def load_config(path: str, overrides: Sequence[str] = ()):
   """Loads a config file as `hc_jax.main` does, with `KEY=VALUE` overrides.
 

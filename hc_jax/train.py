@@ -54,6 +54,21 @@ RESULTS_FILE = 'results.json'
 PREDICTIONS_FILE = 'predictions_test.csv'
 # Config fields in which the members of one run may differ.
 MEMBER_FIELDS = ('fold', 'loss', 'huber_delta', 'seed')
+# Config fields that may change when a run is resumed or extended in its
+# workdir: they say how long to train, how often to checkpoint, whether to
+# score again, where the data is and how the process runs, never what is
+# trained (the batches, the model, the optimiser and the targets stay). Every
+# other field must be as config.json records it. With lr_schedule='cosine'
+# the learning rate is laid over num_epochs, so num_epochs must stay too.
+RESUME_MAY_CHANGE = (
+    'num_epochs', 'time_budget_s', 'rescore', 'score_test',
+    'checkpoint_every_seconds', 'log_every_steps', 'eval_batch_size',
+    'members_per_call', 'tune_malloc', 'distributed', 'data.hc18_dir',
+    'data.cache_dir', 'data.prepared', 'data.pipeline')
+# What config.json records beside the config: the data a run trained on
+# (checked on resume against the data found now) and the layers it used.
+RECORDED_FIELDS = ('source_digest', 'content_digest', 'layers_resolved')
+CONFIG_FILE = 'config.json'
 MEMBERS_PER_CALL = ('auto', 'vmap', 'map')
 
 
@@ -118,6 +133,64 @@ def check_members(configs: Sequence[Any]) -> None:
   keys = [(c.fold, c.loss, c.huber_delta, c.seed) for c in configs]
   if len(set(keys)) != len(keys):
     raise ValueError(f'two members are the same run: {keys}')
+
+
+def _same(a, b) -> bool:
+  """Equality through JSON: tuples equal lists, NaN equals NaN."""
+  return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def read_run_config(workdir: str) -> dict[str, Any] | None:
+  """The config.json of a run in `workdir` (None when there is none).
+
+  Raises:
+    ValueError: config.json is there but unreadable.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path} is unreadable ({type(e).__name__}: '
+                     f'{" ".join(str(e).split())}); move {workdir} away to '
+                     'start over') from None
+  if not isinstance(saved, dict):
+    raise ValueError(f'{path} holds no config; move {workdir} away to start '
+                     'over')
+  return saved
+
+
+def check_resume(config, workdir: str) -> None:
+  """Raises ValueError unless `config` may resume (or extend) the run that
+  `workdir` holds: only the fields of `RESUME_MAY_CHANGE` may differ from
+  its config.json. A workdir without config.json holds no run yet."""
+  saved = read_run_config(workdir)
+  if saved is None:
+    return
+  may_change = set(RESUME_MAY_CHANGE)
+  if config.get('lr_schedule') == 'cosine':
+    may_change.discard('num_epochs')
+  saved = _flatten({k: v for k, v in saved.items()
+                    if k not in RECORDED_FIELDS})
+  wanted = _flatten(json.loads(json.dumps(config.to_dict())))
+
+  def show(flat, key):
+    return repr(flat[key]) if key in flat else '(none)'
+
+  differ = [f'{key}={show(saved, key)} there, {show(wanted, key)} now'
+            for key in sorted(set(saved) | set(wanted))
+            if key not in may_change and
+            (key not in saved or key not in wanted or
+             not _same(saved[key], wanted[key]))]
+  if differ:
+    cosine = ('; with lr_schedule=cosine num_epochs is part of the schedule'
+              if any(d.startswith('num_epochs=') for d in differ) else '')
+    raise ValueError(
+        f'{workdir} was run with another config ({"; ".join(differ)}); a '
+        f'resumed run may change only {", ".join(sorted(may_change))}'
+        f'{cosine}; use another workdir')
 
 
 def _flatten(tree, prefix=''):
@@ -323,12 +396,23 @@ def train_members(configs: Sequence[Any], workdirs: Sequence[str]
                   ) -> list[dict[str, Any]]:
   """Trains several members at once; see the module docstring.
 
+  Everything that can refuse the command (the configs, the config each
+  workdir was run with, the data, the checkpoints to resume from) is checked
+  before anything in the workdirs is written, so a refused command leaves
+  them as they were.
+
   Returns:
     One results dict per member, in order.
+
+  Raises:
+    ValueError: a bad config, or a workdir run with another config (see
+      `check_resume`) or on other data.
   """
   check_members(configs)
   if len(set(map(os.path.abspath, workdirs))) != len(workdirs):
     raise ValueError(f'members need distinct workdirs: {list(workdirs)}')
+  for config, workdir in zip(configs, workdirs):  # Before anything is written.
+    check_resume(config, workdir)
   results = [None] * len(configs)
   todo = []
   for m, (config, workdir) in enumerate(zip(configs, workdirs)):

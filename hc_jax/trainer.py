@@ -68,13 +68,7 @@ class Trainer:
                               jax.process_count())
     self.rescore_only = all(c.get('rescore', False) and os.path.isfile(
         os.path.join(w, train.RESULTS_FILE)) for c, w in zip(configs, workdirs))
-    digest = self.data.info.get('source_digest')
-    for member, workdir in zip(configs, workdirs):
-      os.makedirs(workdir, exist_ok=True)
-      data_lib.save_json(os.path.join(workdir, 'config.json'), {
-          **member.to_dict(), 'source_digest': digest,
-          'layers_resolved': layers_lib.resolve(member.get('layers', 'auto'))})
-      self.data.assignment.to_json(os.path.join(workdir, data_lib.FOLDS_FILE))
+    self._check_same_data()
     loss_keys = [(c.loss, c.huber_delta if c.loss == 'huber' else None)
                  for c in configs]
     unique = list(dict.fromkeys(loss_keys))
@@ -113,6 +107,32 @@ class Trainer:
     self.predict_fn = jax.jit(functools.partial(
         train.members_predict, how='vmap', hc_of=hc_of),
                               out_shardings=self.replicated)
+
+  def _check_same_data(self) -> None:
+    """Raises ValueError when a workdir's run trained on other data than the
+    data found now (its config.json records the source's digests)."""
+    for workdir in self.workdirs:
+      saved = train.read_run_config(workdir) or {}
+      for key in ('source_digest', 'content_digest'):
+        before, now = saved.get(key), self.data.info.get(key)
+        if before and now and before != now:
+          raise ValueError(
+              f'{workdir} was trained on other data ({key} {before} there, '
+              f'{now} in {self.data.info.get("source")}); point '
+              'data.hc18_dir at the copy it trained on, or use another '
+              'workdir')
+
+  def _write_run_files(self) -> None:
+    """config.json and folds.json of every member (once nothing refuses the
+    run any more)."""
+    for member, workdir in zip(self.configs, self.workdirs):
+      os.makedirs(workdir, exist_ok=True)
+      data_lib.save_json(os.path.join(workdir, train.CONFIG_FILE), {
+          **member.to_dict(),
+          **{key: self.data.info.get(key)
+             for key in ('source_digest', 'content_digest')},
+          'layers_resolved': layers_lib.resolve(member.get('layers', 'auto'))})
+      self.data.assignment.to_json(os.path.join(workdir, data_lib.FOLDS_FILE))
 
   def _describe(self) -> str:
     c, d = self.config, self.data
@@ -243,6 +263,7 @@ class Trainer:
   def run(self):
     config, data = self.config, self.data
     state = self._restore()
+    self._write_run_files()
     _log(self._describe())
     _log(f'{models.count_params(self.init_states[0].params):,} parameters '
          'per member')
