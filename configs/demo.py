@@ -1,4 +1,4 @@
-"""The built-in demo: a small hcnet_mask on phantom HC18 scans, about a minute on a CPU.
+"""The built-in demo: a small hcnet_mask on phantom HC18 scans, about 1 minute 45 s on a 2-core CPU.
 
   python -m hc_jax.main --config=configs/demo.py --workdir=runs/demo
 

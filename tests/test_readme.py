@@ -14,11 +14,15 @@ def _set_up_commands():
 
 
 def test_ci_runs_the_readmes_test_command():
-  install_and_demo, tests = _set_up_commands()
+  install_and_predict, install_and_demo, tests = _set_up_commands()
   with open(os.path.join(REPO, '.ci', 'run')) as f:
     ci = re.search(r'^TEST_COMMAND="(.*)"$', f.read(), re.M).group(1)
   assert ci == tests
   assert 'pytest' in tests and 'hc_jax.main' in install_and_demo
+  # The first command needs no data: the shipped model on the samples
+  # (tests/test_shipped.py runs the same predict command).
+  assert install_and_predict.endswith(
+      'python -m hc_jax.predict --samples --out=hc.csv --overlays=overlays')
 
 
 def test_both_commands_work_from_a_fresh_shell():
