@@ -55,9 +55,10 @@ def hc18_source_dir(config, workdir: str) -> str | None:
   if not root:
     raise ValueError(
         'HC18 not found: looked for $HC18_DIR and for a copy named hc18 in a '
-        'folder "shared" beside the checkout (../shared/hc18); set '
-        '--config.data.hc18_dir=DIR (the Zenodo layout), or HC18_DIR, or '
-        "--config.data.hc18_dir=download")
+        'folder "shared" beside the checkout (../shared/hc18); download it '
+        'from Zenodo record 1327317 (README, "Getting HC18") and pass '
+        '--config.data.hc18_dir=DIR or set HC18_DIR; '
+        '--config.data.source=synthetic trains on phantom scans')
   csv_path = os.path.join(root, hc18.SPLITS['train'][1])
   if not os.path.isfile(csv_path):
     raise ValueError(f'data.hc18_dir={root!r} holds no '

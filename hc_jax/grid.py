@@ -1,12 +1,12 @@
 """Cross-validation grid: configs × folds, one run after another, then a table.
 
   python -m hc_jax.grid --configs=configs/cnn263k_mse.py,configs/cnn263k_mae.py \
-      --folds=0,1,2,3,4 --root=runs/grid [--override num_epochs=100 ...]
+      --folds=0,1,2,3,4 --root=runs/grid [--config.num_epochs=100 ...]
   python -m hc_jax.grid --root=runs/grid --aggregate_only
 
 Each run is `train.train_and_evaluate(config, ROOT/<config stem>/fold<k>)` in
-this process. `--override KEY=VALUE` (or `--config.KEY=VALUE`, as for
-`hc_jax.main`) changes a field of every config; a misspelt field is an error.
+this process. `--config.KEY=VALUE` (as for `hc_jax.main`) changes a field
+of every config; a misspelt field is an error.
 Running the command again skips finished runs (those with a results.json) and
 resumes unfinished ones; a workdir that was run with a different config is an
 error, not a silent mix.
@@ -202,15 +202,19 @@ def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   from hc_jax import cli  # pylint: disable=import-outside-toplevel
   parser = cli.ArgumentParser(
-      prog='python -m hc_jax.grid', description=__doc__.splitlines()[0])
+      prog='python -m hc_jax.grid', description=__doc__.splitlines()[0],
+      epilog='--config.KEY=VALUE  set a config field for every run '
+      '(repeatable), as python -m hc_jax.main takes it, e.g. '
+      '--config.num_epochs=100 --config.data.hc18_dir=/data/hc18')
   parser.add_argument('--configs', default='',
                       help='Comma-separated config files.')
   parser.add_argument('--folds', default='0,1,2,3,4',
                       help='Comma-separated test folds.')
   parser.add_argument('--root', required=True, help='The grid directory.')
+  # `--override KEY=VALUE`: the earlier spelling of `--config.KEY=VALUE`,
+  # still read so that recorded commands run; not shown.
   parser.add_argument('--override', action='append', default=[],
-                      metavar='KEY=VALUE',
-                      help='Config field for every run (repeatable).')
+                      metavar='KEY=VALUE', help=argparse.SUPPRESS)
   parser.add_argument('--aggregate_only', action='store_true',
                       help='Only write the table of the runs under --root.')
   parser.add_argument('--shard', default='0/1', metavar='I/N',

@@ -156,3 +156,19 @@ def test_prepared_export_is_checked_against_the_config(tiny_config, tmp_path,
     f.write(b'garbage')
   with pytest.raises(prepare.PreparedError, match='cannot read'):
     prepare.load(path)
+
+
+def test_hc18_not_found_names_hc_jax_flags_not_a_download(monkeypatch):
+  """The error says where to get HC18 and which flag takes it; it does not
+  advise the TFDS download, which has no checksums registered."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(hc18, 'default_dir', lambda: None)
+  config = ml_collections.ConfigDict(
+      {'data': {'source': 'hc18', 'hc18_dir': ''}})
+  with pytest.raises(ValueError) as raised:
+    data.hc18_source_dir(config, '/nonexistent')
+  message = str(raised.value)
+  assert '\n' not in message and 'download' not in message.replace(
+      'download it from Zenodo', '')
+  assert '--config.data.hc18_dir=DIR' in message and 'HC18_DIR' in message
+  assert '--config.data.source=synthetic' in message

@@ -343,3 +343,10 @@ def test_seeds_repeat_every_run_in_its_own_directory(tmp_path):
     grid.main(['--configs', MSE_CONFIG, '--root', str(tmp_path),
                '--seeds', 'x'])
   assert exit_info.value.code == 2
+
+
+def test_help_shows_the_one_config_override_spelling(capsys):
+  with pytest.raises(SystemExit):
+    grid.main(['--help'])
+  text = capsys.readouterr().out
+  assert '--config.KEY=VALUE' in text and '--override' not in text

@@ -123,7 +123,7 @@ def test_quickstart_names_its_install_command():
 
 # What the test changes in the Colab notebook to run it on a CPU in seconds:
 # the 263K CNN at 32x32 for one epoch on phantom scans, instead of ResNet50
-# at 224x224 for 250 epochs on HC18 downloaded from Zenodo.
+# at 224x224 for 250 epochs on the HC18 files uploaded from Zenodo.
 TINY_CPU_CONFIG = """
 config.model = 'cnn_263k'
 config.image_size = 32
@@ -162,3 +162,13 @@ def test_colab_notebook_runs_in_order_on_a_cpu(tmp_path, monkeypatch,
   assert (tmp_path / 'resnet_huber_fold0' / 'results.json').is_file()
   assert 'epoch' in outputs and 'selected on validation' in outputs
   assert os.listdir(tmp_path / 'resnet_huber_fold0' / 'figures')
+
+
+def test_colab_notebook_says_one_thing_of_the_download():
+  """Its introduction and its config section agree: the HC18 files are
+  uploaded by hand, automatic download is refused."""
+  cells = _read('colab_tpu.ipynb').cells
+  intro = cells[0].source
+  assert 'upload' in intro and 'fetches' not in intro
+  text = '\n'.join(c.source for c in cells if c.cell_type == 'markdown')
+  assert 'Automatic download is refused' in text
