@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv: Sequence[str]) -> int:
   args = _parse_args(argv)
   config = cli.load_config(args.config, args.overrides)
+  # What the next half minute goes to, before the imports and compilation.
+  print(f'{args.config}: starting JAX and TensorFlow (then the data and the '
+        'compilation; about 30 s on a CPU)...', file=sys.stderr, flush=True)
   cli.setup_process(config)
   from hc_jax import train  # pylint: disable=import-outside-toplevel
   workdir = args.workdir or default_workdir(args.config, config.fold)

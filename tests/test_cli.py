@@ -219,3 +219,16 @@ def test_a_tiny_run_is_quiet_and_goes_to_its_default_workdir(tmp_path):
   for noise in ('oneDNN', 'absl::InitializeLog', 'dataset_info.json',
                 'Downloading and preparing', 'Generating splits', 'I0000'):
     assert noise not in output, output[-3000:]
+
+
+def test_main_says_what_it_starts_before_the_slow_imports(tmp_path, capsys):
+  from hc_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  status = main_lib.main([
+      f'--config={os.path.join(REPO, "configs", "demo.py")}',
+      '--config.data.source=hc18', f'--config.data.hc18_dir={tmp_path}',
+      f'--workdir={tmp_path / "run"}'])
+  err = capsys.readouterr().err.splitlines()
+  assert status == 2
+  assert err[0].endswith('demo.py: starting JAX and TensorFlow (then the '
+                         'data and the compilation; about 30 s on a CPU)...')
+  assert err[-1].startswith('error: ')

@@ -172,3 +172,11 @@ def test_colab_notebook_says_one_thing_of_the_download():
   assert 'upload' in intro and 'fetches' not in intro
   text = '\n'.join(c.source for c in cells if c.cell_type == 'markdown')
   assert 'Automatic download is refused' in text
+
+
+def test_quickstart_hides_the_start_up_noise_as_the_commands_do():
+  setup = _read('quickstart.ipynb').cells[1].source
+  assert 'cli.quiet_logs()' in setup
+  assert setup.index('cli.quiet_logs()') < min(
+      (setup.index(s) for s in ('import jax', 'import tensorflow')
+       if s in setup), default=len(setup))
