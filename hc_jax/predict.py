@@ -3,7 +3,7 @@
   python -m hc_jax.predict --workdir=runs/cnn263k_mse_fold0 \
       --images=path/to/hc18/test_set --out=predictions.csv \
       [--pixel-sizes=CSV] [--overlays=DIR] [--tta-flip] [--max-sd-mm=10] \
-      [--submission=FILE]
+      [--submission=FILE] [--frame=N]
   python -m hc_jax.predict --samples --out=hc.csv --overlays=overlays/
 
 Without `--workdir`, the model shipped with the package predicts
@@ -24,6 +24,23 @@ in HC18; a row matches by that relative path, else by the base name), or else
 from the HC18 CSV beside an images directory (`test_set/` ->
 `test_set_pixel_size.csv`, matched by base name).
 
+DICOM files (`hc_jax.dicom`) mix with the PNGs: `--images` also takes
+`.dcm` files, and directories give them too (and extensionless files with
+the DICOM 'DICM' marker). Each is read as an 8-bit grayscale scan
+(MONOCHROME1 inverted; RGB and YBR to grey with PIL's ITU-R 601 luma
+weights; more than 8 bits rescaled to 0-255 by the stored range). Every
+frame of a multi-frame file is a row `file.dcm#k` (k from 0), or only frame
+N with `--frame=N`; a single-frame file is one row `file.dcm`. A DICOM's
+pixel size is its `--pixel-sizes` row where it has one (matched by the
+file's name; the HC18 CSV beside a directory applies to PNGs only), else the
+file's own: the ultrasound region holding the image centre, in cm, else
+`PixelSpacing`. Without one, or with non-square pixels (x and y more than 1%
+apart), the row has HC in px only and its `message` says why, whatever its
+status. The CSV then gains `DICOM_COLUMNS`: `pixel_size_source` is
+`ultrasound_region`, `PixelSpacing`, `csv`, or empty where the pixel size is
+unknown. A file that cannot be decoded here (a compressed transfer syntax
+without its decoder installed, truncated, not DICOM) is one `error` row.
+
 Every row has a `status` and, unless ok, a `message` saying why:
 
   ok           predicted, and inside the plausible range.
@@ -34,7 +51,8 @@ Every row has a `status` and, unless ok, a `message` saying why:
   refused      not a scan: a (nearly) constant image, or one smaller than the
                model input; nothing is predicted.
   error        the file cannot be used: missing, unreadable, a symbolic link
-               loop, corrupt, not an 8-bit PNG, or no pixel size in the CSV.
+               loop, corrupt, not an 8-bit PNG, a DICOM that cannot be decoded
+               here, or a PNG without a pixel size in the CSV.
 
 The plausible range is where HC can be trusted: in mm, HC18's span (44-346
 mm) and the model's training range (from results.json, where recorded), each
@@ -70,6 +88,8 @@ images get the very predictions in its `predictions_test.csv`.
 """
 
 import argparse
+import functools
+import itertools
 import math
 import os
 import sys
@@ -77,6 +97,7 @@ import time
 from typing import Sequence
 import warnings
 
+from hc_jax import dicom
 from hc_jax import gestational_age
 from hc_jax import hc18
 from hc_jax import inference
@@ -125,6 +146,9 @@ ELLIPSE_COLUMNS = ('center_x_px', 'center_y_px', 'semi_axis_a_px',
                    'semi_axis_a_mm', 'semi_axis_b_mm')
 # Added after those for a mask model: its quality signal.
 MASK_COLUMNS = ('quality',)
+# Added last when DICOM files are among the scans: where the pixel size came
+# from ('ultrasound_region', 'PixelSpacing', 'csv', or '' when unknown).
+DICOM_COLUMNS = ('pixel_size_source',)
 STATUSES = ('ok', 'uncertain', 'implausible', 'refused', 'error')
 # Exit codes of the command line.
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
@@ -156,10 +180,19 @@ status of each row (the CSV's `status`; `message` says why unless ok):
                range, or what fits in the image (each widened by
                {RANGE_MARGIN:.0%}); HC is written, no gestational age
   refused      not a scan: (nearly) constant, or smaller than the model input
-  error        missing, unreadable, corrupt or not an 8-bit PNG file, or no
-               pixel size for it in the pixel-size CSV
+  error        missing, unreadable, corrupt or not an 8-bit PNG file, a
+               DICOM that cannot be decoded here, or a PNG without a pixel
+               size in the pixel-size CSV
 
 CSV columns: {", ".join(COLUMNS)}
+
+DICOM (.dcm) files and folders of them mix with PNGs in --images. Grey,
+RGB and YBR files, 8 bits or more (rescaled to 0-255 by the stored range);
+each frame of a multi-frame file is a row file.dcm#k (--frame=N: frame N
+only). Pixel size: the file's --pixel-sizes row, else its ultrasound region
+(cm) at the image centre, else PixelSpacing; none, or non-square pixels:
+HC in px only, and the message says why. The CSV then ends with
+{", ".join(DICOM_COLUMNS)} (ultrasound_region, PixelSpacing, csv, or empty).
 
 ellipse models (hcnet_ellipse) add the head's ellipse, in pixels of the
 original image and in mm where the pixel size is known (x the column, y the
@@ -206,8 +239,11 @@ def _parse_args(argv):
                       f'{shipped.DEFAULT_MODEL}; shipped: '
                       f'{", ".join(shipped.names()) or "none"})')
   parser.add_argument('--images', action='append',
-                      help='directories (searched recursively) or PNG files, '
-                      'comma-separated or repeated')
+                      help='directories (searched recursively) or PNG or '
+                      'DICOM files, comma-separated or repeated')
+  parser.add_argument('--frame', type=int,
+                      help='only frame N (0-based) of each multi-frame DICOM '
+                      '(default: every frame, one row each)')
   parser.add_argument('--samples', action='store_true',
                       help='also predict the sample scans shipped with hc_jax '
                       '(five HC18 test-set images, CC BY 4.0)')
@@ -270,22 +306,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise PredictError('give --workdir or --model, not both')
       if not args.images and not args.samples:
         raise PredictError('no scans: give --images (or --samples)')
-      files = image_paths((args.images or []) + (
+      if args.frame is not None and args.frame < 0:
+        raise PredictError(f'--frame must be >= 0, got {args.frame}')
+      files = dicom.image_paths((args.images or []) + (
           [shipped.SAMPLE_IMAGES_DIR] if args.samples else []))
-      pixel_sizes = pixel_sizes_of(files, args.pixel_sizes)
+      dicoms = [name for name, path in files.items() if dicom.is_dicom(path)]
+      # The HC18 CSV beside a directory names PNGs; --pixel-sizes, any scan.
+      pixel_sizes = pixel_sizes_of(files if args.pixel_sizes else {
+          name: path for name, path in files.items() if name not in dicoms},
+                                   args.pixel_sizes)
+      pixel_sizes.update({name: (None, None) for name in dicoms
+                          if name not in pixel_sizes})
+      infos = dict(zip(dicoms, parallel_map(dicom.read_info,
+                                            [files[n] for n in dicoms])))
       if args.submission:
-        check_submission_inputs(files, pixel_sizes)
+        check_submission_inputs(files, _known_pixel_sizes(pixel_sizes, infos))
       predictor = (load(args.workdir) if args.workdir else
                    load(model=args.model))  # None: the default shipped one.
       if args.submission and not predictor.predicts_ellipse:
         raise PredictError('--submission needs a model that predicts the '
                            f'ellipse; {args.workdir or args.model} predicts '
                            'HC only')
-      rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args)
+      rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args,
+                                         infos)
       write_rows(args.out, rows, COLUMNS + (
           ELLIPSE_COLUMNS if predictor.predicts_ellipse else ()) + (
-              MASK_COLUMNS if predictor.kind == 'mask' else ()))
-      missing = [name for name in files if name not in ellipses_mm]
+              MASK_COLUMNS if predictor.kind == 'mask' else ()) + (
+                  DICOM_COLUMNS if infos else ()))
+      missing = [row['filename'] for row in rows
+                 if row['filename'] not in ellipses_mm]
       if args.submission and not missing:
         write_submission(args.submission, ellipses_mm)
     except PredictError as e:
@@ -306,47 +355,105 @@ def main(argv: Sequence[str] | None = None) -> int:
   return EXIT_FLAGGED if flagged else EXIT_OK
 
 
+def _known_pixel_sizes(pixel_sizes: dict[str, tuple], infos: dict
+                       ) -> dict[str, tuple]:
+  """`pixel_sizes` with each DICOM file's own where the CSV has none."""
+  known = dict(pixel_sizes)
+  for name, info in infos.items():
+    if known[name][1] is None and isinstance(info, dicom.Info):
+      known[name] = (known[name][0], info.pixel_size_mm)
+  return known
+
+
+def _frames(info, frame: int | None) -> list[tuple[str, int]]:
+  """(suffix of the row's filename, frame index) of each row of a file;
+  `info` is its `dicom.Info`, None for a PNG, or the error reading it."""
+  if not isinstance(info, dicom.Info) or info.frames == 1:
+    return [('', 0)]
+  if frame is not None:
+    return [(f'#{frame}', frame)]
+  return [(f'#{k}', k) for k in range(info.frames)]
+
+
+def _read_dicom(path: str, info, index: int):
+  if isinstance(info, Exception):
+    raise info
+  if index >= info.frames:
+    raise dicom.DicomError(f'no frame {index}: the file has {info.frames} '
+                           'frames (--frame counts from 0)')
+  return dicom.read_frame(path, index)
+
+
+def _scans(files: dict[str, str], infos: dict, frame: int | None):
+  """(row filename, file's filename, a function reading the scan) of each
+  row, one file at a time: the frames of a DICOM file are decoded only when
+  their chunk is predicted."""
+  for name, path in files.items():
+    info = infos.get(name)
+    for suffix, index in _frames(info, frame):
+      yield (name + suffix, name,
+             functools.partial(_read_dicom, path, info, index)
+             if name in infos else
+             functools.partial(hc18.read_grayscale, path))
+
+
 def _predict_files(predictor: Predictor, files: dict[str, str],
-                   pixel_sizes: dict[str, tuple], args
+                   pixel_sizes: dict[str, tuple], args, infos: dict | None = None
                    ) -> tuple[list[dict], dict[str, list]]:
   """The CSV rows for `files` ({filename: path}), chunk by chunk, and an
   ellipse model's ellipses in mm ({filename: [cx, cy, a, b, angle]}) of the
-  images predicted where the pixel size is known."""
-  rows, ellipses_mm = [], {}
-  names = list(files)
-  progress = Progress(len(names))
-  for start in range(0, len(names), PROGRESS_EVERY):
-    chunk = []  # (row, image) of the files that read well.
-    chunk_names = names[start:start + PROGRESS_EVERY]
-    reads = parallel_map(hc18.read_grayscale, [files[n] for n in chunk_names])
-    for name, read in zip(chunk_names, reads):
+  images predicted where the pixel size is known. `infos` holds
+  `dicom.read_info` of the DICOM files (or the error reading it)."""
+  infos = infos or {}
+  rows, ellipses_mm, noted = [], {}, set()
+  scans = _scans(files, infos, args.frame)
+  progress = Progress(sum(len(_frames(infos.get(name), args.frame))
+                          for name in files))
+  while True:
+    chunk_scans = list(itertools.islice(scans, PROGRESS_EVERY))
+    if not chunk_scans:
+      break
+    chunk = []  # (row, image, file's filename, why no mm) of the good reads.
+    reads = parallel_map(lambda scan: scan[2](), chunk_scans)
+    for (name, file_name, _), read in zip(chunk_scans, reads):
       row = dict.fromkeys(COLUMNS, '')
       row.update(filename=name, status='ok')
       rows.append(row)
-      csv_path, pixel_size = pixel_sizes[name]
+      csv_path, pixel_size = pixel_sizes[file_name]
       if isinstance(read, Exception):
         message = (str(read) if isinstance(read, ValueError) else
                    f'cannot read the file ({runs.error_line(read)})')
         row.update(status='error', message=message)
         continue
-      if csv_path and pixel_size is None:
+      source, no_mm = ('csv' if pixel_size is not None else ''), ''
+      if file_name in infos:
+        if pixel_size is None:  # A DICOM's own, where the CSV has none.
+          info = infos[file_name]
+          pixel_size, source, no_mm = (info.pixel_size_mm, info.source,
+                                       info.reason)
+      elif csv_path and pixel_size is None:
         row.update(status='error', message=f'no pixel size for it in {csv_path}')
         continue
+      if infos:
+        row['pixel_size_source'] = source
       image, note = read
-      if note:
-        print(f'{files[name]}: {note}', file=sys.stderr)
+      if note and (file_name, note) not in noted:
+        noted.add((file_name, note))
+        print(f'{files[file_name]}: {note}', file=sys.stderr)
       row['pixel_size_mm'] = '' if pixel_size is None else pixel_size
-      chunk.append((row, image))
+      chunk.append((row, image, file_name, no_mm))
     if chunk:
-      out = predictor([image for _, image in chunk],
-                      [row['pixel_size_mm'] or None for row, _ in chunk],
+      out = predictor([image for _, image, _, _ in chunk],
+                      [row['pixel_size_mm'] or None for row, *_ in chunk],
                       tta_flip=args.tta_flip, max_sd_mm=args.max_sd_mm,
                       min_quality=args.min_quality,
                       keep_masks=bool(args.overlays))
-      for i, (row, image) in enumerate(chunk):
+      for i, (row, image, file_name, no_mm) in enumerate(chunk):
         row.update(status=out['status'][i], message=out['message'][i])
         if row['status'] == 'refused':
           continue
+        if no_mm:
+          row['message'] = '; '.join(filter(None, [row['message'], no_mm]))
         row.update(hc_px=_fmt(out['hc_px'][i], 3),
                    hc_mm=_fmt(out['hc_mm'][i], 3),
                    hc_mm_sd=_fmt(out['hc_mm_sd'][i], 3))
@@ -363,9 +470,11 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
           row.update(ga_weeks=_fmt(ga_weeks, 2),
                      ga_flag=gestational_age.ga_flag(ga_weeks))
         if args.overlays:
+          # A frame k of file.dcm: file_framek_prediction.png.
           overlay = os.path.join(
-              args.overlays,
-              os.path.splitext(row['filename'])[0] + OVERLAY_SUFFIX)
+              args.overlays, os.path.splitext(file_name)[0]
+              + row['filename'][len(file_name):].replace('#', '_frame')
+              + OVERLAY_SUFFIX)
           try:
             os.makedirs(os.path.dirname(overlay), exist_ok=True)
             write_overlay(image, _overlay_lines(row), overlay, ellipse,
