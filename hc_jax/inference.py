@@ -236,6 +236,14 @@ class Predictor:
              quality=math.nan, min_quality=0.0):
     """(status, message) of one prediction."""
     low, high = self.plausible_px(image_shape)
+    if low > high:  # The image's own range and the training's do not meet.
+      height, width = image_shape[:2]
+      train_low, train_high = _widen(*self.train_hc_px)
+      return 'implausible', (
+          f'no HC is plausible in a {width}x{height} px image for this model: '
+          f'the image allows {math.pi * min(height, width) / 10:.0f}-'
+          f'{math.pi * (height + width):.0f} px, its training heads were '
+          f'{train_low:.0f}-{train_high:.0f} px')
     if not low <= hc_px <= high:  # Also for NaN.
       return 'implausible', (f'HC {hc_px:.1f} px is outside the plausible '
                              f'{low:.0f}-{high:.0f} px')

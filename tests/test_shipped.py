@@ -4,7 +4,9 @@ import configparser
 import csv
 import glob
 import json
+import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -173,3 +175,19 @@ def test_shipped_model_reproduces_its_cross_validation_figures():
   for fold, result in zip(range(len(archive.results)), archive.results):
     assert scores.folds[result['fold']]['mae_mm'] == pytest.approx(
         result['test_mae_mm'], abs=TOLERANCE_MM), fold
+
+
+def test_a_huge_image_gets_a_plain_reason_not_an_inverted_range():
+  """8000x8000 px: the image's own HC range (from a tenth of its side) lies
+  above every training head, so no HC is plausible; the message says so."""
+  from hc_jax import inference  # pylint: disable=import-outside-toplevel
+  predictor = inference.load()
+  status, message = predictor._check(  # pylint: disable=protected-access
+      1000.0, math.nan, math.nan, (8000, 8000), 10.0)
+  assert status == 'implausible'
+  assert message.startswith('no HC is plausible in a 8000x8000 px image')
+  low, high = (int(v) for v in re.findall(r'(\d+)-(\d+) px', message)[0])
+  assert low < high
+  status, _ = predictor._check(  # pylint: disable=protected-access
+      1000.0, math.nan, math.nan, (540, 800), 10.0)
+  assert status == 'ok'
