@@ -76,46 +76,176 @@ class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
+class _Rule:
+  """What one config field must be: `test(value)` and its description."""
+
+  def __init__(self, test, what: str):
+    self.test, self.what = test, what
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(low: int, high: int | None = None, what: str = '') -> _Rule:
+  what = what or (f'an integer >= {low}' if high is None else
+                  f'an integer in [{low}, {high}]')
+  return _Rule(lambda v: _is_int(v) and v >= low and (
+      high is None or v <= high), what)
+
+
+def _real(low: float = 0.0, *, above: bool = False,
+          below: float | None = None, infinite: bool = False) -> _Rule:
+  """A number >= low (> low when `above`), < `below` if given; finite
+  unless `infinite` (NaN never)."""
+  what = f'a {"" if infinite else "finite "}number {">" if above else ">="} '
+  what += f'{low:g}' + (f' and < {below:g}' if below is not None else '')
+
+  def test(v):
+    return (_is_real(v) and not math.isnan(v) and
+            (infinite or math.isfinite(v)) and
+            (v > low if above else v >= low) and (below is None or v < below))
+
+  return _Rule(test, what)
+
+
+def _choice(options) -> _Rule:
+  options = tuple(sorted(options))
+  return _Rule(lambda v: isinstance(v, str) and v in options,
+               f'one of {", ".join(options)}')
+
+
+_FLAG = _Rule(lambda v: isinstance(v, bool), 'True or False')
+_TEXT = _Rule(lambda v: isinstance(v, str), 'a string')
+_WIDTHS = _Rule(lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and
+                all(_is_int(w) and w >= 1 for w in v),
+                'a non-empty tuple of integers >= 1')
+# Every field a config may have, by its dotted name ('mask_loss.*': each of
+# its terms), and what it must be. `check_config` tests each field present
+# before any work is done; tests/test_reliability.py checks that every field
+# of every config in configs/ has a rule here.
+CONFIG_RULES = {
+    'model': _choice(models.MODELS),
+    'dtype': _choice(('float32', 'bfloat16')),
+    'layers': _choice(('auto', 'plain', 'fast')),
+    'loss': _choice(losses.LOSSES),
+    'huber_delta': _real(above=True),
+    'ellipse_weight': _real(),
+    'mask_loss.*': _real(),
+    'init_from': _TEXT,
+    'data.source': _choice(('hc18', 'synthetic')),
+    'data.hc18_dir': _TEXT,
+    'data.num_synthetic': _integer(1),
+    'data.prepared': _TEXT,
+    'data.cache_dir': _TEXT,
+    'data.pipeline': _choice(('auto', 'tf', 'numpy')),
+    'image_size': _integer(1),
+    'image_width': _integer(0),
+    'resize_mode': _choice(prepare.RESIZE_MODES),
+    'hc_normaliser_px': _real(),
+    'num_folds': _integer(2),
+    'fold': _integer(0),
+    'fold_seed': _integer(0, 2 ** 63 - 1, 'an integer in [0, 2**63)'),
+    'val_fraction': _real(below=1.0),
+    'augment.flip': _FLAG,
+    'augment.max_translate_px': _real(),
+    'augment.max_rotate_deg': _real(),
+    'augment.scale_range': _Rule(
+        lambda v: v is None or (isinstance(v, (tuple, list)) and len(v) == 2
+                                and all(_is_real(x) for x in v)),
+        'None or (min, max)'),
+    'augment.exact_labels': _FLAG,
+    'batch_size': _integer(1),
+    'eval_batch_size': _integer(1),
+    'num_epochs': _integer(1),
+    'learning_rate': _real(above=True),
+    'lr_schedule': _choice(('constant', 'cosine')),
+    'warmup_epochs': _integer(0),
+    'weight_decay': _real(),
+    'tune_malloc': _FLAG,
+    'members_per_call': _choice(MEMBERS_PER_CALL),
+    'time_budget_s': _real(),
+    'rescore': _FLAG,
+    'score_test': _FLAG,
+    'seed': _integer(0, 2 ** 63 - 1, 'an integer in [0, 2**63)'),
+    'log_every_steps': _integer(1),
+    'checkpoint_every_seconds': _real(infinite=True),
+    'distributed': _FLAG,
+    # Fields of the models (hc_jax.hcnet, hc_jax.hcnet_mask), by name.
+    'model_options.widths': _WIDTHS,
+    'model_options.head': _choice(('flatten', 'gap')),
+    'model_options.hidden': _integer(1),
+    'model_options.dropout': _real(below=1.0),
+    'model_options.dilated': _FLAG,
+    'model_options.bounded': _FLAG,
+    'model_options.stride': _integer(1),
+    'model_options.margin': _integer(0),
+    'model_options.attention': _FLAG,
+    'model_options.attention_heads': _integer(1),
+    'model_options.moments': _choice(mask_head.MOMENT_MODES),
+    'model_options.window_radius': _real(above=True),
+    'model_options.keras_v1': _FLAG,
+}
+
+
+def config_rule(key: str) -> _Rule | None:
+  """The rule of a dotted config field (None: a field hc_jax does not
+  know)."""
+  if key in CONFIG_RULES:
+    return CONFIG_RULES[key]
+  group = key.rpartition('.')[0]
+  return CONFIG_RULES.get(f'{group}.*') if group else None
+
+
 def check_config(config) -> None:
-  """Raises ValueError with one clear line for a config that cannot run."""
-  choices = {'model': models.MODELS, 'loss': losses.LOSSES,
-             'resize_mode': prepare.RESIZE_MODES,
-             'lr_schedule': ('constant', 'cosine'),
-             'dtype': ('float32', 'bfloat16'),
-             'members_per_call': MEMBERS_PER_CALL}
-  for name, allowed in choices.items():
-    if config[name] not in allowed:
-      raise ValueError(f'{name} must be one of {", ".join(sorted(allowed))}; '
-                       f'got {config[name]!r}')
-  if not 0 <= config.fold < config.num_folds:
+  """Raises ValueError with one clear line for a config that cannot run.
+
+  Every field is checked against `CONFIG_RULES` (its type and range), then
+  what spans fields (the fold against num_folds, the model built for the
+  input size, the batch against the devices); nothing is prepared or
+  compiled before.
+  """
+  for key, value in _flatten(config.to_dict()).items():
+    rule = config_rule(key)
+    if rule is not None and not rule.test(value):
+      raise ValueError(f'{key} must be {rule.what}, got {value!r}')
+  if not config.fold < config.num_folds:
     raise ValueError(f'fold must be in [0, {config.num_folds - 1}], got '
                      f'{config.fold}')
-  for name in ('checkpoint_every_seconds', 'time_budget_s', 'image_width',
-               'weight_decay', 'warmup_epochs'):
-    if config[name] < 0:
-      raise ValueError(f'{name} must be >= 0, got {config[name]}')
-  for name in ('batch_size', 'eval_batch_size', 'num_epochs', 'image_size',
-               'learning_rate'):
-    if config[name] <= 0:
-      raise ValueError(f'{name} must be positive, got {config[name]}')
   weights = dict(config.get('mask_loss', {}) or {})
   unknown = sorted(set(weights) - set(mask_head.LOSS_TERMS))
   if unknown:
     raise ValueError(f'mask_loss has no terms {unknown}; it has '
                      f'{", ".join(mask_head.LOSS_TERMS)}')
-  for name, value in weights.items():
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and
-            value >= 0):
-      raise ValueError(f'mask_loss.{name} must be a finite number >= 0, got '
-                       f'{value!r}')
   augment_lib.AugmentConfig.from_dict(config.augment)  # Raises if bad.
   losses.get_loss(config)
-  models.from_config(config)  # Unknown layers, a dtype it cannot honour.
+  model = models.from_config(config)  # Unknown fields, a dtype it cannot do.
+  _check_model_input(config, model)
   num_devices = jax.device_count()
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] % num_devices:
       raise ValueError(f'{name}={config[name]} is not divisible by the '
                        f'{num_devices} devices')
+
+
+def _check_model_input(config, model) -> None:
+  """Raises ValueError when `model` cannot be built for the config's input
+  (traced abstractly: no compiling, no memory for the parameters)."""
+  height, width = prepare.input_shape(config)
+  try:
+    jax.eval_shape(functools.partial(model.init, train=False),
+                   jax.random.key(0),
+                   jax.ShapeDtypeStruct((1, height, width, 1), jnp.float32))
+  except Exception as e:  # pylint: disable=broad-except  # Any model error.
+    reason = ' '.join(str(e).split()) or type(e).__name__
+    raise ValueError(
+        f'{config.model} cannot take a {height}x{width} input (image_size='
+        f'{config.image_size}, image_width={config.get("image_width", 0)}): '
+        f'{reason}') from None
 
 
 def check_members(configs: Sequence[Any]) -> None:
@@ -125,7 +255,7 @@ def check_members(configs: Sequence[Any]) -> None:
     check_config(config)
     differ = sorted(k for k in set(fields) | set(flat[0])
                     if k not in MEMBER_FIELDS and
-                    fields.get(k) != flat[0].get(k))
+                    not _same(fields.get(k), flat[0].get(k)))
     if differ:
       raise ValueError('members of one run may differ only in '
                        f'{", ".join(MEMBER_FIELDS)}; these differ: '
@@ -137,7 +267,8 @@ def check_members(configs: Sequence[Any]) -> None:
 
 def _same(a, b) -> bool:
   """Equality through JSON: tuples equal lists, NaN equals NaN."""
-  return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+  return (json.dumps(a, sort_keys=True, default=repr) ==
+          json.dumps(b, sort_keys=True, default=repr))
 
 
 def read_run_config(workdir: str) -> dict[str, Any] | None:

@@ -156,3 +156,58 @@ def test_a_cosine_schedule_keeps_its_num_epochs(tmp_path):
   config.lr_schedule = 'constant'
   with pytest.raises(ValueError, match=r"lr_schedule='cosine' there"):
     train.check_resume(config, workdir)
+
+
+# Config validation: every field, before any work.
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.model_options.widths=(0,0,0,0,0)', 'model_options.widths must'),
+    ('--config.learning_rate=nan', 'learning_rate must be a finite number > 0'),
+    ('--config.checkpoint_every_seconds=nan',
+     'checkpoint_every_seconds must be a number >= 0'),
+    ('--config.huber_delta=-1', 'huber_delta must be a finite number > 0'),
+    ('--config.seed=-1', 'seed must be an integer in [0, 2**63)'),
+    ('--config.image_size=7', 'cannot take a 7x7 input (image_size=7'),
+    ('--config.time_budget_s=inf', 'time_budget_s must be a finite number'),
+    ('--config.val_fraction=1.0', 'val_fraction must be a finite number >= 0 '
+     'and < 1'),
+    ('--config.model_options.head=conv', 'model_options.head must be one of'),
+    ('--config.data.pipeline=torch', 'data.pipeline must be one of auto'),
+])
+def test_a_bad_config_field_is_one_line_before_any_work(
+    phantom_hc18, tmp_path, capsys, flag, message):
+  cache = tmp_path / 'cache'
+  workdir = tmp_path / 'run'
+  status = main_lib.main([
+      '--config=configs/hcnet_label.py', f'--workdir={workdir}',
+      f'--config.data.hc18_dir={phantom_hc18[0]}',
+      f'--config.data.cache_dir={cache}', '--config.tune_malloc=False', flag])
+  captured = capsys.readouterr()
+  assert status == 2
+  assert message in _one_error_line(captured.err)
+  assert not cache.exists() and not workdir.exists()  # Nothing prepared.
+  assert 'compiling' not in captured.out
+
+
+def test_every_field_of_every_config_has_a_rule_it_passes():
+  import glob  # pylint: disable=import-outside-toplevel
+  import importlib  # pylint: disable=import-outside-toplevel
+  paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), '..',
+                                        'configs', '*.py')))
+  names = [os.path.basename(p)[:-3] for p in paths
+           if not os.path.basename(p).startswith('_')]
+  assert 'default' in names and 'hcnet_mask' in names
+  for name in names:
+    config = importlib.import_module(f'configs.{name}').get_config()
+    for key, value in train._flatten(config.to_dict()).items():  # pylint: disable=protected-access
+      rule = train.config_rule(key)
+      assert rule is not None, f'configs/{name}.py: {key} has no rule'
+      assert rule.test(value), f'configs/{name}.py: {key}={value!r}'
+    train.check_config(config)
+
+
+@pytest.mark.parametrize('value', [True, '3', None, float('nan'), -1, 2.5])
+def test_an_integer_field_takes_only_integers_in_range(value):
+  assert train.CONFIG_RULES['num_epochs'].test(3)
+  assert not train.CONFIG_RULES['num_epochs'].test(value)
