@@ -26,6 +26,7 @@ without TensorFlow trains from `--config.data.prepared=FILE.npz`, written by
   python -m hc_jax.prepare --config=configs/resnet_mse.py --out=export/
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -136,35 +137,73 @@ def _checked(arrays: dict[str, Any], path: str) -> dict[str, np.ndarray]:
   return out
 
 
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+  """A digest of prepared arrays: every field's name, dtype, shape and bytes."""
+  digest = hashlib.sha256()
+  for name in sorted(ARRAY_FIELDS):
+    array = np.ascontiguousarray(arrays[name])
+    digest.update(f'{name}:{array.dtype.str}:{array.shape}\n'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()[:32]
+
+
 def save(path: str, arrays: dict[str, np.ndarray], info: dict[str, Any]
          ) -> None:
-  """Writes prepared arrays and their `info` atomically to an .npz."""
+  """Writes prepared arrays and their `info` atomically to an .npz.
+
+  `info` gets 'arrays_digest' (`arrays_digest`), which `load` checks.
+  """
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  arrays = _checked(arrays, path)
+  info = {**info, 'arrays_digest': arrays_digest(arrays)}
   tmp = f'{path}.{os.getpid()}.tmp.npz'
-  np.savez(tmp, info=np.asarray(json.dumps(info, sort_keys=True)),
-           **_checked(arrays, path))
-  os.replace(tmp, path)
+  try:
+    np.savez(tmp, info=np.asarray(json.dumps(info, sort_keys=True)),
+             **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
 
 
-def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Reads a prepared .npz: (arrays, info).
+def load(path: str, require_digest: bool = False
+         ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Reads a prepared .npz: (arrays, info), checked against the digest of
+  its arrays that `save` recorded.
+
+  Args:
+    path: the .npz.
+    require_digest: refuse a file without a recorded digest (a cached file;
+      an export written by an older hc_jax has none and is read unchecked).
 
   Raises:
-    PreparedError: for a missing, unreadable or malformed file.
+    PreparedError: for a missing, unreadable, malformed or damaged file.
   """
   if not os.path.isfile(path):
     raise PreparedError(f'{path}: no such prepared file')
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {name: f[name] for name in f.files}
-  except (OSError, ValueError, EOFError) as e:
-    raise PreparedError(f'{path}: cannot read ({e})') from None
-  info = json.loads(str(arrays.pop('info', '{}')))
+    info = json.loads(str(arrays.pop('info', '{}')))
+    if not isinstance(info, dict):
+      raise ValueError('its info is not a JSON object')
+  except Exception as e:  # pylint: disable=broad-except  # Any damage.
+    text = ' '.join(str(e).split())
+    raise PreparedError(f'{path}: cannot read ({type(e).__name__}'
+                        f'{": " + text if text else ""})') from None
   if info.get('format_version') != FORMAT_VERSION:
     raise PreparedError(f'{path}: made by another version of hc_jax '
                         f'(format {info.get("format_version")}); prepare it '
                         'again')
-  return _checked(arrays, path), info
+  arrays = _checked(arrays, path)
+  recorded = info.get('arrays_digest')
+  if recorded is None and require_digest:
+    raise PreparedError(f'{path}: records no digest of its arrays')
+  if recorded is not None and recorded != arrays_digest(arrays):
+    raise PreparedError(f'{path}: its arrays differ from what was written '
+                        '(digest mismatch)')
+  return arrays, info
 
 
 def _from_tfds(root: str | None, tfds_dir: str, out_hw, mode: str
@@ -232,9 +271,9 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
   path = os.path.join(directory, f'prepared_{out_hw[0]}x{out_hw[1]}_{mode}.npz')
   if os.path.isfile(path):
     try:
-      return load(path)
+      return load(path, require_digest=True)
     except PreparedError as e:
-      _log(f'{e}; preparing it again')
+      _log(f'warning: {e}; preparing it again')
   num = ''
   if root is not None:
     csv_path = os.path.join(root, hc18.SPLITS['train'][1])

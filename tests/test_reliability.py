@@ -7,6 +7,7 @@ stops with one line and exit status 2, leaving the workdir as it was.
 """
 
 import hashlib
+import json
 import os
 import shutil
 
@@ -211,3 +212,50 @@ def test_every_field_of_every_config_has_a_rule_it_passes():
 def test_an_integer_field_takes_only_integers_in_range(value):
   assert train.CONFIG_RULES['num_epochs'].test(3)
   assert not train.CONFIG_RULES['num_epochs'].test(value)
+
+
+# The prepared-data cache: damaged or rewritten files are prepared again.
+
+
+def _cached_npz(cache_dir):
+  found = [os.path.join(d, n) for d, _, names in os.walk(cache_dir)
+           for n in names if n.startswith('prepared_') and n.endswith('.npz')]
+  assert len(found) == 1, found
+  return found[0]
+
+
+def _flip_byte(path, where):
+  with open(path, 'r+b') as f:
+    f.seek(where)
+    byte = f.read(1)
+    f.seek(where)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'flipped_byte', 'rewritten'])
+def test_a_damaged_or_rewritten_cache_is_prepared_again(phantom_hc18, tmp_path,
+                                                        capsys, damage):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from hc_jax import prepare  # pylint: disable=import-outside-toplevel
+  root, cache = phantom_hc18[0], str(tmp_path / 'cache')
+  arrays, info = prepare.prepare(root, (32, 32), 'stretch', cache)
+  path = _cached_npz(cache)
+  size = os.path.getsize(path)
+  if damage == 'truncated':
+    os.truncate(path, size // 2)
+  elif damage == 'flipped_byte':
+    _flip_byte(path, size // 2)
+  else:  # Self-consistent, with the info (and digest) of the original.
+    forged = dict(arrays, hc_px=np.ones_like(arrays['hc_px']))
+    np.savez(path, info=np.asarray(json.dumps(info)), **forged)
+  capsys.readouterr()
+  again, _ = prepare.prepare(root, (32, 32), 'stretch', cache)
+  err = capsys.readouterr().err
+  warnings = [line for line in err.splitlines() if line.startswith('warning')]
+  assert len(warnings) == 1 and path in warnings[0], err
+  assert 'preparing it again' in warnings[0]
+  for name in prepare.ARRAY_FIELDS:
+    np.testing.assert_array_equal(again[name], arrays[name])
+  capsys.readouterr()
+  prepare.prepare(root, (32, 32), 'stretch', cache)  # Repaired: no warning.
+  assert 'warning' not in capsys.readouterr().err
