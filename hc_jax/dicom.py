@@ -144,7 +144,8 @@ def _open(path: str):
   try:
     return open(path, 'rb')  # pylint: disable=consider-using-with
   except OSError as e:
-    raise DicomError(hc18._os_error_reason(path, e)) from None  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    raise DicomError(hc18._os_error_reason(path, e)) from None
 
 
 def _one_line(error: Exception) -> str:

@@ -241,7 +241,7 @@ def _parse_args(argv):
   parser.add_argument('--images', action='append',
                       help='directories (searched recursively) or PNG or '
                       'DICOM files, comma-separated or repeated')
-  parser.add_argument('--frame', type=int,
+  parser.add_argument('--frame', type=int, metavar='N',
                       help='only frame N (0-based) of each multi-frame DICOM '
                       '(default: every frame, one row each)')
   parser.add_argument('--samples', action='store_true',
@@ -398,7 +398,8 @@ def _scans(files: dict[str, str], infos: dict, frame: int | None):
 
 
 def _predict_files(predictor: Predictor, files: dict[str, str],
-                   pixel_sizes: dict[str, tuple], args, infos: dict | None = None
+                   pixel_sizes: dict[str, tuple], args,
+                   infos: dict | None = None
                    ) -> tuple[list[dict], dict[str, list]]:
   """The CSV rows for `files` ({filename: path}), chunk by chunk, and an
   ellipse model's ellipses in mm ({filename: [cx, cy, a, b, angle]}) of the

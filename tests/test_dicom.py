@@ -95,7 +95,8 @@ def test_grey_values_of_each_photometric_interpretation(tmp_path):
   wide = np.array([[0, 4095, 2048, 1], [100, 200, 300, 4000]], np.uint16)
   image, note = dicom.read_frame(_write(tmp_path / 'w.dcm', wide,
                                         bits_stored=12))
-  assert np.array_equal(image, np.rint(wide.astype(float) * 255 / 4095).astype(np.uint8))
+  expected = np.rint(wide.astype(float) * 255 / 4095).astype(np.uint8)
+  assert np.array_equal(image, expected)
   assert image[0].tolist() == [0, 255, 128, 0] and '12-bit' in note
   signed = np.array([[-32768, 32767, 0, -1]], np.int16)
   image, _ = dicom.read_frame(_write(tmp_path / 's.dcm', signed))
