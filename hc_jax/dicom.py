@@ -115,7 +115,8 @@ def image_paths(specs: Sequence[str]) -> dict[str, str]:
   deepest directory holding everything named.
 
   Raises:
-    PredictError: when nothing is named, or a directory holds no scans.
+    PredictError: when nothing is named, a named path does not exist, or a
+      directory holds no scans.
   """
   paths, roots = [], []
   for spec in specs:
@@ -131,6 +132,8 @@ def image_paths(specs: Sequence[str]) -> dict[str, str]:
           raise runs.PredictError(f'{item} holds no PNG or DICOM scans')
         paths += found
         roots.append(os.path.abspath(item))
+      elif not os.path.lexists(item):  # A usage error, not a CSV row.
+        raise runs.PredictError(f'--images {item} does not exist')
       else:
         paths.append(item)
         roots.append(os.path.dirname(os.path.abspath(item)))

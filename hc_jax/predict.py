@@ -138,6 +138,9 @@ write_submission = scan_files.write_submission
 # pylint: enable=invalid-name
 
 PROGRESS_EVERY = 64  # Images per chunk, and per progress line.
+# Pixel sizes (mm) taken as a scan's: HC18's are 0.05-0.39 mm; an ultrasound
+# image at 0.001 or 10 mm per pixel is a unit or typing mistake, an error row.
+PIXEL_SIZE_RANGE_MM = (0.001, 10.0)
 COLUMNS = ('filename', 'pixel_size_mm', 'hc_px', 'hc_mm', 'hc_mm_sd',
            'ga_weeks', 'ga_flag', 'status', 'message')
 # Added after COLUMNS for an ellipse model.
@@ -437,6 +440,12 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
         continue
       if infos:
         row['pixel_size_source'] = source
+      if pixel_size is not None and not (
+          PIXEL_SIZE_RANGE_MM[0] <= pixel_size <= PIXEL_SIZE_RANGE_MM[1]):
+        row.update(status='error', message=(
+            f'pixel size {pixel_size:g} mm is not a scan\'s: outside '
+            f'{PIXEL_SIZE_RANGE_MM[0]:g}-{PIXEL_SIZE_RANGE_MM[1]:g} mm'))
+        continue
       image, note = read
       if note and (file_name, note) not in noted:
         noted.add((file_name, note))

@@ -575,20 +575,19 @@ def test_bad_files_are_errors_that_say_what_they_are(stub_cli, tmp_path,
       raise PermissionError(errno.EACCES, 'Permission denied', str(file))
     return real_open(file, *args, **kwargs)
   monkeypatch.setattr(builtins, 'open', locked_open)
-  code, rows = stub_cli(f'--images={scans}', f'--images={scans / "gone.png"}')
+  code, rows = stub_cli(f'--images={scans}')
   assert code == 1
   assert rows['good.png']['status'] == 'ok'
   for name, message in (('corrupt.png', 'corrupt'), ('16bit.png', '16-bit'),
                         ('loop_a.png', 'symbolic link loop'),
                         ('loop_b.png', 'symbolic link loop'),
                         ('dangling.png', 'broken symbolic link'),
-                        ('locked.png', 'permission denied'),
-                        ('gone.png', 'file is missing')):
+                        ('locked.png', 'permission denied')):
     assert rows[name]['status'] == 'error', rows[name]
     assert message in rows[name]['message'], rows[name]
     assert rows[name]['hc_px'] == ''
   summary = capsys.readouterr().out
-  assert '1 of 8 images predicted, 7 failed or flagged' in summary
+  assert '1 of 7 images predicted, 6 failed or flagged' in summary
   assert 'error: loop_a.png: symbolic link loop' in summary
 
 
@@ -900,3 +899,35 @@ def test_ellipse_overlay_draws_the_outline(stub_cli, tmp_path):
     else:
       assert on_outline == 0
     assert not green[120:136, 120:136].any()  # The inside is untouched.
+
+
+def test_a_missing_path_on_the_command_line_is_a_usage_error(
+    stub_cli, tmp_path, capsys):
+  """Exit 2 and one line; no CSV row for it, and none written."""
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  Image.fromarray(_scan(800, 540)).save(scans / 'good.png')
+  out = tmp_path / 'hc.csv'
+  code = predict.main([f'--images={scans / "good.png"}',
+                       f'--images={tmp_path / "gone"}', f'--out={out}'])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and not out.exists()
+  assert err == [f'error: --images {tmp_path / "gone"} does not exist']
+  # A file given next to another keeps its name relative to their folder.
+  code, rows = stub_cli(f'--images={scans / "good.png"}')
+  assert list(rows) == ['good.png']
+
+
+@pytest.mark.parametrize('size', ['1e308', '0.00001', '50'])
+def test_an_absurd_pixel_size_is_an_error_row(stub_cli, tmp_path, size):
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  for name in ('a.png', 'b.png'):
+    Image.fromarray(_scan(800, 540)).save(scans / name)
+  sizes = tmp_path / 'sizes.csv'
+  sizes.write_text(f'filename,pixel size(mm)\na.png,{size}\nb.png,0.1\n')
+  code, rows = stub_cli(f'--images={scans}', f'--pixel-sizes={sizes}')
+  assert code == 1
+  assert rows['a.png']['status'] == 'error' and rows['a.png']['hc_mm'] == ''
+  assert 'is not a scan\'s: outside 0.001-10 mm' in rows['a.png']['message']
+  assert rows['b.png']['status'] == 'ok'
