@@ -158,6 +158,8 @@ class Predictor:
     kind: the model's declared output kind, 'hc', 'ellipse' or 'mask'
       (`models.output_kind`).
     mask_grid: a mask model's (stride, margin in cells), else None.
+    trained_on_phantoms: whether a run trained on phantom scans
+      (`data.source='synthetic'`, e.g. the demos) rather than HC18.
   """
   runs: list[str]
   image_size: int
@@ -171,6 +173,7 @@ class Predictor:
   image_width: int = 0
   kind: str = 'hc'
   mask_grid: tuple[int, int] | None = None
+  trained_on_phantoms: bool = False
 
   @property
   def predicts_ellipse(self) -> bool:
@@ -553,7 +556,10 @@ def load(workdir: str | None = None, model_options: dict | None = None,
                    normalisers_px=normalisers_px, _variables=variables,
                    _forward=jax.jit(forward), _prepare=prepare_image,
                    train_hc_mm=train_hc_mm, train_hc_px=train_hc_px,
-                   kind=kind, mask_grid=mask_grid)
+                   kind=kind, mask_grid=mask_grid,
+                   trained_on_phantoms=any(
+                       dict(c.get('data') or {}).get('source') == 'synthetic'
+                       for c in configs))
 
 
 def _forward_of(model, kind: str, height: int, width: int):

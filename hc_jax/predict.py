@@ -141,6 +141,8 @@ PROGRESS_EVERY = 64  # Images per chunk, and per progress line.
 # Pixel sizes (mm) taken as a scan's: HC18's are 0.05-0.39 mm; an ultrasound
 # image at 0.001 or 10 mm per pixel is a unit or typing mistake, an error row.
 PIXEL_SIZE_RANGE_MM = (0.001, 10.0)
+# Every row's message when the model trained on phantoms (the demos).
+PHANTOM_NOTE = 'model trained on phantom scans'
 COLUMNS = ('filename', 'pixel_size_mm', 'hc_px', 'hc_mm', 'hc_mm_sd',
            'ga_weeks', 'ga_flag', 'status', 'message')
 # Added after COLUMNS for an ellipse model.
@@ -324,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             [files[n] for n in dicoms])))
       if args.submission:
         check_submission_inputs(files, _known_pixel_sizes(pixel_sizes, infos))
+      print(f'{len(files)} scan file(s): loading '
+            f'{args.workdir or args.model or "the shipped model"} (JAX and '
+            'TensorFlow start in about 10 s)...', file=sys.stderr, flush=True)
       predictor = (load(args.workdir) if args.workdir else
                    load(model=args.model))  # None: the default shipped one.
       if args.submission and not predictor.predicts_ellipse:
@@ -332,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            'HC only')
       rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args,
                                          infos)
+      if getattr(predictor, 'trained_on_phantoms', False):
+        for row in rows:
+          row['message'] = '; '.join(filter(None, (row['message'],
+                                                   PHANTOM_NOTE)))
       write_rows(args.out, rows, COLUMNS + (
           ELLIPSE_COLUMNS if predictor.predicts_ellipse else ()) + (
               MASK_COLUMNS if predictor.kind == 'mask' else ()) + (
@@ -350,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
            else ''))
   for row in flagged:
     print(f'  {row["status"]}: {row["filename"]}: {row["message"]}')
+  if getattr(predictor, 'trained_on_phantoms', False):
+    print(f'note: the model was trained on phantom scans, not HC18 '
+          f'({PHANTOM_NOTE}): its HC says nothing about real scans')
   if args.submission and missing:
     print(f'error: --submission {args.submission} not written: '
           f'{some_names(missing)} {"has" if len(missing) == 1 else "have"} '

@@ -931,3 +931,36 @@ def test_an_absurd_pixel_size_is_an_error_row(stub_cli, tmp_path, size):
   assert rows['a.png']['status'] == 'error' and rows['a.png']['hc_mm'] == ''
   assert 'is not a scan\'s: outside 0.001-10 mm' in rows['a.png']['message']
   assert rows['b.png']['status'] == 'ok'
+
+
+def test_a_phantom_trained_model_says_so_in_rows_and_summary(
+    stub_cli, tmp_path, capsys):
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  Image.fromarray(_scan(800, 540)).save(scans / 'a.png')
+  stub = dataclasses.replace(_stub(), trained_on_phantoms=True)
+  code, rows = stub_cli(f'--images={scans}', stub=stub)
+  captured = capsys.readouterr()
+  assert predict.PHANTOM_NOTE in rows['a.png']['message']
+  assert 'note: the model was trained on phantom scans, not HC18' in (
+      captured.out)
+  # The first line says what the slow start goes to.
+  assert any(line.startswith('1 scan file(s): loading ') for line in
+             captured.err.splitlines())
+  code, rows = stub_cli(f'--images={scans}', stub=_stub())
+  assert predict.PHANTOM_NOTE not in rows['a.png']['message']
+  assert 'note: the model was trained on phantom' not in (
+      capsys.readouterr().out)
+
+
+def test_a_run_trained_on_phantoms_is_known_as_such(run, tmp_path):
+  assert not inference.load(run).trained_on_phantoms  # data.source='hc18'.
+  copy = tmp_path / 'synthetic_run'
+  shutil.copytree(run, copy)
+  with open(copy / 'config.json') as f:
+    config = json.load(f)
+  config['data']['source'] = 'synthetic'
+  with open(copy / 'config.json', 'w') as f:
+    json.dump(config, f)
+  assert inference.load(str(copy)).trained_on_phantoms

@@ -130,9 +130,10 @@ def test_submission_needs_an_ellipse_model(scans, tmp_path, monkeypatch,
                f'--pixel-sizes={sizes}', f'--out={out}',
                f'--submission={submission}')
   assert code == 2
-  err = capsys.readouterr().err
-  assert err.startswith('error: --submission needs a model that predicts the '
-                        'ellipse'), err
+  err = capsys.readouterr().err.splitlines()
+  assert ' scan file(s): loading ' in err[0], err
+  assert err[-1].startswith('error: --submission needs a model that '
+                            'predicts the ellipse'), err
   assert not out.exists() and not submission.exists()
 
 
