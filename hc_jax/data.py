@@ -71,7 +71,8 @@ def prepared_arrays(config, workdir: str
   """The prepared arrays a config trains on, and their info.
 
   `config.data.prepared` names an exported .npz (read with NumPy alone);
-  otherwise HC18 (or the phantoms) is prepared and cached by source digest.
+  otherwise HC18 (or the phantoms) is prepared and cached by the digest of
+  its content.
 
   Raises:
     prepare.PreparedError: for an export made for another input size or

@@ -259,3 +259,87 @@ def test_a_damaged_or_rewritten_cache_is_prepared_again(phantom_hc18, tmp_path,
   capsys.readouterr()
   prepare.prepare(root, (32, 32), 'stretch', cache)  # Repaired: no warning.
   assert 'warning' not in capsys.readouterr().err
+
+
+# The cache is keyed by the source's content.
+
+
+def _png_of_size(image, size: int) -> bytes:
+  """`image` as a PNG of exactly `size` bytes (a tEXt chunk pads it)."""
+  import io  # pylint: disable=import-outside-toplevel
+  import struct  # pylint: disable=import-outside-toplevel
+  import zlib  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='PNG', optimize=True)
+  data = buffer.getvalue()
+  pad = size - len(data) - 12  # A chunk: length, type, data, CRC.
+  assert pad >= 1, (len(data), size)
+  body = b'tEXt' + b'x\0' + b'p' * (pad - 2)
+  chunk = struct.pack('>I', pad) + body + struct.pack(
+      '>I', zlib.crc32(body) & 0xFFFFFFFF)
+  end = data.rindex(b'IEND') - 4
+  return data[:end] + chunk + data[end:]
+
+
+@pytest.fixture
+def hc18_copy(phantom_hc18, tmp_path):
+  copy = str(tmp_path / 'hc18')
+  shutil.copytree(phantom_hc18[0], copy)
+  return copy
+
+
+def _first_scan(root):
+  return sorted(n for n in os.listdir(os.path.join(root, 'training_set'))
+                if n.endswith('HC.png'))[0]
+
+
+def test_an_image_corrupted_in_place_is_checked_again(hc18_copy, tmp_path):
+  from hc_jax import hc18  # pylint: disable=import-outside-toplevel
+  from hc_jax import prepare  # pylint: disable=import-outside-toplevel
+  cache = str(tmp_path / 'cache')
+  prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
+  name = _first_scan(hc18_copy)
+  path = os.path.join(hc18_copy, 'training_set', name)
+  digest = prepare.source_digest(hc18_copy)
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as f:  # Same name, same size, broken data.
+    f.seek(size // 2)
+    f.write(b'\0' * 64)
+  assert prepare.source_digest(hc18_copy) == digest  # Names and sizes only.
+  with pytest.raises(hc18.HC18Error) as error:
+    prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
+  assert name in str(error.value)
+
+
+def test_an_image_replaced_by_another_of_the_same_size_is_prepared_anew(
+    hc18_copy, tmp_path, monkeypatch):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from hc_jax import hc18  # pylint: disable=import-outside-toplevel
+  from hc_jax import prepare  # pylint: disable=import-outside-toplevel
+  cache = str(tmp_path / 'cache')
+  before, info = prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
+  name = _first_scan(hc18_copy)
+  path = os.path.join(hc18_copy, 'training_set', name)
+  image, _ = hc18.read_grayscale(path)
+  replacement = _png_of_size(np.ascontiguousarray(image[::-1]),
+                             os.path.getsize(path))
+  with open(path, 'wb') as f:
+    f.write(replacement)
+  assert prepare.source_digest(hc18_copy) == info['source_digest']
+  after, new_info = prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
+  assert new_info['content_digest'] != info['content_digest']
+  row = list(after['filename']).index(name)
+  assert not np.array_equal(after['images'][row], before['images'][row])
+  fresh, _ = prepare.prepare(hc18_copy, (32, 32), 'stretch',
+                             str(tmp_path / 'fresh'))
+  np.testing.assert_array_equal(after['images'], fresh['images'])
+  # Unchanged files are hashed once: the next digest reads none of them.
+  read = []
+  original = prepare._sha256_file  # pylint: disable=protected-access
+  monkeypatch.setattr(prepare, '_sha256_file',
+                      lambda p: read.append(p) or original(p))
+  assert prepare.content_digest(
+      hc18_copy, os.path.join(cache, prepare.HASHES_FILE)) == \
+      new_info['content_digest']
+  assert not read
