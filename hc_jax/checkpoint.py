@@ -14,6 +14,10 @@ Faults a run survives:
   not notice some damage to array data). The last `keep_latest` (two)
   resume checkpoints are kept: when the newest cannot be restored, a warning
   names it and the reason, and the run resumes from the one before.
+- A checkpoint without its manifest (killed after orbax finished it, before
+  the manifest was written) is not verified, so it is not used: the run
+  resumes from the verified one before it, or starts over when there is
+  none (an uninterrupted run's result either way), with a warning.
 - A failed write (a full disk): `save` raises `CheckpointError`, removes what
   it left half-written, and the previous checkpoints stay usable.
 
@@ -42,6 +46,10 @@ _TMP_MARK = '.orbax-checkpoint-tmp'
 
 class CheckpointError(ValueError):
   """A checkpoint cannot be written or restored."""
+
+
+class UnverifiedError(CheckpointError):
+  """A checkpoint has no manifest to check it against."""
 
 
 def _warn(message: str) -> None:
@@ -93,10 +101,9 @@ def _write_manifest(step_dir: str) -> None:
 def verify(step_dir: str) -> None:
   """Checks a step directory against its manifest.
 
-  A step directory without a manifest (orbax had finished it, the process
-  was killed before the manifest was written) is left to orbax's own checks.
-
   Raises:
+    UnverifiedError: it has no manifest (the process was killed after orbax
+      finished it, before the manifest was written): it cannot be checked.
     CheckpointError: naming the first file that is missing or differs.
   """
   path = os.path.join(step_dir, MANIFEST_FILE)
@@ -104,7 +111,8 @@ def verify(step_dir: str) -> None:
     with open(path) as f:
       files = json.load(f)['files']
   except FileNotFoundError:
-    return
+    raise UnverifiedError(f'{step_dir} has no {MANIFEST_FILE}: its save was '
+                          'cut short, so it cannot be verified') from None
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f'{path} is unreadable ({_reason(e)})') from None
   try:
@@ -237,7 +245,9 @@ class Checkpoints:
     restored, or (state, {}) when there is none.
 
     A checkpoint that cannot be restored is reported on stderr (path and
-    reason) and the one before is tried.
+    reason) and the one before is tried. One without a manifest
+    (`UnverifiedError`) is skipped the same way; when only such ones are
+    left, the run starts over from `state`.
 
     Args:
       state: the state to restore into (its structure, shapes and dtypes).
@@ -254,6 +264,12 @@ class Checkpoints:
     for i, step in enumerate(steps):
       try:
         return self._restore(self.latest, state, step)
+      except UnverifiedError as e:
+        instead = (f'resuming from epoch {steps[i + 1]} instead'
+                   if i + 1 < len(steps) else
+                   'starting over' if not failures else '')
+        if instead:
+          _warn(f'not using the checkpoint of epoch {step}: {e}; {instead}')
       except CheckpointError as e:
         failures.append(str(e))
         if i + 1 < len(steps):

@@ -174,11 +174,19 @@ def test_damaged_latest_falls_back_or_fails_clearly(three_epochs, tmp_path,
   damaged = {3: _damage(_step_dir(workdir, 'latest', 3), rng)}
   if seed % 4 == 3:  # Both kept checkpoints damaged.
     damaged[2] = _damage(_step_dir(workdir, 'latest', 2), rng)
-  # Without its manifest a checkpoint is restored unchecked (as after a kill
-  # right after orbax finished it): its data is intact.
-  usable = [step for step in (3, 2) if step not in damaged or
-            damaged[step] == (checkpoint.MANIFEST_FILE, 'delete')]
+  # Without its manifest a checkpoint is not verified (as after a kill right
+  # after orbax finished it), so it is not used either; with only such ones
+  # left, the run starts over.
+  usable = [step for step in (3, 2) if step not in damaged]
+  unverified = all(d == (checkpoint.MANIFEST_FILE, 'delete')
+                   for d in damaged.values())
   ckpt = checkpoint.Checkpoints(workdir)
+  if not usable and unverified:
+    state, progress = ckpt.restore_latest(_state(-1))
+    assert progress == {}
+    _assert_state(state, -1)
+    assert 'starting over' in capsys.readouterr().err
+    return
   if not usable:
     with pytest.raises(checkpoint.CheckpointError,
                        match='no checkpoint in .* can be restored'):
@@ -212,11 +220,11 @@ def test_unfinished_and_unchecked_checkpoints(three_epochs, tmp_path):
   os.remove(os.path.join(_step_dir(workdir, 'latest', 3),
                          checkpoint.MANIFEST_FILE))
   ckpt, state, progress = _resume(workdir)
-  assert progress['epoch'] == 3
-  _assert_state(state, 3)
-  ckpt.save(4, _state(4), _progress(4, 1), is_best=False)
+  assert progress['epoch'] == 2  # 3 cannot be verified.
+  _assert_state(state, 2)
+  ckpt.save(3, _state(3), _progress(3, 1), is_best=False)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints', 'latest'))) \
-      == ['3', '4']
+      == ['2', '3']
 
 
 # Failed writes: the earlier checkpoints stay usable.
