@@ -274,6 +274,28 @@ def _parse_args(argv):
   return parser.parse_args(argv)
 
 
+def _check_not_theirs(path: str, flag: str, header: str, args) -> None:
+  """Refuses to replace a file predict did not write: `path` may be new, or
+  an earlier output of the same kind (its first line starts with `header`),
+  never a run's file or anything else."""
+  if not os.path.lexists(path):
+    return
+  try:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      first = f.readline()
+  except OSError as e:
+    raise PredictError(f'{flag} {path} cannot be read ({e.strerror or e}); '
+                       'not overwritten') from None
+  if first.startswith(header):
+    return
+  if args.workdir and os.path.realpath(path).startswith(
+      os.path.realpath(args.workdir) + os.sep):
+    raise PredictError(f'{flag} {path} is a file of the run directory '
+                       f'{args.workdir}; not overwritten (give a new name)')
+  raise PredictError(f'{flag} {path} exists and is not a file hc_jax.predict '
+                     'wrote; not overwritten (give a new name)')
+
+
 def _print_warning(message, category, filename, lineno, file=None, line=None):
   del category, filename, lineno, file, line
   print(f'warning: {message}', file=sys.stderr)
@@ -315,6 +337,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise PredictError(f'--frame must be >= 0, got {args.frame}')
       files = dicom.image_paths((args.images or []) + (
           [shipped.SAMPLE_IMAGES_DIR] if args.samples else []))
+      inputs = {os.path.realpath(path) for path in files.values()}
+      for flag, target in (('--out', args.out),
+                           ('--submission', args.submission)):
+        if target and os.path.realpath(target) in inputs:
+          raise PredictError(f'{flag} {target} is one of the input scans; '
+                             'not overwritten')
+      _check_not_theirs(args.out, '--out', 'filename,pixel_size_mm', args)
+      if args.submission:
+        _check_not_theirs(args.submission, '--submission',
+                          ','.join(SUBMISSION_COLUMNS[:2]), args)
       dicoms = [name for name, path in files.items() if dicom.is_dicom(path)]
       # The HC18 CSV beside a directory names PNGs; --pixel-sizes, any scan.
       pixel_sizes = pixel_sizes_of(files if args.pixel_sizes else {

@@ -354,6 +354,10 @@ def test_restore_reads_only_params_and_batch_stats(run, phantom_hc18,
       progress=ocp.args.JsonSave({'epoch': 3})))
   manager.wait_until_finished()
   manager.close()
+  from hc_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  # As hc_jax saves it: a manifest makes the checkpoint verifiable.
+  checkpoint._write_manifest(  # pylint: disable=protected-access
+      str(copy / 'checkpoints' / 'best' / '3'))
   out = predict.load(str(copy))(images, pixel_sizes)
   np.testing.assert_allclose(out['hc_mm'], expected, rtol=1e-6)
 
@@ -964,3 +968,37 @@ def test_a_run_trained_on_phantoms_is_known_as_such(run, tmp_path):
   with open(copy / 'config.json', 'w') as f:
     json.dump(config, f)
   assert inference.load(str(copy)).trained_on_phantoms
+
+
+def test_predict_never_writes_over_what_it_did_not_write(run, stub_cli,
+                                                         tmp_path, capsys):
+  """Not an input scan, not a run's file, not any other file; an earlier
+  predict CSV may be replaced."""
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  scan = scans / 'a.png'
+  Image.fromarray(_scan(800, 540)).save(scan)
+  before = scan.read_bytes()
+  assert predict.main([f'--images={scans}', f'--out={scan}']) == 2
+  assert 'is one of the input scans; not overwritten' in (
+      capsys.readouterr().err)
+  assert scan.read_bytes() == before
+  results = os.path.join(run, 'results.json')
+  with open(results, 'rb') as f:
+    kept = f.read()
+  assert predict.main([f'--workdir={run}', f'--images={scans}',
+                       f'--out={results}']) == 2
+  assert 'is a file of the run directory' in capsys.readouterr().err
+  with open(results, 'rb') as f:
+    assert f.read() == kept
+  notes = tmp_path / 'notes.csv'
+  notes.write_text('my,own\n1,2\n')
+  assert predict.main([f'--images={scans}', f'--out={notes}']) == 2
+  assert 'is not a file hc_jax.predict wrote' in capsys.readouterr().err
+  assert notes.read_text() == 'my,own\n1,2\n'
+  code, _ = stub_cli(f'--images={scans}')  # Writes p.csv ...
+  earlier = tmp_path / 'p.csv'
+  assert code in (0, 1) and earlier.read_text().startswith('filename,')
+  code = predict.main([f'--workdir={tmp_path / "workdir"}',
+                       f'--images={scans}', f'--out={earlier}'])
+  assert code in (0, 1)  # ... which a rerun may replace.
