@@ -27,6 +27,7 @@ in one line.
 
 import contextlib
 import json
+import logging as std_logging
 import os
 import shutil
 import sys
@@ -42,6 +43,10 @@ import orbax.checkpoint as ocp
 MANIFEST_FILE = 'hc_jax_manifest.json'
 # What orbax names an unfinished step directory: '<step>' + this (+ more).
 _TMP_MARK = '.orbax-checkpoint-tmp'
+# In workdir/checkpoints: what orbax logged while saving or restoring (its
+# errors come with tracebacks, from each of its threads); stderr gets only
+# the one line of the error that follows.
+ORBAX_LOG = 'orbax.log'
 
 
 class CheckpointError(ValueError):
@@ -63,6 +68,37 @@ def _reason(error: BaseException) -> str:
   if len(text) > 300:
     text = text[:300] + '...'
   return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+class _ToFile(std_logging.Filter):
+  """Keeps the records of a logger off stderr, appending them to a file
+  (best effort: on a full disk they are dropped)."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self.path, self.count = path, 0
+    self.formatter = std_logging.Formatter(
+        '%(asctime)s %(levelname)s %(threadName)s: %(message)s')
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      self.count += 1
+      with contextlib.suppress(Exception):
+        with open(self.path, 'a') as f:
+          f.write(self.formatter.format(record) + '\n')
+    return False
+
+
+@contextlib.contextmanager
+def _orbax_logs_to(path: str):
+  """While orbax works, its log records (absl's logger) go to `path`."""
+  logger = std_logging.getLogger('absl')
+  divert = _ToFile(path)
+  logger.addFilter(divert)
+  try:
+    yield divert
+  finally:
+    logger.removeFilter(divert)
 
 
 def _crc32(path: str) -> int:
@@ -157,6 +193,10 @@ class Checkpoints:
   def _save(self, manager, epoch: int, args) -> None:
     """Writes one step with its manifest, or raises CheckpointError leaving
     no trace of it."""
+    with _orbax_logs_to(os.path.join(self.directory, ORBAX_LOG)) as logged:
+      self._save_logged(manager, epoch, args, logged)
+
+  def _save_logged(self, manager, epoch: int, args, logged) -> None:
     step_dir = self._step_dir(manager, epoch)
     primary = jax.process_index() == 0
     try:
@@ -176,9 +216,13 @@ class Checkpoints:
         manager.reload()
         if epoch in manager.all_steps():
           manager.delete(epoch)
+      detail = (f'; details in {os.path.join(self.directory, ORBAX_LOG)}'
+                if logged.count and os.path.isfile(
+                    os.path.join(self.directory, ORBAX_LOG)) else '')
       raise CheckpointError(
           f'could not save epoch {epoch} in {manager.directory} '
-          f'({_reason(e)}); the earlier checkpoints are kept') from None
+          f'({_reason(e)}); the earlier checkpoints are kept{detail}'
+      ) from None
 
   def save(self, epoch: int, state, progress: dict[str, Any],
            is_best: bool, latest: bool = True) -> None:
@@ -233,9 +277,10 @@ class Checkpoints:
     verify(step_dir)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          progress=ocp.args.JsonRestore()))
+      with _orbax_logs_to(os.path.join(self.directory, ORBAX_LOG)):
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            progress=ocp.args.JsonRestore()))
       return restored['state'], dict(restored['progress'])
     except Exception as e:  # pylint: disable=broad-except  # Any damage.
       raise CheckpointError(f'{step_dir}: {_reason(e)}') from None

@@ -240,7 +240,9 @@ async def _no_space_async(*args, **kwargs):
 
 @pytest.mark.parametrize('where', ['orbax', 'manifest', 'best'])
 def test_full_disk_keeps_the_earlier_checkpoints(three_epochs, tmp_path,
-                                                 monkeypatch, where):
+                                                 monkeypatch, capfd, where):
+  """And stderr gets no orbax log or traceback: the error is the one line
+  the trainer prints; what orbax logged is in checkpoints/orbax.log."""
   workdir = str(tmp_path / 'run')
   shutil.copytree(three_epochs, workdir)
   ckpt = checkpoint.Checkpoints(workdir)
@@ -254,6 +256,8 @@ def test_full_disk_keeps_the_earlier_checkpoints(three_epochs, tmp_path,
                        match='could not save epoch 4 .*No space left'):
       ckpt.save(4, _state(4), _progress(4, 4 if where == 'best' else 1),
                 is_best=where == 'best')
+  err = capfd.readouterr().err
+  assert 'Traceback' not in err and 'No space' not in err, err
   for kind, steps in (('latest', ['2', '3']), ('best', ['1'])):
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints', kind))) \
         == steps, kind
@@ -263,6 +267,37 @@ def test_full_disk_keeps_the_earlier_checkpoints(three_epochs, tmp_path,
   ckpt.save(4, _state(4), _progress(4, 1), is_best=False)
   _, state, _ = _resume(workdir)
   _assert_state(state, 4)
+
+
+def test_what_orbax_logs_of_a_failed_save_goes_to_a_file(three_epochs,
+                                                         tmp_path, monkeypatch,
+                                                         caplog):
+  """orbax logs a failed write with tracebacks from its threads (over 100
+  lines for a full disk); none of it reaches the console: it is appended to
+  checkpoints/orbax.log, and the error names that file."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(three_epochs, workdir)
+
+  async def logs_and_fails(*args, **kwargs):
+    try:
+      _no_space()
+    except OSError:
+      absl_logging.error('thread raised an exception', exc_info=True)
+      raise
+
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, '_save_fn',
+                      logs_and_fails)
+  ckpt = checkpoint.Checkpoints(workdir)
+  with caplog.at_level('WARNING'):
+    with pytest.raises(checkpoint.CheckpointError) as error:
+      ckpt.save(4, _state(4), _progress(4, 1), is_best=False)
+  assert not [r for r in caplog.records if r.name == 'absl'], caplog.text
+  log = os.path.join(workdir, 'checkpoints', checkpoint.ORBAX_LOG)
+  assert f'details in {log}' in str(error.value)
+  with open(log) as f:
+    text = f.read()
+  assert 'thread raised an exception' in text and 'Traceback' in text
 
 
 # metrics.jsonl: one line per epoch, whatever point a run died at.
