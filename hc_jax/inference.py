@@ -46,6 +46,7 @@ import functools
 import math
 import os
 from typing import Sequence
+import warnings
 
 import numpy as np
 
@@ -493,6 +494,7 @@ def load(workdir: str | None = None, model_options: dict | None = None,
     runs = archive.runs
   else:  # Before the heavy imports: fail fast.
     runs = runs_lib.run_dirs(workdir)
+    _warn_if_training(runs)
   # pylint: disable=import-outside-toplevel
   import jax
   import jax.numpy as jnp
@@ -560,6 +562,18 @@ def load(workdir: str | None = None, model_options: dict | None = None,
                    trained_on_phantoms=any(
                        dict(c.get('data') or {}).get('source') == 'synthetic'
                        for c in configs))
+
+
+def _warn_if_training(runs: Sequence[str]) -> None:
+  """Warns (once per run) when a process is training into a run now: its
+  best checkpoint and results.json may be replaced while they are read."""
+  from hc_jax import lock  # pylint: disable=import-outside-toplevel
+  for run in runs:
+    who = lock.holder(run)
+    if who:
+      warnings.warn(f'{run} is being trained by {who}: the predictions use '
+                    'its best checkpoint so far, which that process may '
+                    'still replace', stacklevel=3)
 
 
 def _forward_of(model, kind: str, height: int, width: int):

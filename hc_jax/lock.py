@@ -224,3 +224,23 @@ def try_lock(workdir: str, stale_after_s: float = DEFAULT_STALE_AFTER_S
     return WorkdirLock(workdir, stale_after_s).acquire()
   except LockedError:
     return None
+
+
+def holder(workdir: str) -> str | None:
+  """Who holds the lock of `workdir` ('pid N on host H (started T)'), or None
+  when nobody does: no lock file, or one left by a process that is gone.
+  Reads only; takes and changes nothing."""
+  lock = WorkdirLock(workdir)
+  content, mtime = lock._read()  # pylint: disable=protected-access
+  if content is None:
+    return None
+  try:
+    lock._stale_reason(content, mtime)  # pylint: disable=protected-access
+  except LockedError:
+    try:
+      record = json.loads(content)
+      return (f'pid {record["pid"]} on host {record["host"]} '
+              f'(started {record.get("started", "?")})')
+    except (ValueError, TypeError, KeyError):
+      return 'a process that is just starting'
+  return None

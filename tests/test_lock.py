@@ -142,3 +142,22 @@ def test_one_of_several_processes_takes_over_a_stale_lock(tmp_path):
   outcomes = [process.communicate(timeout=60)[0].strip()
               for process in processes]
   assert sorted(outcomes) == ['False', 'False', 'False', 'True']
+
+
+def test_holder_names_a_live_holder_and_only_reads(tmp_path):
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  assert lock.holder(workdir) is None
+  with lock.WorkdirLock(workdir):
+    assert lock.holder(workdir).startswith(f'pid {os.getpid()} on host ')
+  path = os.path.join(workdir, lock.LOCK_FILE)
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  with open(path, 'w') as f:  # Left by a process that is gone.
+    json.dump({'pid': dead.pid, 'host': socket.gethostname(),
+               'started': '2026-01-01T00:00:00+00:00'}, f)
+  with open(path, 'rb') as f:
+    before = f.read()
+  assert lock.holder(workdir) is None
+  with open(path, 'rb') as f:
+    assert f.read() == before

@@ -1002,3 +1002,23 @@ def test_predict_never_writes_over_what_it_did_not_write(run, stub_cli,
   code = predict.main([f'--workdir={tmp_path / "workdir"}',
                        f'--images={scans}', f'--out={earlier}'])
   assert code in (0, 1)  # ... which a rerun may replace.
+
+
+def test_predict_from_a_run_in_training_says_so(run, tmp_path, capsys):
+  """A run another process is training into (its lock held) predicts from
+  its best checkpoint so far, with a warning naming the holder."""
+  from hc_jax import lock  # pylint: disable=import-outside-toplevel
+  copy = _copy_run(run, tmp_path)
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  Image.fromarray(_scan(800, 540)).save(scans / 'a.png')
+  flags = [f'--workdir={copy}', f'--images={scans}',
+           f'--out={tmp_path / "p.csv"}']
+  with lock.WorkdirLock(str(copy)):
+    code = predict.main(flags)
+    err = capsys.readouterr().err
+    assert f'is being trained by pid {os.getpid()} on host' in err, err
+    rows = _read_rows(tmp_path / 'p.csv')
+  assert predict.main(flags) == code  # The same predictions, without it.
+  assert 'is being trained' not in capsys.readouterr().err
+  assert _read_rows(tmp_path / 'p.csv') == rows
