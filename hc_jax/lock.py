@@ -166,11 +166,11 @@ class WorkdirLock:
     try:
       os.write(fd, content)
       os.fsync(fd)
-    except OSError:
+    except OSError as e:  # A full disk: named as the open would name it.
       os.close(fd)
       with contextlib.suppress(OSError):
         os.unlink(self.path)
-      raise
+      raise OSError(e.errno, e.strerror, self.path) from None
     os.close(fd)
     self._content = content
     return True

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from hc_jax import cli
 from hc_jax import hc18
 
 FORMAT_VERSION = 1
@@ -58,6 +59,11 @@ HASHES_FILE = 'file_hashes.json'
 
 class PreparedError(ValueError):
   """A prepared .npz that is missing, malformed or made for other settings."""
+
+
+class CacheError(ValueError):
+  """The cache directory refuses or loses what is prepared into it
+  (read-only, permission denied, full, removed while in use)."""
 
 
 def input_shape(config) -> tuple[int, int]:
@@ -357,6 +363,8 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
 
   Raises:
     hc18.HC18Error: listing every bad file of a broken copy.
+    CacheError: the cache directory is read-only, full or was removed while
+      HC18 was prepared into it (one line naming it and what to do).
   """
   if mode not in RESIZE_MODES:
     raise ValueError(f'unknown resize_mode {mode!r}; choose one of '
@@ -383,12 +391,20 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
        f'{out_hw[0]}x{out_hw[1]} ({mode}) into {directory}: checks every '
        'file, about 90 s for 900 scans, once')
   started = time.time()
-  arrays = _from_tfds(root, os.path.join(directory, 'tfds'), out_hw, mode)
-  info = {'format_version': FORMAT_VERSION, 'source': root or 'download',
-          'source_digest': digest, 'content_digest': content,
-          'image_hw': list(out_hw),
-          'resize_mode': mode, 'num_images': int(len(arrays['images']))}
-  save(path, arrays, info)
+  try:
+    arrays = _from_tfds(root, os.path.join(directory, 'tfds'), out_hw, mode)
+    info = {'format_version': FORMAT_VERSION, 'source': root or 'download',
+            'source_digest': digest, 'content_digest': content,
+            'image_hw': list(out_hw),
+            'resize_mode': mode, 'num_images': int(len(arrays['images']))}
+    save(path, arrays, info)
+  except Exception as e:  # pylint: disable=broad-except
+    text = None if isinstance(e, ValueError) else cli.storage_error_text(
+        e, directory)
+    if text is None:
+      raise
+    raise CacheError(f'cannot prepare HC18 in the cache {cache_dir} '
+                     f'(--config.data.cache_dir): {text}') from None
   _log(f'prepared {len(arrays["images"])} scans in {time.time() - started:.0f}'
        f' s: {path}')
   return arrays, info
@@ -396,7 +412,6 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
 
 def main(argv=None) -> int:
   """Exports the prepared data of a config, for a machine without TensorFlow."""
-  from hc_jax import cli  # pylint: disable=import-outside-toplevel
   parser = cli.ArgumentParser(
       prog='python -m hc_jax.prepare', description=main.__doc__)
   parser.add_argument('--config', required=True, help='a config file')

@@ -1,5 +1,6 @@
 """The commands' shared plumbing: config errors in one line, quiet start-up."""
 
+import errno
 import logging
 import os
 import subprocess
@@ -232,3 +233,30 @@ def test_main_says_what_it_starts_before_the_slow_imports(tmp_path, capsys):
   assert err[0].endswith('demo.py: starting JAX and TensorFlow (then the '
                          'data and the compilation; about 30 s on a CPU)...')
   assert err[-1].startswith('error: ')
+
+
+@pytest.mark.parametrize('error, expected', [
+    (OSError(errno.EROFS, 'Read-only file system', '/runs/a/.lock'),
+     '/runs/a/.lock: the file system is read-only'),
+    (PermissionError(errno.EACCES, 'Permission denied', '/c'),
+     '/c: permission denied'),
+    (OSError(errno.ENOSPC, 'No space left on device'),
+     'no space left on the device; free some space'),
+    (RuntimeError('NotFoundError: Failed to finalize writing of split '
+                  '"train": /c/x.tfrecord; No such file or directory'),
+     'no such file or directory (removed while the command ran?)'),
+])
+def test_storage_errors_are_one_line_naming_the_path(error, expected, capsys):
+  def fail():
+    raise OSError('writing failed') from error
+  assert cli.run_main(fail) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1, err
+  assert expected in err, err
+
+
+def test_other_os_errors_pass_through():
+  def bug():
+    raise OSError(errno.EBADF, 'Bad file descriptor')
+  with pytest.raises(OSError):
+    cli.run_main(bug)

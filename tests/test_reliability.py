@@ -371,3 +371,119 @@ def test_a_newest_checkpoint_without_manifest_is_not_used(tmp_path, capsys):
       {'w': np.zeros(4, np.float32)})
   assert progress == {} and state['w'].tolist() == [0.0] * 4
   assert 'starting over' in capsys.readouterr().err
+
+
+# A read-only, full or vanishing disk: one line and exit status 2.
+
+
+def _read_only(monkeypatch, directory):
+  """Makes `directory` act as on a read-only file system (chmod would not
+  stop root): every write, creation, removal or rename below it raises
+  OSError(EROFS) naming the path, as the kernel would."""
+  import builtins  # pylint: disable=import-outside-toplevel
+  import errno  # pylint: disable=import-outside-toplevel
+  top = os.path.abspath(directory)
+
+  def under(path):
+    if isinstance(path, int):
+      return False
+    path = os.path.abspath(os.fsdecode(path))
+    return path == top or path.startswith(top + os.sep)
+
+  def refuse(path):
+    raise OSError(errno.EROFS, 'Read-only file system', os.fsdecode(path))
+
+  def guard(original, writes=lambda *args, **kwargs: True):
+    def guarded(path, *args, **kwargs):
+      if under(path) and writes(path, *args, **kwargs):
+        refuse(path)
+      return original(path, *args, **kwargs)
+    return guarded
+
+  write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
+  monkeypatch.setattr(os, 'open', guard(
+      os.open, lambda path, flags, *a, **k: flags & write_flags))
+  monkeypatch.setattr(builtins, 'open', guard(
+      builtins.open, lambda path, mode='r', *a, **k: set(mode) & set('wax+')))
+  monkeypatch.setattr(os, 'mkdir', guard(
+      os.mkdir, lambda path, *a, **k: not os.path.isdir(path)))
+  for name in ('remove', 'unlink', 'rmdir'):
+    monkeypatch.setattr(os, name, guard(getattr(os, name)))
+  for name in ('rename', 'replace'):
+    original = getattr(os, name)
+    def moved(source, target, *args, _original=original, **kwargs):
+      if under(source) or under(target):
+        refuse(target)
+      return _original(source, target, *args, **kwargs)
+    monkeypatch.setattr(os, name, moved)
+
+
+def test_a_read_only_workdir_of_an_unfinished_run_is_one_line(
+    finished_run, tmp_path, capsys, monkeypatch):
+  config, workdir = _copy(finished_run, tmp_path, finished=False)
+  before = _tree(workdir)
+  _read_only(monkeypatch, workdir)
+  capsys.readouterr()
+  assert _main(config, workdir) == 2
+  line = _one_error_line(capsys.readouterr().err)
+  assert os.path.join(workdir, '.lock') in line and 'read-only' in line, line
+  monkeypatch.undo()
+  assert _tree(workdir) == before
+
+
+def test_a_lock_that_cannot_be_written_names_its_file(tmp_path, monkeypatch):
+  import errno  # pylint: disable=import-outside-toplevel
+  from hc_jax import lock  # pylint: disable=import-outside-toplevel
+
+  def full(*args):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(lock.os, 'write', full)
+  with pytest.raises(OSError) as error:
+    lock.WorkdirLock(str(tmp_path)).acquire()
+  assert error.value.errno == errno.ENOSPC
+  assert error.value.filename == str(tmp_path / lock.LOCK_FILE)
+  assert not os.listdir(tmp_path)
+
+
+def test_a_read_only_cache_is_one_line_naming_it(phantom_hc18, tmp_path,
+                                                  capsys, monkeypatch):
+  config = _tiny(phantom_hc18)
+  cache = tmp_path / 'cache'
+  cache.mkdir()
+  config.data.cache_dir = str(cache)
+  workdir = str(tmp_path / 'run')
+  _read_only(monkeypatch, cache)
+  capsys.readouterr()
+  assert _main(config, workdir) == 2
+  line = _one_error_line(capsys.readouterr().err)
+  assert f'in the cache {cache} (--config.data.cache_dir)' in line, line
+  assert 'the file system is read-only' in line, line
+  monkeypatch.undo()
+  assert not os.listdir(cache) and not os.path.exists(workdir)
+
+
+def test_a_cache_removed_while_preparing_is_one_line_then_prepared_again(
+    phantom_hc18, tmp_path, capsys, monkeypatch):
+  from hc_jax import hc18_tfds  # pylint: disable=import-outside-toplevel
+  config = _tiny(phantom_hc18)
+  cache = tmp_path / 'cache'
+  config.data.cache_dir = str(cache)
+  workdir = str(tmp_path / 'run')
+  original = hc18_tfds.Hc18._generate_examples  # pylint: disable=protected-access
+
+  def removed_midway(self, records):
+    for i, example in enumerate(original(self, records)):
+      if i == 5:
+        shutil.rmtree(cache)
+      yield example
+
+  monkeypatch.setattr(hc18_tfds.Hc18, '_generate_examples', removed_midway)
+  capsys.readouterr()
+  assert _main(config, workdir) == 2
+  line = _one_error_line(capsys.readouterr().err)
+  assert f'in the cache {cache}' in line, line
+  assert 'removed while the command ran' in line, line
+  monkeypatch.undo()
+  assert _main(config, workdir) == 0  # The same command again prepares it.
+  assert os.path.isfile(os.path.join(workdir, train.RESULTS_FILE))
