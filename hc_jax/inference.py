@@ -38,7 +38,9 @@ runs' SD in mm is above `max_sd_mm`, or a mask model's quality below
 `min_quality`); 'implausible' (HC outside the
 plausible range: HC18's span, the training range where recorded, each
 widened by `RANGE_MARGIN`, and in px what fits in the image); or 'refused'
-(a (nearly) constant image, or one smaller than the model input).
+(a (nearly) constant image, one smaller than the model input, or one that
+does not look like an ultrasound scan: `hc_jax.scan_likeness`, e.g. noise,
+a photograph, a drawing).
 """
 
 import dataclasses
@@ -53,6 +55,7 @@ import numpy as np
 from hc_jax import ellipse as ellipse_lib
 from hc_jax import runs as runs_lib
 from hc_jax import scan_files
+from hc_jax import scan_likeness
 
 BATCH_SIZE = 32
 # HC of the HC18 training set, min and max; a head outside it is outside what
@@ -218,7 +221,7 @@ class Predictor:
     if spread < MIN_PIXEL_SD:
       return ('constant image' if spread == 0 else
               f'nearly constant image (pixel SD {spread:.2f})') + ': not a scan'
-    return None
+    return scan_likeness.refusal(image)
 
   def preprocess(self, image: np.ndarray) -> np.ndarray:
     """The model input for one scan, exactly as training makes it.
@@ -315,12 +318,16 @@ class Predictor:
     status = np.full(num_images, 'ok', object)
     message = np.full(num_images, '', object)
     inputs = np.zeros([num_images, *self.input_shape, 1], np.float32)
+    refusals = parallel_map(lambda image: self.refusal(np.asarray(image)),
+                            images)
     for i, prepared in enumerate(parallel_map(self.preprocess, images)):
       if isinstance(prepared, ValueError):
         raise ValueError(f'image {i}: {prepared}') from None
       if isinstance(prepared, Exception):
         raise prepared
-      reason = self.refusal(np.asarray(images[i]))
+      reason = refusals[i]
+      if isinstance(reason, Exception):
+        raise reason
       if reason:
         status[i], message[i] = 'refused', reason
       else:

@@ -48,8 +48,11 @@ Every row has a `status` and, unless ok, a `message` saying why:
                `--max-sd-mm` (only checked where the pixel size is known).
   implausible  the prediction is outside the plausible range (below); HC is
                written, the gestational age is not.
-  refused      not a scan: a (nearly) constant image, or one smaller than the
-               model input; nothing is predicted.
+  refused      not a scan: a (nearly) constant image, one smaller than the
+               model input, or one that does not look like an ultrasound
+               scan (`hc_jax.scan_likeness`: too few grey levels, neighbouring
+               pixels uncorrelated as in noise, or no dark background in two
+               corners); nothing is predicted.
   error        the file cannot be used: missing, unreadable, a symbolic link
                loop, corrupt, not an 8-bit PNG, a DICOM that cannot be decoded
                here, or a PNG without a pixel size in the CSV.
@@ -184,7 +187,9 @@ status of each row (the CSV's `status`; `message` says why unless ok):
   implausible  HC outside HC18's {HC18_HC_MM[0]:g}-{HC18_HC_MM[1]:g} mm, the model's training
                range, or what fits in the image (each widened by
                {RANGE_MARGIN:.0%}); HC is written, no gestational age
-  refused      not a scan: (nearly) constant, or smaller than the model input
+  refused      not a scan: (nearly) constant, smaller than the model input,
+               or not like an ultrasound scan (few grey levels, noise, no
+               dark background in two corners)
   error        missing, unreadable, corrupt or not an 8-bit PNG file, a
                DICOM that cannot be decoded here, or a PNG without a pixel
                size in the pixel-size CSV

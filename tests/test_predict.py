@@ -31,6 +31,7 @@ from hc_jax import inference
 from hc_jax import predict
 from hc_jax import prepare
 from hc_jax import scan_files
+from hc_jax import synthetic
 from hc_jax import train
 
 
@@ -442,10 +443,16 @@ def _stub(member_scales=(1.0,), image_size=32, train_hc_mm=None,
       train_hc_mm=train_hc_mm, train_hc_px=train_hc_px)
 
 
+def _phantom(width, height, seed=0):
+  """A phantom scan (fan, speckle, a head): scan-like, not refused."""
+  return synthetic.render_scan(np.random.default_rng(seed), height, width,
+                               0.5 * width, 0.5 * height, 0.3 * height,
+                               0.25 * height, 0.4)
+
+
 def _scan(width, height, hc_px=1000.0, seed=0):
-  """A noise scan for which the stub predicts `hc_px` (a multiple of 10)."""
-  scan = np.random.default_rng(seed).integers(0, 256, (height, width),
-                                              dtype=np.uint8)
+  """A phantom scan for which the stub predicts `hc_px` (a multiple of 10)."""
+  scan = _phantom(width, height, seed)
   scan[0, 0] = int(hc_px // 10)
   return scan
 
@@ -766,10 +773,10 @@ def _ellipse_stub(a_in=12.0, b_in=8.0, member_scales=(1.0,)):
 
 
 def _bright_scan(row, col, seed=0):
-  """A 256x256 noise scan whose brightest pixel, at input (row, col) of
-  `_ellipse_stub`, is scan pixel (8 row, 8 col)."""
-  scan = np.random.default_rng(seed).integers(0, 200, (256, 256),
-                                              dtype=np.uint8)
+  """A 256x256 phantom scan whose brightest pixel, at input (row, col) of
+  `_ellipse_stub`, is scan pixel (8 row, 8 col); `_stub` predicts 1000 px."""
+  scan = np.minimum(_phantom(256, 256, seed), 200)
+  scan[0, 0] = 100
   scan[8 * row, 8 * col] = 255
   return scan
 
