@@ -33,9 +33,11 @@ without TensorFlow trains from `--config.data.prepared=FILE.npz`, written by
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -308,12 +310,40 @@ def load(path: str, require_digest: bool = False
 
 def _from_tfds(root: str | None, tfds_dir: str, out_hw, mode: str
                ) -> dict[str, np.ndarray]:
-  """Decodes HC18 with its TFDS builder and resizes it in tf.data."""
+  """Decodes HC18 with its TFDS builder and resizes it in tf.data.
+
+  A TFDS build left in `tfds_dir` by an earlier run that cannot be read, or
+  reads other than the examples it recorded (damaged, truncated or partly
+  deleted files), is reported in one warning line, removed and built again.
+  """
+  from hc_jax import hc18_tfds  # pylint: disable=import-outside-toplevel
+  built = os.path.join(tfds_dir, hc18_tfds.Hc18.name,
+                       str(hc18_tfds.Hc18.VERSION))
+  existed = os.path.isdir(built)
+  try:
+    return _read_tfds(hc18_tfds.build(root, tfds_dir), out_hw, mode)
+  except hc18.HC18Error:  # The source is broken, not the build.
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # Any damage.
+    problem = cli.storage_problem(e)
+    if not existed or (problem and problem[0] != errno.ENOENT):
+      raise  # Nothing to build again, or a disk that refuses writes.
+    _log(f'warning: the TFDS build {built} cannot be read '
+         f'({type(e).__name__}: {cli.one_line(e)[:300]}); building it again')
+  shutil.rmtree(built)
+  return _read_tfds(hc18_tfds.build(root, tfds_dir), out_hw, mode)
+
+
+def _read_tfds(builder, out_hw, mode: str) -> dict[str, np.ndarray]:
+  """The train split of a TFDS build, resized, as prepared arrays.
+
+  Raises:
+    RuntimeError: it reads other than the examples the build recorded.
+  """
   # pylint: disable=import-outside-toplevel
   import tensorflow as tf
   from hc_jax import hc18_tfds
   from hc_jax import preprocess
-  builder = hc18_tfds.build(root, tfds_dir)
   dataset = builder.as_dataset(split='train', shuffle_files=False)
 
   def resized(example):
@@ -331,6 +361,12 @@ def _from_tfds(root: str | None, tfds_dir: str, out_hw, mode: str
     example['images'] = example['image']
     for name in columns:
       columns[name].append(example[name])
+  recorded = builder.info.splits['train'].num_examples
+  if len(set(columns['filename'])) != len(columns['filename']) or len(
+      columns['filename']) != recorded:
+    raise RuntimeError(f'{len(columns["filename"])} examples read '
+                       f'({len(set(columns["filename"]))} distinct), '
+                       f'{recorded} recorded')
   order = np.argsort(columns['filename'])  # Independent of TFDS' order.
   arrays = {name: np.asarray(values)[order] for name, values in columns.items()}
   arrays['resize'] = resize_geometry(arrays['original_hw'], out_hw, mode)

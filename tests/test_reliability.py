@@ -261,6 +261,42 @@ def test_a_damaged_or_rewritten_cache_is_prepared_again(phantom_hc18, tmp_path,
   assert 'warning' not in capsys.readouterr().err
 
 
+def _cut_after_first_record(path):
+  """Truncates a TFRecord file just after its first record (length, its
+  CRC, data, its CRC): what is left reads without error."""
+  import struct  # pylint: disable=import-outside-toplevel
+  with open(path, 'rb') as f:
+    length, = struct.unpack('<Q', f.read(8))
+  os.truncate(path, 8 + 4 + length + 4)
+
+
+@pytest.mark.parametrize('damage', ['flipped_byte', 'removed',
+                                    'cut_after_a_record'])
+def test_a_damaged_tfds_build_is_built_again(phantom_hc18, tmp_path, capsys,
+                                             damage):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from hc_jax import prepare  # pylint: disable=import-outside-toplevel
+  root, cache = phantom_hc18[0], str(tmp_path / 'cache')
+  arrays, _ = prepare.prepare(root, (32, 32), 'stretch', cache)
+  os.remove(_cached_npz(cache))  # As for another input size: read the build.
+  records = [os.path.join(d, n) for d, _, names in os.walk(cache)
+             for n in names if n.startswith('hc18-train.tfrecord')]
+  assert len(records) == 1, records
+  if damage == 'flipped_byte':
+    _flip_byte(records[0], os.path.getsize(records[0]) // 2)
+  elif damage == 'removed':
+    os.remove(records[0])
+  else:
+    _cut_after_first_record(records[0])
+  capsys.readouterr()
+  again, _ = prepare.prepare(root, (32, 32), 'stretch', cache)
+  err = capsys.readouterr().err
+  warnings = [line for line in err.splitlines() if line.startswith('warning')]
+  assert len(warnings) == 1 and 'building it again' in warnings[0], err
+  for name in prepare.ARRAY_FIELDS:
+    np.testing.assert_array_equal(again[name], arrays[name])
+
+
 # The cache is keyed by the source's content.
 
 
