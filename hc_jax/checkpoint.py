@@ -427,7 +427,9 @@ class MetricWriter:
     self._has_test_line = False
     if os.path.exists(self.path):
       kept, dropped_torn = [], 0
-      with open(self.path) as f:
+      # Damaged bytes that are not UTF-8 make their line unreadable, as a
+      # torn one is, rather than the whole log.
+      with open(self.path, encoding='utf-8', errors='replace') as f:
         for line in f:
           if not line.strip():
             continue

@@ -350,6 +350,22 @@ def test_metrics_have_one_line_per_epoch_after_a_crash(tmp_path, crash_at):
   assert _epochs(workdir) == [1, 2, 3, 4, 'test']
 
 
+def test_a_line_of_metrics_damaged_into_bytes_that_are_not_utf8_is_dropped(
+    tmp_path, capsys):
+  workdir = str(tmp_path)
+  _write_run(workdir, 0, None, num_epochs=3)
+  path = os.path.join(workdir, 'metrics.jsonl')
+  with open(path, 'rb') as f:
+    lines = f.read().split(b'\n')
+  lines[1] = lines[1][:5] + b'\xa9\xff' + lines[1][7:]
+  with open(path, 'wb') as f:
+    f.write(b'\n'.join(lines))
+  capsys.readouterr()
+  checkpoint.MetricWriter(workdir, resume_epoch=3).close()
+  assert _epochs(workdir) == [1, 3, 'test']
+  assert f'dropped 1 unreadable line(s) of {path}' in capsys.readouterr().err
+
+
 # The real trainer, resumed from a damaged checkpoint.
 
 
