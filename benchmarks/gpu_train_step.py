@@ -7,14 +7,14 @@
 
 For each compute dtype, times in images per second:
 
-* one model: `hc_jax.train.train_step` (augmentation, forward, loss,
+* one model: `hc_jax.training.train.train_step` (augmentation, forward, loss,
   gradient, Adam) on batches of `--batch_size` images; the baseline;
 * `--members` models stacked on a leading member axis in one jitted step,
-  `hc_jax.train.members_train_step`, each on its own batch of `--batch_size`
+  `hc_jax.training.train.members_train_step`, each on its own batch of `--batch_size`
   images, with `how='vmap'` (one vmap: grouped convolutions) and `how='map'`
   (the members one after another inside the step, `jax.lax.map`): what
   `python -m hc_jax.grid --stack` runs;
-* the augmentation alone (`hc_jax.augment.augment_batch`) on
+* the augmentation alone (`hc_jax.data.augment.augment_batch`) on
   members x batch_size images per call;
 
 with each rate's ratio to the one-model baseline of the same dtype measured
@@ -47,11 +47,11 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from configs import default  # pylint: disable=wrong-import-position
-from hc_jax import augment  # pylint: disable=wrong-import-position
 from hc_jax import losses  # pylint: disable=wrong-import-position
 from hc_jax import models  # pylint: disable=wrong-import-position
-from hc_jax import prepare  # pylint: disable=wrong-import-position
-from hc_jax import train  # pylint: disable=wrong-import-position
+from hc_jax.data import augment  # pylint: disable=wrong-import-position
+from hc_jax.data import prepare  # pylint: disable=wrong-import-position
+from hc_jax.training import step as step_lib
 
 HOWS = ('vmap', 'map')
 DTYPES = ('float32', 'bfloat16')
@@ -129,19 +129,19 @@ def model_config(model: str, dtype: str, image_size: int):
 
 
 def initial_state(config, steps_per_epoch: int = 100):
-  return train.create_train_state(
-      config, train.create_model(config), jax.random.key(0),
-      train.create_optimizer(config, steps_per_epoch))
+  return step_lib.create_train_state(
+      config, step_lib.create_model(config), jax.random.key(0),
+      step_lib.create_optimizer(config, steps_per_epoch))
 
 
 def single_model_rate(config, arrays, batch_size, seconds):
-  """img/s of `train.train_step` (augmentation included) of one model."""
+  """img/s of `step_lib.train_step` (augmentation included) of one model."""
   state = initial_state(config)
   batch = make_batch(arrays, (batch_size,))
   member = {'key': jax.random.key(1),
             'normaliser_px': jnp.asarray(1000.0, jnp.float32)}
   step = jax.jit(functools.partial(
-      train.train_step, loss_fn=losses.get_loss(config),
+      step_lib.train_step, loss_fn=losses.get_loss(config),
       augment=augment.AugmentConfig.from_dict(config.augment)),
                  donate_argnums=(0,))
   return timed_rate(lambda state, i: step(state, batch, member)[0], state,
@@ -149,7 +149,7 @@ def single_model_rate(config, arrays, batch_size, seconds):
 
 
 def members_rate(config, arrays, members, batch_size, seconds, how):
-  """img/s of `train.members_train_step` of `members` stacked models."""
+  """img/s of `step_lib.members_train_step` of `members` stacked models."""
   one = initial_state(config)
   state = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x)[None], members, 0),
                        one)
@@ -159,7 +159,7 @@ def members_rate(config, arrays, members, batch_size, seconds, how):
                    'loss_id': jnp.zeros(members, jnp.int32),
                    'normaliser_px': jnp.full(members, 1000.0, jnp.float32)}
   step = jax.jit(functools.partial(
-      train.members_train_step, loss_fns=(losses.get_loss(config),),
+      step_lib.members_train_step, loss_fns=(losses.get_loss(config),),
       augment=augment.AugmentConfig.from_dict(config.augment), how=how),
                  donate_argnums=(0,))
   return timed_rate(lambda state, i: step(state, batch, member_arrays)[0],

@@ -2,7 +2,7 @@
 
   taskset -c 1 python benchmarks/hcnet_step.py [--seconds=10] [--rounds=3]
 
-Times the jitted `hc_jax.train.train_step` (state donated) as training runs
+Times the jitted `hc_jax.training.train.train_step` (state donated) as training runs
 it: the default augmentation (flip, ±5 px shift, ±10° rotation) on the
 device, MAE, gradient and Adam (lr 1e-3), batch 8, on a fixed random batch;
 hcnet and hcnet_ellipse at their configs' 128x128, cnn_1m at the same size,
@@ -37,7 +37,10 @@ def make_step(name, height, width):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  from hc_jax import augment, losses, models, train  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import augment
+  from hc_jax import losses
+  from hc_jax import models
+  from hc_jax.training import train
   model = models.create_model(name, layers='auto')
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.key(0), jnp.zeros((1, height, width, 1)))

@@ -27,9 +27,9 @@ sys.path.insert(0, REPO)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
-from hc_jax import data
-from hc_jax import hc18
-from hc_jax import synthetic
+from hc_jax.data import hc18
+from hc_jax.data import pipeline
+from hc_jax.data import synthetic
 
 BACKENDS = ('numpy', 'tf')
 
@@ -94,7 +94,7 @@ def main(argv=None):
     workdirs.append(os.path.join(scratch, f'fold{fold}'))
   start = time.perf_counter()
   try:
-    run_data = data.load(configs, workdirs)
+    run_data = pipeline.load(configs, workdirs)
   except ValueError as e:  # hc18.HC18Error and prepare.PreparedError too.
     _fail(str(e))
   print(f'{len(run_data.arrays["images"])} scans at {args.image_size}x'

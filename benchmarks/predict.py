@@ -8,7 +8,7 @@ input size and round to uint8 as the training cache does, z-score
 (`preprocess.resize`, `to_uint8`, `zscore`, in one `tf.function`), run the
 jitted model in evaluation mode (built with `inference.LAYERS`, as
 `hc_jax.predict` builds it), and convert the output to millimetres with
-the image's pixel size (`targets.hc_mm_from_target`).
+the image's pixel size (target x normaliser x pixel size).
 
 Weights are randomly initialised (speed does not depend on them), so the HC
 values are meaningless; `NORMALISER_PX` stands in for a run's normaliser.
@@ -33,12 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from hc_jax import hc18
-from hc_jax import inference
 from hc_jax import models
-from hc_jax import preprocess
-from hc_jax import synthetic
-from hc_jax import targets
+from hc_jax.data import hc18
+from hc_jax.data import preprocess
+from hc_jax.data import synthetic
+from hc_jax.evaluation import inference
 
 # Input side of each model (the configs' image_size).
 SIZES = {'cnn_263k': 128, 'cnn_1m': 128, 'vgg16': 224, 'resnet50': 224}
@@ -88,8 +87,7 @@ class Predictor:
     """Model input `[B, S, S, 1]` -> HC in mm per image, as NumPy."""
     predictions = np.asarray(self.apply(self.variables, images))
     pixel_size_mm = np.array([r.pixel_size_mm for r in records])
-    return targets.hc_mm_from_target(predictions, NORMALISER_PX,
-                                     pixel_size_mm)
+    return predictions * NORMALISER_PX * pixel_size_mm
 
   def one(self, record: hc18.Record) -> tuple[float, dict[str, float]]:
     """HC in mm of one image, and the seconds spent in each stage."""
@@ -108,7 +106,7 @@ class Predictor:
   def batch(self, records, threaded: bool = True) -> np.ndarray:
     """HC in mm of a batch of images, end to end.
 
-    `threaded` reads and resizes the files on all cores, as `hc_jax.inference`
+    `threaded` reads and resizes the files on all cores, as `hc_jax.evaluation.inference`
     does; False does it one after another (the baseline).
     """
     read_prepare = lambda record: self.prepare(self.read(record)).numpy()

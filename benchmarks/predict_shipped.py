@@ -27,10 +27,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from hc_jax import cli
-from hc_jax import hc18
-from hc_jax import inference
 from hc_jax import predict
-from hc_jax import shipped
+from hc_jax.data import hc18
+from hc_jax.evaluation import archive as archive_lib
+from hc_jax.evaluation import inference
 
 
 def _scans(hc18_dir: str | None, count: int) -> list[str]:
@@ -38,7 +38,7 @@ def _scans(hc18_dir: str | None, count: int) -> list[str]:
   if hc18_dir:
     paths = sorted(glob.glob(os.path.join(hc18_dir, 'test_set', '*HC.png')))
   if not paths:
-    paths = sorted(glob.glob(os.path.join(shipped.SAMPLE_IMAGES_DIR, '*.png')))
+    paths = sorted(glob.glob(os.path.join(archive_lib.SAMPLE_IMAGES_DIR, '*.png')))
   return [paths[i % len(paths)] for i in range(count)]
 
 
@@ -59,7 +59,7 @@ def _time_predictor(predictor, paths: list[str], rounds: int) -> list[float]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--model', default=shipped.DEFAULT_MODEL)
+  parser.add_argument('--model', default=archive_lib.DEFAULT_MODEL)
   parser.add_argument('--hc18_dir', default=hc18.default_dir())
   parser.add_argument('--num_images', type=int, default=128)
   parser.add_argument('--rounds', type=int, default=3)
@@ -69,7 +69,7 @@ def main() -> None:
   start = time.perf_counter()
   ensemble = inference.load(model=args.model)
   startup = time.perf_counter() - start
-  archive = shipped.read(args.model)
+  archive = archive_lib.read(args.model)
   single = inference.load(archive.runs[0])
   results = {}
   for name, predictor in (('one fold model', single),

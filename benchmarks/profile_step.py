@@ -3,7 +3,7 @@
   python benchmarks/profile_step.py --model=cnn_1m --batch_size=32
       [--steps=10] [--top=25] [--image_size=S|HxW] [--plain_layers]
 
-Runs the jitted `hc_jax.train.train_step` (forward, MSE, gradient, Adam) under
+Runs the jitted `hc_jax.training.train.train_step` (forward, MSE, gradient, Adam) under
 `jax.profiler.trace`, sums the time of each XLA operation (a fusion, a
 convolution, a matrix product: what XLA:CPU runs as one thunk) over the
 traced steps, and prints the costliest per step with what each one computes:
@@ -114,7 +114,7 @@ def main():
                       default=None,
                       help='S or HxW (default: the model\'s, SIZES)')
   parser.add_argument('--plain_layers', action='store_true',
-                      help="without hc_jax.fast_layers (layers='plain')")
+                      help="without hc_jax.models.fast_layers (layers='plain')")
   args = parser.parse_args()
   if min(args.batch_size, args.steps, args.top) < 1:
     parser.error('--batch_size, --steps and --top must be positive')

@@ -2,10 +2,10 @@
 
   python benchmarks/scan_likeness.py [--hc18_dir=DIR] [--quality]
 
-Computes `hc_jax.scan_likeness.statistics` of every HC18 scan (training_set
+Computes `hc_jax.evaluation.scan_likeness.statistics` of every HC18 scan (training_set
 and test_set PNGs, not the annotations; the copy beside the checkout,
 $HC18_DIR or --hc18_dir), of the shipped sample scans, of phantom scans
-(`hc_jax.synthetic.render_scan`, at HC18's size and at the tests' small
+(`hc_jax.data.synthetic.render_scan`, at HC18's size and at the tests' small
 sizes), of the frames of an ultrasound cine bundled with pydicom, and of
 non-scans made here: uniform and Gaussian noise at several sizes (also noise
 filling only a phantom's fan), salt-and-pepper, smooth gradients,
@@ -26,11 +26,11 @@ import os
 import numpy as np
 from PIL import Image
 
-from hc_jax import dicom
-from hc_jax import hc18
-from hc_jax import scan_likeness
-from hc_jax import shipped
-from hc_jax import synthetic
+from hc_jax.data import hc18
+from hc_jax.data import synthetic
+from hc_jax.evaluation import archive as archive_lib
+from hc_jax.evaluation import dicom
+from hc_jax.evaluation import scan_likeness
 
 DARK = scan_likeness.DARK_LEVEL
 
@@ -171,7 +171,7 @@ def row(kind: str, images, quality=None) -> str:
 
 def mask_quality(images) -> np.ndarray:
   """The shipped model's quality on each image, refused or not."""
-  from hc_jax import inference  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
   predictor = inference.load()
   inputs = np.stack([predictor.preprocess(image) for image in images])
   # pylint: disable-next=protected-access
@@ -193,7 +193,7 @@ def main():
     if paths:
       groups[f'HC18 {split}'] = (read_pngs(paths), True)
   groups['shipped samples'] = (read_pngs(sorted(glob.glob(os.path.join(
-      shipped.SAMPLE_IMAGES_DIR, '*.png')))), True)
+      archive_lib.SAMPLE_IMAGES_DIR, '*.png')))), True)
   groups['phantoms (800x540, 96x64, 48x32)'] = (phantoms(rng), True)
   cine = ultrasound_cine()
   if cine:

@@ -11,7 +11,7 @@ model_options, see `benchmarks/keras_models.py`).
 One step is forward, MSE, gradient and Adam (lr 1e-3) on a fixed random batch
 at the model's configured input size (`SIZES`; `--image_size` overrides it
 for every model, as one side or HxW). hc_jax times the jitted
-`hc_jax.train.train_step` (state donated) on a valid random batch (540x800
+`hc_jax.training.train.train_step` (state donated) on a valid random batch (540x800
 originals stretched to the input, random head ellipses and their HC), with no
 augmentation; Keras times `train_on_batch` on the twin model from
 `benchmarks/keras_models.py`, compiled with Adam(1e-3) and 'mse' (no XLA:
@@ -19,7 +19,7 @@ Keras' default on a CPU).
 
 For hcnet_ellipse the two losses differ: hc_jax's step is its real one (the
 six outputs decoded to an ellipse, the HC computed from it, MSE on the HC
-plus the config's `ellipse_weight` x the shape term, `hc_jax.ellipse_head`),
+plus the config's `ellipse_weight` x the shape term, `hc_jax.models.ellipse_head`),
 while Keras fits the six raw outputs to random targets with plain MSE. That
 loss works on 6 numbers per image, so the step's cost is the convolutions'
 either way, and the difference, if any, is charged to hc_jax.
@@ -72,7 +72,7 @@ MALLOC_TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
 # variable. 'keras+xla' compiles the Keras step with XLA (jit_compile=True);
 # 'hc_jax+mallopt' sets the same malloc options as '+malloc' from inside the
 # process, with `mallopt`, before JAX runs; 'hc_jax_plain' is hc_jax without
-# `hc_jax.fast_layers` (models' `layers='plain'`).
+# `hc_jax.models.fast_layers` (models' `layers='plain'`).
 VARIANTS = {
     'hc_jax': ('hc_jax', {'GLIBC_TUNABLES': None}),
     'hc_jax+malloc': ('hc_jax', {'GLIBC_TUNABLES': MALLOC_TUNABLES}),
@@ -119,7 +119,7 @@ def _random_batch(batch_size: int, image_size, outputs: int = 1):
 
 
 def hc_jax_batch(batch_size: int, image_size) -> dict:
-  """A valid random batch for `hc_jax.train.train_step`, any model.
+  """A valid random batch for `hc_jax.training.train.train_step`, any model.
 
   The images of `_random_batch`; HC18-sized (540x800) originals stretched to
   the input, random head ellipses in original pixels and their HC.
@@ -132,7 +132,7 @@ def hc_jax_batch(batch_size: int, image_size) -> dict:
     {'image', 'ellipse', 'hc_px', 'resize'} as NumPy arrays.
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from hc_jax import prepare  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
   images, _ = _random_batch(batch_size, image_size)
   rng = np.random.default_rng(1)
   semi_a = rng.uniform(90.0, 280.0, batch_size)
@@ -140,7 +140,7 @@ def hc_jax_batch(batch_size: int, image_size) -> dict:
   ellipse = np.stack([rng.uniform(300.0, 500.0, batch_size),
                       rng.uniform(200.0, 340.0, batch_size), semi_a, semi_b,
                       rng.uniform(0.0, math.pi, batch_size)], 1)
-  # Ramanujan's perimeter, as hc_jax.augment.ramanujan_perimeter.
+  # Ramanujan's perimeter, as hc_jax.data.augment.ramanujan_perimeter.
   ratio = ((semi_a - semi_b) / (semi_a + semi_b)) ** 2
   hc_px = math.pi * (semi_a + semi_b) * (
       1 + 3 * ratio / (10 + np.sqrt(4 - 3 * ratio)))
@@ -166,12 +166,12 @@ def _time_steps(step, seconds: float, min_steps: int,
 
 
 def _loss_of(model_name: str):
-  """The model kind's loss of `hc_jax.train.train_step` (None for kind 'hc'),
+  """The model kind's loss of `hc_jax.training.train.train_step` (None for kind 'hc'),
   with the config's settings for a model in `keras_models.CONFIGS`."""
   # pylint: disable=import-outside-toplevel
   import ml_collections
   from hc_jax import models
-  from hc_jax import train
+  from hc_jax.training import step as step_lib
   # pylint: enable=import-outside-toplevel
   if model_name in keras_models.CONFIGS:
     config = keras_models.load_config(model_name)
@@ -179,7 +179,7 @@ def _loss_of(model_name: str):
     config = ml_collections.ConfigDict({'model': model_name})
   if models.output_kind(config) == 'hc':
     return None
-  return train.output_functions(config)[0]
+  return step_lib.output_functions(config)[0]
 
 
 def hc_jax_state_step_batch(model_name: str, batch_size: int, size,
@@ -190,27 +190,27 @@ def hc_jax_state_step_batch(model_name: str, batch_size: int, size,
     model_name: a key of `SIZES`.
     batch_size: images per step.
     size: the input's side, or (height, width).
-    fast_layers: `hc_jax.fast_layers` ('fast') or the 'plain' layers.
+    fast_layers: `hc_jax.models.fast_layers` ('fast') or the 'plain' layers.
 
   Returns:
     (state, step, batch): `step(state, batch) -> (state, loss)` is the jitted
-    `hc_jax.train.train_step` with the state donated.
+    `hc_jax.training.train.train_step` with the state donated.
   """
   # pylint: disable=import-outside-toplevel
   import functools
   import jax
   import jax.numpy as jnp
   import optax
-  from hc_jax import augment
+  from hc_jax.data import augment
   from hc_jax import losses
-  from hc_jax import train
+  from hc_jax.training import step as step_lib
   # pylint: enable=import-outside-toplevel
   height, width = keras_models.as_hw(size)
   model = keras_models.flax_model(model_name,
                                   layers='fast' if fast_layers else 'plain')
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.key(0), jnp.zeros((1, height, width, 1)))
-  state = train.TrainState.create(
+  state = step_lib.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables.get('batch_stats', {}), tx=optax.adam(1e-3))
   # No augmentation (only the z-score, as in evaluation), so the step is the
@@ -218,7 +218,7 @@ def hc_jax_state_step_batch(model_name: str, batch_size: int, size,
   member = {'key': jax.random.key(1),
             'normaliser_px': jnp.float32(NORMALISER_PX)}
   step = jax.jit(functools.partial(
-      train.train_step, member=member, loss_fn=losses.mse,
+      step_lib.train_step, member=member, loss_fn=losses.mse,
       augment=augment.AugmentConfig(flip=False, max_translate_px=0.0,
                                     max_rotate_deg=0.0),
       loss_of=_loss_of(model_name)), donate_argnums=(0,))
@@ -419,12 +419,12 @@ def breakdown(model_name: str, batch_size: int, size, seconds: float,
               min_steps: int) -> None:
   """Prints ms per step for hc_jax's forward, forward + gradient, full step.
 
-  The forward pass and gradient are those of `hc_jax.train.train_step`'s loss
+  The forward pass and gradient are those of `hc_jax.training.train.train_step`'s loss
   (for an ellipse or mask model, its kind's loss).
   """
   # pylint: disable=import-outside-toplevel
   import jax
-  from hc_jax import augment
+  from hc_jax.data import augment
   from hc_jax import losses
   # pylint: enable=import-outside-toplevel
   state, _, batch = hc_jax_state_step_batch(model_name, batch_size, size)
@@ -437,7 +437,7 @@ def breakdown(model_name: str, batch_size: int, size, seconds: float,
         {'params': params, 'batch_stats': state.batch_stats}, images,
         train=True, rngs={'dropout': jax.random.key(1)},
         mutable=['batch_stats'])
-    if loss_of is not None:  # As in train.train_step.
+    if loss_of is not None:  # As in step_lib.train_step.
       return loss_of(predictions, batch['ellipse'], batch['resize'], target,
                      NORMALISER_PX, images.shape[1:3], losses.mse)
     return losses.mse(predictions, target)

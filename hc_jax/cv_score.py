@@ -13,7 +13,7 @@ ensemble: a run directory (it holds config.json) or a directory of fold runs
 `fold<k>/` as `hc_jax.grid` writes them (`ROOT/<config>/`, and with
 `--seeds` `ROOT/<config>_seed<s>/`, one member per seed). A `fold<k>/` may
 also hold several runs of its fold (`fold<k>/seed<s>/`): the member's
-prediction is then their mean, as `hc_jax.inference` makes it. Every member
+prediction is then their mean, as `hc_jax.evaluation.inference` makes it. Every member
 must hold the same folds, and every run the same fold assignment (the images
 of its folds.json), so that fold k's test images are predicted by fold k's
 runs only: no member has seen the images it is scored on, in training or in
@@ -28,7 +28,7 @@ the figures it ships with can be reproduced from the file alone.
 The test images are read from the original PNGs of HC18's training_set/
 (`--hc18_dir`; by default the directory each run's config names, else
 `hc18.default_dir()`), checked to be the copy the runs trained on (the
-source digest they recorded), and predicted with `hc_jax.inference`, which
+source digest they recorded), and predicted with `hc_jax.evaluation.inference`, which
 preprocesses them exactly as training did: one run alone gets the
 predictions of its predictions_test.csv again. With `--tta_flip` each run's
 prediction is the mean over the scan and its left-right mirror. The members'
@@ -56,11 +56,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from hc_jax import aggregate
-from hc_jax import folds as folds_lib
-from hc_jax import hc18
-from hc_jax import metrics
-from hc_jax import runs as runs_lib
+from hc_jax import log
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import folds as folds_lib
+from hc_jax.data import hc18
+from hc_jax.evaluation import aggregate
+from hc_jax.evaluation import archive as archive_lib
+from hc_jax.evaluation import metrics
 
 FOLD_DIR = aggregate.FOLD_DIR
 FOLDS_FILE = 'folds.json'
@@ -100,7 +102,7 @@ def member_runs(root: str) -> dict[int, str]:
     root: a finished run (holds config.json), or a directory of `fold<k>/`
       workdirs, each a run or a directory of runs of that fold (e.g. one per
       seed, `fold<k>/seed<s>/`: their mean is the member's prediction, as
-      `hc_jax.inference.load` makes it).
+      `hc_jax.evaluation.inference.load` makes it).
 
   Returns:
     The workdirs by test fold (the fold of their runs' config.json), sorted.
@@ -109,7 +111,7 @@ def member_runs(root: str) -> dict[int, str]:
     ScoreError: no such directory, no run in it, an unfinished run, or a
       `fold<k>/` whose runs are of another fold.
   """
-  if _shipped().is_archive(root):
+  if archive_lib.is_archive(root):
     return _archive_members(root)
   if not os.path.isdir(root):
     raise ScoreError(f'{root} does not exist')
@@ -143,16 +145,11 @@ def member_runs(root: str) -> dict[int, str]:
   return dict(sorted(found.items()))
 
 
-def _shipped():
-  from hc_jax import shipped  # pylint: disable=import-outside-toplevel
-  return shipped
-
-
 def _archive(run: str):
   """The shipped-model archive (or the one member) a run label names."""
   try:
-    return _shipped().read(run)
-  except runs_lib.PredictError as e:
+    return archive_lib.read(run)
+  except workdir_lib.PredictError as e:
     raise ScoreError(str(e)) from None
 
 
@@ -177,9 +174,9 @@ def _archive_members(path: str) -> dict[int, str]:
 
 def _config(run: str) -> dict:
   """A run's config (its config.json, or a shipped member's)."""
-  if _shipped().is_archive(run):
+  if archive_lib.is_archive(run):
     return _archive(run).configs[0]
-  return runs_lib.read_json(os.path.join(run, 'config.json'))
+  return workdir_lib.read_json(os.path.join(run, 'config.json'))
 
 
 def runs_in(workdir: str) -> list[str]:
@@ -189,11 +186,11 @@ def runs_in(workdir: str) -> list[str]:
   Raises:
     ScoreError: none, or one without results.json.
   """
-  if _shipped().is_archive(workdir):
+  if archive_lib.is_archive(workdir):
     return [workdir]
   try:
-    return runs_lib.run_dirs(workdir)
-  except runs_lib.PredictError as e:
+    return workdir_lib.run_dirs(workdir)
+  except workdir_lib.PredictError as e:
     raise ScoreError(str(e)) from None
 
 
@@ -232,7 +229,7 @@ def read_assignment(run: str, hc18_dir: str | None = None
   Raises:
     ScoreError: when it is missing or unreadable.
   """
-  if _shipped().is_archive(run):
+  if archive_lib.is_archive(run):
     config = _config(run)
     reference = read_reference(hc18_dir or find_hc18_dir([run]))
     names = sorted(reference)
@@ -243,7 +240,7 @@ def read_assignment(run: str, hc18_dir: str | None = None
           seed=config['fold_seed'])
     except (KeyError, TypeError, ValueError) as e:
       raise ScoreError(f'{run}: its folds cannot be drawn again '
-                       f'({runs_lib.error_line(e)})') from None
+                       f'({log.error_line(e)})') from None
   path = os.path.join(run, FOLDS_FILE)
   if not os.path.isfile(path):
     raise ScoreError(f'{run} has no {FOLDS_FILE}')
@@ -251,7 +248,7 @@ def read_assignment(run: str, hc18_dir: str | None = None
     return folds_lib.FoldAssignment.from_json(path)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ScoreError(f'{path} cannot be read '
-                     f'({runs_lib.error_line(e)})') from None
+                     f'({log.error_line(e)})') from None
 
 
 def check_members(roots: Sequence[str], unseen_test_ok: bool = False,
@@ -294,7 +291,7 @@ def check_members(roots: Sequence[str], unseen_test_ok: bool = False,
             f'{run} was trained with score_test=False: its test fold is '
             'kept unseen while settings are chosen on validation; pass '
             '--unseen_test_ok to score it anyway')
-  if hc18_dir is None and any(_shipped().is_archive(r) for r in all_runs):
+  if hc18_dir is None and any(archive_lib.is_archive(r) for r in all_runs):
     hc18_dir = find_hc18_dir(all_runs)
   assignment = read_assignment(all_runs[0], hc18_dir)
   for run in all_runs[1:]:
@@ -318,11 +315,11 @@ def _all_runs(members: Sequence[dict[int, str]]) -> list[str]:
 
 
 def _source_digest(run: str) -> str | None:
-  if _shipped().is_archive(run):
+  if archive_lib.is_archive(run):
     archive = _archive(run)
     documents = [archive.results[0], archive.configs[0]]
   else:
-    documents = [runs_lib.read_json(os.path.join(run, name))
+    documents = [workdir_lib.read_json(os.path.join(run, name))
                  for name in ('results.json', 'config.json')]
   for document in documents:
     digest = document.get('source_digest')
@@ -357,7 +354,7 @@ def find_hc18_dir(runs: Sequence[str], hc18_dir: str | None = None) -> str:
       the one a run trained on (by the source digest it recorded).
   """
   # pylint: disable=import-outside-toplevel
-  from hc_jax import prepare
+  from hc_jax.data import prepare
   folder, csv_name = hc18.SPLITS['train']
   if not hc18_dir:
     candidates = [_configured_dir(run) for run in runs]
@@ -468,12 +465,12 @@ class Scores:
 
 
 def _read_images(paths: Sequence[str]) -> list[np.ndarray]:
-  from hc_jax import inference  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
   images = []
   for path, read in zip(paths, inference.parallel_map(hc18.read_grayscale,
                                                       paths)):
     if isinstance(read, Exception):
-      raise ScoreError(f'{path}: {runs_lib.error_line(read)}')
+      raise ScoreError(f'{path}: {log.error_line(read)}')
     images.append(read[0])
   return images
 
@@ -483,11 +480,11 @@ def _predict_hc_px(workdir: str, images, pixel_sizes, tta_flip: bool,
                    ) -> tuple[np.ndarray, np.ndarray]:
   """A workdir's HC in px of the original images (the mean of its runs), and
   its quality signal (NaN but for a mask model)."""
-  from hc_jax import inference  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
   try:
     out = inference.load(workdir, model_options)(
         images, list(pixel_sizes), tta_flip=tta_flip)
-  except runs_lib.PredictError as e:
+  except workdir_lib.PredictError as e:
     raise ScoreError(str(e)) from None
   hc_px = np.asarray(out['hc_px'], np.float64)
   for i in np.flatnonzero(~np.isfinite(hc_px))[:1]:
@@ -691,13 +688,13 @@ def _fmt(value) -> object:
 
 def write_rows(path: str, scores: Scores) -> None:
   """Writes the per-image CSV (values rounded to 1e-3), atomically."""
-  from hc_jax import scan_files  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import scan_files  # pylint: disable=import-outside-toplevel
   rows = [{key: (value if key == 'pixel_size_mm' else _fmt(value))
            for key, value in row.items()} for row in scores.rows]
   try:
     scan_files.write_csv(path, list(IMAGE_COLUMNS) + scores.member_columns,
                          rows, '--out')
-  except runs_lib.PredictError as e:
+  except workdir_lib.PredictError as e:
     raise ScoreError(str(e)) from None
 
 
@@ -711,7 +708,7 @@ def check_summary_csv(path: str) -> None:
         header = next(csv.reader(f), [])
     except (OSError, UnicodeDecodeError, csv.Error) as e:
       raise ScoreError(f'--summary_csv {path} cannot be read '
-                       f'({runs_lib.error_line(e)})') from None
+                       f'({log.error_line(e)})') from None
     if tuple(header) not in (SUMMARY_COLUMNS, OLD_SUMMARY_COLUMNS):
       raise ScoreError(f'--summary_csv {path} has other columns than '
                        f'{",".join(SUMMARY_COLUMNS)}')
@@ -801,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
   # pylint: disable=import-outside-toplevel
   from hc_jax import cli
-  from hc_jax import scan_files
+  from hc_jax.evaluation import scan_files
   try:
     # Fails fast, before TensorFlow is imported.
     check_members(args.runs, args.unseen_test_ok or args.part == 'val',

@@ -25,21 +25,9 @@ import json
 import os
 import sys
 from typing import Any, Sequence
+from hc_jax import workdir as workdir_lib
+from hc_jax.evaluation import aggregate as aggregate_lib
 
-# The table lives in hc_jax.aggregate; its names stay importable from here.
-# pylint: disable=unused-import
-from hc_jax.aggregate import aggregate
-from hc_jax.aggregate import CONFIG_FILE
-from hc_jax.aggregate import finished
-from hc_jax.aggregate import fold_dirs
-from hc_jax.aggregate import format_markdown
-from hc_jax.aggregate import METRICS_FILE
-from hc_jax.aggregate import pool_predictions
-from hc_jax.aggregate import PREDICTIONS_FILE
-from hc_jax.aggregate import read_predictions
-from hc_jax.aggregate import RESULTS_FILE
-from hc_jax.aggregate import write_tables
-# pylint: enable=unused-import
 # Fields that may differ between a finished run and a rerun of the grid: they
 # say where things are, how often to log or checkpoint, and how the process
 # allocates memory, not what is trained.
@@ -73,25 +61,15 @@ def config_stem(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
 def check_same_config(workdir: str, config) -> None:
   """Raises ValueError if `workdir` holds a run of a different config."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if not os.path.isfile(path):
     return
   with open(path) as f:
-    saved = _flatten(json.load(f))
+    saved = workdir_lib.flatten(json.load(f))
   # Through JSON, so that tuples compare equal to the saved lists.
-  wanted = _flatten(json.loads(json.dumps(config.to_dict())))
+  wanted = workdir_lib.flatten(json.loads(json.dumps(config.to_dict())))
   differ = [f'{key}={saved.get(key)!r} there, {wanted.get(key)!r} now'
             for key in sorted(set(saved) | set(wanted))
             if key not in RERUN_MAY_CHANGE
@@ -109,7 +87,7 @@ def plan(config_paths: Sequence[str], folds: Sequence[int], root: str,
 
   With `seeds`, every run is repeated per seed, in ROOT/<stem>_seed<s>/.
   """
-  from hc_jax import train  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import train  # pylint: disable=import-outside-toplevel
   stems = [config_stem(path) for path in config_paths]
   if len(set(stems)) != len(stems):
     raise ValueError(f'config file names must differ: {list(config_paths)}')
@@ -129,10 +107,10 @@ def plan(config_paths: Sequence[str], folds: Sequence[int], root: str,
 def stack_groups(runs: Sequence[tuple[Any, str]]) -> list[list[int]]:
   """Indices of runs that can train as members of one step (configs equal
   but for `train.MEMBER_FIELDS`)."""
-  from hc_jax import train  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import train  # pylint: disable=import-outside-toplevel
   groups = {}
   for i, (config, _) in enumerate(runs):
-    key = json.dumps({k: v for k, v in _flatten(config.to_dict()).items()
+    key = json.dumps({k: v for k, v in workdir_lib.flatten(config.to_dict()).items()
                       if k not in train.MEMBER_FIELDS}, sort_keys=True,
                      default=str)
     groups.setdefault(key, []).append(i)
@@ -166,8 +144,8 @@ def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
     {'trained': [...], 'skipped': [...], 'failed': [...]} workdirs.
   """
   # pylint: disable=import-outside-toplevel
-  from hc_jax import lock
-  from hc_jax import train
+  from hc_jax.training import lock
+  from hc_jax.training import train
   index, count = shard
   if not 0 <= index < count:
     raise ValueError(f'--shard must be i/n with 0 <= i < n, got {index}/{count}')
@@ -175,7 +153,7 @@ def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
   done = {'trained': [], 'skipped': [], 'failed': []}
   pending = []
   for config, workdir in runs:
-    if os.path.isfile(os.path.join(workdir, RESULTS_FILE)):
+    if os.path.isfile(os.path.join(workdir, workdir_lib.RESULTS_FILE)):
       print(f'{workdir}: finished, skipped', flush=True)
       done['skipped'].append(workdir)
     else:
@@ -271,12 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       failed = run_grid(args.configs, args.folds, args.root, args.override,
                         shard=args.shard, stack=args.stack,
                         seeds=args.seeds)['failed']
-    rows = aggregate(args.root)
+    rows = aggregate_lib.aggregate(args.root)
   except cli.usage_errors() as e:  # hc18.HC18Error is a ValueError too.
     print(f'error: {cli.error_text(e)}', file=sys.stderr)
     return 2
-  md_path, csv_path = write_tables(rows, args.root)
-  print(format_markdown(rows))
+  md_path, csv_path = aggregate_lib.write_tables(rows, args.root)
+  print(aggregate_lib.format_markdown(rows))
   print(f'wrote {md_path} and {csv_path}')
   if failed:
     print(f'error: {len(failed)} run(s) failed: {", ".join(failed)}',

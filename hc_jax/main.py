@@ -61,7 +61,7 @@ def _run(argv: Sequence[str]) -> int:
   print(f'{args.config}: starting JAX and TensorFlow (then the data and the '
         'compilation; about 30 s on a CPU)...', file=sys.stderr, flush=True)
   cli.setup_process(config)
-  from hc_jax import train  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import train  # pylint: disable=import-outside-toplevel
   workdir = args.workdir or default_workdir(args.config, config.fold)
   train.train_and_evaluate(config, workdir)
   return 0

@@ -16,7 +16,7 @@ too. Per configuration, with the test folds pooled:
                                images can be found)
 
 Trimesters are of the gestational age that Hadlock's formula gives for the
-TRUE HC (`hc_jax.gestational_age`): 1st < 14 weeks (below the formula's
+TRUE HC (`hc_jax.evaluation.gestational_age`): 1st < 14 weeks (below the formula's
 fitted range, so only a rough band), 2nd 14 to 28 weeks, 3rd >= 28 weeks;
 that is HC below about 89 mm, 89 to 258 mm, and above. Every function returns
 the path it wrote. Figures are made with `matplotlib.figure.Figure`, which
@@ -32,9 +32,10 @@ from typing import Sequence
 from matplotlib.figure import Figure
 import numpy as np
 
-from hc_jax import gestational_age
-from hc_jax import grid
-from hc_jax import hc18
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import hc18
+from hc_jax.evaluation import aggregate as aggregate_lib
+from hc_jax.evaluation import gestational_age
 
 # (label, lowest GA in weeks, highest GA in weeks), by Hadlock from true HC.
 TRIMESTERS = (('1st (< 14 wk)', -math.inf, 14.0),
@@ -62,7 +63,7 @@ def scatter_hc(predictions, path: str, title: str = '') -> str:
 
   Args:
     predictions: columns with 'hc_mm_true' and 'hc_mm_pred' (as
-      `grid.read_predictions` or `grid.pool_predictions` give them).
+      `aggregate_lib.read_predictions` or `aggregate_lib.pool_predictions` give them).
     path: the PNG to write.
     title: the figure's title.
 
@@ -181,7 +182,7 @@ def error_by_trimester(predictions, path: str, title: str = '') -> str:
 
 
 def _read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, grid.METRICS_FILE)
+  path = os.path.join(workdir, workdir_lib.METRICS_FILE)
   if not os.path.isfile(path):
     return []
   with open(path) as f:
@@ -190,7 +191,7 @@ def _read_metrics(workdir: str) -> list[dict]:
 
 
 def _fold_label(workdir: str) -> str:
-  path = os.path.join(workdir, grid.RESULTS_FILE)
+  path = os.path.join(workdir, workdir_lib.RESULTS_FILE)
   if os.path.isfile(path):
     with open(path) as f:
       return f'fold {json.load(f).get("fold", "?")}'
@@ -216,7 +217,7 @@ def learning_curves(workdirs: Sequence[str], path: str, title: str = '') -> str:
   curves = [(w, _read_metrics(w)) for w in workdirs]
   curves = [(w, lines) for w, lines in curves if lines]
   if not curves:
-    raise ValueError(f'no epochs in the {grid.METRICS_FILE} of '
+    raise ValueError(f'no epochs in the {workdir_lib.METRICS_FILE} of '
                      f'{", ".join(workdirs)}')
   figure = Figure(figsize=(10, 4))
   loss_axes, val_axes = figure.subplots(1, 2)
@@ -226,7 +227,7 @@ def learning_curves(workdirs: Sequence[str], path: str, title: str = '') -> str:
     loss_axes.plot(epochs, [line['train_loss'] for line in lines], label=label)
     val_mm = [line.get('val_mae_mm', math.nan) for line in lines]
     (line_2d,) = val_axes.plot(epochs, val_mm, label=label)
-    results_path = os.path.join(workdir, grid.RESULTS_FILE)
+    results_path = os.path.join(workdir, workdir_lib.RESULTS_FILE)
     if os.path.isfile(results_path):
       with open(results_path) as f:
         selected = json.load(f).get('selected_epoch')
@@ -253,7 +254,7 @@ def images_dir(workdir: str, hc18_dir: str | None = None) -> str | None:
   """
   if hc18_dir:
     return hc18_dir
-  config_path = os.path.join(workdir, grid.CONFIG_FILE)
+  config_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if not os.path.isfile(config_path):
     return None
   with open(config_path) as f:
@@ -276,7 +277,7 @@ def worst_cases(predictions, path: str, hc18_dir: str | None = None,
 
   Args:
     predictions: pooled columns incl. 'filename' and 'workdir' (as
-      `grid.pool_predictions` gives them).
+      `aggregate_lib.pool_predictions` gives them).
     path: the PNG to write.
     hc18_dir: an HC18 directory that holds the scans in training_set/; None
       looks where each run's config says (see `images_dir`).
@@ -337,16 +338,16 @@ def configurations(root: str, config: str | None = None
     ValueError: when there is nothing finished to plot.
   """
   label = os.path.basename(os.path.normpath(root))
-  if grid.finished(root):
+  if aggregate_lib.finished(root):
     return [(label, [root])]
   if not os.path.isdir(root):
     raise ValueError(f'{root} does not exist')
-  if grid.fold_dirs(root):
-    done = [w for w in grid.fold_dirs(root).values() if grid.finished(w)]
+  if aggregate_lib.fold_dirs(root):
+    done = [w for w in aggregate_lib.fold_dirs(root).values() if aggregate_lib.finished(w)]
     if not done:
       raise ValueError(f'{root} has no finished fold runs')
     return [(label, done)]
-  rows = [row for row in grid.aggregate(root) if row['num_images']]
+  rows = [row for row in aggregate_lib.aggregate(root) if row['num_images']]
   if config not in (None, 'all'):
     rows = [row for row in rows if row['config'] == config]
     if not rows:
@@ -374,7 +375,7 @@ def plot_all(root: str, out: str, hc18_dir: str | None = None,
   """
   paths = []
   for label, workdirs in configurations(root, config):
-    predictions = grid.pool_predictions(workdirs)
+    predictions = aggregate_lib.pool_predictions(workdirs)
     title = f'{label} ({len(workdirs)} fold(s))'
     stem = os.path.join(out, label)
     paths.append(scatter_hc(predictions, f'{stem}_scatter.png', title))

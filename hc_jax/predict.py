@@ -24,7 +24,7 @@ in HC18; a row matches by that relative path, else by the base name), or else
 from the HC18 CSV beside an images directory (`test_set/` ->
 `test_set_pixel_size.csv`, matched by base name).
 
-DICOM files (`hc_jax.dicom`) mix with the PNGs: `--images` also takes
+DICOM files (`hc_jax.evaluation.dicom`) mix with the PNGs: `--images` also takes
 `.dcm` files, and directories give them too (and extensionless files with
 the DICOM 'DICM' marker). Each is read as an 8-bit grayscale scan
 (MONOCHROME1 inverted; RGB and YBR to grey with PIL's ITU-R 601 luma
@@ -50,7 +50,7 @@ Every row has a `status` and, unless ok, a `message` saying why:
                written, the gestational age is not.
   refused      not a scan: a (nearly) constant image, one smaller than the
                model input, or one that does not look like an ultrasound
-               scan (`hc_jax.scan_likeness`: too few grey levels, neighbouring
+               scan (`hc_jax.evaluation.scan_likeness`: too few grey levels, neighbouring
                pixels uncorrelated as in noise, or no dark background in two
                corners); nothing is predicted.
   error        the file cannot be used: missing, unreadable, a symbolic link
@@ -78,8 +78,8 @@ its perimeter is the reported HC (`inference.combine_ellipses`).
 `--submission=FILE` writes the HC18 challenge CSV (`write_submission`).
 
 This module is the command line: flags, the scans and their pixel sizes
-(`hc_jax.scan_files`), the CSV and overlays, exit codes. The predictor itself
-is `hc_jax.inference` (`predict.load` is `inference.load`):
+(`hc_jax.evaluation.scan_files`), the CSV and overlays, exit codes. The predictor itself
+is `hc_jax.evaluation.inference` (`predict.load` is `inference.load`):
 
   predictor = predict.load('runs/cv_grid')
   out = predictor([image_uint8_2d, ...], pixel_sizes_mm=[0.1, ...])
@@ -100,45 +100,17 @@ import time
 from typing import Sequence
 import warnings
 
-from hc_jax import dicom
-from hc_jax import gestational_age
-from hc_jax import hc18
-from hc_jax import inference
-from hc_jax import runs
-from hc_jax import scan_files
-from hc_jax import shipped
+from hc_jax import log
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import hc18
+from hc_jax.evaluation import archive as archive_lib
+from hc_jax.evaluation import dicom
+from hc_jax.evaluation import gestational_age
+from hc_jax.evaluation import inference
+from hc_jax.evaluation import scan_files
 
-# The library, under the names callers of this module use.
-# pylint: disable=invalid-name
-PredictError = runs.PredictError
-ENSEMBLE_FIELDS = runs.ENSEMBLE_FIELDS
-TRAIN_RANGE_KEYS = runs.TRAIN_RANGE_KEYS
-best_checkpoint = runs.best_checkpoint
-restore_variables = runs.restore_variables
-run_dirs = runs.run_dirs
-training_ranges = runs.training_ranges
-BATCH_SIZE = inference.BATCH_SIZE
-DEFAULT_MAX_SD_MM = inference.DEFAULT_MAX_SD_MM
-HC18_HC_MM = inference.HC18_HC_MM
-MIN_PIXEL_SD = inference.MIN_PIXEL_SD
-RANGE_MARGIN = inference.RANGE_MARGIN
-Predictor = inference.Predictor
-available_cores = inference.available_cores
+# The library entry point the README names: `predict.load(workdir)`.
 load = inference.load
-parallel_map = inference.parallel_map
-OVERLAY_SUFFIX = scan_files.OVERLAY_SUFFIX
-check_writable = scan_files.check_writable
-find_pixel_size_csv = scan_files.find_pixel_size_csv
-SUBMISSION_COLUMNS = scan_files.SUBMISSION_COLUMNS
-check_submission_inputs = scan_files.check_submission_inputs
-image_paths = scan_files.image_paths
-pixel_sizes_of = scan_files.pixel_sizes_of
-read_pixel_sizes = scan_files.read_pixel_sizes
-some_names = scan_files.some_names
-write_csv = scan_files.write_csv
-write_overlay = scan_files.write_overlay
-write_submission = scan_files.write_submission
-# pylint: enable=invalid-name
 
 PROGRESS_EVERY = 64  # Images per chunk, and per progress line.
 # Pixel sizes (mm) taken as a scan's: HC18's are 0.05-0.39 mm; an ultrasound
@@ -175,7 +147,7 @@ def write_rows(path: str, rows: Sequence[dict],
   Raises:
     PredictError: when it cannot be written; nothing is left behind.
   """
-  write_csv(path, columns, rows, '--out')
+  scan_files.write_csv(path, columns, rows, '--out')
 
 
 _DESCRIPTION = 'Predict HC (and gestational age) for new scans.'
@@ -184,9 +156,9 @@ status of each row (the CSV's `status`; `message` says why unless ok):
   ok           predicted and plausible
   uncertain    fold ensemble SD above --max-sd-mm (pixel size known), or a
                mask model's quality below --min-quality
-  implausible  HC outside HC18's {HC18_HC_MM[0]:g}-{HC18_HC_MM[1]:g} mm, the model's training
+  implausible  HC outside HC18's {inference.HC18_HC_MM[0]:g}-{inference.HC18_HC_MM[1]:g} mm, the model's training
                range, or what fits in the image (each widened by
-               {RANGE_MARGIN:.0%}); HC is written, no gestational age
+               {inference.RANGE_MARGIN:.0%}); HC is written, no gestational age
   refused      not a scan: (nearly) constant, smaller than the model input,
                or not like an ultrasound scan (few grey levels, noise, no
                dark background in two corners)
@@ -215,7 +187,7 @@ head mask and the ellipse of its moments (1: the mask is an ellipse); overlays
 also draw the mask's outline (red dots)
 
 --submission FILE: the HC18 challenge CSV, one row per image (its base name):
-  {",".join(SUBMISSION_COLUMNS)}
+  {",".join(scan_files.SUBMISSION_COLUMNS)}
   It needs an ellipse model and the pixel size of every image (else exit 2),
   and is written only when every image was predicted. Our ellipse maps onto
   it unchanged: center_x_mm = column, center_y_mm = row, semi_axes_a_mm = a,
@@ -246,8 +218,8 @@ def _parse_args(argv):
                       'default: the shipped model (--model)')
   parser.add_argument('--model',
                       help='a model shipped with hc_jax (default '
-                      f'{shipped.DEFAULT_MODEL}; shipped: '
-                      f'{", ".join(shipped.names()) or "none"})')
+                      f'{archive_lib.DEFAULT_MODEL}; shipped: '
+                      f'{", ".join(archive_lib.names()) or "none"})')
   parser.add_argument('--images', action='append',
                       help='directories (searched recursively) or PNG or '
                       'DICOM files, comma-separated or repeated')
@@ -265,9 +237,9 @@ def _parse_args(argv):
   parser.add_argument('--tta-flip', '--tta_flip', dest='tta_flip',
                       action='store_true', help='average with the mirror image')
   parser.add_argument('--max-sd-mm', '--max_sd_mm', dest='max_sd_mm',
-                      type=float, default=DEFAULT_MAX_SD_MM,
+                      type=float, default=inference.DEFAULT_MAX_SD_MM,
                       help='ensemble SD (mm) above which a prediction is '
-                      f'uncertain (default {DEFAULT_MAX_SD_MM:g})')
+                      f'uncertain (default {inference.DEFAULT_MAX_SD_MM:g})')
   parser.add_argument('--min-quality', '--min_quality', dest='min_quality',
                       type=float, default=inference.DEFAULT_MIN_QUALITY,
                       help='a mask model\'s quality below which a prediction '
@@ -289,15 +261,15 @@ def _check_not_theirs(path: str, flag: str, header: str, args) -> None:
     with open(path, encoding='utf-8', errors='replace') as f:
       first = f.readline()
   except OSError as e:
-    raise PredictError(f'{flag} {path} cannot be read ({e.strerror or e}); '
+    raise workdir_lib.PredictError(f'{flag} {path} cannot be read ({e.strerror or e}); '
                        'not overwritten') from None
   if first.startswith(header):
     return
   if args.workdir and os.path.realpath(path).startswith(
       os.path.realpath(args.workdir) + os.sep):
-    raise PredictError(f'{flag} {path} is a file of the run directory '
+    raise workdir_lib.PredictError(f'{flag} {path} is a file of the run directory '
                        f'{args.workdir}; not overwritten (give a new name)')
-  raise PredictError(f'{flag} {path} exists and is not a file hc_jax.predict '
+  raise workdir_lib.PredictError(f'{flag} {path} exists and is not a file hc_jax.predict '
                      'wrote; not overwritten (give a new name)')
 
 
@@ -320,56 +292,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.simplefilter('always', UserWarning)
     try:
       if not math.isfinite(args.max_sd_mm) or args.max_sd_mm < 0:
-        raise PredictError(f'--max-sd-mm must be >= 0, got {args.max_sd_mm}')
+        raise workdir_lib.PredictError(f'--max-sd-mm must be >= 0, got {args.max_sd_mm}')
       if not 0 <= args.min_quality <= 1:  # False for NaN.
-        raise PredictError(f'--min-quality must be in [0, 1], got '
+        raise workdir_lib.PredictError(f'--min-quality must be in [0, 1], got '
                            f'{args.min_quality}')
-      check_writable(args.out, '--out')
+      scan_files.check_writable(args.out, '--out')
       if args.overlays:
         try:
           os.makedirs(args.overlays, exist_ok=True)
         except OSError as e:
-          raise PredictError(f'--overlays {args.overlays} cannot be created '
+          raise workdir_lib.PredictError(f'--overlays {args.overlays} cannot be created '
                              f'({e.strerror or e})') from None
-        check_writable(os.path.join(args.overlays, 'probe.png'), '--overlays')
+        scan_files.check_writable(os.path.join(args.overlays, 'probe.png'), '--overlays')
       if args.submission:
-        check_writable(args.submission, '--submission')
+        scan_files.check_writable(args.submission, '--submission')
       if args.workdir and args.model:
-        raise PredictError('give --workdir or --model, not both')
+        raise workdir_lib.PredictError('give --workdir or --model, not both')
       if not args.images and not args.samples:
-        raise PredictError('no scans: give --images (or --samples)')
+        raise workdir_lib.PredictError('no scans: give --images (or --samples)')
       if args.frame is not None and args.frame < 0:
-        raise PredictError(f'--frame must be >= 0, got {args.frame}')
+        raise workdir_lib.PredictError(f'--frame must be >= 0, got {args.frame}')
       files = dicom.image_paths((args.images or []) + (
-          [shipped.SAMPLE_IMAGES_DIR] if args.samples else []))
+          [archive_lib.SAMPLE_IMAGES_DIR] if args.samples else []))
       inputs = {os.path.realpath(path) for path in files.values()}
       for flag, target in (('--out', args.out),
                            ('--submission', args.submission)):
         if target and os.path.realpath(target) in inputs:
-          raise PredictError(f'{flag} {target} is one of the input scans; '
+          raise workdir_lib.PredictError(f'{flag} {target} is one of the input scans; '
                              'not overwritten')
       _check_not_theirs(args.out, '--out', 'filename,pixel_size_mm', args)
       if args.submission:
         _check_not_theirs(args.submission, '--submission',
-                          ','.join(SUBMISSION_COLUMNS[:2]), args)
+                          ','.join(scan_files.SUBMISSION_COLUMNS[:2]), args)
       dicoms = [name for name, path in files.items() if dicom.is_dicom(path)]
       # The HC18 CSV beside a directory names PNGs; --pixel-sizes, any scan.
-      pixel_sizes = pixel_sizes_of(files if args.pixel_sizes else {
+      pixel_sizes = scan_files.pixel_sizes_of(files if args.pixel_sizes else {
           name: path for name, path in files.items() if name not in dicoms},
                                    args.pixel_sizes)
       pixel_sizes.update({name: (None, None) for name in dicoms
                           if name not in pixel_sizes})
-      infos = dict(zip(dicoms, parallel_map(dicom.read_info,
+      infos = dict(zip(dicoms, inference.parallel_map(dicom.read_info,
                                             [files[n] for n in dicoms])))
       if args.submission:
-        check_submission_inputs(files, _known_pixel_sizes(pixel_sizes, infos))
+        scan_files.check_submission_inputs(files, _known_pixel_sizes(pixel_sizes, infos))
       print(f'{len(files)} scan file(s): loading '
             f'{args.workdir or args.model or "the shipped model"} (JAX and '
             'TensorFlow start in about 10 s)...', file=sys.stderr, flush=True)
       predictor = (load(args.workdir) if args.workdir else
                    load(model=args.model))  # None: the default shipped one.
       if args.submission and not predictor.predicts_ellipse:
-        raise PredictError('--submission needs a model that predicts the '
+        raise workdir_lib.PredictError('--submission needs a model that predicts the '
                            f'ellipse; {args.workdir or args.model} predicts '
                            'HC only')
       rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args,
@@ -385,8 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       missing = [row['filename'] for row in rows
                  if row['filename'] not in ellipses_mm]
       if args.submission and not missing:
-        write_submission(args.submission, ellipses_mm)
-    except PredictError as e:
+        scan_files.write_submission(args.submission, ellipses_mm)
+    except workdir_lib.PredictError as e:
       print(f'error: {e}', file=sys.stderr)
       return EXIT_USAGE
   flagged = [row for row in rows if row['status'] != 'ok']
@@ -401,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f'({PHANTOM_NOTE}): its HC says nothing about real scans')
   if args.submission and missing:
     print(f'error: --submission {args.submission} not written: '
-          f'{some_names(missing)} {"has" if len(missing) == 1 else "have"} '
+          f'{scan_files.some_names(missing)} {"has" if len(missing) == 1 else "have"} '
           f'no ellipse (refused or unreadable, see {args.out})',
           file=sys.stderr)
   return EXIT_FLAGGED if flagged else EXIT_OK
@@ -449,7 +421,7 @@ def _scans(files: dict[str, str], infos: dict, frame: int | None):
              functools.partial(hc18.read_grayscale, path))
 
 
-def _predict_files(predictor: Predictor, files: dict[str, str],
+def _predict_files(predictor: inference.Predictor, files: dict[str, str],
                    pixel_sizes: dict[str, tuple], args,
                    infos: dict | None = None
                    ) -> tuple[list[dict], dict[str, list]]:
@@ -467,7 +439,7 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
     if not chunk_scans:
       break
     chunk = []  # (row, image, file's filename, why no mm) of the good reads.
-    reads = parallel_map(lambda scan: scan[2](), chunk_scans)
+    reads = inference.parallel_map(lambda scan: scan[2](), chunk_scans)
     for (name, file_name, _), read in zip(chunk_scans, reads):
       row = dict.fromkeys(COLUMNS, '')
       row.update(filename=name, status='ok')
@@ -475,7 +447,7 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
       csv_path, pixel_size = pixel_sizes[file_name]
       if isinstance(read, Exception):
         message = (str(read) if isinstance(read, ValueError) else
-                   f'cannot read the file ({runs.error_line(read)})')
+                   f'cannot read the file ({log.error_line(read)})')
         row.update(status='error', message=message)
         continue
       source, no_mm = ('csv' if pixel_size is not None else ''), ''
@@ -533,14 +505,14 @@ def _predict_files(predictor: Predictor, files: dict[str, str],
           overlay = os.path.join(
               args.overlays, os.path.splitext(file_name)[0]
               + row['filename'][len(file_name):].replace('#', '_frame')
-              + OVERLAY_SUFFIX)
+              + scan_files.OVERLAY_SUFFIX)
           try:
             os.makedirs(os.path.dirname(overlay), exist_ok=True)
-            write_overlay(image, _overlay_lines(row), overlay, ellipse,
+            scan_files.write_overlay(image, _overlay_lines(row), overlay, ellipse,
                           out['mask_outline'][i] if 'mask_outline' in out
                           else None)
           except OSError as e:
-            raise PredictError(f'overlay {overlay} cannot be written '
+            raise workdir_lib.PredictError(f'overlay {overlay} cannot be written '
                                f'({e.strerror or e})') from None
     progress.update(len(rows))
   progress.done()

@@ -1,4 +1,4 @@
-"""Tests for hc_jax.augment: the warped image and its moved ellipse agree.
+"""Tests for hc_jax.data.augment: the warped image and its moved ellipse agree.
 
 The central check renders a head outline at the model-input resolution, warps
 it with the same draws as the image path, fits an ellipse to the warped pixels,
@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hc_jax import augment
-from hc_jax import ellipse as ellipse_lib
-from hc_jax import synthetic
+from hc_jax.data import augment
+from hc_jax.data import ellipse as ellipse_lib
+from hc_jax.data import synthetic
 
 
 @pytest.fixture(autouse=True, scope='module')

@@ -1,4 +1,4 @@
-"""hc_jax.checkpoint: kills, damaged files and full disks during a run."""
+"""hc_jax.training.checkpoint: kills, damaged files and full disks during a run."""
 
 import errno
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from hc_jax import checkpoint
+from hc_jax.training import checkpoint
 
 
 def _state(value):
@@ -373,7 +373,8 @@ def test_a_line_of_metrics_damaged_into_bytes_that_are_not_utf8_is_dropped(
 @pytest.mark.parametrize('seed', [0, 2])
 def test_training_resumes_from_a_damaged_checkpoint(tiny_config, tmp_path,
                                                     capsys, seed):
-  from hc_jax import train  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import train  # pylint: disable=import-outside-toplevel
+  from hc_jax import workdir as workdir_lib
   workdir = str(tmp_path / 'run')
   tiny_config.num_epochs = 3
   tiny_config.checkpoint_every_seconds = 0.0
@@ -385,7 +386,7 @@ def test_training_resumes_from_a_damaged_checkpoint(tiny_config, tmp_path,
   if seed == 2:  # Both kept checkpoints damaged.
     damaged.append(_damage(_step_dir(workdir, 'latest', 2), rng))
   # Without its results the run is unfinished, and continues to epoch 4.
-  os.remove(os.path.join(workdir, train.RESULTS_FILE))
+  os.remove(os.path.join(workdir, workdir_lib.RESULTS_FILE))
   capsys.readouterr()
   tiny_config.num_epochs = 4
   try:

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import REPO
 from hc_jax import cli
-from hc_jax import hc18
 from hc_jax import main as main_lib
+from hc_jax.data import hc18
 
 MSE_CONFIG = os.path.join('configs', 'cnn263k_mse.py')
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from configs import hcnet_mask
-from hc_jax import hc18
 from hc_jax import predict
-from hc_jax import synthetic
-from hc_jax import train
+from hc_jax.data import hc18
+from hc_jax.data import synthetic
+from hc_jax.training import train
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'run_ed83780')
 

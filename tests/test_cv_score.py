@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from hc_jax import aggregate
 from hc_jax import cv_score
-from hc_jax import folds as folds_lib
 from hc_jax import grid as grid_lib
-from hc_jax import hc18
-from hc_jax import inference
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import folds as folds_lib
+from hc_jax.data import hc18
+from hc_jax.evaluation import inference
 
 FOLDS = (0, 1)
 
@@ -71,7 +71,7 @@ def test_one_member_reproduces_its_test_predictions(members, single):
   for fold in FOLDS:
     run = os.path.join(members[0], f'fold{fold}')
     assert single.runs[fold] == [run]
-    expected = _read_csv(os.path.join(run, aggregate.PREDICTIONS_FILE))
+    expected = _read_csv(os.path.join(run, workdir_lib.PREDICTIONS_FILE))
     got = [row for row in single.rows if row['fold'] == fold]
     assert [r['filename'] for r in got] == [r['filename'] for r in expected]
     for key in ('hc_mm_pred', 'hc_mm_true', 'hc_px_pred', 'hc_px_true',
@@ -79,13 +79,13 @@ def test_one_member_reproduces_its_test_predictions(members, single):
       np.testing.assert_allclose([float(r[key]) for r in got],
                                  [float(r[key]) for r in expected],
                                  rtol=1e-3, atol=2e-3, err_msg=key)
-    with open(os.path.join(run, aggregate.RESULTS_FILE)) as f:
+    with open(os.path.join(run, workdir_lib.RESULTS_FILE)) as f:
       results = json.load(f)
     assert single.folds[fold]['num_images'] == results['test_num_images']
     assert single.folds[fold]['mae_mm'] == pytest.approx(
         results['test_mae_mm'], rel=1e-3)
   assert single.num_images == sum(len(_read_csv(os.path.join(
-      members[0], f'fold{k}', aggregate.PREDICTIONS_FILE))) for k in FOLDS)
+      members[0], f'fold{k}', workdir_lib.PREDICTIONS_FILE))) for k in FOLDS)
   errors = np.abs([row['error_mm'] for row in single.rows])
   assert single.mae_mm == pytest.approx(errors.mean())
   assert single.worst_mm == errors.max() and single.median_mm == pytest.approx(
@@ -294,6 +294,7 @@ def test_a_shipped_archive_is_scored_as_its_runs(members, single, tmp_path,
   """An exported archive's members predict their own test folds, the folds
   drawn again from the CSV (an archive keeps no folds.json)."""
   from hc_jax import shipped  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import archive as archive_lib
   archive = str(tmp_path / 'tiny.npz')
   shipped.export(members[0], archive)
   got = cv_score.score([archive])
@@ -307,7 +308,7 @@ def test_a_shipped_archive_is_scored_as_its_runs(members, single, tmp_path,
     drawn = cv_score.read_assignment(got.runs[fold][0])
     assert drawn.split(fold) == cv_score.read_assignment(run).split(fold)
   # One member of the archive alone is one fold's run.
-  one = shipped.read(f'{archive}:fold1')
+  one = archive_lib.read(f'{archive}:fold1')
   assert one.members == ['fold1'] and one.configs[0]['fold'] == 1
   assert cv_score.member_runs(archive) == {0: f'{archive}:fold0',
                                            1: f'{archive}:fold1'}

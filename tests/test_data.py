@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from hc_jax import data
-from hc_jax import hc18
-from hc_jax import prepare
+from hc_jax.data import hc18
+from hc_jax.data import pipeline
+from hc_jax.data import prepare
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def run_data(tiny_config, tmp_path):
     config = tiny_config.copy_and_resolve_references()
     config.fold = fold
     configs.append(config)
-  return data.load(configs, [str(tmp_path / 'a'), str(tmp_path / 'b')])
+  return pipeline.load(configs, [str(tmp_path / 'a'), str(tmp_path / 'b')])
 
 
 def test_tf_data_and_numpy_give_the_same_batches(run_data):
@@ -40,7 +40,7 @@ def test_a_members_batches_do_not_depend_on_the_others(tiny_config, tmp_path,
                                                        run_data):
   config = tiny_config.copy_and_resolve_references()
   config.fold = 2
-  alone = data.load([config], [str(tmp_path / 'c')])
+  alone = pipeline.load([config], [str(tmp_path / 'c')])
   index_alone, _ = alone.epoch_index(3)
   index_both, _ = run_data.epoch_index(3)
   np.testing.assert_array_equal(index_alone[:, 0], index_both[:, 1])
@@ -62,7 +62,7 @@ def normaliser_config(tmp_path_factory):
   part: a normaliser over training and validation images, or over all, is
   then caught."""
   from configs import default  # pylint: disable=import-outside-toplevel
-  from hc_jax import synthetic  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('normaliser')
   synthetic.write_hc18(str(root / 'hc18'), num_train=40, num_test=2, seed=5)
   config = default.get_config()
@@ -82,7 +82,7 @@ def test_normaliser_sees_only_training_images(normaliser_config):
   for fold in range(config.num_folds):
     configs.append(config.copy_and_resolve_references())
     configs[-1].fold = fold
-  run_data = data.load(configs, [str(root / f'f{k}') for k in range(5)])
+  run_data = pipeline.load(configs, [str(root / f'f{k}') for k in range(5)])
   hc_px = run_data.arrays['hc_px']
   for part in ('val', 'test'):  # The data must be able to catch both.
     assert any(hc_px[s[part]].max() > hc_px[s['train']].max()
@@ -102,7 +102,7 @@ def test_eval_index_covers_every_image_once(run_data):
 
 def test_process_slices_of_two_hosts_make_the_global_batch(run_data):
   """Simulates two processes: each reads its own rows, together the batch."""
-  rows = [data.process_slice(run_data.batch_size, p, 2) for p in range(2)]
+  rows = [pipeline.process_slice(run_data.batch_size, p, 2) for p in range(2)]
   whole = next(run_data.train_batches(1, 'numpy'))
   parts = []
   for row in rows:
@@ -113,7 +113,7 @@ def test_process_slices_of_two_hosts_make_the_global_batch(run_data):
     np.testing.assert_array_equal(
         np.concatenate([p[key] for p in parts], axis=1), whole[key])
   with pytest.raises(ValueError, match='not divisible'):
-    data.process_slice(6, 0, 4)
+    pipeline.process_slice(6, 0, 4)
 
 
 def test_prepared_arrays_hold_images_and_geometry(run_data, tiny_config):
@@ -133,7 +133,7 @@ def test_prepared_arrays_hold_images_and_geometry(run_data, tiny_config):
 def test_non_square_letterbox_input(tiny_config, tmp_path):
   tiny_config.image_width = 48
   tiny_config.resize_mode = 'letterbox'
-  loaded = data.load([tiny_config], [str(tmp_path / 'run')])
+  loaded = pipeline.load([tiny_config], [str(tmp_path / 'run')])
   assert loaded.arrays['images'].shape[1:] == (32, 48, 1)
   sx, sy = loaded.arrays['resize'][:, 0], loaded.arrays['resize'][:, 1]
   np.testing.assert_allclose(sx, sy, rtol=0.05)
@@ -145,7 +145,7 @@ def test_another_copy_is_prepared_anew_and_a_broken_one_is_refused(
   broken one) must check that copy, not reuse the build already cached."""
   copy = tmp_path / 'copy'
   shutil.copytree(tiny_config.data.hc18_dir, copy)
-  original = data.load([tiny_config], [str(tmp_path / 'a')])
+  original = pipeline.load([tiny_config], [str(tmp_path / 'a')])
   victims = sorted(p for p in os.listdir(copy / 'training_set')
                    if p.endswith('HC.png'))[:2]
   with open(copy / 'training_set' / victims[0], 'wb') as f:
@@ -154,7 +154,7 @@ def test_another_copy_is_prepared_anew_and_a_broken_one_is_refused(
   assert prepare.source_digest(str(copy)) != original.info['source_digest']
   tiny_config.data.hc18_dir = str(copy)
   with pytest.raises(hc18.HC18Error) as error:
-    data.load([tiny_config], [str(tmp_path / 'b')])
+    pipeline.load([tiny_config], [str(tmp_path / 'b')])
   assert victims[0] in str(error.value) and victims[1] in str(error.value)
 
 
@@ -163,12 +163,12 @@ def test_prepared_export_is_checked_against_the_config(tiny_config, tmp_path,
   path = str(tmp_path / 'export.npz')
   prepare.save(path, run_data.arrays, run_data.info)
   tiny_config.data.prepared = path
-  loaded = data.load([tiny_config], [str(tmp_path / 'run')])
+  loaded = pipeline.load([tiny_config], [str(tmp_path / 'run')])
   np.testing.assert_array_equal(loaded.arrays['images'],
                                 run_data.arrays['images'])
   tiny_config.image_size = 64
   with pytest.raises(prepare.PreparedError, match='asks for'):
-    data.load([tiny_config], [str(tmp_path / 'run2')])
+    pipeline.load([tiny_config], [str(tmp_path / 'run2')])
   with open(path, 'wb') as f:
     f.write(b'garbage')
   with pytest.raises(prepare.PreparedError, match='cannot read'):
@@ -183,7 +183,7 @@ def test_hc18_not_found_names_hc_jax_flags_not_a_download(monkeypatch):
   config = ml_collections.ConfigDict(
       {'data': {'source': 'hc18', 'hc18_dir': ''}})
   with pytest.raises(ValueError) as raised:
-    data.hc18_source_dir(config, '/nonexistent')
+    pipeline.hc18_source_dir(config, '/nonexistent')
   message = str(raised.value)
   assert '\n' not in message and 'download' not in message.replace(
       'download it from Zenodo', '')

@@ -12,9 +12,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 import pytest
 
-from hc_jax import dicom
 from hc_jax import predict
-from hc_jax import shipped
+from hc_jax.evaluation import archive as archive_lib
+from hc_jax.evaluation import dicom
 
 US_IMAGE = '1.2.840.10008.5.1.4.1.1.6.1'
 US_MULTIFRAME_IMAGE = '1.2.840.10008.5.1.4.1.1.3.1'
@@ -392,8 +392,8 @@ def test_pydicoms_bundled_files_give_a_scan_or_a_clean_error(stub_cli):
 
 
 def test_shipped_model_predicts_a_dicom_as_its_png(tmp_path):
-  png = os.path.join(shipped.SAMPLE_IMAGES_DIR, '020_HC.png')
-  with open(os.path.join(shipped.SAMPLES_DIR, 'test_set_pixel_size.csv')) as f:
+  png = os.path.join(archive_lib.SAMPLE_IMAGES_DIR, '020_HC.png')
+  with open(os.path.join(archive_lib.SAMPLES_DIR, 'test_set_pixel_size.csv')) as f:
     size_mm = float(dict(csv.reader(f))['020_HC.png'])
   scan = np.asarray(Image.open(png))
   rows, columns = scan.shape

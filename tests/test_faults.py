@@ -36,7 +36,7 @@ import pytest
 
 from conftest import REPO
 from hc_jax import main as main_lib
-from hc_jax import train
+from hc_jax import workdir as workdir_lib
 
 KINDS = ('checkpoint', 'metrics', 'lock', 'cache', 'tfds')
 
@@ -51,10 +51,10 @@ def _flags(hc18_dir, cache_dir):
 
 def _figures(workdir):
   """results.json without its timings, and the predictions CSV."""
-  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.RESULTS_FILE)) as f:
     results = {k: v for k, v in json.load(f).items()
                if not k.endswith('seconds')}
-  with open(os.path.join(workdir, train.PREDICTIONS_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.PREDICTIONS_FILE)) as f:
     return results, f.read()
 
 
@@ -110,7 +110,7 @@ def _damage_trial(rng, reference, trial_dir, kind):
   workdir, cache = str(trial_dir / 'run'), str(trial_dir / 'cache')
   shutil.copytree(ref_workdir, workdir)
   shutil.copytree(ref_cache, cache)
-  os.remove(os.path.join(workdir, train.RESULTS_FILE))
+  os.remove(os.path.join(workdir, workdir_lib.RESULTS_FILE))
   if kind == 'lock':  # As a killed process leaves it.
     with open(os.path.join(workdir, '.lock'), 'w') as f:
       json.dump({'pid': _dead_pid(), 'host': socket.gethostname(),
@@ -159,7 +159,7 @@ def _kill_trial(rng, reference, trial_dir, kind=None):  # pylint: disable=unused
       'checkpoint': lambda: os.path.isdir(os.path.join(workdir, 'checkpoints')),
       'metrics': lambda: os.path.isfile(os.path.join(workdir, 'metrics.jsonl')),
       'predictions': lambda: os.path.isfile(
-          os.path.join(workdir, train.PREDICTIONS_FILE)),
+          os.path.join(workdir, workdir_lib.PREDICTIONS_FILE)),
   }[after]
   with open(trial_dir / 'killed.log', 'w') as log:
     process = subprocess.Popen(

@@ -1,4 +1,4 @@
-"""Tests for hc_jax.folds: subject-grouped, HC-balanced cross-validation folds."""
+"""Tests for hc_jax.data.folds: subject-grouped, HC-balanced cross-validation folds."""
 
 import csv
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hc_jax import folds
+from hc_jax.data import folds
 
 NUM_FOLDS = 5
 HC18_CSV = 'training_set_pixel_size_and_HC.csv'

@@ -1,7 +1,7 @@
 """Property tests of the readers of untrusted files (hypothesis).
 
 The image reader (`hc18.read_grayscale`), the pixel-size CSV parser
-(`predict.read_pixel_sizes`) and the HC18 checker (`hc18.scan_split`) either
+(`scan_files.read_pixel_sizes`) and the HC18 checker (`hc18.scan_split`) either
 read a file correctly or raise their module's own error with a message: never
 another exception. The default runs are small; `-m slow` runs the long ones.
 """
@@ -19,8 +19,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from hc_jax import hc18
-from hc_jax import predict
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import hc18
+from hc_jax.evaluation import scan_files
 
 FAST = settings(max_examples=50, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -132,8 +133,8 @@ def _check_pixel_sizes(data: bytes):
     try:
       with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        sizes = predict.read_pixel_sizes(path)
-    except predict.PredictError as e:
+        sizes = scan_files.read_pixel_sizes(path)
+    except workdir_lib.PredictError as e:
       assert path in str(e)
       return
   assert sizes

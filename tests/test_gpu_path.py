@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from hc_jax import prepare
+from hc_jax.data import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ('configs/cnn263k_mse.py', 'configs/cnn263k_mae.py')
@@ -96,8 +96,9 @@ def test_tensorflow_is_hidden(tmp_path):
 
 
 def test_training_modules_import_without_tensorflow(tmp_path):
-  modules = ('train', 'trainer', 'grid', 'data', 'prepare', 'augment',
-             'checkpoint', 'cli', 'aggregate')
+  modules = ('training.train', 'training.trainer', 'grid', 'data.pipeline',
+             'data.prepare', 'data.augment', 'training.checkpoint', 'cli',
+             'evaluation.aggregate')
   result = _python(['-c', '; '.join(
       [f'import hc_jax.{name}' for name in modules] +
       ['import sys',

@@ -10,8 +10,10 @@ from scipy import stats
 
 from conftest import REPO
 from hc_jax import grid
-from hc_jax import metrics
-from hc_jax import train
+from hc_jax import workdir as workdir_lib
+from hc_jax.evaluation import aggregate as aggregate_lib
+from hc_jax.evaluation import metrics
+from hc_jax.training import train
 
 MSE_CONFIG = os.path.join(REPO, 'configs', 'cnn263k_mse.py')
 MAE_CONFIG = os.path.join(REPO, 'configs', 'cnn263k_mae.py')
@@ -21,7 +23,7 @@ FOLD_SIZES = (3, 5, 4, 7, 2)
 
 def write_run(workdir, fold, model, loss, filenames, hc_px_true, hc_px_pred,
               pixel_size_mm, num_folds=5, finished=True, epochs=3):
-  """Writes the files a run of hc_jax.train leaves, with given predictions."""
+  """Writes the files a run of hc_jax.training.train leaves, with given predictions."""
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump({'model': model, 'loss': loss, 'fold': fold,
@@ -35,10 +37,10 @@ def write_run(workdir, fold, model, loss, filenames, hc_px_true, hc_px_pred,
   if not finished:
     return
   metrics.write_predictions(
-      os.path.join(workdir, grid.PREDICTIONS_FILE),
+      os.path.join(workdir, workdir_lib.PREDICTIONS_FILE),
       metrics.prediction_rows(filenames, [0] * len(filenames), pixel_size_mm,
                               hc_px_true, hc_px_pred))
-  with open(os.path.join(workdir, grid.RESULTS_FILE), 'w') as f:
+  with open(os.path.join(workdir, workdir_lib.RESULTS_FILE), 'w') as f:
     json.dump({'model': model, 'loss': loss, 'fold': fold,
                'selected_epoch': 2}, f)
 
@@ -81,7 +83,7 @@ def _rows_by_config(rows):
 
 def test_aggregate_pools_every_image_of_the_folds(tmp_path):
   written = fake_grid(str(tmp_path))
-  rows = _rows_by_config(grid.aggregate(str(tmp_path)))
+  rows = _rows_by_config(aggregate_lib.aggregate(str(tmp_path)))
   for name, (filenames, true_px, pred_px, pixel_size) in written.items():
     row = rows[name]
     abs_px = np.abs(pred_px - true_px)
@@ -104,13 +106,13 @@ def test_aggregate_pools_every_image_of_the_folds(tmp_path):
 
 def test_incomplete_rows_are_flagged_and_not_chosen_as_best(tmp_path):
   fake_grid(str(tmp_path))
-  rows = _rows_by_config(grid.aggregate(str(tmp_path)))
+  rows = _rows_by_config(aggregate_lib.aggregate(str(tmp_path)))
   assert rows['partial']['mae_mm'] < rows['good']['mae_mm']  # As designed.
   assert (rows['partial']['num_folds'], rows['partial']['folds'],
           rows['partial']['complete']) == (3, [0, 2, 4], False)
   assert rows['good']['complete'] and rows['worse']['complete']
   assert [name for name, row in rows.items() if row['best']] == ['good']
-  grid.write_tables(list(rows.values()), str(tmp_path))
+  aggregate_lib.write_tables(list(rows.values()), str(tmp_path))
   table = (tmp_path / 'results.md').read_text()
   partial_line = next(line for line in table.splitlines()
                       if line.startswith('| partial'))
@@ -122,7 +124,7 @@ def test_incomplete_rows_are_flagged_and_not_chosen_as_best(tmp_path):
 
 def test_wilcoxon_against_the_best_matches_scipy(tmp_path):
   written = fake_grid(str(tmp_path))
-  rows = _rows_by_config(grid.aggregate(str(tmp_path)))
+  rows = _rows_by_config(aggregate_lib.aggregate(str(tmp_path)))
 
   def abs_mm(name):
     filenames, true_px, pred_px, pixel_size = written[name]
@@ -148,7 +150,7 @@ def test_tables_are_written_and_printed(tmp_path, capsys):
   assert '| Config |' in printed and 'results.md' in printed
   with open(tmp_path / 'results.csv', newline='') as f:
     table = {row['config']: row for row in csv.DictReader(f)}
-  rows = _rows_by_config(grid.aggregate(str(tmp_path)))
+  rows = _rows_by_config(aggregate_lib.aggregate(str(tmp_path)))
   assert set(table) == {'good', 'worse', 'partial'}
   for name, row in rows.items():
     assert float(table[name]['mae_mm']) == pytest.approx(row['mae_mm'])
@@ -163,12 +165,12 @@ def test_an_image_in_two_test_folds_is_an_error(tmp_path):
               ['001_HC.png', f'00{fold + 2}_HC.png'], [500.0, 600.0],
               [510.0, 590.0], [0.1, 0.1])
   with pytest.raises(ValueError, match='001_HC.png in the test fold of more'):
-    grid.aggregate(str(tmp_path))
+    aggregate_lib.aggregate(str(tmp_path))
 
 
 def test_aggregate_of_an_empty_or_missing_root_is_an_error(tmp_path, capsys):
   with pytest.raises(ValueError, match='holds no'):
-    grid.aggregate(str(tmp_path))
+    aggregate_lib.aggregate(str(tmp_path))
   assert grid.main(['--root', str(tmp_path / 'nope'), '--aggregate_only']) == 2
   assert 'error: grid root' in capsys.readouterr().err
 
@@ -183,7 +185,7 @@ def _record_calls(monkeypatch, fail_folds=()):
     if config.fold in fail_folds:
       raise FloatingPointError('loss is nan at step 3 (epoch 1)')
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, grid.RESULTS_FILE), 'w') as f:
+    with open(os.path.join(workdir, workdir_lib.RESULTS_FILE), 'w') as f:
       json.dump({'fold': config.fold}, f)
     return {}
 
@@ -199,7 +201,7 @@ def test_finished_runs_are_skipped_and_others_run(tmp_path, monkeypatch):
   calls = _record_calls(monkeypatch)
   root = str(tmp_path)
   os.makedirs(tmp_path / 'cnn263k_mse' / 'fold0')
-  (tmp_path / 'cnn263k_mse' / 'fold0' / grid.RESULTS_FILE).write_text('{}')
+  (tmp_path / 'cnn263k_mse' / 'fold0' / workdir_lib.RESULTS_FILE).write_text('{}')
   os.makedirs(tmp_path / 'cnn263k_mse' / 'fold1')  # Unfinished: resumed.
   done = grid.run_grid([MSE_CONFIG, MAE_CONFIG], [0, 1], root,
                        overrides=['num_epochs=3'])
@@ -290,7 +292,7 @@ def _check_pooled_against_fold_results(root, name, row, folds):
   """The pooled MAE is the image-weighted mean of the folds' own results."""
   results = []
   for fold in folds:
-    with open(root / name / f'fold{fold}' / grid.RESULTS_FILE) as f:
+    with open(root / name / f'fold{fold}' / workdir_lib.RESULTS_FILE) as f:
       results.append(json.load(f))
   assert [r['fold'] for r in results] == list(folds)
   assert [r['loss'] for r in results] == [name.split('_')[1]] * len(folds)
@@ -305,14 +307,14 @@ def test_real_run_of_one_config_and_fold(phantom_hc18, tmp_path, capsys):
   root = tmp_path / 'grid'
   status = _run_real_grid(phantom_hc18, root, [MAE_CONFIG], [3])
   assert status == 0, capsys.readouterr().err
-  (row,) = grid.aggregate(str(root))
+  (row,) = aggregate_lib.aggregate(str(root))
   assert (row['config'], row['num_folds'], row['folds']) == (
       'cnn263k_mae', 1, [3])
   _check_pooled_against_fold_results(root, 'cnn263k_mae', row, [3])
   # Run again: the finished run is skipped, the table is the same.
   status = _run_real_grid(phantom_hc18, root, [MAE_CONFIG], [3])
   assert status == 0 and 'finished, skipped' in capsys.readouterr().out
-  assert grid.aggregate(str(root))[0]['mae_mm'] == row['mae_mm']
+  assert aggregate_lib.aggregate(str(root))[0]['mae_mm'] == row['mae_mm']
 
 
 @pytest.mark.slow  # About 40 s on two free CPU cores, 70 s on busy ones.
@@ -320,7 +322,7 @@ def test_real_grid_of_two_configs_and_two_folds(phantom_hc18, tmp_path, capsys):
   root = tmp_path / 'grid'
   status = _run_real_grid(phantom_hc18, root, [MSE_CONFIG, MAE_CONFIG], [0, 1])
   assert status == 0, capsys.readouterr().err
-  rows = _rows_by_config(grid.aggregate(str(root)))
+  rows = _rows_by_config(aggregate_lib.aggregate(str(root)))
   assert set(rows) == {'cnn263k_mse', 'cnn263k_mae'}
   for name, row in rows.items():
     assert (row['num_folds'], row['complete']) == (2, False)

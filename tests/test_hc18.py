@@ -1,4 +1,4 @@
-"""Tests for reading, checking and building HC18 (hc_jax.hc18, hc_jax.hc18_tfds)."""
+"""Tests for reading, checking and building HC18 (hc_jax.data.hc18, hc_jax.data.hc18_tfds)."""
 
 import csv
 import errno
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hc_jax import ellipse
-from hc_jax import hc18
-from hc_jax import synthetic
+from hc_jax.data import ellipse
+from hc_jax.data import hc18
+from hc_jax.data import synthetic
 
 TRAIN_CSV = 'training_set_pixel_size_and_HC.csv'
 TEST_CSV = 'test_set_pixel_size.csv'
@@ -212,7 +212,7 @@ def test_missing_directory_and_csv(tmp_path):
 
 
 def test_tfds_build_phantom(phantom, tmp_path):
-  hc18_tfds = pytest.importorskip('hc_jax.hc18_tfds')
+  hc18_tfds = pytest.importorskip('hc_jax.data.hc18_tfds')
   root, summary = phantom
   builder = hc18_tfds.build(str(root), str(tmp_path / 'tfds'))
   assert builder.info.splits['train'].num_examples == 12
@@ -231,7 +231,7 @@ def test_tfds_build_phantom(phantom, tmp_path):
 
 
 def test_tfds_build_from_zips(phantom, tmp_path):
-  hc18_tfds = pytest.importorskip('hc_jax.hc18_tfds')
+  hc18_tfds = pytest.importorskip('hc_jax.data.hc18_tfds')
   root, _ = phantom
   for folder in ('training_set', 'test_set'):
     with zipfile.ZipFile(root / f'{folder}.zip', 'w') as archive:
@@ -243,7 +243,7 @@ def test_tfds_build_from_zips(phantom, tmp_path):
 
 
 def test_tfds_bad_input_writes_nothing(phantom, tmp_path):
-  hc18_tfds = pytest.importorskip('hc_jax.hc18_tfds')
+  hc18_tfds = pytest.importorskip('hc_jax.data.hc18_tfds')
   root, _ = phantom
   (root / 'training_set' / _rows(root)[1][0]).write_bytes(b'junk')
   data_dir = tmp_path / 'tfds'
@@ -273,7 +273,7 @@ def test_real_hc18_ellipses_match_csv():
 @pytest.mark.slow
 @pytest.mark.skipif(REAL_HC18 is None, reason='HC18 copy not found')
 def test_real_hc18_tfds_build(tmp_path):
-  hc18_tfds = pytest.importorskip('hc_jax.hc18_tfds')
+  hc18_tfds = pytest.importorskip('hc_jax.data.hc18_tfds')
   builder = hc18_tfds.build(REAL_HC18, str(tmp_path / 'tfds'))
   counts = {split: builder.info.splits[split].num_examples
             for split in ('train', 'test')}
@@ -339,7 +339,7 @@ def test_binary_or_malformed_csv_is_named(phantom, data, message):
 
 
 def test_tfds_finds_the_registered_checksums():
-  hc18_tfds = pytest.importorskip('hc_jax.hc18_tfds')
+  hc18_tfds = pytest.importorskip('hc_jax.data.hc18_tfds')
   path = os.fspath(hc18_tfds.Hc18._checksums_path)  # pylint: disable=protected-access
   assert path == os.path.join(os.path.dirname(hc18.__file__), 'checksums.tsv')
   assert os.path.isfile(path)
@@ -354,7 +354,7 @@ def test_tfds_finds_the_registered_checksums():
 def test_download_without_registered_checksum_is_refused(tmp_path,
                                                          monkeypatch):
   """Validation is forced: an unregistered URL is never downloaded."""
-  hc18_tfds = pytest.importorskip('hc_jax.hc18_tfds')
+  hc18_tfds = pytest.importorskip('hc_jax.data.hc18_tfds')
   monkeypatch.setattr(hc18_tfds.Hc18, 'url_infos', {})
   with pytest.raises(ValueError, match='Missing checksums url: '
                      + hc18.ZENODO_RECORD.replace('.', r'\.')) as error:

@@ -1,4 +1,4 @@
-"""Tests for hc_jax.hcnet and hc_jax.ellipse_head."""
+"""Tests for hc_jax.models.hcnet and hc_jax.models.ellipse_head."""
 
 import csv
 import functools
@@ -12,14 +12,16 @@ import numpy as np
 import optax
 import pytest
 
-from hc_jax import augment
-from hc_jax import ellipse_head
-from hc_jax import hcnet
 from hc_jax import losses
 from hc_jax import models
-from hc_jax import prepare
-from hc_jax import synthetic
-from hc_jax import train
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import augment
+from hc_jax.data import prepare
+from hc_jax.data import synthetic
+from hc_jax.models import ellipse_head
+from hc_jax.models import hcnet
+from hc_jax.training import step as step_lib
+from hc_jax.training import train
 
 # Exact parameter counts ('params' only), one input channel. Convolutions
 # have no bias (BatchNorm follows); the flatten head depends on the input size.
@@ -188,7 +190,7 @@ def test_one_epoch_of_the_ellipse_model_writes_results(tiny_config, tmp_path):
   tiny_config.ellipse_weight = 0.5
   workdir = str(tmp_path / 'run')
   results = train.train_and_evaluate(tiny_config, workdir)
-  with open(os.path.join(workdir, train.PREDICTIONS_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.PREDICTIONS_FILE)) as f:
     rows = list(csv.DictReader(f))
   assert rows and results['test_num_images'] == len(rows)
   predicted = np.array([float(r['hc_mm_pred']) for r in rows])
@@ -221,14 +223,14 @@ def test_the_ellipse_model_overfits_eight_phantoms():
   model = hcnet.HCNetEllipse(widths=(8, 16, 16), head='gap', dropout=0.0,
                              layers='fast')
   variables = _init(model, 32, 48)
-  state = train.TrainState.create(
+  state = step_lib.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=optax.adam(1e-2))
   normaliser = float(batch['hc_px'].max())
   member = {'key': jax.random.key(0), 'normaliser_px': jnp.float32(normaliser)}
   step = jax.jit(functools.partial(
-      train.train_step, loss_fn=losses.get_loss('mae'),
-      augment=augment.NO_AUGMENT, loss_of=train.output_functions(
+      step_lib.train_step, loss_fn=losses.get_loss('mae'),
+      augment=augment.NO_AUGMENT, loss_of=step_lib.output_functions(
           ml_collections.ConfigDict({'model': 'hcnet_ellipse',
                                      'ellipse_weight': 1.0}))[0]))
 

@@ -1,4 +1,4 @@
-"""hc_jax.lock: one process per workdir; locks of killed processes expire."""
+"""hc_jax.training.lock: one process per workdir; locks of killed processes expire."""
 
 import datetime
 import json
@@ -12,11 +12,11 @@ import time
 import pytest
 
 from conftest import REPO
-from hc_jax import lock
+from hc_jax.training import lock
 
 HOLD = """
 import sys, time
-from hc_jax import lock
+from hc_jax.training import lock
 with lock.WorkdirLock(sys.argv[1]):
   print('locked', flush=True)
   time.sleep(120)
@@ -133,7 +133,7 @@ def test_one_of_several_processes_takes_over_a_stale_lock(tmp_path):
   workdir = str(tmp_path)
   _write_lock(workdir, pid=_dead_pid(), host=socket.gethostname(),
               started=_ago(0))
-  script = ('import sys, time\nfrom hc_jax import lock\n'
+  script = ('import sys, time\nfrom hc_jax.training import lock\n'
             'held = lock.try_lock(sys.argv[1])\n'
             'print(held is not None, flush=True)\ntime.sleep(3)\n')
   processes = [subprocess.Popen([sys.executable, '-c', script, workdir],

@@ -14,17 +14,19 @@ import optax
 import pytest
 from PIL import Image
 
-from hc_jax import augment
-from hc_jax import ellipse as ellipse_lib
-from hc_jax import ellipse_head
-from hc_jax import hc18
-from hc_jax import hcnet_mask
 from hc_jax import losses
-from hc_jax import mask_head
 from hc_jax import models
-from hc_jax import prepare
-from hc_jax import synthetic
-from hc_jax import train
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import augment
+from hc_jax.data import ellipse as ellipse_lib
+from hc_jax.data import hc18
+from hc_jax.data import prepare
+from hc_jax.data import synthetic
+from hc_jax.models import ellipse_head
+from hc_jax.models import hcnet_mask
+from hc_jax.models import mask_head
+from hc_jax.training import step as step_lib
+from hc_jax.training import train
 
 
 def _hc18_dir() -> Path:
@@ -194,7 +196,7 @@ def test_the_kind_is_declared_not_inferred_from_the_output_shape(monkeypatch):
     models.output_kind('undeclared')
   config = ml_collections.ConfigDict({'model': 'hcnet_ellipse',
                                       'ellipse_weight': 1.0})
-  loss_of, hc_of = train.output_functions(config)
+  loss_of, hc_of = step_lib.output_functions(config)
   raw = jnp.zeros((2, 6))
   resize = jnp.asarray([[0.25, 0.25, 0.0, 0.0]] * 2)
   hc = hc_of(raw, resize, 100.0, (32, 48))
@@ -267,7 +269,7 @@ def test_the_mask_model_learns_eight_phantoms():
                                moments='window', layers='fast')
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 48, 1)),
                          train=False)
-  state = train.TrainState.create(
+  state = step_lib.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=optax.adam(3e-3))
   normaliser = float(batch['hc_px'].max())
@@ -275,9 +277,9 @@ def test_the_mask_model_learns_eight_phantoms():
   config = ml_collections.ConfigDict({
       'model': 'hcnet_mask', 'model_options': {'stride': 2, 'margin': 4},
       'mask_loss': {'bce': 1.0, 'dice': 1.0, 'hc': 1.0, 'ellipse': 0.1}})
-  loss_of, hc_of = train.output_functions(config)
+  loss_of, hc_of = step_lib.output_functions(config)
   step = jax.jit(functools.partial(
-      train.train_step, loss_fn=losses.get_loss('mae'),
+      step_lib.train_step, loss_fn=losses.get_loss('mae'),
       augment=augment.NO_AUGMENT, loss_of=loss_of))
 
   def hc_error(state):
@@ -315,8 +317,8 @@ def mask_run(phantom_hc18, tmp_path_factory):
 
 
 def test_predict_reproduces_a_mask_runs_test_predictions(mask_run, phantom_hc18):
-  from hc_jax import inference  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(mask_run, train.PREDICTIONS_FILE), newline='') as f:
+  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(mask_run, workdir_lib.PREDICTIONS_FILE), newline='') as f:
     rows = list(csv.DictReader(f))
   images = [hc18.read_grayscale(os.path.join(
       phantom_hc18[0], 'training_set', r['filename']))[0] for r in rows]
@@ -340,7 +342,7 @@ def test_predict_reproduces_a_mask_runs_test_predictions(mask_run, phantom_hc18)
 
 
 def test_low_quality_is_uncertain():
-  from hc_jax import inference  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
   predictor = inference.Predictor(
       runs=['run'], image_size=32, resize_mode='stretch',
       normalisers_px=[1.0], _variables=[None], _forward=None, _prepare=None,

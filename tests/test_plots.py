@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from hc_jax import gestational_age
-from hc_jax import grid
 from hc_jax import plots
-from hc_jax import synthetic
+from hc_jax.data import synthetic
+from hc_jax.evaluation import aggregate as aggregate_lib
+from hc_jax.evaluation import gestational_age
 from test_grid import fake_grid, write_run
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -23,8 +23,8 @@ def _is_png(path):
 def _pooled(tmp_path):
   fake_grid(str(tmp_path / 'grid'))
   config_dir = str(tmp_path / 'grid' / 'good')
-  workdirs = list(grid.fold_dirs(config_dir).values())
-  return workdirs, grid.pool_predictions(workdirs)
+  workdirs = list(aggregate_lib.fold_dirs(config_dir).values())
+  return workdirs, aggregate_lib.pool_predictions(workdirs)
 
 
 def test_each_figure_is_written(pooled, tmp_path):
@@ -71,7 +71,7 @@ def test_worst_cases_show_the_largest_errors(tmp_path):
   pred_px = true_px + np.arange(len(truth))  # The last image is the worst.
   write_run(str(tmp_path / 'run'), 0, 'cnn_263k', 'mse', filenames, true_px,
             pred_px, pixel_size)
-  predictions = grid.pool_predictions([str(tmp_path / 'run')])
+  predictions = aggregate_lib.pool_predictions([str(tmp_path / 'run')])
   path = plots.worst_cases(predictions, str(tmp_path / 'worst.png'),
                            hc18_dir=str(tmp_path / 'hc18'), num_cases=4)
   assert path == str(tmp_path / 'worst.png') and _is_png(path)

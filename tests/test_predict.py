@@ -1,5 +1,5 @@
-"""Tests for hc_jax.predict (with hc_jax.inference, hc_jax.runs and
-hc_jax.scan_files behind it) and hc_jax.gestational_age.
+"""Tests for hc_jax.predict (with hc_jax.evaluation.inference, hc_jax.runs and
+hc_jax.evaluation.scan_files behind it) and hc_jax.evaluation.gestational_age.
 
 Loading, restoring and preprocessing are tested on tiny trained runs; the
 command line's statuses, exit codes and bad-input handling on a stub model
@@ -22,17 +22,18 @@ import pytest
 from scipy import optimize
 
 from conftest import REPO
-from hc_jax import augment
-from hc_jax import ellipse as ellipse_lib
-from hc_jax import ellipse_head
-from hc_jax import gestational_age
-from hc_jax import hc18
-from hc_jax import inference
 from hc_jax import predict
-from hc_jax import prepare
-from hc_jax import scan_files
-from hc_jax import synthetic
-from hc_jax import train
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import augment
+from hc_jax.data import ellipse as ellipse_lib
+from hc_jax.data import hc18
+from hc_jax.data import prepare
+from hc_jax.data import synthetic
+from hc_jax.evaluation import gestational_age
+from hc_jax.evaluation import inference
+from hc_jax.evaluation import scan_files
+from hc_jax.models import ellipse_head
+from hc_jax.training import train
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +70,7 @@ def _read_rows(path):
 
 def _test_fold(run_dir, hc18_dir):
   """(images, pixel sizes, training's hc_mm_pred) of a run's test fold."""
-  rows = _read_rows(os.path.join(run_dir, train.PREDICTIONS_FILE))
+  rows = _read_rows(os.path.join(run_dir, workdir_lib.PREDICTIONS_FILE))
   images = [hc18.read_grayscale(os.path.join(
       hc18_dir, 'training_set', r['filename']))[0] for r in rows]
   return (images, [float(r['pixel_size_mm']) for r in rows],
@@ -263,7 +264,7 @@ def test_unfinished_or_mismatched_runs_are_clear_errors(run, tmp_path, capsys):
   unfinished = tmp_path / 'unfinished'
   unfinished.mkdir()
   shutil.copy(os.path.join(run, 'config.json'), unfinished)
-  with pytest.raises(predict.PredictError, match='has no results.json: '
+  with pytest.raises(workdir_lib.PredictError, match='has no results.json: '
                      'training did not finish'):
     predict.load(str(unfinished))
   Image.fromarray(np.zeros([8, 8], np.uint8)).save(tmp_path / 'a.png')
@@ -280,7 +281,7 @@ def test_unfinished_or_mismatched_runs_are_clear_errors(run, tmp_path, capsys):
     with open(mixed / name / 'config.json', 'w') as f:
       json.dump(config, f)
     shutil.copy(os.path.join(run, 'results.json'), mixed / name)
-  with pytest.raises(predict.PredictError, match='image_size=64'):
+  with pytest.raises(workdir_lib.PredictError, match='image_size=64'):
     predict.load(str(mixed))
   # An older run's config.json has no image_width: a square input (0).
   for name, image_width in (('a', None), ('b', 48)):
@@ -291,7 +292,7 @@ def test_unfinished_or_mismatched_runs_are_clear_errors(run, tmp_path, capsys):
       config['image_width'] = image_width
     with open(mixed / name / 'config.json', 'w') as f:
       json.dump(config, f)
-  with pytest.raises(predict.PredictError, match='image_width=48 but .* has 0'):
+  with pytest.raises(workdir_lib.PredictError, match='image_width=48 but .* has 0'):
     predict.load(str(mixed))
 
 
@@ -314,10 +315,10 @@ def test_parallel_map_keeps_order_and_returns_errors_per_item():
     if x == 3:
       raise ValueError('three')
     return x * x
-  out = predict.parallel_map(fn, range(7))
+  out = inference.parallel_map(fn, range(7))
   assert [o if not isinstance(o, Exception) else str(o) for o in out] == [
       0, 1, 4, 'three', 16, 25, 36]
-  assert predict.parallel_map(fn, []) == []
+  assert inference.parallel_map(fn, []) == []
 
 
 # --- Checkpoints: only params and batch statistics are read. ---
@@ -330,7 +331,7 @@ def _copy_run(run, root):
 
 
 def _state_files(run_dir):
-  best = os.path.join(predict.best_checkpoint(str(run_dir)), 'state')
+  best = os.path.join(workdir_lib.best_checkpoint(str(run_dir)), 'state')
   return [os.path.join(folder, name) for folder, _, names in os.walk(best)
           for name in names]
 
@@ -355,7 +356,7 @@ def test_restore_reads_only_params_and_batch_stats(run, phantom_hc18,
       progress=ocp.args.JsonSave({'epoch': 3})))
   manager.wait_until_finished()
   manager.close()
-  from hc_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import checkpoint  # pylint: disable=import-outside-toplevel
   # As hc_jax saves it: a manifest makes the checkpoint verifiable.
   checkpoint._write_manifest(  # pylint: disable=protected-access
       str(copy / 'checkpoints' / 'best' / '3'))
@@ -374,7 +375,7 @@ def test_truncated_checkpoint_is_a_clear_error(run, tmp_path, keep_manifest):
   if not keep_manifest:  # Left to orbax's own checks.
     for manifest in (copy / 'checkpoints' / 'best').rglob('*manifest*'):
       manifest.unlink()
-  with pytest.raises(predict.PredictError, match='checkpoint'):
+  with pytest.raises(workdir_lib.PredictError, match='checkpoint'):
     predict.load(str(copy))
   Image.fromarray(_scan(64, 48)).save(tmp_path / 'a.png')
   result = subprocess.run(
@@ -403,11 +404,11 @@ def test_late_closed_event_loop_errors_are_dropped():
 def test_missing_checkpoint_and_broken_results(run, tmp_path):
   copy = _copy_run(run, tmp_path)
   (copy / 'results.json').write_text('{"normaliser_px": ')
-  with pytest.raises(predict.PredictError, match='results.json'):
+  with pytest.raises(workdir_lib.PredictError, match='results.json'):
     predict.load(str(copy))
   shutil.copy(os.path.join(run, 'results.json'), copy)
   shutil.rmtree(copy / 'checkpoints')
-  with pytest.raises(predict.PredictError, match='no best checkpoint'):
+  with pytest.raises(workdir_lib.PredictError, match='no best checkpoint'):
     predict.load(str(copy))
 
 
@@ -435,7 +436,7 @@ def _stub(member_scales=(1.0,), image_size=32, train_hc_mm=None,
   def forward(scale, batch):
     return {'value': batch[:, 0, 0, 0] * scale}
 
-  return predict.Predictor(
+  return inference.Predictor(
       runs=[f'run{i}' for i in range(len(member_scales))],
       image_size=image_size, resize_mode='stretch',
       normalisers_px=[10.0] * len(member_scales),
@@ -522,11 +523,11 @@ def test_training_range_applies_where_recorded(stub_cli, tmp_path):
 
 
 def test_training_ranges_from_results():
-  keys = predict.TRAIN_RANGE_KEYS
+  keys = workdir_lib.TRAIN_RANGE_KEYS
   results = [dict(zip(keys, (50, 300, 400, 1500))),
              dict(zip(keys, (45, 320, 380, 1400)))]
-  assert predict.training_ranges(results) == ((45, 320), (380, 1500))
-  assert predict.training_ranges(results + [{}]) == (None, None)
+  assert workdir_lib.training_ranges(results) == ((45, 320), (380, 1500))
+  assert workdir_lib.training_ranges(results + [{}]) == (None, None)
 
 
 def test_disagreeing_ensemble_is_uncertain(stub_cli, tmp_path, capsys):
@@ -635,7 +636,7 @@ def test_overlay_one_png_per_scan_of_its_size(stub_cli, tmp_path):
   assert code == 0, rows
   for name in ('x', 'y'):
     scan = Image.open(scans / f'{name}.png')
-    overlay = Image.open(overlays / f'{name}{predict.OVERLAY_SUFFIX}')
+    overlay = Image.open(overlays / f'{name}{scan_files.OVERLAY_SUFFIX}')
     assert overlay.size == scan.size
   drawn = np.asarray(Image.open(overlays / 'x_prediction.png').convert('L'),
                      np.int16)
@@ -697,7 +698,7 @@ def test_identical_duplicate_pixel_sizes_are_a_warning(tmp_path, capsys,
   assert code == 0 and float(rows['a.png']['pixel_size_mm']) == 0.1
   assert 'warning: ' in capsys.readouterr().err
   with pytest.warns(UserWarning, match='line 3: a.png is listed again'):
-    assert predict.read_pixel_sizes(str(sizes)) == {'a.png': 0.1, 'b.png': 0.2}
+    assert scan_files.read_pixel_sizes(str(sizes)) == {'a.png': 0.1, 'b.png': 0.2}
 
 
 def test_unwritable_out_is_a_usage_error_leaving_nothing(stub_cli, tmp_path,
@@ -764,7 +765,7 @@ def _ellipse_stub(a_in=12.0, b_in=8.0, member_scales=(1.0,)):
       raw[i, 4:] = np.cos(2 * angle), np.sin(2 * angle)
     return {'value': np.asarray(ellipse_head.decode(raw, size, size))}
 
-  return predict.Predictor(
+  return inference.Predictor(
       runs=[f'run{i}' for i in range(len(member_scales))],
       image_size=size, resize_mode='stretch',
       normalisers_px=[1.0] * len(member_scales),
@@ -1014,7 +1015,7 @@ def test_predict_never_writes_over_what_it_did_not_write(run, stub_cli,
 def test_predict_from_a_run_in_training_says_so(run, tmp_path, capsys):
   """A run another process is training into (its lock held) predicts from
   its best checkpoint so far, with a warning naming the holder."""
-  from hc_jax import lock  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import lock  # pylint: disable=import-outside-toplevel
   copy = _copy_run(run, tmp_path)
   scans = tmp_path / 'scans'
   scans.mkdir()

@@ -1,4 +1,4 @@
-"""Tests for hc_jax.preprocess (eagerly and inside tf.data) and the resize
+"""Tests for hc_jax.data.preprocess (eagerly and inside tf.data) and the resize
 geometry that maps original pixels to the model input (hc_jax.prepare)."""
 
 import math
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hc_jax import augment
-from hc_jax import ellipse as ellipse_lib
-from hc_jax import prepare
-from hc_jax import preprocess
+from hc_jax.data import augment
+from hc_jax.data import ellipse as ellipse_lib
+from hc_jax.data import prepare
+from hc_jax.data import preprocess
 
 SIZE = 64  # Model input side for most tests: small keeps them fast.
 

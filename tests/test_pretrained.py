@@ -1,4 +1,4 @@
-"""Tests for hc_jax.pretrained: Keras ResNet50 weights in the Flax ResNet50.
+"""Tests for hc_jax.models.pretrained: Keras ResNet50 weights in the Flax ResNet50.
 
 No ImageNet file can be downloaded here, so the tests build Keras' own
 `keras.applications.ResNet50` with random weights and random BatchNorm
@@ -15,10 +15,11 @@ import optax
 import pytest
 
 from configs import resnet_huber
-from hc_jax import fast_layers
 from hc_jax import models
-from hc_jax import pretrained
-from hc_jax import train
+from hc_jax.models import fast_layers
+from hc_jax.models import pretrained
+from hc_jax.training import step as step_lib
+from hc_jax.training import train
 
 keras = pytest.importorskip('keras')
 h5py = pytest.importorskip('h5py')
@@ -91,13 +92,13 @@ def config(keras_resnet):
 @pytest.fixture(scope='module')
 def fresh_state(config):
   """A real TrainState of the ResNet50 that `--config.init_from` trains."""
-  model = train.create_model(config)
+  model = step_lib.create_model(config)
   # Compiling the initialisation dominates; an unoptimised one is faster.
   flag = 'jax_disable_most_optimizations'
   previous = jax.config.read(flag)
   jax.config.update(flag, True)
   try:
-    return train.create_train_state(config, model, jax.random.key(0),
+    return step_lib.create_train_state(config, model, jax.random.key(0),
                                     optax.adam(1e-3))
   finally:
     jax.config.update(flag, previous)
@@ -120,9 +121,9 @@ def _features_and_predictions(state, images):
 
 
 def test_init_from_builds_keras_v1_resnet(config):
-  assert train.create_model(config).keras_v1
+  assert step_lib.create_model(config).keras_v1
   config = resnet_huber.get_config()
-  assert not train.create_model(config).keras_v1
+  assert not step_lib.create_model(config).keras_v1
 
 
 def test_flax_resnet50_computes_what_keras_does(keras_resnet, imported_state):
@@ -281,7 +282,7 @@ def test_flax_vgg16_computes_what_keras_does(tmp_path):
   model = models.VGG16()
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.key(0), images)
-  state = train.TrainState.create(
+  state = step_lib.TrainState.create(
       apply_fn=model.apply, params=variables['params'], batch_stats={},
       tx=optax.adam(1e-3))
   state = pretrained.load_into(state, path, 'vgg16')

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import config_flags
 from hc_jax import main as main_lib
-from hc_jax import train
+from hc_jax import workdir as workdir_lib
+from hc_jax.training import train
 
 
 def _tiny(phantom_hc18):
@@ -75,7 +76,7 @@ def _copy(run, tmp_path, finished=True):
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
   if not finished:  # As if killed after its last epoch's checkpoint.
-    os.remove(os.path.join(copy, train.RESULTS_FILE))
+    os.remove(os.path.join(copy, workdir_lib.RESULTS_FILE))
   return config.copy_and_resolve_references(), copy
 
 
@@ -137,7 +138,7 @@ def test_resuming_may_change_the_fields_that_do_not_change_the_training(
                '--config.eval_batch_size=16', '--config.time_budget_s=600',
                '--config.data.pipeline=numpy') == 0
   assert 'resuming after epoch 2' in capsys.readouterr().out
-  assert os.path.isfile(os.path.join(workdir, train.RESULTS_FILE))
+  assert os.path.isfile(os.path.join(workdir, workdir_lib.RESULTS_FILE))
 
 
 def test_a_cosine_schedule_keeps_its_num_epochs(tmp_path):
@@ -146,8 +147,8 @@ def test_a_cosine_schedule_keeps_its_num_epochs(tmp_path):
   config.lr_schedule = 'cosine'
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
-  from hc_jax import data  # pylint: disable=import-outside-toplevel
-  data.save_json(os.path.join(workdir, train.CONFIG_FILE),
+  from hc_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  pipeline.save_json(os.path.join(workdir, workdir_lib.CONFIG_FILE),
                  {**config.to_dict(), 'source_digest': 'x'})
   train.check_resume(config, workdir)
   config.num_epochs += 10
@@ -201,7 +202,7 @@ def test_every_field_of_every_config_has_a_rule_it_passes():
   assert 'default' in names and 'hcnet_mask' in names
   for name in names:
     config = importlib.import_module(f'configs.{name}').get_config()
-    for key, value in train._flatten(config.to_dict()).items():  # pylint: disable=protected-access
+    for key, value in workdir_lib.flatten(config.to_dict()).items():  # pylint: disable=protected-access
       rule = train.config_rule(key)
       assert rule is not None, f'configs/{name}.py: {key} has no rule'
       assert rule.test(value), f'configs/{name}.py: {key}={value!r}'
@@ -236,7 +237,7 @@ def _flip_byte(path, where):
 def test_a_damaged_or_rewritten_cache_is_prepared_again(phantom_hc18, tmp_path,
                                                         capsys, damage):
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from hc_jax import prepare  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
   root, cache = phantom_hc18[0], str(tmp_path / 'cache')
   arrays, info = prepare.prepare(root, (32, 32), 'stretch', cache)
   path = _cached_npz(cache)
@@ -275,7 +276,7 @@ def _cut_after_first_record(path):
 def test_a_damaged_tfds_build_is_built_again(phantom_hc18, tmp_path, capsys,
                                              damage):
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from hc_jax import prepare  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
   root, cache = phantom_hc18[0], str(tmp_path / 'cache')
   arrays, _ = prepare.prepare(root, (32, 32), 'stretch', cache)
   os.remove(_cached_npz(cache))  # As for another input size: read the build.
@@ -331,8 +332,8 @@ def _first_scan(root):
 
 
 def test_an_image_corrupted_in_place_is_checked_again(hc18_copy, tmp_path):
-  from hc_jax import hc18  # pylint: disable=import-outside-toplevel
-  from hc_jax import prepare  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
   cache = str(tmp_path / 'cache')
   prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
   name = _first_scan(hc18_copy)
@@ -351,8 +352,8 @@ def test_an_image_corrupted_in_place_is_checked_again(hc18_copy, tmp_path):
 def test_an_image_replaced_by_another_of_the_same_size_is_prepared_anew(
     hc18_copy, tmp_path, monkeypatch):
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from hc_jax import hc18  # pylint: disable=import-outside-toplevel
-  from hc_jax import prepare  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
   cache = str(tmp_path / 'cache')
   before, info = prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
   name = _first_scan(hc18_copy)
@@ -386,7 +387,7 @@ def test_an_image_replaced_by_another_of_the_same_size_is_prepared_anew(
 
 def test_a_newest_checkpoint_without_manifest_is_not_used(tmp_path, capsys):
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from hc_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import checkpoint  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / 'run')
   ckpt = checkpoint.Checkpoints(workdir)
   for epoch in (1, 2):
@@ -469,7 +470,7 @@ def test_a_read_only_workdir_of_an_unfinished_run_is_one_line(
 
 def test_a_lock_that_cannot_be_written_names_its_file(tmp_path, monkeypatch):
   import errno  # pylint: disable=import-outside-toplevel
-  from hc_jax import lock  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import lock  # pylint: disable=import-outside-toplevel
 
   def full(*args):
     raise OSError(errno.ENOSPC, 'No space left on device')
@@ -501,7 +502,7 @@ def test_a_read_only_cache_is_one_line_naming_it(phantom_hc18, tmp_path,
 
 def test_a_cache_removed_while_preparing_is_one_line_then_prepared_again(
     phantom_hc18, tmp_path, capsys, monkeypatch):
-  from hc_jax import hc18_tfds  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import hc18_tfds  # pylint: disable=import-outside-toplevel
   config = _tiny(phantom_hc18)
   cache = tmp_path / 'cache'
   config.data.cache_dir = str(cache)
@@ -522,4 +523,4 @@ def test_a_cache_removed_while_preparing_is_one_line_then_prepared_again(
   assert 'removed while the command ran' in line, line
   monkeypatch.undo()
   assert _main(config, workdir) == 0  # The same command again prepares it.
-  assert os.path.isfile(os.path.join(workdir, train.RESULTS_FILE))
+  assert os.path.isfile(os.path.join(workdir, workdir_lib.RESULTS_FILE))

@@ -1,4 +1,4 @@
-"""What does not look like an ultrasound scan is refused (hc_jax.scan_likeness).
+"""What does not look like an ultrasound scan is refused (hc_jax.evaluation.scan_likeness).
 
 Noise, salt-and-pepper, gradients, checkerboards, stripes and photographs get
 status 'refused' and a plain reason, each in its own CSV row; HC18 scans, the
@@ -13,12 +13,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from hc_jax import hc18
-from hc_jax import inference
 from hc_jax import predict
-from hc_jax import scan_likeness
-from hc_jax import shipped
-from hc_jax import synthetic
+from hc_jax.data import hc18
+from hc_jax.data import synthetic
+from hc_jax.evaluation import archive as archive_lib
+from hc_jax.evaluation import inference
+from hc_jax.evaluation import scan_likeness
 
 NOT_A_SCAN = 'not an ultrasound scan'
 
@@ -125,11 +125,11 @@ def test_phantoms_of_the_tests_and_demos_are_scan_like(phantom_hc18):
 def test_the_shipped_model_refuses_noise_and_predicts_its_samples():
   """Today's shipped ensemble, on its five samples and on noise."""
   predictor = inference.load()
-  with open(shipped.EXPECTED_CSV.format(name=shipped.DEFAULT_MODEL),
+  with open(archive_lib.EXPECTED_CSV.format(name=archive_lib.DEFAULT_MODEL),
             newline='') as f:
     expected = list(csv.DictReader(f))
   images = [hc18.read_grayscale(os.path.join(
-      shipped.SAMPLE_IMAGES_DIR, row['filename']))[0] for row in expected]
+      archive_lib.SAMPLE_IMAGES_DIR, row['filename']))[0] for row in expected]
   noise = _non_scans()['noise.png']
   out = predictor(images + [noise],
                   [float(row['pixel_size_mm']) for row in expected] + [0.1])

@@ -12,30 +12,32 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from hc_jax import hc18
 from hc_jax import predict
 from hc_jax import shipped
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import hc18
+from hc_jax.evaluation import archive as archive_lib
 
 MAX_BYTES = 20_000_000
 HCNET_MASK_PARAMS = 308_985
 TOLERANCE_MM = 0.05
 
 
-def _expected(name=shipped.DEFAULT_MODEL):
-  with open(shipped.EXPECTED_CSV.format(name=name), newline='') as f:
+def _expected(name=archive_lib.DEFAULT_MODEL):
+  with open(archive_lib.EXPECTED_CSV.format(name=name), newline='') as f:
     return list(csv.DictReader(f))
 
 
 def test_archives_are_plain_arrays_and_json_within_the_size_budget():
-  assert shipped.DEFAULT_MODEL in shipped.names()
+  assert archive_lib.DEFAULT_MODEL in archive_lib.names()
   total = 0
-  for name in shipped.names():
-    path = shipped.path_of(name)
+  for name in archive_lib.names():
+    path = archive_lib.path_of(name)
     total += os.path.getsize(path)
     with np.load(path, allow_pickle=False) as archive:  # No pickle needed.
       arrays = {key: archive[key] for key in archive.files}
     meta = json.loads(str(arrays.pop('meta')))
-    assert meta['format'] == shipped.FORMAT and meta['name'] == name
+    assert meta['format'] == archive_lib.FORMAT and meta['name'] == name
     assert all(a.dtype != object for a in arrays.values())
     floats = {a.dtype for a in arrays.values()
               if np.issubdtype(a.dtype, np.floating)}
@@ -53,7 +55,7 @@ def test_archives_are_plain_arrays_and_json_within_the_size_budget():
         assert any(key.startswith(f'{member}/batch_stats/') for key in arrays)
     assert 'HC18' in meta['provenance']['data']
   assert total <= MAX_BYTES
-  meta = shipped.read().meta
+  meta = archive_lib.read().meta
   assert meta['members'] == [f'fold{k}' for k in range(5)]
   assert meta['cv']['num_images'] == 900
   assert 0 < meta['cv']['mae_mm'] < 5
@@ -65,62 +67,62 @@ def test_package_data_declares_the_shipped_files():
   patterns = parser['options.package_data']['hc_jax'].split()
   declared = {os.path.normpath(path) for pattern in patterns
               for path in glob.glob(os.path.join(REPO, 'hc_jax', pattern))}
-  wanted = glob.glob(os.path.join(shipped.SHIPPED_DIR, '*.npz')) + glob.glob(
-      os.path.join(shipped.SAMPLES_DIR, '**', '*.*'), recursive=True)
+  wanted = glob.glob(os.path.join(archive_lib.SHIPPED_DIR, '*.npz')) + glob.glob(
+      os.path.join(archive_lib.SAMPLES_DIR, '**', '*.*'), recursive=True)
   assert wanted and {os.path.normpath(p) for p in wanted} <= declared
 
 
 def test_samples_have_pixel_sizes_and_attribution():
-  names = sorted(os.listdir(shipped.SAMPLE_IMAGES_DIR))
+  names = sorted(os.listdir(archive_lib.SAMPLE_IMAGES_DIR))
   assert len(names) == 5
-  with open(os.path.join(shipped.SAMPLES_DIR, 'test_set_pixel_size.csv')) as f:
+  with open(os.path.join(archive_lib.SAMPLES_DIR, 'test_set_pixel_size.csv')) as f:
     sizes = {row['filename']: float(row['pixel size(mm)'])
              for row in csv.DictReader(f)}
   assert sorted(sizes) == names
   assert sorted(row['filename'] for row in _expected()) == names
-  with open(os.path.join(shipped.SAMPLES_DIR, 'ATTRIBUTION.md')) as f:
+  with open(os.path.join(archive_lib.SAMPLES_DIR, 'ATTRIBUTION.md')) as f:
     text = f.read()
   assert 'CC BY 4.0' in text and '1327317' in text
 
 
 def test_unknown_or_damaged_archives_are_clear_errors(tmp_path):
-  with pytest.raises(shipped.PredictError, match='no shipped model'):
-    shipped.read('no_such_model')
+  with pytest.raises(workdir_lib.PredictError, match='no shipped model'):
+    archive_lib.read('no_such_model')
   bad = tmp_path / 'bad.npz'
   np.savez(bad, meta=np.array(json.dumps({'format': 'other'})))
-  with pytest.raises(shipped.PredictError, match='not a shipped model'):
-    shipped.read(str(bad))
-  with pytest.raises(shipped.PredictError, match='exists; not overwritten'):
+  with pytest.raises(workdir_lib.PredictError, match='not a shipped model'):
+    archive_lib.read(str(bad))
+  with pytest.raises(workdir_lib.PredictError, match='exists; not overwritten'):
     shipped.export(str(tmp_path), str(bad))
 
 
 def test_archive_variables_are_checked_against_the_model(tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   path = tmp_path / 'tiny.npz'
-  meta = {'format': shipped.FORMAT, 'name': 'tiny', 'members': ['fold0'],
+  meta = {'format': archive_lib.FORMAT, 'name': 'tiny', 'members': ['fold0'],
           'configs': [{}], 'results': [{}], 'storage_dtype': 'float16'}
   np.savez(path, meta=np.array(json.dumps(meta)),
            **{'fold0/params/Dense_0/kernel': np.ones((2, 3), np.float16)})
-  archive = shipped.read(str(path))
+  archive = archive_lib.read(str(path))
   good = {'params': {'Dense_0': {'kernel': jax.ShapeDtypeStruct(
       (2, 3), np.float32)}}}
   variables = archive.variables(0, good)
   assert variables['params']['Dense_0']['kernel'].dtype == np.float32
   bad = {'params': {'Dense_0': {'kernel': jax.ShapeDtypeStruct(
       (3, 3), np.float32)}}}
-  with pytest.raises(shipped.PredictError, match='does not hold this model'):
+  with pytest.raises(workdir_lib.PredictError, match='does not hold this model'):
     archive.variables(0, bad)
 
 
 def test_shipped_model_reproduces_its_sample_predictions():
   # The expected CSV was written by the runs the archive was exported from;
   # the archive (float16 weights) must give the same HC within 0.05 mm.
-  from hc_jax import hc18  # pylint: disable=import-outside-toplevel
-  from hc_jax import inference  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
   expected = _expected()
   predictor = inference.load()
   assert predictor.kind == 'mask' and len(predictor.runs) == 5
-  images = [hc18.read_grayscale(os.path.join(shipped.SAMPLE_IMAGES_DIR,
+  images = [hc18.read_grayscale(os.path.join(archive_lib.SAMPLE_IMAGES_DIR,
                                              row['filename']))[0]
             for row in expected]
   out = predictor(images, [float(row['pixel_size_mm']) for row in expected])
@@ -166,7 +168,7 @@ def test_shipped_model_reproduces_its_cross_validation_figures():
   """Each fold member on its own test fold of the HC18 copy gives the pooled
   figures the archive records (float16 storage moves them < 0.05 mm)."""
   from hc_jax import cv_score  # pylint: disable=import-outside-toplevel
-  archive = shipped.read()
+  archive = archive_lib.read()
   scores = cv_score.score([archive.path])
   cv = archive.meta['cv']
   assert scores.num_images == cv['num_images']
@@ -180,7 +182,7 @@ def test_shipped_model_reproduces_its_cross_validation_figures():
 def test_a_huge_image_gets_a_plain_reason_not_an_inverted_range():
   """8000x8000 px: the image's own HC range (from a tenth of its side) lies
   above every training head, so no HC is plausible; the message says so."""
-  from hc_jax import inference  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
   predictor = inference.load()
   status, message = predictor._check(  # pylint: disable=protected-access
       1000.0, math.nan, math.nan, (8000, 8000), 10.0)

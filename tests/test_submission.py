@@ -15,11 +15,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from hc_jax import ellipse as ellipse_lib
-from hc_jax import hc18
 from hc_jax import predict
-from hc_jax import scan_files
-from hc_jax import train
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import ellipse as ellipse_lib
+from hc_jax.data import hc18
+from hc_jax.evaluation import inference
+from hc_jax.evaluation import scan_files
+from hc_jax.training import train
 
 HEADER = ['filename', 'center_x_mm', 'center_y_mm', 'semi_axes_a_mm',
           'semi_axes_b_mm', 'angle_rad']
@@ -119,7 +121,7 @@ def test_submission_needs_an_ellipse_model(scans, tmp_path, monkeypatch,
                                            capsys):
   """A label-only model (a stub Predictor that predicts HC only)."""
   root, sizes, _ = scans
-  label_model = predict.Predictor(
+  label_model = inference.Predictor(
       runs=['run'], image_size=32, resize_mode='stretch',
       normalisers_px=[1000.0], _variables=[None],
       _forward=lambda variables, batch: {'value': np.full(len(batch), 0.5)},
@@ -170,7 +172,7 @@ def test_no_submission_when_an_image_is_not_predicted(ellipse_run, scans,
 def test_ellipse_run_reproduces_its_test_predictions(ellipse_run,
                                                      phantom_hc18):
   """Each scan's own size gives its resize: the trainer's HC again."""
-  with open(os.path.join(ellipse_run, train.PREDICTIONS_FILE),
+  with open(os.path.join(ellipse_run, workdir_lib.PREDICTIONS_FILE),
             newline='') as f:
     rows = list(csv.DictReader(f))
   images = [hc18.read_grayscale(os.path.join(

@@ -1,4 +1,4 @@
-"""Tests for the phantom HC18 writer (hc_jax.synthetic)."""
+"""Tests for the phantom HC18 writer (hc_jax.data.synthetic)."""
 
 import csv
 import os
@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from hc_jax import ellipse
-from hc_jax import hc18
-from hc_jax import synthetic
+from hc_jax.data import ellipse
+from hc_jax.data import hc18
+from hc_jax.data import synthetic
 
 NUM_TRAIN = 40
 NUM_TEST = 6
@@ -233,7 +233,7 @@ def test_cli_writes_directory_without_importing_tensorflow_or_jax(tmp_path):
   out = tmp_path / 'cli'
   script = (
       'import sys\n'
-      'from hc_jax import synthetic\n'
+      'from hc_jax.data import synthetic\n'
       f'synthetic.main(["--out", {str(out)!r}, "--num_train", "3", "--num_test", "1",'
       ' "--seed", "1"])\n'
       'assert not {"tensorflow", "jax"} & set(sys.modules), sorted(sys.modules)\n')
@@ -242,6 +242,6 @@ def test_cli_writes_directory_without_importing_tensorflow_or_jax(tmp_path):
   assert result.returncode == 0, result.stderr
   assert len(_read_csv(out / 'training_set_pixel_size_and_HC.csv')) == 4
   assert len(_read_csv(out / 'test_set_pixel_size.csv')) == 2
-  result = subprocess.run([sys.executable, '-m', 'hc_jax.synthetic', '--help'],
+  result = subprocess.run([sys.executable, '-m', 'hc_jax.data.synthetic', '--help'],
                           capture_output=True, text=True, check=False)
   assert result.returncode == 0 and '--num_train' in result.stdout

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import config_flags, REPO
-from hc_jax import train
+from hc_jax import workdir as workdir_lib
+from hc_jax.training import step as step_lib
+from hc_jax.training import train
 
 RESULT_KEYS = ('test_mae_px', 'test_mae_mm', 'test_pmae', 'val_mae_mm')
 
@@ -26,7 +28,7 @@ def _run_main(workdir, flags, env=None, **kwargs):
 
 
 def _results(workdir):
-  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.RESULTS_FILE)) as f:
     return json.load(f)
 
 
@@ -34,7 +36,7 @@ def test_train_and_evaluate_leaves_a_complete_run(tiny_config, tmp_path):
   workdir = str(tmp_path / 'run')
   results = train.train_and_evaluate(tiny_config, workdir)
   for name in ('config.json', 'folds.json', 'metrics.jsonl', 'results.json',
-               train.PREDICTIONS_FILE):
+               workdir_lib.PREDICTIONS_FILE):
     assert os.path.isfile(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
   assert '2' in os.listdir(os.path.join(workdir, 'checkpoints', 'latest'))
@@ -47,7 +49,7 @@ def test_train_and_evaluate_leaves_a_complete_run(tiny_config, tmp_path):
     folds = json.load(f)
   test_names = sorted(image['filename'] for image in folds['images']
                       if image['fold'] == tiny_config.fold)
-  with open(os.path.join(workdir, train.PREDICTIONS_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.PREDICTIONS_FILE)) as f:
     rows = list(csv.DictReader(f))
   assert sorted(row['filename'] for row in rows) == test_names
   errors = [abs(float(r['hc_mm_pred']) - float(r['hc_mm_true'])) for r in rows]
@@ -69,7 +71,7 @@ def test_learns_on_phantoms(tmp_path):
   """The demo beats predicting the mean HC by a wide margin."""
   from configs import demo  # pylint: disable=import-outside-toplevel
   results = train.train_and_evaluate(demo.get_config(), str(tmp_path / 'run'))
-  with open(tmp_path / 'run' / train.PREDICTIONS_FILE) as f:
+  with open(tmp_path / 'run' / workdir_lib.PREDICTIONS_FILE) as f:
     true_mm = np.array([float(r['hc_mm_true']) for r in csv.DictReader(f)])
   baseline_mm = np.abs(true_mm - true_mm.mean()).mean()  # Optimistic baseline.
   assert results['test_mae_mm'] < 0.6 * baseline_mm, (results, baseline_mm)
@@ -108,7 +110,7 @@ def test_resume_after_kill_matches_uninterrupted_run(
     time.sleep(0.02)
   killed.send_signal(signal.SIGKILL)
   killed.communicate()
-  assert not (killed_dir / train.RESULTS_FILE).exists(), 'finished before kill'
+  assert not (killed_dir / workdir_lib.RESULTS_FILE).exists(), 'finished before kill'
   if checkpoint_every_seconds:
     assert not os.listdir(killed_dir / 'checkpoints' / 'latest')
     assert os.listdir(killed_dir / 'checkpoints' / 'best')
@@ -185,14 +187,14 @@ def test_fast_layers_only_on_cpu(tiny_config, monkeypatch, backend, layers):
   monkeypatch.setattr(train.jax, 'default_backend', lambda: backend)
   for name in ('cnn_263k', 'cnn_1m', 'vgg16', 'resnet50'):
     tiny_config.model = name
-    assert train.create_model(tiny_config).layers == layers, name
+    assert step_lib.create_model(tiny_config).layers == layers, name
 
 
 def test_epoch_is_selected_on_validation_never_on_test(tiny_config, tmp_path,
                                                        monkeypatch):
   """Only the validation part is scored while training; the test fold is
   scored once, at the end, with the epoch validation selected."""
-  from hc_jax import trainer  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import trainer  # pylint: disable=import-outside-toplevel
   parts = []
   original = trainer.Trainer._predict
 

@@ -1,10 +1,10 @@
 """The data of a training run: prepared HC18, its folds, and the batches.
 
 One source for every machine: HC18 prepared once into resized uint8 arrays
-(`hc_jax.prepare`), the subject-grouped folds (`hc_jax.folds`), and, per
+(`hc_jax.prepare`), the subject-grouped folds (`hc_jax.data.folds`), and, per
 member of a run (a test fold, a loss, a seed), its train/validation/test
 positions in those arrays. Training batches are gathered on the host and
-augmented on the accelerator inside the jitted step (`hc_jax.augment`).
+augmented on the accelerator inside the jitted step (`hc_jax.data.augment`).
 
 Batches come from a tf.data pipeline where TensorFlow is installed and from a
 plain NumPy iterator where it is not (`backend`); both yield the same batches
@@ -24,9 +24,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from hc_jax import folds as folds_lib
-from hc_jax import hc18
-from hc_jax import prepare
+from hc_jax.data import folds as folds_lib
+from hc_jax.data import hc18
+from hc_jax.data import prepare
 
 FOLDS_FILE = 'folds.json'
 TRAIN_FIELDS = ('image', 'ellipse', 'hc_px', 'resize')
@@ -39,7 +39,7 @@ def hc18_source_dir(config, workdir: str) -> str | None:
     ValueError: when the directory is missing or holds no HC18 CSV.
   """
   if config.data.source == 'synthetic':
-    from hc_jax import synthetic  # pylint: disable=import-outside-toplevel
+    from hc_jax.data import synthetic  # pylint: disable=import-outside-toplevel
     root = os.path.join(workdir, 'data', 'hc18_synthetic')
     if not os.path.isfile(os.path.join(root, hc18.SPLITS['test'][1])):
       synthetic.write_hc18(root, num_train=config.data.num_synthetic,

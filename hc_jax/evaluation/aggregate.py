@@ -1,7 +1,7 @@
 """The cross-validation table: pooled test errors per configuration.
 
 `aggregate(root)` reads every `ROOT/<config>/fold<k>/` run (as `hc_jax.grid`
-and `hc_jax.train` leave them) and makes one row per configuration: MAE in
+and `hc_jax.training.train` leave them) and makes one row per configuration: MAE in
 px, percentage MAE and MAE in mm, each mean ± SD over every image of the test
 folds pooled (not a mean of fold means), the median and worst absolute error
 in mm, the folds and images present (rows short of `num_folds` folds are
@@ -22,12 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
-from hc_jax import metrics
+from hc_jax import workdir as workdir_lib
+from hc_jax.evaluation import metrics
 
-RESULTS_FILE = 'results.json'  # As hc_jax.train writes them.
-PREDICTIONS_FILE = 'predictions_test.csv'
-CONFIG_FILE = 'config.json'
-METRICS_FILE = 'metrics.jsonl'
 FOLD_DIR = re.compile(r'^fold(\d+)$')
 TABLE_COLUMNS = ('config', 'model', 'loss', 'folds', 'num_folds',
                  'num_folds_expected', 'num_images', 'mae_px', 'mae_px_std',
@@ -63,7 +60,7 @@ def fold_dirs(config_dir: str) -> dict[int, str]:
 
 def finished(workdir: str) -> bool:
   return all(os.path.isfile(os.path.join(workdir, name))
-             for name in (RESULTS_FILE, PREDICTIONS_FILE))
+             for name in (workdir_lib.RESULTS_FILE, workdir_lib.PREDICTIONS_FILE))
 
 
 def pool_predictions(workdirs: Sequence[str]) -> dict[str, np.ndarray]:
@@ -81,7 +78,7 @@ def pool_predictions(workdirs: Sequence[str]) -> dict[str, np.ndarray]:
   """
   parts = []
   for workdir in workdirs:
-    part = read_predictions(os.path.join(workdir, PREDICTIONS_FILE))
+    part = read_predictions(os.path.join(workdir, workdir_lib.PREDICTIONS_FILE))
     part['workdir'] = np.full(len(part['filename']), workdir, dtype=object)
     parts.append(part)
   names = list(metrics.PREDICTION_COLUMNS) + ['workdir']
@@ -111,7 +108,7 @@ def summarise_config(config_dir: str) -> tuple[dict[str, Any], dict]:
   done = {fold: w for fold, w in workdirs.items() if finished(w)}
   info = {}  # model, loss, num_folds: the same in every run of the config.
   for workdir in workdirs.values():
-    for name in (CONFIG_FILE, RESULTS_FILE):
+    for name in (workdir_lib.CONFIG_FILE, workdir_lib.RESULTS_FILE):
       if os.path.isfile(os.path.join(workdir, name)):
         info.update(_read_json(os.path.join(workdir, name)))
   row = {'config': os.path.basename(config_dir),
@@ -135,7 +132,7 @@ def summarise_config(config_dir: str) -> tuple[dict[str, Any], dict]:
                num_images=0)
   row['complete'] = row['num_folds'] >= row['num_folds_expected']
   # Runs that a time budget stopped before their planned epochs.
-  epochs = [_read_json(os.path.join(w, RESULTS_FILE)) for w in done.values()]
+  epochs = [_read_json(os.path.join(w, workdir_lib.RESULTS_FILE)) for w in done.values()]
   row['cut_folds'] = sorted(
       fold for fold, r in zip(done, epochs)
       if r.get('num_epochs', 0) < r.get('planned_epochs', 0))

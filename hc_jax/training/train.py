@@ -10,7 +10,7 @@ first steps). With one member the step is the plain one. A member's results
 do not depend on which members train beside it.
 
 The step is pure: gather-free (batches of uint8 images come from
-`hc_jax.data`), it augments on the accelerator (`hc_jax.augment`, which moves
+`hc_jax.data`), it augments on the accelerator (`hc_jax.data.augment`, which moves
 the HC label and the reference ellipse with the image) and applies the
 optimiser. It is data parallel over a 1-D device mesh: each member's batch is
 split over the 'data' axis and the states are replicated, so the same code
@@ -35,23 +35,18 @@ import math
 import os
 from typing import Any, Sequence
 
-from flax.training import train_state
 import jax
 import jax.numpy as jnp
-import optax
 
-from hc_jax import augment as augment_lib
-from hc_jax import ellipse_head
-from hc_jax import lock as lock_lib
+from hc_jax import log
 from hc_jax import losses
-from hc_jax import mask_head
 from hc_jax import models
-from hc_jax import prepare
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import augment as augment_lib
+from hc_jax.data import prepare
+from hc_jax.models import mask_head
+from hc_jax.training import lock as lock_lib
 
-P = jax.sharding.PartitionSpec
-METRICS_FILE = 'metrics.jsonl'
-RESULTS_FILE = 'results.json'
-PREDICTIONS_FILE = 'predictions_test.csv'
 # Config fields in which the members of one run may differ.
 MEMBER_FIELDS = ('fold', 'loss', 'huber_delta', 'seed')
 # Config fields that may change when a run is resumed or extended in its
@@ -68,12 +63,7 @@ RESUME_MAY_CHANGE = (
 # What config.json records beside the config: the data a run trained on
 # (checked on resume against the data found now) and the layers it used.
 RECORDED_FIELDS = ('source_digest', 'content_digest', 'layers_resolved')
-CONFIG_FILE = 'config.json'
 MEMBERS_PER_CALL = ('auto', 'vmap', 'map')
-
-
-class TrainState(train_state.TrainState):
-  batch_stats: Any
 
 
 class _Rule:
@@ -175,7 +165,7 @@ CONFIG_RULES = {
     'log_every_steps': _integer(1),
     'checkpoint_every_seconds': _real(infinite=True),
     'distributed': _FLAG,
-    # Fields of the models (hc_jax.hcnet, hc_jax.hcnet_mask), by name.
+    # Fields of the models (hc_jax.models.hcnet, hc_jax.models.hcnet_mask), by name.
     'model_options.widths': _WIDTHS,
     'model_options.head': _choice(('flatten', 'gap')),
     'model_options.hidden': _integer(1),
@@ -209,7 +199,7 @@ def check_config(config) -> None:
   input size, the batch against the devices); nothing is prepared or
   compiled before.
   """
-  for key, value in _flatten(config.to_dict()).items():
+  for key, value in workdir_lib.flatten(config.to_dict()).items():
     rule = config_rule(key)
     if rule is not None and not rule.test(value):
       raise ValueError(f'{key} must be {rule.what}, got {value!r}')
@@ -250,7 +240,7 @@ def _check_model_input(config, model) -> None:
 
 def check_members(configs: Sequence[Any]) -> None:
   """Checks each config, and that they differ only in `MEMBER_FIELDS`."""
-  flat = [_flatten(c.to_dict()) for c in configs]
+  flat = [workdir_lib.flatten(c.to_dict()) for c in configs]
   for config, fields in zip(configs, flat):
     check_config(config)
     differ = sorted(k for k in set(fields) | set(flat[0])
@@ -271,41 +261,19 @@ def _same(a, b) -> bool:
           json.dumps(b, sort_keys=True, default=repr))
 
 
-def read_run_config(workdir: str) -> dict[str, Any] | None:
-  """The config.json of a run in `workdir` (None when there is none).
-
-  Raises:
-    ValueError: config.json is there but unreadable.
-  """
-  path = os.path.join(workdir, CONFIG_FILE)
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError) as e:
-    raise ValueError(f'{path} is unreadable ({type(e).__name__}: '
-                     f'{" ".join(str(e).split())}); move {workdir} away to '
-                     'start over') from None
-  if not isinstance(saved, dict):
-    raise ValueError(f'{path} holds no config; move {workdir} away to start '
-                     'over')
-  return saved
-
-
 def check_resume(config, workdir: str) -> None:
   """Raises ValueError unless `config` may resume (or extend) the run that
   `workdir` holds: only the fields of `RESUME_MAY_CHANGE` may differ from
   its config.json. A workdir without config.json holds no run yet."""
-  saved = read_run_config(workdir)
+  saved = workdir_lib.read_run_config(workdir)
   if saved is None:
     return
   may_change = set(RESUME_MAY_CHANGE)
   if config.get('lr_schedule') == 'cosine':
     may_change.discard('num_epochs')
-  saved = _flatten({k: v for k, v in saved.items()
+  saved = workdir_lib.flatten({k: v for k, v in saved.items()
                     if k not in RECORDED_FIELDS})
-  wanted = _flatten(json.loads(json.dumps(config.to_dict())))
+  wanted = workdir_lib.flatten(json.loads(json.dumps(config.to_dict())))
 
   def show(flat, key):
     return repr(flat[key]) if key in flat else '(none)'
@@ -322,177 +290,6 @@ def check_resume(config, workdir: str) -> None:
         f'{workdir} was run with another config ({"; ".join(differ)}); a '
         f'resumed run may change only {", ".join(sorted(may_change))}'
         f'{cosine}; use another workdir')
-
-
-def _flatten(tree, prefix=''):
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
-def create_model(config) -> Any:
-  """The Flax model a config names (`models.from_config`)."""
-  return models.from_config(config)
-
-
-def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Adam (AdamW with weight decay), with a constant or cosine schedule."""
-  if config.lr_schedule == 'cosine':
-    total = config.num_epochs * steps_per_epoch
-    warmup = min(config.warmup_epochs * steps_per_epoch, total - 1)
-    learning_rate = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, max(warmup, 1), max(total, 2))
-  else:
-    learning_rate = config.learning_rate
-  if config.weight_decay > 0:
-    return optax.adamw(learning_rate, weight_decay=config.weight_decay)
-  return optax.adam(learning_rate)
-
-
-def create_train_state(config, model, key, tx) -> TrainState:
-  height, width = prepare.input_shape(config)
-  image = jnp.zeros((1, height, width, 1), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(key, image)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables.get('batch_stats', {}), tx=tx)
-
-
-def output_functions(config):
-  """`(loss_of, hc_of)` for the output kind the config's model declares.
-
-  `loss_of(outputs, ellipses, resize, target, normaliser_px, image_hw,
-  loss_fn)` is a batch's loss; `hc_of(outputs, resize, normaliser_px,
-  image_hw)` its normalised HC `[B]`. The kind comes from the model class
-  (`models.output_kind`), never from the output's shape.
-  """
-  kind = models.output_kind(config)
-  if kind == 'hc':
-    return (lambda out, ell, resize, target, norm, hw, loss_fn:
-            loss_fn(out, target)), (lambda out, resize, norm, hw: out)
-  if kind == 'ellipse':
-    weight = config.get('ellipse_weight', 1.0)
-    return ((lambda out, ell, resize, target, norm, hw, loss_fn:
-             ellipse_head.train_loss(out, ell, resize, target, norm, hw,
-                                     loss_fn, weight)),
-            (lambda out, resize, norm, hw:
-             ellipse_head.normalised_hc(out, resize, norm, *hw)))
-  model = models.from_config(config)
-  stride, cells = model.stride, model.margin // model.stride
-  weights = dict(config.get('mask_loss', {}) or {})
-  return ((lambda out, ell, resize, target, norm, hw, loss_fn:
-           mask_head.train_loss(out, ell, resize, target, norm, stride, cells,
-                                loss_fn, weights)),
-          (lambda out, resize, norm, hw: mask_head.hc_px(out, resize) / norm))
-
-
-def train_step(state: TrainState, batch, member, *, loss_fn, augment,
-               loss_of=None):
-  """One optimiser step of one member on its batch.
-
-  Args:
-    state: the member's `TrainState`.
-    batch: {'image': uint8 [B, H, W, 1], 'ellipse': [B, 5], 'hc_px': [B],
-      'resize': [B, 4]}.
-    member: {'key': the member's key, 'normaliser_px': scalar}.
-    loss_fn: `(predictions, targets) -> loss`.
-    augment: an `augment.AugmentConfig`.
-    loss_of: the model kind's loss (`output_functions(config)[0]`); None for
-      a model of kind 'hc'.
-
-  Returns:
-    `(state, loss)`.
-  """
-  augment_key, dropout_key = jax.random.split(
-      jax.random.fold_in(member['key'], state.step))
-  images, ellipses, hc_px = augment_lib.augment_batch(
-      augment_key, batch['image'], batch['ellipse'], batch['hc_px'],
-      batch['resize'], augment)
-  target = hc_px / member['normaliser_px']
-
-  def compute_loss(params):
-    predictions, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, images,
-        train=True, rngs={'dropout': dropout_key}, mutable=['batch_stats'])
-    if loss_of is None:
-      return loss_fn(predictions, target), updates
-    return loss_of(predictions, ellipses, batch['resize'], target,
-                   member['normaliser_px'], images.shape[1:3],
-                   loss_fn), updates
-
-  (loss, updates), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-      state.params)
-  return state.apply_gradients(grads=grads,
-                               batch_stats=updates['batch_stats']), loss
-
-
-def map_members(fn, xs, how: str = 'vmap'):
-  """`fn` over the leading (member) axis of the pytree `xs`, stacked.
-
-  One member runs unbatched (the plain step); several run in one `jax.vmap`
-  ('vmap': each convolution becomes a grouped one) or one after another
-  (`jax.lax.map`, 'map'). The choice changes the speed, not the values.
-  """
-  if jax.tree.leaves(xs)[0].shape[0] == 1:
-    out = fn(jax.tree.map(lambda x: x[0], xs))
-    return jax.tree.map(lambda x: x[None], out)
-  return jax.vmap(fn)(xs) if how == 'vmap' else jax.lax.map(fn, xs)
-
-
-def members_train_step(state, batch, members, *, loss_fns, augment, how,
-                       loss_of=None):
-  """One step of every member; a member whose `batch['active']` is False is
-  left unchanged (it has fewer steps this epoch, or it diverged)."""
-
-  def one(xs):
-    member_state, member_batch, member = xs
-    if len(loss_fns) == 1:
-      loss_fn = loss_fns[0]
-    else:
-      loss_fn = lambda p, t: jax.lax.switch(member['loss_id'], loss_fns, p, t)
-    new_state, loss = train_step(member_state, member_batch, member,
-                                 loss_fn=loss_fn, augment=augment,
-                                 loss_of=loss_of)
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(member_batch['active'], new, old),
-        new_state, member_state)
-    return new_state, loss
-
-  return map_members(one, (state, batch, members), how)
-
-
-def members_predict(state, images, how: str = 'vmap', resize=None,
-                    normaliser_px=None, hc_of=None):
-  """Normalised predictions [M, E] of every member on its z-scored images.
-
-  A model of kind 'ellipse' or 'mask' gives its HC through `hc_of`
-  (`output_functions(config)[1]`), which needs each image's `resize`
-  [M, E, 4] and each member's `normaliser_px` [M].
-  """
-
-  def one(xs):
-    member_state, member_images = xs[0], xs[1]
-    outputs = member_state.apply_fn(
-        {'params': member_state.params,
-         'batch_stats': member_state.batch_stats},
-        augment_lib.zscore_batch(member_images), train=False)
-    if hc_of is None:
-      return outputs
-    if len(xs) < 4:
-      raise ValueError('this model needs resize and normaliser_px to '
-                       'predict the HC')
-    return hc_of(outputs, xs[2], xs[3], member_images.shape[1:3])
-
-  if resize is None:
-    return map_members(one, (state, images), how)
-  return map_members(one, (state, images, resize, normaliser_px), how)
-
-
-def _log(message: str) -> None:
-  print(message, flush=True)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -516,7 +313,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
 
 def _finished_results(workdir: str) -> dict[str, Any] | None:
-  path = os.path.join(workdir, RESULTS_FILE)
+  path = os.path.join(workdir, workdir_lib.RESULTS_FILE)
   if not os.path.isfile(path):
     return None
   with open(path) as f:
@@ -551,7 +348,7 @@ def train_members(configs: Sequence[Any], workdirs: Sequence[str]
     # The same command again changes nothing; more epochs extend the run.
     if (finished and not config.get('rescore', False) and
         finished.get('planned_epochs') == config.num_epochs):
-      _log(f'already finished: {os.path.join(workdir, RESULTS_FILE)} '
+      log.info(f'already finished: {os.path.join(workdir, workdir_lib.RESULTS_FILE)} '
            '(--config.rescore=True scores its test fold again)')
       results[m] = finished
     else:
@@ -563,7 +360,7 @@ def train_members(configs: Sequence[Any], workdirs: Sequence[str]
         for m in todo:  # One lock per workdir, held by the first host.
           if jax.process_index() == 0:
             stack.enter_context(lock_lib.WorkdirLock(workdirs[m]))
-        from hc_jax import trainer  # pylint: disable=import-outside-toplevel
+        from hc_jax.training import trainer  # pylint: disable=import-outside-toplevel
         trained = trainer.Trainer([configs[m] for m in todo],
                                   [workdirs[m] for m in todo]).run()
     except BaseException:

@@ -3,7 +3,7 @@
 The images are resized once, when HC18 is prepared (`hc_jax.prepare`), and
 again by `hc_jax.predict` for new scans, with the same op, so a model sees
 the same input at training and at inference. Augmentation is not here: it
-runs in JAX inside the jitted training step (`hc_jax.augment`).
+runs in JAX inside the jitted training step (`hc_jax.data.augment`).
 
 The ops work on one image `[H, W, C]`, eagerly and inside tf.data; the
 tests check that the two agree.
@@ -11,7 +11,7 @@ tests check that the two agree.
 
 import tensorflow as tf
 
-from hc_jax.augment import ZSCORE_EPS
+from hc_jax.data.augment import ZSCORE_EPS
 
 RESIZE_MODES = ('stretch', 'letterbox')
 

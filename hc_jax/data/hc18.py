@@ -12,7 +12,7 @@ The layout (Zenodo record 1327317):
 It collects every problem instead of stopping at the first, so a broken copy
 is reported in one go; conversions that are safe (an RGB scan to grayscale)
 are done with a warning that names the file. The TFDS builder
-(`hc_jax.hc18_tfds`) and the NumPy export both stand on it.
+(`hc_jax.data.hc18_tfds`) and the NumPy export both stand on it.
 """
 
 import csv
@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 from PIL import UnidentifiedImageError
 
-from hc_jax import ellipse as ellipse_lib
-from hc_jax import folds
+from hc_jax.data import ellipse as ellipse_lib
+from hc_jax.data import folds
 
 SPLITS = {
     'train': ('training_set', 'training_set_pixel_size_and_HC.csv'),
@@ -322,7 +322,7 @@ def default_dir() -> str | None:
   """Where HC18 is on this machine: $HC18_DIR, else ../shared/hc18 beside the
   checkout, else None."""
   candidates = [os.environ.get('HC18_DIR'),
-                os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
+                os.path.join(os.path.dirname(__file__), '..', '..', '..', 'shared',
                              'hc18')]
   for path in candidates:
     if path and os.path.isfile(

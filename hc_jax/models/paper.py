@@ -1,44 +1,16 @@
-"""Regression CNNs that map a 2D ultrasound image to a head circumference.
-
-The architectures follow Zhang et al., "Direct estimation of fetal head
-circumference from ultrasound images based on regression CNN" (MIDL 2020):
-the paper's two small custom CNNs ("263K" and "1M", both `PaperCNN`) and two
-standard backbones (VGG16, ResNet50) with a one-unit regression head.
-
-Every model takes a batch of single-channel images in NHWC layout,
-`[batch, height, width, 1]` (height and width need not be equal), and returns
-a float32 vector `[batch]`: one linear unit with no activation, so the output
-is in whatever units the targets are in (normalised head circumference in
-practice).
-
-Every model has two further attributes:
-* `layers`: 'plain' (Flax's layers) or 'fast' (`hc_jax.fast_layers`, tuned
-  for XLA:CPU; the same variables, values and gradients). All layers come from
-  `hc_jax.layers.Layers`; `create_model` and `from_config` turn 'auto' into
-  'fast' on a CPU backend and 'plain' elsewhere.
-* `dtype`: the compute dtype (float32 or bfloat16). Parameters, BatchNorm
-  statistics, the regression head and the output stay float32.
-
-BatchNorm uses batch statistics when `train=True` (apply with
-`mutable=['batch_stats']`) and running statistics when `train=False`. Dropout
-is active only when `train=True` and then needs a 'dropout' rng.
-
-Models are looked up by their config name in `MODELS`; `create_model` does the
-lookup with a clear error for an unknown name, and `from_config` builds the
-model a training config asks for.
+"""The paper's regression CNNs: its two small custom CNNs ("263K" and "1M",
+both `PaperCNN`) and two standard backbones (VGG16, ResNet50) with a one-unit
+regression head (Zhang et al., MIDL 2020). `hc_jax.models` registers them.
 """
 
 import functools
-import math
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
-from hc_jax import hcnet
-from hc_jax import hcnet_mask
-from hc_jax import layers as layers_lib
+from hc_jax.models import layers as layers_lib
 
 ModuleDef = Any
 
@@ -78,7 +50,7 @@ class PaperCNN(nn.Module):
   Attributes:
     conv_features: Output channels of each convolution block.
     dense_features: Units of each hidden Dense layer; at least one.
-    layers: 'plain' or 'fast' (see `hc_jax.layers`).
+    layers: 'plain' or 'fast' (see `hc_jax.models.layers`).
     dtype: Compute dtype; parameters, the head and the output stay float32.
   """
 
@@ -173,7 +145,7 @@ class VGG16(nn.Module):
   Attributes:
     batch_norm: Whether to put BatchNorm (Flax defaults: momentum 0.99,
       epsilon 1e-5) between each convolution and its ReLU, as in `vgg16_bn`.
-    layers: 'plain' or 'fast' (see `hc_jax.layers`).
+    layers: 'plain' or 'fast' (see `hc_jax.models.layers`).
     dtype: Compute dtype of the convolution stack.
   """
 
@@ -283,7 +255,7 @@ class ResNet50(nn.Module):
   (`mean - bias`). Keras' ResNet50 is v1 (stride on the first 1x1
   convolution) with BatchNorm epsilon 1.001e-5; the kernel shapes are the
   same, and `keras_v1=True` makes the model compute what Keras' does with the
-  same weights (see `hc_jax.pretrained`). The stem pool pads one pixel on each
+  same weights (see `hc_jax.models.pretrained`). The stem pool pads one pixel on each
   side, like Keras' `ZeroPadding2D(1)` before its pool.
 
   With one input channel the model has 23,503,809 parameters at any input size.
@@ -295,7 +267,7 @@ class ResNet50(nn.Module):
     keras_v1: Whether to place the strides (on the first 1x1 convolution of a
       block) and set the BatchNorm epsilon (1.001e-5) like Keras' ResNet50, for
       its pretrained weights. Same parameters either way.
-    layers: 'plain' or 'fast' (see `hc_jax.layers`).
+    layers: 'plain' or 'fast' (see `hc_jax.models.layers`).
   """
 
   output_kind: ClassVar[str] = 'hc'  # One normalised HC per image.
@@ -338,115 +310,3 @@ class ResNet50(nn.Module):
     return _regression_output(x)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    'cnn_263k': CNN263K,
-    'cnn_1m': CNN1M,
-    'vgg16': VGG16,
-    'resnet50': ResNet50,
-    'hcnet': hcnet.HCNet,  # hc_jax/hcnet.py: the normalised HC, bounded.
-    'hcnet_ellipse': hcnet.HCNetEllipse,  # An ellipse; hc_jax/ellipse_head.py.
-    'hcnet_mask': hcnet_mask.HCNetMask,  # A head mask; hc_jax/mask_head.py.
-}
-
-# What a model's output is, as each model class declares it
-# (`output_kind`): 'hc', one normalised HC per image `[B]`; 'ellipse', six
-# raw ellipse values `[B, 6]` (hc_jax/ellipse_head.py); 'mask', a head-mask
-# logit map with its moments' geometry (a dict, hc_jax/mask_head.py).
-OUTPUT_KINDS = ('hc', 'ellipse', 'mask')
-
-
-def output_kind(model: Any) -> str:
-  """The declared output kind of a model: a `MODELS` name, class, module or
-  config (its `model`)."""
-  if isinstance(model, str):
-    name = model
-  elif isinstance(model, type) or isinstance(model, nn.Module):
-    name = None
-  else:
-    name = model.model
-  cls = model if isinstance(model, type) else (
-      type(model) if name is None else MODELS.get(name))
-  if cls is None:
-    raise ValueError(f'Unknown model {name!r}; known models: '
-                     f'{", ".join(sorted(MODELS))}.')
-  kind = getattr(cls, 'output_kind', None)
-  if kind not in OUTPUT_KINDS:
-    raise ValueError(f'model {cls.__name__} declares no output_kind (one of '
-                     f'{", ".join(OUTPUT_KINDS)})')
-  return kind
-
-
-def create_model(name: str, layers: str = 'auto', **kwargs) -> nn.Module:
-  """Builds the model registered under a config name.
-
-  Args:
-    name: A key of `MODELS`, e.g. 'cnn_263k'.
-    layers: 'plain', 'fast' or 'auto' ('fast' on a CPU backend, 'plain' on
-      others); see `hc_jax.layers`.
-    **kwargs: Further module attributes, e.g. `batch_norm=True` for 'vgg16' or
-      `dtype=jnp.bfloat16`.
-
-  Returns:
-    The unbound Flax module, its `layers` 'plain' or 'fast'.
-
-  Raises:
-    ValueError: If `name` is not a key of `MODELS` or `layers` is unknown.
-  """
-  if name not in MODELS:
-    raise ValueError(
-        f'Unknown model {name!r}; known models: {", ".join(sorted(MODELS))}.')
-  return MODELS[name](layers=layers_lib.resolve(layers), **kwargs)
-
-
-def from_config(config: Any) -> nn.Module:
-  """Builds the model a training config asks for.
-
-  Reads `config.model` (a key of `MODELS`), `config.dtype` ('float32' or
-  'bfloat16'), `config.layers` ('auto' if absent; see `create_model`) and
-  `config.init_from`: when it names pretrained weights, ResNet50 is built with
-  `keras_v1=True`, as Keras' weights need (see `hc_jax.pretrained`).
-
-  Args:
-    config: An `ml_collections.ConfigDict`, or any object with attribute
-      access and `.get(key, default)`.
-
-  Returns:
-    The unbound Flax module.
-
-  Raises:
-    ValueError: For an unknown model, dtype or layer set.
-  """
-  dtype = config.get('dtype', 'float32')
-  if dtype not in DTYPES:
-    raise ValueError(f'Unknown dtype {dtype!r}; choose one of: '
-                     f'{", ".join(DTYPES)}.')
-  kwargs = {'dtype': DTYPES[dtype]}
-  if config.model == 'resnet50' and config.get('init_from'):
-    kwargs['keras_v1'] = True  # Keras' stride placement and epsilon.
-  options = config.get('model_options') or {}
-  if hasattr(options, 'to_dict'):  # An ml_collections.ConfigDict.
-    options = options.to_dict()
-  fields = MODELS[config.model].__dataclass_fields__ if (
-      config.model in MODELS) else {}
-  unknown = sorted(set(options) - set(fields) - {'parent', 'name'})
-  if unknown:
-    known = sorted(set(fields) - {'parent', 'name', 'layers', 'dtype'})
-    raise ValueError(f'model_options {unknown} are not fields of '
-                     f'{config.model!r}; it has {known}')
-  for key, value in options.items():
-    kwargs[key] = tuple(value) if isinstance(value, list) else value
-  return create_model(config.model, layers=config.get('layers', 'auto'),
-                      **kwargs)
-
-
-def count_params(params: Any) -> int:
-  """Counts the scalars in a pytree of arrays.
-
-  Args:
-    params: A pytree of arrays or `jax.ShapeDtypeStruct`s, e.g.
-      `variables['params']` or the output of `jax.eval_shape`.
-
-  Returns:
-    The total number of elements over all leaves.
-  """
-  return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))

@@ -3,7 +3,7 @@
 An ellipse model (`hcnet.HCNetEllipse`, 'hcnet_ellipse') returns six raw
 values per image. `decode` turns them into an ellipse
 `[cx, cy, a, b, angle]` in MODEL-INPUT pixels (the conventions of
-`hc_jax.augment`: x the column, y the row, pixel centres at integers, the
+`hc_jax.data.augment`: x the column, y the row, pixel centres at integers, the
 angle turning +x towards +y; a lies along the angle, and a >= b is not
 imposed). Every raw vector, however large, decodes to a valid ellipse:
 
@@ -39,7 +39,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from hc_jax import augment
+from hc_jax.data import augment
 
 # Smallest and largest semi-axis, in quarters of the mean side; the largest
 # is 25 times the image, far beyond any head, so it only keeps absurd raw
@@ -207,7 +207,7 @@ def train_loss(raw: jax.Array, ellipse_true: jax.Array, resize: jax.Array,
                hc_true_target: jax.Array, normaliser_px: jax.Array,
                image_hw: tuple[int, int], base_loss, weight: float
                ) -> jax.Array:
-  """The loss of one batch of an ellipse model, as `hc_jax.train` uses it.
+  """The loss of one batch of an ellipse model, as `hc_jax.training.train` uses it.
 
   Args:
     raw: `[B, 6]` model outputs.
@@ -249,7 +249,7 @@ def predict_ellipse(raw: jax.Array, resize: jax.Array, height: int,
 
   Returns:
     {'ellipse_px': `[B, 5]` `[cx, cy, a, b, angle]` in original pixels
-    (a >= b, angle in [0, pi), angle as in `hc_jax.augment`), 'hc_px': `[B]`,
+    (a >= b, angle in [0, pi), angle as in `hc_jax.data.augment`), 'hc_px': `[B]`,
     'ellipse_in': `[B, 5]` in model-input pixels}; with `pixel_size_mm` also
     'ellipse_mm' (centre and semi-axes times the pixel size, angle unchanged)
     and 'hc_mm'.

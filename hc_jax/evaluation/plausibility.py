@@ -1,9 +1,9 @@
 """How well predict's statuses single out bad predictions, on CV test folds.
 
-  python -m hc_jax.plausibility --root=runs/grid [--hc18_dir=DIR]
+  python -m hc_jax.evaluation.plausibility --root=runs/grid [--hc18_dir=DIR]
 
 For every finished `ROOT/<config>/fold<k>` run, the run's own predictor
-(`hc_jax.inference.load`, exactly what `python -m hc_jax.predict` uses) is
+(`hc_jax.evaluation.inference.load`, exactly what `python -m hc_jax.predict` uses) is
 applied to the scans of its test fold, read from the HC18 copy, and each
 prediction's status ('ok', 'implausible', 'refused') is set beside its error
 against the reference HC. Per configuration the table counts, for errors
@@ -15,24 +15,24 @@ that have not seen the scan (e.g. seeds of one fold), which a 5-fold grid
 does not have; it is not measured here.
 """
 
-import argparse
 import os
 import sys
 from typing import Any, Sequence
 
 import numpy as np
 
-from hc_jax import aggregate
-from hc_jax import hc18
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import hc18
+from hc_jax.evaluation import aggregate
 
 THRESHOLDS_MM = (5.0, 10.0, 20.0)
 
 
 def fold_statuses(run: str, images_dir: str) -> dict[str, np.ndarray]:
   """The predictor's statuses and errors on one run's test fold."""
-  from hc_jax import inference  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
   predictions = aggregate.read_predictions(
-      os.path.join(run, aggregate.PREDICTIONS_FILE))
+      os.path.join(run, workdir_lib.PREDICTIONS_FILE))
   predictor = inference.load(run)
   images = []
   for name in predictions['filename']:
@@ -96,7 +96,7 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   from hc_jax import cli  # pylint: disable=import-outside-toplevel
-  parser = cli.ArgumentParser(prog='python -m hc_jax.plausibility',
+  parser = cli.ArgumentParser(prog='python -m hc_jax.evaluation.plausibility',
                               description=__doc__.splitlines()[0])
   parser.add_argument('--root', required=True, help='a grid directory')
   parser.add_argument('--hc18_dir', default=None,

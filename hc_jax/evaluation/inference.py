@@ -15,16 +15,16 @@ checkpoint (`hc_jax.runs`); the optimiser state is never read.
 Each model declares its output kind (`models.output_kind`). A label model
 ('hc') returns `[B]`, the normalised HC (times the run's `normaliser_px`: HC
 in px). An ellipse model ('ellipse', `hcnet_ellipse`) returns `[B, 6]`,
-decoded by `hc_jax.ellipse_head.decode`; a mask model ('mask',
+decoded by `hc_jax.models.ellipse_head.decode`; a mask model ('mask',
 `hcnet_mask`) returns a head mask whose moments give the ellipse
-(`hc_jax.mask_head`), and a quality signal, the soft IoU of the mask and
+(`hc_jax.models.mask_head`), and a quality signal, the soft IoU of the mask and
 that ellipse, below `min_quality` of which a prediction is 'uncertain'. Both
 give the head's ellipse in model-input pixels, from which its HC in pixels of
 the ORIGINAL image follows through each image's own resize geometry
 (`prepare.resize_geometry` of its size, the run's input shape and resize
 mode). Ellipses are `[center_x, center_y, semi_axis_a, semi_axis_b,
 angle_rad]`, x the column and y the row, a >= b, the angle of a from +x
-towards +y in [0, pi), as `hc_jax.ellipse.Ellipse`.
+towards +y in [0, pi), as `hc_jax.data.ellipse.Ellipse`.
 
 The HC of an ellipse model, as of a label model, is the mean over the runs
 of each run's HC (with `tta_flip`, the mean over the scan and its mirror).
@@ -39,7 +39,7 @@ runs' SD in mm is above `max_sd_mm`, or a mask model's quality below
 plausible range: HC18's span, the training range where recorded, each
 widened by `RANGE_MARGIN`, and in px what fits in the image); or 'refused'
 (a (nearly) constant image, one smaller than the model input, or one that
-does not look like an ultrasound scan: `hc_jax.scan_likeness`, e.g. noise,
+does not look like an ultrasound scan: `hc_jax.evaluation.scan_likeness`, e.g. noise,
 a photograph, a drawing).
 """
 
@@ -52,10 +52,11 @@ import warnings
 
 import numpy as np
 
-from hc_jax import ellipse as ellipse_lib
-from hc_jax import runs as runs_lib
-from hc_jax import scan_files
-from hc_jax import scan_likeness
+from hc_jax import log
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import ellipse as ellipse_lib
+from hc_jax.evaluation import scan_files
+from hc_jax.evaluation import scan_likeness
 
 BATCH_SIZE = 32
 # HC of the HC18 training set, min and max; a head outside it is outside what
@@ -75,14 +76,13 @@ DEFAULT_MAX_SD_MM = 10.0
 DEFAULT_MIN_QUALITY = 0.959
 # A scan's pixel values vary; below this SD (grey levels) there is no image.
 MIN_PIXEL_SD = 1.0
-# Inference builds every model with Flax's own layers: `hc_jax.fast_layers`
+# Inference builds every model with Flax's own layers: `hc_jax.models.fast_layers`
 # only speeds up training on a CPU, and the plain layers run on any backend.
 LAYERS = 'plain'
 
-PredictError = runs_lib.PredictError
 
 
-# Reading and preparing scans on all cores (`hc_jax.scan_files`).
+# Reading and preparing scans on all cores (`hc_jax.evaluation.scan_files`).
 available_cores = scan_files.available_cores  # pylint: disable=invalid-name
 parallel_map = scan_files.parallel_map  # pylint: disable=invalid-name
 
@@ -392,7 +392,7 @@ class Predictor:
           out = {k: np.asarray(x) for k, x in
                  self._forward(variables, batch).items()}
           if out['value'].shape[1:] != value.shape[3:]:
-            raise PredictError(
+            raise workdir_lib.PredictError(
                 f'the model returns {list(out["value"].shape)} for a batch '
                 f'of {BATCH_SIZE}; its kind {self.kind!r} needs '
                 f'{[BATCH_SIZE] + list(value.shape[3:])}')
@@ -412,7 +412,7 @@ class Predictor:
 
   def _resize(self, images) -> np.ndarray:
     """[N, 4] resize geometry of each image into the model input."""
-    from hc_jax import prepare  # pylint: disable=import-outside-toplevel
+    from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
     original_hw = np.array([np.shape(image)[:2] for image in images],
                            np.int64).reshape(-1, 2)
     return prepare.resize_geometry(np.maximum(original_hw, 1),
@@ -424,7 +424,7 @@ class Predictor:
     The points are the centres of the mask cells inside (p >= 0.5) with a
     4-neighbour outside, mapped through the image's resize geometry.
     """
-    from hc_jax import mask_head  # pylint: disable=import-outside-toplevel
+    from hc_jax.models import mask_head  # pylint: disable=import-outside-toplevel
     stride, cells = self.mask_grid
     rows, cols = masks.shape[1:]
     x, y = (np.asarray(a, np.float64) for a in
@@ -449,7 +449,7 @@ class Predictor:
     the mean over the views.
     """
     # pylint: disable=import-outside-toplevel
-    from hc_jax import ellipse_head
+    from hc_jax.models import ellipse_head
     num_views, num_runs, num_images = ellipse_in.shape[:3]
     width = self.input_shape[1]
     ellipse_in = np.array(ellipse_in, np.float64)
@@ -482,8 +482,8 @@ def load(workdir: str | None = None, model_options: dict | None = None,
       shipped model `model`.
     model_options: model fields to set other than as trained, which change
       no parameter (e.g. a mask model's `moments`), or None.
-    model: the name of a shipped model (`shipped.names()`); None with no
-      `workdir`: `shipped.DEFAULT_MODEL`.
+    model: the name of a shipped model (`archive_lib.names()`); None with no
+      `workdir`: `archive_lib.DEFAULT_MODEL`.
 
   Returns:
     A `Predictor`.
@@ -492,15 +492,15 @@ def load(workdir: str | None = None, model_options: dict | None = None,
     PredictError: no run at `workdir`, an unfinished run, an ensemble of
       mismatched runs, an unreadable config, results or checkpoint file.
   """
-  from hc_jax import shipped  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import archive as archive_lib
   if workdir is not None and model is not None:
-    raise runs_lib.PredictError('give a workdir or a shipped model, not both')
+    raise workdir_lib.PredictError('give a workdir or a shipped model, not both')
   archive = None
-  if workdir is None or shipped.is_archive(workdir):
-    archive = shipped.read(model if workdir is None else workdir)
+  if workdir is None or archive_lib.is_archive(workdir):
+    archive = archive_lib.read(model if workdir is None else workdir)
     runs = archive.runs
   else:  # Before the heavy imports: fail fast.
-    runs = runs_lib.run_dirs(workdir)
+    runs = workdir_lib.run_dirs(workdir)
     _warn_if_training(runs)
   # pylint: disable=import-outside-toplevel
   import jax
@@ -508,16 +508,16 @@ def load(workdir: str | None = None, model_options: dict | None = None,
   import ml_collections
   import tensorflow as tf
   from hc_jax import models
-  from hc_jax import prepare
-  from hc_jax import preprocess
+  from hc_jax.data import prepare
+  from hc_jax.data import preprocess
   if archive:
     configs, results = archive.configs, archive.results
   else:
-    configs = runs_lib.read_configs(runs)
-    results = [runs_lib.read_json(os.path.join(run, 'results.json'))
+    configs = workdir_lib.read_configs(runs)
+    results = [workdir_lib.read_json(os.path.join(run, 'results.json'))
                for run in runs]
-  normalisers_px = runs_lib.normalisers_px(runs, results)
-  train_hc_mm, train_hc_px = runs_lib.training_ranges(results)
+  normalisers_px = workdir_lib.normalisers_px(runs, results)
+  train_hc_mm, train_hc_px = workdir_lib.training_ranges(results)
   config_path = archive.path if archive else os.path.join(runs[0],
                                                          'config.json')
   try:
@@ -545,11 +545,11 @@ def load(workdir: str | None = None, model_options: dict | None = None,
     mask_grid = ((model.stride, model.margin // model.stride)
                  if kind == 'mask' else None)
   except Exception as e:  # pylint: disable=broad-except  # Any config error.
-    raise runs_lib.PredictError(
-        f'{config_path}: cannot build the model ({runs_lib.error_line(e)})'
+    raise workdir_lib.PredictError(
+        f'{config_path}: cannot build the model ({log.error_line(e)})'
     ) from None
   variables = [archive.variables(i, abstract) if archive else
-               runs_lib.restore_variables(run, abstract)
+               workdir_lib.restore_variables(run, abstract)
                for i, run in enumerate(runs)]
   _hide_gpus_from_tf(tf)
 
@@ -574,7 +574,7 @@ def load(workdir: str | None = None, model_options: dict | None = None,
 def _warn_if_training(runs: Sequence[str]) -> None:
   """Warns (once per run) when a process is training into a run now: its
   best checkpoint and results.json may be replaced while they are read."""
-  from hc_jax import lock  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import lock  # pylint: disable=import-outside-toplevel
   for run in runs:
     who = lock.holder(run)
     if who:
@@ -592,7 +592,7 @@ def _forward_of(model, kind: str, height: int, width: int):
   """
   # pylint: disable=import-outside-toplevel
   import jax
-  from hc_jax import ellipse_head
+  from hc_jax.models import ellipse_head
 
   def forward(variables, images):
     out = model.apply(variables, images, train=False)

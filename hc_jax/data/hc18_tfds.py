@@ -1,6 +1,6 @@
 """HC18 as a TensorFlow Datasets builder.
 
-  from hc_jax import hc18_tfds
+  from hc_jax.data import hc18_tfds
   builder = hc18_tfds.build(manual_dir='path/to/hc18', data_dir='~/tfds')
   train = builder.as_dataset(split='train')
 
@@ -8,7 +8,7 @@ The builder reads a manual directory in the Zenodo layout (folders
 `training_set/` and `test_set/`, or the Zenodo zips `training_set.zip` and
 `test_set.zip`, beside the two CSVs) and, without one, downloads those files
 from Zenodo record 1327317. Every file is checked before anything is written
-(`hc_jax.hc18.scan`); a bad copy ends the build with one error listing every
+(`hc_jax.data.hc18.scan`); a bad copy ends the build with one error listing every
 bad file, and TFDS's incomplete-directory rename leaves nothing half written.
 """
 
@@ -18,7 +18,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hc_jax import hc18
+from hc_jax.data import hc18
 
 _DESCRIPTION = """
 HC18: 2D fetal ultrasound scans with the sonographer's head-circumference
@@ -140,7 +140,7 @@ def _locate_files(dl_manager) -> tuple[str, dict[str, str]]:
       raise ValueError(
           f'Could not download HC18 from Zenodo ({type(e).__name__}: '
           f'{" ".join(str(e).split())}). Downloads are verified against '
-          'hc_jax/checksums.tsv (see its header).'
+          'hc_jax/data/checksums.tsv (see its header).'
           f'{" ".join(_MANUAL_INSTRUCTIONS.split())}') from None
     return _from_download(paths)
   image_dirs = {}
@@ -192,6 +192,6 @@ def build(manual_dir: str | None, data_dir: str | None = None,
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=manual_dir,
         compute_stats=tfds.download.ComputeStatsMode.SKIP,
-        # Zenodo downloads must match hc_jax/checksums.tsv (size, sha256).
+        # Zenodo downloads must match hc_jax/data/checksums.tsv (size, sha256).
         force_checksums_validation=True))
   return builder

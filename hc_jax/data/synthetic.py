@@ -15,7 +15,7 @@ contiguous subject ranges are visibly unbalanced.
 
 This module needs only numpy and PIL (no TensorFlow, no JAX). Run it as
 
-  python -m hc_jax.synthetic --out /tmp/hc18_phantom --num_train 40 --num_test 10
+  python -m hc_jax.data.synthetic --out /tmp/hc18_phantom --num_train 40 --num_test 10
 """
 
 import argparse
@@ -27,7 +27,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from hc_jax.ellipse import ramanujan_perimeter
+from hc_jax.data.ellipse import ramanujan_perimeter
 
 IMAGE_WIDTH = 800
 IMAGE_HEIGHT = 540

@@ -3,16 +3,18 @@
 A workdir is one run (it holds config.json) or a directory of runs (a fold
 ensemble: `fold0/` ... `fold4/`). This module finds them, reads and checks
 their config.json and results.json, and restores the model's parameters and
-batch statistics from each run's best checkpoint; `hc_jax.inference` builds
+batch statistics from each run's best checkpoint; `hc_jax.evaluation.inference` builds
 the predictor on top.
 """
 
 import json
 import math
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+from hc_jax import log
 
 # Fields that must agree between the runs of an ensemble: they share one
 # model and one preprocessing.
@@ -27,12 +29,6 @@ TRAIN_RANGE_KEYS = ('train_hc_mm_min', 'train_hc_mm_max', 'train_hc_px_min',
 
 class PredictError(ValueError):
   """A usage, configuration or model error (the command line exits 2)."""
-
-
-def error_line(error: BaseException) -> str:
-  """An exception as one line: 'TypeName: message'."""
-  text = ' '.join(str(error).split())
-  return f'{type(error).__name__}: {text}' if text else type(error).__name__
 
 
 def run_dirs(workdir: str) -> list[str]:
@@ -77,7 +73,7 @@ def read_json(path: str) -> dict:
     with open(path, encoding='utf-8') as f:
       value = json.load(f)
   except (OSError, UnicodeDecodeError, ValueError) as e:
-    raise PredictError(f'{path}: cannot be read ({error_line(e)})') from None
+    raise PredictError(f'{path}: cannot be read ({log.error_line(e)})') from None
   if not isinstance(value, dict):
     raise PredictError(f'{path}: expected a JSON object')
   return value
@@ -197,7 +193,7 @@ def restore_variables(run: str, abstract_variables: dict) -> dict:
   # pylint: disable=import-outside-toplevel
   import jax
   import orbax.checkpoint as ocp
-  from hc_jax import checkpoint
+  from hc_jax.training import checkpoint
   step_dir = best_checkpoint(run)
   try:
     checkpoint.verify(step_dir)  # Sizes and CRC32s, where recorded.
@@ -217,7 +213,7 @@ def restore_variables(run: str, abstract_variables: dict) -> dict:
             item=target, restore_args=restore_args, partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except  # orbax, tensorstore.
     raise PredictError(f'checkpoint {state_dir} cannot be read, it may be '
-                       f'truncated or corrupt ({error_line(e)[:300]})'
+                       f'truncated or corrupt ({log.error_line(e)[:300]})'
                        ) from None
   expected = jax.tree_util.tree_flatten_with_path(target)[0]
   try:
@@ -234,3 +230,42 @@ def restore_variables(run: str, abstract_variables: dict) -> dict:
           f'needs {tuple(leaf.shape)}')
   return jax.tree.map(lambda leaf, value: np.asarray(value, leaf.dtype),
                       target, restored)
+
+
+METRICS_FILE = 'metrics.jsonl'
+RESULTS_FILE = 'results.json'
+PREDICTIONS_FILE = 'predictions_test.csv'
+CONFIG_FILE = 'config.json'
+
+
+def read_run_config(workdir: str) -> dict[str, Any] | None:
+  """The config.json of a run in `workdir` (None when there is none).
+
+  Raises:
+    ValueError: config.json is there but unreadable.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path} is unreadable ({type(e).__name__}: '
+                     f'{" ".join(str(e).split())}); move {workdir} away to '
+                     'start over') from None
+  if not isinstance(saved, dict):
+    raise ValueError(f'{path} holds no config; move {workdir} away to start '
+                     'over')
+  return saved
+
+
+def flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  """A nested dict (a config) as {'a.b': value}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat

@@ -18,9 +18,9 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 from typing import Any
+from hc_jax import log
 
 LOCK_FILE = '.lock'
 # A lock from another host is taken over after this long (its holder cannot be
@@ -33,10 +33,6 @@ _UNWRITTEN_GRACE_S = 30.0
 
 class LockedError(ValueError):
   """The workdir is locked by another live process."""
-
-
-def _warn(message: str) -> None:
-  print(f'warning: {message}', file=sys.stderr, flush=True)
 
 
 def _process_start(pid: int) -> str | None:
@@ -130,7 +126,7 @@ class WorkdirLock:
         if current != content:
           continue  # Another process took it over or re-locked: look again.
         os.unlink(self.path)
-      _warn(f'took over the lock of {self.workdir}: {reason}')
+      log.warn(f'took over the lock of {self.workdir}: {reason}')
     raise LockedError(f'could not lock {self.workdir}: {self.path} keeps '
                       'changing; is another process starting there?')
 

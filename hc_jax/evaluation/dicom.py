@@ -56,9 +56,10 @@ from pydicom import pixels as dicom_pixels
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import utils as pixel_utils
 
-from hc_jax import hc18
-from hc_jax import runs
-from hc_jax import scan_files
+from hc_jax import log
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import hc18
+from hc_jax.evaluation import scan_files
 
 DICOM_EXTENSIONS = ('.dcm', '.dicom')
 # Spacings in x and y further apart than this (relative) are anisotropic.
@@ -129,16 +130,16 @@ def image_paths(specs: Sequence[str]) -> dict[str, str]:
                     if scan_files.is_scan_name(n)
                     or is_dicom(os.path.join(folder, n))]
         if not found:
-          raise runs.PredictError(f'{item} holds no PNG or DICOM scans')
+          raise workdir_lib.PredictError(f'{item} holds no PNG or DICOM scans')
         paths += found
         roots.append(os.path.abspath(item))
       elif not os.path.lexists(item):  # A usage error, not a CSV row.
-        raise runs.PredictError(f'--images {item} does not exist')
+        raise workdir_lib.PredictError(f'--images {item} does not exist')
       else:
         paths.append(item)
         roots.append(os.path.dirname(os.path.abspath(item)))
   if not paths:
-    raise runs.PredictError('--images names no files')
+    raise workdir_lib.PredictError('--images names no files')
   root = os.path.commonpath(roots)
   return {os.path.relpath(os.path.abspath(path), root): path for path in paths}
 
@@ -149,10 +150,6 @@ def _open(path: str):
   except OSError as e:
     # pylint: disable-next=protected-access
     raise DicomError(hc18._os_error_reason(path, e)) from None
-
-
-def _one_line(error: Exception) -> str:
-  return f'{type(error).__name__}: {" ".join(str(error).split())}'
 
 
 def read_info(path: str) -> Info:
@@ -172,14 +169,14 @@ def read_info(path: str) -> Info:
       raise DicomError("not a DICOM file (no 'DICM' marker after the "
                        '128-byte preamble)') from None
     except Exception as e:  # pylint: disable=broad-except  # Any bad header.
-      raise DicomError(f'corrupt or truncated DICOM header ({_one_line(e)})'
+      raise DicomError(f'corrupt or truncated DICOM header ({log.error_line(e)})'
                        ) from None
   try:
     return _check(ds, pixel_offset, size)
   except DicomError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # Malformed values.
-    raise DicomError(f'invalid DICOM header ({_one_line(e)})') from None
+    raise DicomError(f'invalid DICOM header ({log.error_line(e)})') from None
 
 
 def _check(ds: pydicom.Dataset, pixel_offset: int, size: int) -> Info:
@@ -240,7 +237,7 @@ def read_frame(path: str, index: int = 0) -> tuple[np.ndarray, str | None]:
                        '128-byte preamble)') from None
     except Exception as e:  # pylint: disable=broad-except  # Any decoder's.
       raise DicomError(f'frame {index} cannot be decoded: corrupt, truncated '
-                       f'or unsupported pixel data ({_one_line(e)})') from None
+                       f'or unsupported pixel data ({log.error_line(e)})') from None
   return to_grayscale(pixels, str(header.get('PhotometricInterpretation', '')),
                       int(header.get('BitsStored') or pixels.itemsize * 8),
                       bool(header.get('PixelRepresentation', 0)))

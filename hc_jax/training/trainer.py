@@ -1,6 +1,6 @@
 """The training loop behind `train.train_members`: epochs, checkpoints, scores.
 
-A `Trainer` holds a run of M members (see `hc_jax.train`): their data
+A `Trainer` holds a run of M members (see `hc_jax.training.train`): their data
 (`hc_jax.data`), the stacked train state, one `checkpoint.Checkpoints` and
 one `checkpoint.MetricWriter` per member workdir. Each epoch it trains every
 member still alive, scores each on its validation part, keeps the best epoch
@@ -17,15 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hc_jax import augment as augment_lib
-from hc_jax import checkpoint
-from hc_jax import data as data_lib
-from hc_jax import layers as layers_lib
+from hc_jax import log
 from hc_jax import losses
-from hc_jax import metrics as metrics_lib
 from hc_jax import models
-from hc_jax import prepare
-from hc_jax import train
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import augment as augment_lib
+from hc_jax.data import pipeline as data_lib
+from hc_jax.data import prepare
+from hc_jax.evaluation import metrics as metrics_lib
+from hc_jax.models import layers as layers_lib
+from hc_jax.training import checkpoint
+from hc_jax.training import step as step_lib
 
 P = jax.sharding.PartitionSpec
 LOG_EVERY_SECONDS = 30.0
@@ -43,10 +45,6 @@ def _read_diverged(workdir: str) -> int:
     return 0
   with open(path) as f:
     return int(json.load(f)['epoch'])
-
-
-def _log(message: str) -> None:
-  print(message, flush=True)
 
 
 def _eta(seconds: float) -> str:
@@ -67,7 +65,7 @@ class Trainer:
     self.data = data_lib.load(configs, workdirs, jax.process_index(),
                               jax.process_count())
     self.rescore_only = all(c.get('rescore', False) and os.path.isfile(
-        os.path.join(w, train.RESULTS_FILE)) for c, w in zip(configs, workdirs))
+        os.path.join(w, workdir_lib.RESULTS_FILE)) for c, w in zip(configs, workdirs))
     self._check_same_data()
     loss_keys = [(c.loss, c.huber_delta if c.loss == 'huber' else None)
                  for c in configs]
@@ -82,37 +80,37 @@ class Trainer:
         'normaliser_px': jnp.asarray(self.data.normaliser_px)},
                                   self.replicated)
     self.num_epochs = config.num_epochs
-    model = train.create_model(config)
-    tx = train.create_optimizer(config, int(self.data.steps.max()))
-    self.init_states = [train.create_train_state(config, model, k[0], tx)
+    model = step_lib.create_model(config)
+    tx = step_lib.create_optimizer(config, int(self.data.steps.max()))
+    self.init_states = [step_lib.create_train_state(config, model, k[0], tx)
                         for k in keys]
     if config.get('init_from'):
-      from hc_jax import pretrained  # pylint: disable=import-outside-toplevel
+      from hc_jax.models import pretrained  # pylint: disable=import-outside-toplevel
       self.init_states = [pretrained.load_into(s, config.init_from,
                                                config.model)
                           for s in self.init_states]
-      _log(f'initialised from {config.init_from}')
+      log.info(f'initialised from {config.init_from}')
     self.augment = augment_lib.AugmentConfig.from_dict(config.augment)
     how = config.members_per_call
     self.candidates = ('vmap', 'map') if how == 'auto' else (how,)
     self.how = None if how == 'auto' and len(configs) > 1 else self.candidates[0]
-    loss_of, hc_of = train.output_functions(config)
+    loss_of, hc_of = step_lib.output_functions(config)
     if models.output_kind(config) == 'hc':
       loss_of = hc_of = None
     self.step_fns = {c: functools.partial(
-        train.members_train_step, loss_fns=self.loss_fns, augment=self.augment,
+        step_lib.members_train_step, loss_fns=self.loss_fns, augment=self.augment,
         how=c, loss_of=loss_of) for c in self.candidates}
     self.steps = {c: jax.jit(fn, donate_argnums=(0,))
                   for c, fn in self.step_fns.items()}
     self.predict_fn = jax.jit(functools.partial(
-        train.members_predict, how='vmap', hc_of=hc_of),
+        step_lib.members_predict, how='vmap', hc_of=hc_of),
                               out_shardings=self.replicated)
 
   def _check_same_data(self) -> None:
     """Raises ValueError when a workdir's run trained on other data than the
     data found now (its config.json records the source's digests)."""
     for workdir in self.workdirs:
-      saved = train.read_run_config(workdir) or {}
+      saved = workdir_lib.read_run_config(workdir) or {}
       for key in ('source_digest', 'content_digest'):
         before, now = saved.get(key), self.data.info.get(key)
         if before and now and before != now:
@@ -127,7 +125,7 @@ class Trainer:
     run any more)."""
     for member, workdir in zip(self.configs, self.workdirs):
       os.makedirs(workdir, exist_ok=True)
-      data_lib.save_json(os.path.join(workdir, train.CONFIG_FILE), {
+      data_lib.save_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), {
           **member.to_dict(),
           **{key: self.data.info.get(key)
              for key in ('source_digest', 'content_digest')},
@@ -221,7 +219,7 @@ class Trainer:
         jax.block_until_ready(loss)
         self.compiled = True
         self.compile_seconds = time.time() - self.compile_started
-        _log(f'compiled in {self.compile_seconds:.0f} s')
+        log.info(f'compiled in {self.compile_seconds:.0f} s')
       losses_.append(loss)
       actives.append(active)
       self._progress(epoch, i, loss)
@@ -241,7 +239,7 @@ class Trainer:
       times[how] = (time.perf_counter() - start) / AUTO_PROBE_STEPS
     self.how = min(times, key=times.get)
     self.step_ms = {k: round(v * 1e3, 2) for k, v in times.items()}
-    _log('members_per_call=auto: ' + ', '.join(
+    log.info('members_per_call=auto: ' + ', '.join(
         f'{k} {v} ms per step' for k, v in self.step_ms.items()) +
          f' -> {self.how}')
     return state
@@ -255,7 +253,7 @@ class Trainer:
     done = (epoch - 1 - self.start_epoch) * steps + i + 1
     total = (self.num_epochs - self.start_epoch) * steps
     rate = done / max(now - self.loop_started, 1e-9)
-    _log(f'epoch {epoch}/{self.num_epochs} step {i + 1}/{steps} loss '
+    log.info(f'epoch {epoch}/{self.num_epochs} step {i + 1}/{steps} loss '
          f'{float(loss.mean()):.4g} '
          f'{rate * self.data.batch_size * len(self.configs):.3g} img/s ETA '
          f'{_eta((total - done) / rate)}')
@@ -264,14 +262,14 @@ class Trainer:
     config, data = self.config, self.data
     state = self._restore()
     self._write_run_files()
-    _log(self._describe())
-    _log(f'{models.count_params(self.init_states[0].params):,} parameters '
+    log.info(self._describe())
+    log.info(f'{models.count_params(self.init_states[0].params):,} parameters '
          'per member')
     if self.start_epoch:
-      _log(f'resuming after epoch {self.start_epoch}')
+      log.info(f'resuming after epoch {self.start_epoch}')
     if (config.model in GPU_MODELS and jax.default_backend() == 'cpu' and
         self.start_epoch < self.num_epochs):
-      _log(f'{config.model} on a CPU is GPU work: several minutes to compile, '
+      log.info(f'{config.model} on a CPU is GPU work: several minutes to compile, '
            'then about a day for 250 epochs (see the README)')
     writers = [checkpoint.MetricWriter(w, resume_epoch=self.start_epoch)
                for w in self.workdirs]
@@ -279,7 +277,7 @@ class Trainer:
     self.compile_seconds = 0.0
     self.compile_started = self.loop_started = self.last_log = time.time()
     if self.start_epoch < self.num_epochs:
-      _log('compiling the training step...')
+      log.info('compiling the training step...')
     last_save = time.time()
     epoch = self.start_epoch
     while epoch < self.num_epochs:
@@ -293,7 +291,7 @@ class Trainer:
         step = int(np.argmax(bad[:, m])) + 1
         news.append(f'loss is {step_losses[step - 1, m]} at step '
                     f'{(epoch - 1) * data.steps[m] + step} (epoch {epoch})')
-        _log(f'{self.workdirs[m]}: {news[-1]}; frozen, scored with epoch '
+        log.info(f'{self.workdirs[m]}: {news[-1]}; frozen, scored with epoch '
              f'{self.best[m]["epoch"]} (selected on validation before)')
       if (self.diverged > 0).all():
         raise FloatingPointError(
@@ -325,11 +323,11 @@ class Trainer:
             {'epoch': epoch, 'best': self.best[m]}, is_best=is_best,
             latest=save_latest)
         if len(self.configs) == 1:
-          _log(f'epoch {epoch}: val {metrics_lib.format_errors(errors)}'
+          log.info(f'epoch {epoch}: val {metrics_lib.format_errors(errors)}'
                f'{" *" if is_best else ""} '
                f'({time.time() - epoch_start:.1f} s)')
       if len(self.configs) > 1:
-        _log(f'epoch {epoch}/{self.num_epochs} ({time.time() - epoch_start:.1f}'
+        log.info(f'epoch {epoch}/{self.num_epochs} ({time.time() - epoch_start:.1f}'
              ' s): val MAE mm ' + ', '.join(
                  f'{errors["mae_mm"]:.2f}' for errors in val_errors))
       if save_latest:
@@ -340,7 +338,7 @@ class Trainer:
       elif (config.time_budget_s and epoch < self.num_epochs and
             time.time() - self.started + 2 * (time.time() - epoch_start) >
             config.time_budget_s):
-        _log(f'stopping after epoch {epoch}: the next would pass '
+        log.info(f'stopping after epoch {epoch}: the next would pass '
              f'time_budget_s={config.time_budget_s}')
         self.num_epochs = epoch
     for ck in self.checkpoints:
@@ -351,7 +349,7 @@ class Trainer:
     left = self.config.time_budget_s - (time.time() - self.started)
     fit = int(1 + max(0, (left - 2 * epoch_seconds) // epoch_seconds))
     if fit < self.num_epochs:
-      _log(f'time_budget_s={self.config.time_budget_s}: {epoch_seconds:.1f} s '
+      log.info(f'time_budget_s={self.config.time_budget_s}: {epoch_seconds:.1f} s '
            f'per epoch, {fit} of {self.num_epochs} epochs fit')
       self.num_epochs = fit
 
@@ -375,14 +373,14 @@ class Trainer:
       keep = index[m][mask[m]] if scored[m] else None
       if not scored[m]:
         if config.score_test:
-          _log(f'{workdir}: diverged in epoch {self.diverged[m]} before any '
+          log.info(f'{workdir}: diverged in epoch {self.diverged[m]} before any '
                'validation; no test figures')
         plain, errors = None, {}
       else:
         plain = self._errors(test, m)
         errors = {f'test_{k}': v for k, v in plain.items()}
         metrics_lib.write_predictions(
-            os.path.join(workdir, train.PREDICTIONS_FILE),
+            os.path.join(workdir, workdir_lib.PREDICTIONS_FILE),
             metrics_lib.prediction_rows(
                 arrays['filename'][keep], arrays['subject_id'][keep],
                 arrays['pixel_size_mm'][keep], arrays['hc_px'][keep],
@@ -404,14 +402,14 @@ class Trainer:
               train_index])) for unit in ('mm', 'px')
              for stat, fn in (('min', np.min), ('max', np.max))},
           **errors}
-      data_lib.save_json(os.path.join(workdir, train.RESULTS_FILE), result)
+      data_lib.save_json(os.path.join(workdir, workdir_lib.RESULTS_FILE), result)
       if errors and not self.rescore_only:
         writers[m].write({'epoch': self.num_epochs,
                           'step': int(self.num_epochs * self.data.steps[m]),
                           **errors})
       writers[m].close()
       if errors:
-        _log(f'{workdir}: test fold {config.fold} (epoch '
+        log.info(f'{workdir}: test fold {config.fold} (epoch '
              f'{self.best[m]["epoch"]} selected on validation): '
              f'{metrics_lib.format_errors(plain)}')
       results.append(result)

@@ -22,8 +22,8 @@ import warnings
 
 import numpy as np
 
-from hc_jax import hc18
-from hc_jax import runs
+from hc_jax import workdir as workdir_lib
+from hc_jax.data import hc18
 
 # What the command line writes beside a scan's name for its overlay; such
 # files are never taken for scans.
@@ -91,14 +91,14 @@ def image_paths(specs: Sequence[str]) -> dict[str, str]:
           found += [os.path.join(folder, n) for n in sorted(names)
                     if is_scan_name(n)]
         if not found:
-          raise runs.PredictError(f'{item} holds no PNG scans')
+          raise workdir_lib.PredictError(f'{item} holds no PNG scans')
         paths += found
         roots.append(os.path.abspath(item))
       else:
         paths.append(item)
         roots.append(os.path.dirname(os.path.abspath(item)))
   if not paths:
-    raise runs.PredictError('--images names no files')
+    raise workdir_lib.PredictError('--images names no files')
   root = os.path.commonpath(roots)
   return {os.path.relpath(os.path.abspath(path), root): path for path in paths}
 
@@ -121,7 +121,7 @@ def read_pixel_sizes(path: str) -> dict[str, float]:
       contradictory duplicate rows; the message names the file and line.
   """
   if not os.path.isfile(path):
-    raise runs.PredictError(f'pixel-size CSV {path} does not exist')
+    raise workdir_lib.PredictError(f'pixel-size CSV {path} does not exist')
   rows, line = [], 0
   try:
     with open(path, newline='', encoding='utf-8-sig') as f:
@@ -131,18 +131,18 @@ def read_pixel_sizes(path: str) -> dict[str, float]:
         if any(cell.strip() for cell in row):
           rows.append((line, row))
   except UnicodeDecodeError as e:
-    raise runs.PredictError(f'pixel-size CSV {path} is not UTF-8 text (byte '
+    raise workdir_lib.PredictError(f'pixel-size CSV {path} is not UTF-8 text (byte '
                             f'{e.start} cannot be decoded)') from None
   except csv.Error as e:
-    raise runs.PredictError(f'pixel-size CSV {path} line {line + 1}: '
+    raise workdir_lib.PredictError(f'pixel-size CSV {path} line {line + 1}: '
                             f'malformed ({e})') from None
   except OSError as e:
-    raise runs.PredictError(f'pixel-size CSV {path} cannot be read '
+    raise workdir_lib.PredictError(f'pixel-size CSV {path} cannot be read '
                             f'({e.strerror or e})') from None
   if rows and not _parses_as_number(rows[0][1][1:2]):
     rows = rows[1:]  # The header.
   if not rows:
-    raise runs.PredictError(f'pixel-size CSV {path} holds no rows')
+    raise workdir_lib.PredictError(f'pixel-size CSV {path} holds no rows')
   sizes, first_line = {}, {}
   for line, row in rows:
     filename = row[0].strip()
@@ -151,12 +151,12 @@ def read_pixel_sizes(path: str) -> dict[str, float]:
       if not filename or not math.isfinite(size) or size <= 0:
         raise ValueError
     except (IndexError, ValueError):
-      raise runs.PredictError(
+      raise workdir_lib.PredictError(
           f'{path} line {line}: expected filename,pixel size(mm) with a '
           f'positive size, got {",".join(row)!r}') from None
     if filename in sizes:
       if sizes[filename] != size:
-        raise runs.PredictError(
+        raise workdir_lib.PredictError(
             f'{path} line {line}: {filename} has pixel size {size:g} mm, but '
             f'{sizes[filename]:g} mm on line {first_line[filename]}')
       warnings.warn(f'{path} line {line}: {filename} is listed again (same '
@@ -223,7 +223,7 @@ def pixel_sizes_of(files: dict[str, str], csv_path: str | None = None
 def check_writable(path: str, what: str) -> None:
   """Raises PredictError unless a file can be created in `path`'s folder."""
   if os.path.isdir(path):
-    raise runs.PredictError(f'{what} {path} is a directory; give a file name')
+    raise workdir_lib.PredictError(f'{what} {path} is a directory; give a file name')
   folder = os.path.dirname(os.path.abspath(path))
   try:
     os.makedirs(folder, exist_ok=True)
@@ -231,7 +231,7 @@ def check_writable(path: str, what: str) -> None:
     os.close(fd)
     os.remove(probe)
   except OSError as e:
-    raise runs.PredictError(f'{what} {path} cannot be written '
+    raise workdir_lib.PredictError(f'{what} {path} cannot be written '
                             f'({e.strerror or e})') from None
 
 
@@ -261,7 +261,7 @@ def write_csv(path: str, columns: Sequence[str], rows: Sequence[dict],
   except OSError as e:
     if os.path.exists(tmp):
       os.remove(tmp)
-    raise runs.PredictError(f'{what} {path} cannot be written '
+    raise workdir_lib.PredictError(f'{what} {path} cannot be written '
                             f'({e.strerror or e})') from None
 
 
@@ -322,14 +322,14 @@ def check_submission_inputs(files: dict[str, str],
   base name (the submission's filename)."""
   unknown = [name for name in files if pixel_sizes[name][1] is None]
   if unknown:
-    raise runs.PredictError(
+    raise workdir_lib.PredictError(
         f'--submission needs the pixel size of every image; none for '
         f'{some_names(unknown)} (give --pixel-sizes=CSV)')
   seen = {}
   for name in files:
     base = os.path.basename(name)
     if base in seen:
-      raise runs.PredictError(f'--submission needs distinct file names; '
+      raise workdir_lib.PredictError(f'--submission needs distinct file names; '
                               f'{seen[base]} and {name} are both {base}')
     seen[base] = name
 
@@ -351,7 +351,7 @@ def write_submission(path: str, ellipses_mm: dict[str, Sequence[float]]
   semi_axes_a_mm from its second axis, semi_axes_b_mm from its first and
   angle_rad = (-angle_deg * pi / 180) mod pi. Done on all 900 training
   annotations of the HC18 copy this was checked on, that recipe gives
-  `hc_jax.ellipse.fit_annotation`'s ellipse (the one behind the published
+  `hc_jax.data.ellipse.fit_annotation`'s ellipse (the one behind the published
   HC) exactly: the same centre (to 0.001 px), semi-axes (to 0.02 px, a >= b
   on every image) and angle (to 0.0001 rad on the 260 tilted, elongated
   ones), and its outline lies on the annotation's (0.39 px mean distance),

@@ -27,7 +27,7 @@ wide margin, and on images that are not scans
                         leaves two corners black whichever way it points;
                         photographs and gradients have no such background.
 
-The phantom scans of `hc_jax.synthetic` (what the tests and demos train and
+The phantom scans of `hc_jax.data.synthetic` (what the tests and demos train and
 predict on) are rendered as scans (fan, speckle, dark background) and count
 as scan-like: they pass every bound. What these statistics cannot tell from
 an ultrasound scan is another grey medical image with a black background

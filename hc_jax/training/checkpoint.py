@@ -30,7 +30,6 @@ import json
 import logging as std_logging
 import os
 import shutil
-import sys
 import threading
 import time
 import zlib
@@ -38,6 +37,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from hc_jax import log
 
 # Written in each step directory after orbax has finished it.
 MANIFEST_FILE = 'hc_jax_manifest.json'
@@ -55,19 +55,6 @@ class CheckpointError(ValueError):
 
 class UnverifiedError(CheckpointError):
   """A checkpoint has no manifest to check it against."""
-
-
-def _warn(message: str) -> None:
-  print(f'warning: {message}', file=sys.stderr, flush=True)
-
-
-def _reason(error: BaseException) -> str:
-  """One line saying what went wrong."""
-  lines = str(error).strip().splitlines()
-  text = lines[0] if lines else ''
-  if len(text) > 300:
-    text = text[:300] + '...'
-  return f'{type(error).__name__}: {text}' if text else type(error).__name__
 
 
 class _ToFile(std_logging.Filter):
@@ -150,7 +137,7 @@ def verify(step_dir: str) -> None:
     raise UnverifiedError(f'{step_dir} has no {MANIFEST_FILE}: its save was '
                           'cut short, so it cannot be verified') from None
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f'{path} is unreadable ({_reason(e)})') from None
+    raise CheckpointError(f'{path} is unreadable ({log.error_line(e)})') from None
   try:
     for relative, expected in sorted(files.items()):
       file = os.path.join(step_dir, relative)
@@ -164,7 +151,7 @@ def verify(step_dir: str) -> None:
         raise CheckpointError(f'{file} differs from what was written '
                               '(CRC32 mismatch)')
   except (OSError, KeyError, TypeError, AttributeError) as e:
-    raise CheckpointError(f'{step_dir} cannot be checked ({_reason(e)})'
+    raise CheckpointError(f'{step_dir} cannot be checked ({log.error_line(e)})'
                           ) from None
 
 
@@ -221,7 +208,7 @@ class Checkpoints:
                     os.path.join(self.directory, ORBAX_LOG)) else '')
       raise CheckpointError(
           f'could not save epoch {epoch} in {manager.directory} '
-          f'({_reason(e)}); the earlier checkpoints are kept{detail}'
+          f'({log.error_line(e)}); the earlier checkpoints are kept{detail}'
       ) from None
 
   def save(self, epoch: int, state, progress: dict[str, Any],
@@ -283,7 +270,7 @@ class Checkpoints:
             progress=ocp.args.JsonRestore()))
       return restored['state'], dict(restored['progress'])
     except Exception as e:  # pylint: disable=broad-except  # Any damage.
-      raise CheckpointError(f'{step_dir}: {_reason(e)}') from None
+      raise CheckpointError(f'{step_dir}: {log.error_line(e)}') from None
 
   def restore_latest(self, state, max_epoch: int | None = None):
     """Returns (state, progress) of the newest latest checkpoint that can be
@@ -314,11 +301,11 @@ class Checkpoints:
                    if i + 1 < len(steps) else
                    'starting over' if not failures else '')
         if instead:
-          _warn(f'not using the checkpoint of epoch {step}: {e}; {instead}')
+          log.warn(f'not using the checkpoint of epoch {step}: {e}; {instead}')
       except CheckpointError as e:
         failures.append(str(e))
         if i + 1 < len(steps):
-          _warn(f'cannot restore the checkpoint of epoch {step}: {e}; '
+          log.warn(f'cannot restore the checkpoint of epoch {step}: {e}; '
                 f'resuming from epoch {steps[i + 1]} instead')
     if failures:
       raise CheckpointError(
@@ -372,7 +359,7 @@ def _open_manager(directory: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'cannot open the checkpoints in {directory}: '
-                          f'{_reason(e)}') from None
+                          f'{log.error_line(e)}') from None
 
 
 def _delete(manager: ocp.CheckpointManager, step: int) -> None:
@@ -380,7 +367,7 @@ def _delete(manager: ocp.CheckpointManager, step: int) -> None:
     manager.delete(step)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'cannot delete checkpoint {step} in '
-                          f'{manager.directory}: {_reason(e)}') from None
+                          f'{manager.directory}: {log.error_line(e)}') from None
 
 
 def _join_orbax_threads(timeout_s: float) -> None:
@@ -445,7 +432,7 @@ class MetricWriter:
             continue
           kept.append(line if line.endswith('\n') else line + '\n')
       if dropped_torn:
-        _warn(f'dropped {dropped_torn} unreadable line(s) of {self.path}')
+        log.warn(f'dropped {dropped_torn} unreadable line(s) of {self.path}')
       self._rewrite(kept)
     try:  # TensorBoard events need TF's summary writer; the TF-free path skips.
       import tensorflow as tf  # pylint: disable=import-outside-toplevel

@@ -1,6 +1,6 @@
 """The output of a dense (mask) model: the head's ellipse by moments, in the graph.
 
-A mask model (`hc_jax.hcnet_mask.HCNetMask`, 'hcnet_mask') returns a head-mask
+A mask model (`hc_jax.models.hcnet_mask.HCNetMask`, 'hcnet_mask') returns a head-mask
 logit map on a grid of `stride` x `stride` cells over the model input (and a
 margin around it, so that a head cut by the image border can be completed).
 Everything from the map to millimetres is a pure, differentiable function
@@ -37,7 +37,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from hc_jax import augment
+from hc_jax.data import augment
 
 # The terms of `train_loss` (the config's `mask_loss` weights).
 LOSS_TERMS = ('bce', 'dice', 'hc', 'ellipse')
@@ -170,7 +170,7 @@ def shape_matrix(cov: jax.Array) -> jax.Array:
 def ellipse_from_moments(center: jax.Array, cov: jax.Array) -> jax.Array:
   """`[..., 5]` ellipses `[cx, cy, a, b, angle]` (a >= b, angle in [0, pi)).
 
-  In the conventions of `hc_jax.augment`: the angle turns +x towards +y and a
+  In the conventions of `hc_jax.data.augment`: the angle turns +x towards +y and a
   lies along it. For reporting and overlays; the HC uses
   `hc_px_from_moments`, which needs no eigenvectors.
   """
@@ -308,7 +308,7 @@ def train_loss(outputs: dict[str, jax.Array], ellipse_true: jax.Array,
                normaliser_px: jax.Array, stride: int, margin: int,
                base_loss: Callable[[jax.Array, jax.Array], jax.Array],
                weights: dict[str, float]) -> jax.Array:
-  """The loss of one batch of a mask model, as `hc_jax.train` uses it.
+  """The loss of one batch of a mask model, as `hc_jax.training.train` uses it.
 
   `weights['bce'] x BCE + weights['dice'] x (1 - Dice)` of the mask against
   the rendered (augmented) reference ellipse, `+ weights['hc'] x` the
@@ -330,7 +330,7 @@ def train_loss(outputs: dict[str, jax.Array], ellipse_true: jax.Array,
   Returns:
     The scalar loss.
   """
-  from hc_jax import ellipse_head  # pylint: disable=import-outside-toplevel
+  from hc_jax.models import ellipse_head  # pylint: disable=import-outside-toplevel
   logits = outputs['logits']
   rows, cols = logits.shape[-2:]
   true_in = ellipse_head.to_input_pixels(ellipse_true, resize)

@@ -1,0 +1,100 @@
+"""The package's layout: its import graph has no cycle, the top level holds
+the commands, and the run directory's file names have one owner."""
+
+import ast
+import os
+
+from conftest import REPO
+
+PACKAGE = os.path.join(REPO, 'hc_jax')
+# What may sit at the top level: the commands and what they share.
+TOP_LEVEL = {'__init__', 'cli', 'cpu', 'cv_score', 'grid', 'log', 'losses',
+             'main', 'plots', 'predict', 'prepare', 'shipped', 'workdir'}
+PACKAGES = {'data', 'evaluation', 'models', 'training'}
+
+
+def _modules() -> dict[str, str]:
+  """{dotted name: path} of every module of hc_jax."""
+  out = {}
+  for folder, _, names in os.walk(PACKAGE):
+    for name in names:
+      if name.endswith('.py'):
+        path = os.path.join(folder, name)
+        parts = os.path.relpath(path, REPO)[:-3].split(os.sep)
+        if parts[-1] == '__init__':
+          parts = parts[:-1]
+        out['.'.join(parts)] = path
+  return out
+
+
+def _imports(path: str, modules) -> set[str]:
+  """The hc_jax modules a file imports, at any depth (function-level
+  imports included): `from hc_jax.a import b` names module hc_jax.a.b where
+  there is one, else hc_jax.a."""
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names if a.name.startswith('hc_jax')}
+    elif isinstance(node, ast.ImportFrom) and node.module and (
+        node.module == 'hc_jax' or node.module.startswith('hc_jax.')):
+      for alias in node.names:
+        name = f'{node.module}.{alias.name}'
+        out.add(name if name in modules else node.module)
+  return out & set(modules)
+
+
+def _cycle(graph):
+  """One import cycle of `graph` as a list of modules, or None."""
+  state = {}
+
+  def visit(node, path):
+    state[node] = 'open'
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == 'open':
+        return path[path.index(nxt):] + [nxt]
+      if nxt not in state:
+        found = visit(nxt, path + [nxt])
+        if found:
+          return found
+    state[node] = 'done'
+    return None
+
+  for start in sorted(graph):
+    if start not in state:
+      found = visit(start, [start])
+      if found:
+        return found
+  return None
+
+
+def test_no_import_cycles():
+  modules = _modules()
+  graph = {name: _imports(path, modules) - {name}
+           for name, path in modules.items()}
+  # A package's __init__ runs before its submodules; a submodule importing a
+  # sibling through the package is not a cycle through __init__.
+  assert _cycle(graph) is None, ' -> '.join(_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+  assert _cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+  assert _cycle({'a': {'b'}, 'b': set()}) is None
+
+
+def test_the_top_level_holds_the_commands_and_the_packages():
+  names = {n[:-3] for n in os.listdir(PACKAGE) if n.endswith('.py')}
+  assert names == TOP_LEVEL
+  folders = {n for n in os.listdir(PACKAGE)
+             if os.path.isfile(os.path.join(PACKAGE, n, '__init__.py'))}
+  assert folders == PACKAGES
+
+
+def test_the_documented_entry_points_import():
+  # pylint: disable=import-outside-toplevel,unused-import
+  from hc_jax import cv_score, grid, losses, main, models, plots, predict
+  from hc_jax import prepare
+  assert callable(predict.load) and models.MODELS and losses.LOSSES
+  for command in (cv_score, grid, main, plots, predict, prepare):
+    assert callable(command.main)
