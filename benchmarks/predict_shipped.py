@@ -38,7 +38,8 @@ def _scans(hc18_dir: str | None, count: int) -> list[str]:
   if hc18_dir:
     paths = sorted(glob.glob(os.path.join(hc18_dir, 'test_set', '*HC.png')))
   if not paths:
-    paths = sorted(glob.glob(os.path.join(archive_lib.SAMPLE_IMAGES_DIR, '*.png')))
+    paths = sorted(
+        glob.glob(os.path.join(archive_lib.SAMPLE_IMAGES_DIR, '*.png')))
   return [paths[i % len(paths)] for i in range(count)]
 
 

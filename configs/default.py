@@ -31,7 +31,8 @@ def get_config():
   config.mask_loss.hc = 1.0
   config.mask_loss.ellipse = 0.0
   # Pretrained weights to start from ('' for none): a Keras ResNet50 .h5 or
-  # .keras file in the keras.applications layout (see hc_jax/models/pretrained.py).
+  # .keras file in the keras.applications layout (see
+  # hc_jax/models/pretrained.py).
   config.init_from = ''
 
   # Data.
@@ -66,7 +67,8 @@ def get_config():
   config.augment.flip = True
   config.augment.max_translate_px = 5.0
   config.augment.max_rotate_deg = 10.0
-  config.augment.scale_range = ml_collections.FieldReference(None, field_type=tuple)
+  config.augment.scale_range = ml_collections.FieldReference(None,
+                                                             field_type=tuple)
   # The HC label under augmentation. False (the paper's protocol): HC times
   # the zoom only, so the label does not change with a rotation; True: HC
   # moved with the warp exactly (under the stretch to a square a rotation

@@ -60,12 +60,10 @@ from hc_jax import log
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import folds as folds_lib
 from hc_jax.data import hc18
-from hc_jax.evaluation import aggregate
 from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import metrics
 
-FOLD_DIR = aggregate.FOLD_DIR
-FOLDS_FILE = 'folds.json'
+FOLD_DIR = workdir_lib.FOLD_DIR
 # One row per scored image (the CSV of --out), then one column per member.
 IMAGE_COLUMNS = ('fold', 'filename', 'subject_id', 'pixel_size_mm',
                  'hc_mm_true', 'hc_mm_pred', 'error_mm', 'hc_px_true',
@@ -115,17 +113,22 @@ def member_runs(root: str) -> dict[int, str]:
     return _archive_members(root)
   if not os.path.isdir(root):
     raise ScoreError(f'{root} does not exist')
-  if os.path.isfile(os.path.join(root, 'config.json')):
+  if os.path.isfile(os.path.join(root, workdir_lib.CONFIG_FILE)):
     candidates = [root]
   else:
-    candidates = list(aggregate.fold_dirs(root).values())
+    candidates = list(workdir_lib.fold_dirs(root).values())
     if not candidates:
       subdirs = sorted(name for name in os.listdir(root)
                        if os.path.isdir(os.path.join(root, name)))
-      configs = [name for name in subdirs if any(
-          FOLD_DIR.match(sub) for sub in os.listdir(os.path.join(root, name)))]
-      runs = [name for name in subdirs
-              if os.path.isfile(os.path.join(root, name, 'config.json'))]
+      configs = [
+          name for name in subdirs if any(
+              workdir_lib.FOLD_DIR.match(sub)
+              for sub in os.listdir(os.path.join(root, name)))
+      ]
+      runs = [
+          name for name in subdirs
+          if os.path.isfile(os.path.join(root, name, workdir_lib.CONFIG_FILE))
+      ]
       hint = (f'; it holds configs ({", ".join(configs[:5])}): pass one of '
               'them' if configs else
               f'; it holds runs ({", ".join(runs[:5])}): pass each as a '
@@ -137,7 +140,8 @@ def member_runs(root: str) -> dict[int, str]:
     folds = sorted({_fold_of(run) for run in runs_in(workdir)})
     if len(folds) > 1:
       raise ScoreError(f'{workdir} holds runs of folds {folds}; one fold each')
-    match = FOLD_DIR.match(os.path.basename(os.path.normpath(workdir)))
+    match = workdir_lib.FOLD_DIR.match(
+        os.path.basename(os.path.normpath(workdir)))
     if workdir != root and match and int(match[1]) != folds[0]:
       raise ScoreError(f'{workdir} holds a run of fold {folds[0]}, not '
                        f'{match[1]}')
@@ -176,7 +180,7 @@ def _config(run: str) -> dict:
   """A run's config (its config.json, or a shipped member's)."""
   if archive_lib.is_archive(run):
     return _archive(run).configs[0]
-  return workdir_lib.read_json(os.path.join(run, 'config.json'))
+  return workdir_lib.read_json(os.path.join(run, workdir_lib.CONFIG_FILE))
 
 
 def runs_in(workdir: str) -> list[str]:
@@ -197,14 +201,15 @@ def runs_in(workdir: str) -> list[str]:
 def _fold_of(run: str) -> int:
   fold = _config(run).get('fold')
   if isinstance(fold, bool) or not isinstance(fold, int):
-    raise ScoreError(f'{os.path.join(run, "config.json")} has no integer fold')
+    raise ScoreError(
+        f'{os.path.join(run, workdir_lib.CONFIG_FILE)} has no integer fold')
   return fold
 
 
 def member_label(root: str) -> str:
   """A member's short name: its directory, or the config above `fold<k>`."""
   parts = os.path.normpath(os.path.abspath(root)).split(os.sep)
-  if FOLD_DIR.match(parts[-1]) and len(parts) > 1:
+  if workdir_lib.FOLD_DIR.match(parts[-1]) and len(parts) > 1:
     return parts[-2]
   return parts[-1]
 
@@ -241,9 +246,9 @@ def read_assignment(run: str, hc18_dir: str | None = None
     except (KeyError, TypeError, ValueError) as e:
       raise ScoreError(f'{run}: its folds cannot be drawn again '
                        f'({log.error_line(e)})') from None
-  path = os.path.join(run, FOLDS_FILE)
+  path = os.path.join(run, workdir_lib.FOLDS_FILE)
   if not os.path.isfile(path):
-    raise ScoreError(f'{run} has no {FOLDS_FILE}')
+    raise ScoreError(f'{run} has no {workdir_lib.FOLDS_FILE}')
   try:
     return folds_lib.FoldAssignment.from_json(path)
   except (OSError, ValueError, KeyError, TypeError) as e:
@@ -298,13 +303,15 @@ def check_members(roots: Sequence[str], unseen_test_ok: bool = False,
     other = read_assignment(run, hc18_dir)
     if (other.num_folds, other.images) != (assignment.num_folds,
                                            assignment.images):
-      raise ScoreError(f'{run}/{FOLDS_FILE} assigns the images to folds '
-                       f'differently from {all_runs[0]}/{FOLDS_FILE}; an '
-                       'ensemble needs one fold assignment')
+      raise ScoreError(
+          f'{run}/{workdir_lib.FOLDS_FILE} assigns the images to folds '
+          f'differently from {all_runs[0]}/{workdir_lib.FOLDS_FILE}; an '
+          'ensemble needs one fold assignment')
   for fold in members[0]:
     if not 0 <= fold < assignment.num_folds:
-      raise ScoreError(f'{members[0][fold]} is a run of fold {fold}, but its '
-                       f'{FOLDS_FILE} has {assignment.num_folds} folds')
+      raise ScoreError(
+          f'{members[0][fold]} is a run of fold {fold}, but its '
+          f'{workdir_lib.FOLDS_FILE} has {assignment.num_folds} folds')
   return members, assignment
 
 
@@ -319,8 +326,10 @@ def _source_digest(run: str) -> str | None:
     archive = _archive(run)
     documents = [archive.results[0], archive.configs[0]]
   else:
-    documents = [workdir_lib.read_json(os.path.join(run, name))
-                 for name in ('results.json', 'config.json')]
+    documents = [
+        workdir_lib.read_json(os.path.join(run, name))
+        for name in (workdir_lib.RESULTS_FILE, workdir_lib.CONFIG_FILE)
+    ]
   for document in documents:
     digest = document.get('source_digest')
     if digest:
@@ -332,7 +341,7 @@ def _configured_dir(run: str) -> str | None:
   """The HC18 directory a run's config names (or finds), or None."""
   data = _config(run).get('data', {})
   if data.get('source') == 'synthetic':  # Written into the run by training.
-    return os.path.join(run, 'data', 'hc18_synthetic')
+    return os.path.join(run, workdir_lib.SYNTHETIC_DIR)
   if data.get('hc18_dir') == 'download':
     return None
   return data.get('hc18_dir') or hc18.default_dir()

@@ -110,9 +110,14 @@ def stack_groups(runs: Sequence[tuple[Any, str]]) -> list[list[int]]:
   from hc_jax.training import train  # pylint: disable=import-outside-toplevel
   groups = {}
   for i, (config, _) in enumerate(runs):
-    key = json.dumps({k: v for k, v in workdir_lib.flatten(config.to_dict()).items()
-                      if k not in train.MEMBER_FIELDS}, sort_keys=True,
-                     default=str)
+    key = json.dumps(
+        {
+            k: v
+            for k, v in workdir_lib.flatten(config.to_dict()).items()
+            if k not in train.MEMBER_FIELDS
+        },
+        sort_keys=True,
+        default=str)
     groups.setdefault(key, []).append(i)
   return list(groups.values())
 
@@ -148,7 +153,8 @@ def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
   from hc_jax.training import train
   index, count = shard
   if not 0 <= index < count:
-    raise ValueError(f'--shard must be i/n with 0 <= i < n, got {index}/{count}')
+    raise ValueError(
+        f'--shard must be i/n with 0 <= i < n, got {index}/{count}')
   runs = plan(config_paths, folds, root, overrides, seeds)[index::count]
   done = {'trained': [], 'skipped': [], 'failed': []}
   pending = []

@@ -260,7 +260,7 @@ def images_dir(workdir: str, hc18_dir: str | None = None) -> str | None:
   with open(config_path) as f:
     data = json.load(f).get('data', {})
   if data.get('source') == 'synthetic':
-    found = os.path.join(workdir, 'data', 'hc18_synthetic')
+    found = os.path.join(workdir, workdir_lib.SYNTHETIC_DIR)
   elif data.get('hc18_dir') == 'download':
     return None
   else:
@@ -342,8 +342,11 @@ def configurations(root: str, config: str | None = None
     return [(label, [root])]
   if not os.path.isdir(root):
     raise ValueError(f'{root} does not exist')
-  if aggregate_lib.fold_dirs(root):
-    done = [w for w in aggregate_lib.fold_dirs(root).values() if aggregate_lib.finished(w)]
+  if workdir_lib.fold_dirs(root):
+    done = [
+        w for w in workdir_lib.fold_dirs(root).values()
+        if aggregate_lib.finished(w)
+    ]
     if not done:
       raise ValueError(f'{root} has no finished fold runs')
     return [(label, done)]

@@ -261,16 +261,19 @@ def _check_not_theirs(path: str, flag: str, header: str, args) -> None:
     with open(path, encoding='utf-8', errors='replace') as f:
       first = f.readline()
   except OSError as e:
-    raise workdir_lib.PredictError(f'{flag} {path} cannot be read ({e.strerror or e}); '
-                       'not overwritten') from None
+    raise workdir_lib.PredictError(
+        f'{flag} {path} cannot be read ({e.strerror or e}); '
+        'not overwritten') from None
   if first.startswith(header):
     return
   if args.workdir and os.path.realpath(path).startswith(
       os.path.realpath(args.workdir) + os.sep):
-    raise workdir_lib.PredictError(f'{flag} {path} is a file of the run directory '
-                       f'{args.workdir}; not overwritten (give a new name)')
-  raise workdir_lib.PredictError(f'{flag} {path} exists and is not a file hc_jax.predict '
-                     'wrote; not overwritten (give a new name)')
+    raise workdir_lib.PredictError(
+        f'{flag} {path} is a file of the run directory '
+        f'{args.workdir}; not overwritten (give a new name)')
+  raise workdir_lib.PredictError(
+      f'{flag} {path} exists and is not a file hc_jax.predict '
+      'wrote; not overwritten (give a new name)')
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None):
@@ -292,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.simplefilter('always', UserWarning)
     try:
       if not math.isfinite(args.max_sd_mm) or args.max_sd_mm < 0:
-        raise workdir_lib.PredictError(f'--max-sd-mm must be >= 0, got {args.max_sd_mm}')
+        raise workdir_lib.PredictError(
+            f'--max-sd-mm must be >= 0, got {args.max_sd_mm}')
       if not 0 <= args.min_quality <= 1:  # False for NaN.
         raise workdir_lib.PredictError(f'--min-quality must be in [0, 1], got '
                            f'{args.min_quality}')
@@ -301,9 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
           os.makedirs(args.overlays, exist_ok=True)
         except OSError as e:
-          raise workdir_lib.PredictError(f'--overlays {args.overlays} cannot be created '
-                             f'({e.strerror or e})') from None
-        scan_files.check_writable(os.path.join(args.overlays, 'probe.png'), '--overlays')
+          raise workdir_lib.PredictError(
+              f'--overlays {args.overlays} cannot be created '
+              f'({e.strerror or e})') from None
+        scan_files.check_writable(os.path.join(args.overlays, 'probe.png'),
+                                  '--overlays')
       if args.submission:
         scan_files.check_writable(args.submission, '--submission')
       if args.workdir and args.model:
@@ -311,15 +317,17 @@ def main(argv: Sequence[str] | None = None) -> int:
       if not args.images and not args.samples:
         raise workdir_lib.PredictError('no scans: give --images (or --samples)')
       if args.frame is not None and args.frame < 0:
-        raise workdir_lib.PredictError(f'--frame must be >= 0, got {args.frame}')
+        raise workdir_lib.PredictError(
+            f'--frame must be >= 0, got {args.frame}')
       files = dicom.image_paths((args.images or []) + (
           [archive_lib.SAMPLE_IMAGES_DIR] if args.samples else []))
       inputs = {os.path.realpath(path) for path in files.values()}
       for flag, target in (('--out', args.out),
                            ('--submission', args.submission)):
         if target and os.path.realpath(target) in inputs:
-          raise workdir_lib.PredictError(f'{flag} {target} is one of the input scans; '
-                             'not overwritten')
+          raise workdir_lib.PredictError(
+              f'{flag} {target} is one of the input scans; '
+              'not overwritten')
       _check_not_theirs(args.out, '--out', 'filename,pixel_size_mm', args)
       if args.submission:
         _check_not_theirs(args.submission, '--submission',
@@ -334,16 +342,18 @@ def main(argv: Sequence[str] | None = None) -> int:
       infos = dict(zip(dicoms, inference.parallel_map(dicom.read_info,
                                             [files[n] for n in dicoms])))
       if args.submission:
-        scan_files.check_submission_inputs(files, _known_pixel_sizes(pixel_sizes, infos))
+        scan_files.check_submission_inputs(
+            files, _known_pixel_sizes(pixel_sizes, infos))
       print(f'{len(files)} scan file(s): loading '
             f'{args.workdir or args.model or "the shipped model"} (JAX and '
             'TensorFlow start in about 10 s)...', file=sys.stderr, flush=True)
       predictor = (load(args.workdir) if args.workdir else
                    load(model=args.model))  # None: the default shipped one.
       if args.submission and not predictor.predicts_ellipse:
-        raise workdir_lib.PredictError('--submission needs a model that predicts the '
-                           f'ellipse; {args.workdir or args.model} predicts '
-                           'HC only')
+        raise workdir_lib.PredictError(
+            '--submission needs a model that predicts the '
+            f'ellipse; {args.workdir or args.model} predicts '
+            'HC only')
       rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args,
                                          infos)
       if getattr(predictor, 'trained_on_phantoms', False):
@@ -372,10 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'note: the model was trained on phantom scans, not HC18 '
           f'({PHANTOM_NOTE}): its HC says nothing about real scans')
   if args.submission and missing:
-    print(f'error: --submission {args.submission} not written: '
-          f'{scan_files.some_names(missing)} {"has" if len(missing) == 1 else "have"} '
-          f'no ellipse (refused or unreadable, see {args.out})',
-          file=sys.stderr)
+    print(
+        f'error: --submission {args.submission} not written: '
+        f'{scan_files.some_names(missing)} {"has" if len(missing) == 1 else "have"} '
+        f'no ellipse (refused or unreadable, see {args.out})',
+        file=sys.stderr)
   return EXIT_FLAGGED if flagged else EXIT_OK
 
 
@@ -457,7 +468,8 @@ def _predict_files(predictor: inference.Predictor, files: dict[str, str],
           pixel_size, source, no_mm = (info.pixel_size_mm, info.source,
                                        info.reason)
       elif csv_path and pixel_size is None:
-        row.update(status='error', message=f'no pixel size for it in {csv_path}')
+        row.update(status='error',
+                   message=f'no pixel size for it in {csv_path}')
         continue
       if infos:
         row['pixel_size_source'] = source
@@ -508,12 +520,13 @@ def _predict_files(predictor: inference.Predictor, files: dict[str, str],
               + scan_files.OVERLAY_SUFFIX)
           try:
             os.makedirs(os.path.dirname(overlay), exist_ok=True)
-            scan_files.write_overlay(image, _overlay_lines(row), overlay, ellipse,
-                          out['mask_outline'][i] if 'mask_outline' in out
-                          else None)
+            scan_files.write_overlay(
+                image, _overlay_lines(row), overlay, ellipse,
+                out['mask_outline'][i] if 'mask_outline' in out else None)
           except OSError as e:
-            raise workdir_lib.PredictError(f'overlay {overlay} cannot be written '
-                               f'({e.strerror or e})') from None
+            raise workdir_lib.PredictError(
+                f'overlay {overlay} cannot be written '
+                f'({e.strerror or e})') from None
     progress.update(len(rows))
   progress.done()
   return rows, ellipses_mm

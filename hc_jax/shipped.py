@@ -37,7 +37,7 @@ def pooled_cv(run_dirs: list[str]) -> dict | None:
   """
   errors_mm, errors_px, pmae, signed = [], [], [], []
   for run in run_dirs:
-    path = os.path.join(run, 'predictions_test.csv')
+    path = os.path.join(run, workdir_lib.PREDICTIONS_FILE)
     if not os.path.isfile(path):
       return None
     with open(path, newline='', encoding='utf-8') as f:
@@ -78,8 +78,9 @@ def export(workdir: str, out: str, name: str | None = None,
   from flax import traverse_util
   from hc_jax.evaluation import inference
   if storage_dtype not in ('float32', 'float16'):
-    raise workdir_lib.PredictError(f'storage dtype must be float32 or float16, got '
-                       f'{storage_dtype!r}')
+    raise workdir_lib.PredictError(
+        f'storage dtype must be float32 or float16, got '
+        f'{storage_dtype!r}')
   if os.path.exists(out):
     raise workdir_lib.PredictError(f'{out} exists; not overwritten')
   run_dirs = workdir_lib.run_dirs(workdir)
@@ -99,8 +100,10 @@ def export(workdir: str, out: str, name: str | None = None,
       'name': name or os.path.basename(out)[:-len(archive_lib.ARCHIVE_SUFFIX)],
       'members': members,
       'configs': workdir_lib.read_configs(run_dirs),
-      'results': [workdir_lib.read_json(os.path.join(run, 'results.json'))
-                  for run in run_dirs],
+      'results': [
+          workdir_lib.read_json(os.path.join(run, workdir_lib.RESULTS_FILE))
+          for run in run_dirs
+      ],
       'storage_dtype': storage_dtype,
       'cv': pooled_cv(run_dirs),
       'provenance': PROVENANCE,
@@ -118,8 +121,8 @@ def export(workdir: str, out: str, name: str | None = None,
   except OSError as e:
     if 'tmp' in locals() and os.path.exists(tmp):
       os.unlink(tmp)
-    raise workdir_lib.PredictError(f'{out} cannot be written ({e.strerror or e})'
-                       ) from None
+    raise workdir_lib.PredictError(
+        f'{out} cannot be written ({e.strerror or e})') from None
   return meta
 
 

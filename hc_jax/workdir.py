@@ -1,21 +1,37 @@
-"""Finished training runs, read back for prediction.
+"""A run directory: its file names and layout, the finished runs a workdir
+stands for, and what a run's files say (its config, normaliser and training
+HC range, its best checkpoint).
 
 A workdir is one run (it holds config.json) or a directory of runs (a fold
-ensemble: `fold0/` ... `fold4/`). This module finds them, reads and checks
-their config.json and results.json, and restores the model's parameters and
-batch statistics from each run's best checkpoint; `hc_jax.evaluation.inference` builds
-the predictor on top.
+ensemble: `fold0/` ... `fold4/`). Every file name of a run directory is
+defined here; `hc_jax.training` writes them, `hc_jax.evaluation` and the
+commands read them.
 """
 
 import json
 import math
 import os
 from typing import Any, Sequence
-
-import numpy as np
+import re
 
 from hc_jax import log
 
+# A run directory (the workdir of one run) holds:
+CONFIG_FILE = 'config.json'  # The config it trains with and its data digests.
+FOLDS_FILE = 'folds.json'  # The fold assignment.
+METRICS_FILE = 'metrics.jsonl'  # One line per epoch, and the test scores.
+TENSORBOARD_DIR = 'tensorboard'  # The same metrics as TensorBoard events.
+CHECKPOINTS_DIR = 'checkpoints'  # checkpoints/latest (resume), /best (kept).
+DIVERGED_FILE = 'diverged.json'  # Where a member's loss turned NaN.
+PREDICTIONS_FILE = 'predictions_test.csv'  # Per test image, once finished.
+RESULTS_FILE = 'results.json'  # Written last: the run is finished.
+LOCK_FILE = '.lock'  # Held by the process training into it.
+# A grid's directory of one config holds a run per fold: fold0/ ... fold4/.
+FOLD_DIR = re.compile(r'^fold(\d+)$')
+# The phantom scans a config with data.source='synthetic' writes for itself,
+# and the default cache of prepared arrays, under the workdir.
+SYNTHETIC_DIR = os.path.join('data', 'hc18_synthetic')
+DATA_CACHE_DIR = os.path.join('data', 'cache')
 # Fields that must agree between the runs of an ensemble: they share one
 # model and one preprocessing.
 ENSEMBLE_FIELDS = ('model', 'dtype', 'image_size', 'image_width',
@@ -46,18 +62,18 @@ def run_dirs(workdir: str) -> list[str]:
   """
   if not os.path.isdir(workdir):
     raise PredictError(f'workdir {workdir} does not exist')
-  if os.path.isfile(os.path.join(workdir, 'config.json')):
+  if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
     runs = [workdir]
   else:
     runs = sorted(
         os.path.join(workdir, name) for name in os.listdir(workdir)
-        if os.path.isfile(os.path.join(workdir, name, 'config.json')))
+        if os.path.isfile(os.path.join(workdir, name, CONFIG_FILE)))
     if not runs:
       raise PredictError(
           f'{workdir} is not a run (no config.json) and has no run '
           'subdirectories')
   for run in runs:
-    if not os.path.isfile(os.path.join(run, 'results.json')):
+    if not os.path.isfile(os.path.join(run, RESULTS_FILE)):
       raise PredictError(
           f'{run} has no results.json: training did not finish')
   return runs
@@ -73,7 +89,8 @@ def read_json(path: str) -> dict:
     with open(path, encoding='utf-8') as f:
       value = json.load(f)
   except (OSError, UnicodeDecodeError, ValueError) as e:
-    raise PredictError(f'{path}: cannot be read ({log.error_line(e)})') from None
+    raise PredictError(
+        f'{path}: cannot be read ({log.error_line(e)})') from None
   if not isinstance(value, dict):
     raise PredictError(f'{path}: expected a JSON object')
   return value
@@ -96,7 +113,7 @@ def read_configs(runs: Sequence[str]) -> list[dict]:
   configs = []
   for run in runs:
     config = {**CONFIG_DEFAULTS,
-              **read_json(os.path.join(run, 'config.json'))}
+              **read_json(os.path.join(run, CONFIG_FILE))}
     missing = [field for field in ENSEMBLE_FIELDS if field not in config]
     if missing:
       raise PredictError(f'{os.path.join(run, "config.json")} lacks '
@@ -160,7 +177,7 @@ def best_checkpoint(run: str) -> str:
   Raises:
     PredictError: when the run has none.
   """
-  best = os.path.join(os.path.abspath(run), 'checkpoints', 'best')
+  best = os.path.join(os.path.abspath(run), CHECKPOINTS_DIR, 'best')
   try:
     steps = [int(name) for name in os.listdir(best) if name.isdigit()]
   except OSError:
@@ -169,73 +186,6 @@ def best_checkpoint(run: str) -> str:
   if not steps:
     raise PredictError(f'{best} holds no finished checkpoint')
   return os.path.join(best, str(max(steps)))
-
-
-def restore_variables(run: str, abstract_variables: dict) -> dict:
-  """Restores {'params', 'batch_stats'} of a run's best checkpoint.
-
-  Only these two subtrees of the saved train state are read (orbax partial
-  restore), so the optimiser state, and any other field the state holds, is
-  neither needed nor read.
-
-  Args:
-    run: a run directory.
-    abstract_variables: the model's variables as `jax.ShapeDtypeStruct`s
-      (`jax.eval_shape` of `model.init`): the shapes the checkpoint must have.
-
-  Returns:
-    The variables as NumPy arrays, in the structure of `abstract_variables`.
-
-  Raises:
-    PredictError: no checkpoint, an unreadable (truncated, corrupt) one, or
-      one that does not hold this model's variables.
-  """
-  # pylint: disable=import-outside-toplevel
-  import jax
-  import orbax.checkpoint as ocp
-  from hc_jax.training import checkpoint
-  step_dir = best_checkpoint(run)
-  try:
-    checkpoint.verify(step_dir)  # Sizes and CRC32s, where recorded.
-  except ValueError as e:
-    raise PredictError(f'checkpoint of {run} is damaged: {e}') from None
-  state_dir = os.path.join(step_dir, 'state')
-  if not os.path.isdir(state_dir):
-    raise PredictError(f'{state_dir} is missing: not a checkpoint of this '
-                       'code, or an incomplete one')
-  target = {name: abstract_variables[name] for name in ('params', 'batch_stats')
-            if abstract_variables.get(name)}
-  restore_args = jax.tree.map(
-      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  try:
-    restored = ocp.PyTreeCheckpointer().restore(
-        state_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True))
-  except Exception as e:  # pylint: disable=broad-except  # orbax, tensorstore.
-    raise PredictError(f'checkpoint {state_dir} cannot be read, it may be '
-                       f'truncated or corrupt ({log.error_line(e)[:300]})'
-                       ) from None
-  expected = jax.tree_util.tree_flatten_with_path(target)[0]
-  try:
-    got = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
-  except Exception:  # pylint: disable=broad-except
-    got = {}
-  for path, leaf in expected:
-    value = got.get(path)
-    if value is None or np.shape(value) != tuple(leaf.shape):
-      raise PredictError(
-          f'checkpoint {state_dir} does not hold this model: '
-          f'{jax.tree_util.keystr(path)} is '
-          f'{"missing" if value is None else np.shape(value)}, the model '
-          f'needs {tuple(leaf.shape)}')
-  return jax.tree.map(lambda leaf, value: np.asarray(value, leaf.dtype),
-                      target, restored)
-
-
-METRICS_FILE = 'metrics.jsonl'
-RESULTS_FILE = 'results.json'
-PREDICTIONS_FILE = 'predictions_test.csv'
-CONFIG_FILE = 'config.json'
 
 
 def read_run_config(workdir: str) -> dict[str, Any] | None:
@@ -269,3 +219,14 @@ def flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
     else:
       flat[f'{prefix}{key}'] = value
   return flat
+
+
+def fold_dirs(config_dir: str) -> dict[int, str]:
+  """{fold: workdir} of the fold<k> directories of a config's directory
+  (a grid's ROOT/<config stem>)."""
+  found = {}
+  for name in os.listdir(config_dir):
+    match = FOLD_DIR.match(name)
+    if match and os.path.isdir(os.path.join(config_dir, name)):
+      found[int(match.group(1))] = os.path.join(config_dir, name)
+  return dict(sorted(found.items()))

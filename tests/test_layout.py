@@ -98,3 +98,28 @@ def test_the_documented_entry_points_import():
   assert callable(predict.load) and models.MODELS and losses.LOSSES
   for command in (cv_score, grid, main, plots, predict, prepare):
     assert callable(command.main)
+
+
+def test_the_run_directorys_file_names_are_written_in_workdir_only():
+  """Code elsewhere names them through `hc_jax.workdir` (docstrings and
+  messages may mention them)."""
+  from hc_jax import workdir  # pylint: disable=import-outside-toplevel
+  names = {workdir.CONFIG_FILE, workdir.FOLDS_FILE, workdir.METRICS_FILE,
+           workdir.TENSORBOARD_DIR, workdir.CHECKPOINTS_DIR,
+           workdir.DIVERGED_FILE, workdir.PREDICTIONS_FILE,
+           workdir.RESULTS_FILE, workdir.LOCK_FILE, 'hc18_synthetic'}
+  found = []
+  for module, path in _modules().items():
+    if module == 'hc_jax.workdir':
+      continue
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef,
+                                       ast.ClassDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr)}
+    found += [f'{path}:{node.lineno} {node.value!r}'
+              for node in ast.walk(tree)
+              if isinstance(node, ast.Constant) and node.value in names
+              and id(node) not in docstrings]
+  assert not found, found

@@ -12,10 +12,12 @@ import time
 import pytest
 
 from conftest import REPO
+from hc_jax import workdir as workdir_lib
 from hc_jax.training import lock
 
 HOLD = """
 import sys, time
+from hc_jax import workdir as workdir_lib
 from hc_jax.training import lock
 with lock.WorkdirLock(sys.argv[1]):
   print('locked', flush=True)
@@ -25,7 +27,7 @@ with lock.WorkdirLock(sys.argv[1]):
 
 def _write_lock(workdir, **record):
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, lock.LOCK_FILE), 'w') as f:
+  with open(os.path.join(workdir, workdir_lib.LOCK_FILE), 'w') as f:
     json.dump(record, f)
 
 
@@ -61,7 +63,7 @@ def test_second_process_stops_at_once_then_takes_over_after_a_kill(
   with lock.WorkdirLock(workdir) as held:  # The killed holder left its file.
     assert held.held
     assert f'pid {holder.pid} ' in capsys.readouterr().err
-  assert not os.path.exists(os.path.join(workdir, lock.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
 
 
 def test_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, capsys):
@@ -71,7 +73,7 @@ def test_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, capsys):
   assert held is not None
   err = capsys.readouterr().err
   assert 'took over the lock' in err and f'pid {pid} ' in err
-  with open(tmp_path / lock.LOCK_FILE) as f:
+  with open(tmp_path / workdir_lib.LOCK_FILE) as f:
     assert json.load(f)['pid'] == os.getpid()
   held.release()
 
@@ -106,7 +108,7 @@ def test_lock_from_another_host_expires(tmp_path, capsys, hours,
 
 
 def test_lock_file_being_written_holds_until_old(tmp_path):
-  path = tmp_path / lock.LOCK_FILE
+  path = tmp_path / workdir_lib.LOCK_FILE
   path.write_text('')
   with pytest.raises(lock.LockedError, match='being locked'):
     lock.WorkdirLock(str(tmp_path)).acquire()
@@ -117,7 +119,7 @@ def test_lock_file_being_written_holds_until_old(tmp_path):
 
 
 def test_release_on_exception_and_not_of_a_taken_over_lock(tmp_path):
-  path = tmp_path / lock.LOCK_FILE
+  path = tmp_path / workdir_lib.LOCK_FILE
   with pytest.raises(KeyError):
     with lock.WorkdirLock(str(tmp_path)):
       assert path.exists()
@@ -150,7 +152,7 @@ def test_holder_names_a_live_holder_and_only_reads(tmp_path):
   assert lock.holder(workdir) is None
   with lock.WorkdirLock(workdir):
     assert lock.holder(workdir).startswith(f'pid {os.getpid()} on host ')
-  path = os.path.join(workdir, lock.LOCK_FILE)
+  path = os.path.join(workdir, workdir_lib.LOCK_FILE)
   dead = subprocess.Popen(['true'])
   dead.wait()
   with open(path, 'w') as f:  # Left by a process that is gone.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from hc_jax import plots
+from hc_jax import workdir as workdir_lib
 from hc_jax.data import synthetic
 from hc_jax.evaluation import aggregate as aggregate_lib
 from hc_jax.evaluation import gestational_age
@@ -23,7 +24,7 @@ def _is_png(path):
 def _pooled(tmp_path):
   fake_grid(str(tmp_path / 'grid'))
   config_dir = str(tmp_path / 'grid' / 'good')
-  workdirs = list(aggregate_lib.fold_dirs(config_dir).values())
+  workdirs = list(workdir_lib.fold_dirs(config_dir).values())
   return workdirs, aggregate_lib.pool_predictions(workdirs)
 
 

@@ -479,7 +479,7 @@ def test_a_lock_that_cannot_be_written_names_its_file(tmp_path, monkeypatch):
   with pytest.raises(OSError) as error:
     lock.WorkdirLock(str(tmp_path)).acquire()
   assert error.value.errno == errno.ENOSPC
-  assert error.value.filename == str(tmp_path / lock.LOCK_FILE)
+  assert error.value.filename == str(tmp_path / workdir_lib.LOCK_FILE)
   assert not os.listdir(tmp_path)
 
 

@@ -321,9 +321,11 @@ def scan(root: str) -> dict[str, list[Record]]:
 def default_dir() -> str | None:
   """Where HC18 is on this machine: $HC18_DIR, else ../shared/hc18 beside the
   checkout, else None."""
-  candidates = [os.environ.get('HC18_DIR'),
-                os.path.join(os.path.dirname(__file__), '..', '..', '..', 'shared',
-                             'hc18')]
+  candidates = [
+      os.environ.get('HC18_DIR'),
+      os.path.join(os.path.dirname(__file__), '..', '..', '..', 'shared',
+                   'hc18')
+  ]
   for path in candidates:
     if path and os.path.isfile(
         os.path.join(path, 'training_set_pixel_size_and_HC.csv')):

@@ -146,7 +146,8 @@ def _locate_files(dl_manager) -> tuple[str, dict[str, str]]:
   image_dirs = {}
   for split, (folder, _) in hc18.SPLITS.items():
     zip_path = os.path.join(root, folder + '.zip')
-    if not os.path.isdir(os.path.join(root, folder)) and os.path.isfile(zip_path):
+    if not os.path.isdir(os.path.join(root,
+                                      folder)) and os.path.isfile(zip_path):
       image_dirs[split] = _images_in(os.fspath(dl_manager.extract(zip_path)),
                                      folder)
   return root, image_dirs

@@ -24,11 +24,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from hc_jax import workdir as workdir_lib
 from hc_jax.data import folds as folds_lib
 from hc_jax.data import hc18
 from hc_jax.data import prepare
 
-FOLDS_FILE = 'folds.json'
 TRAIN_FIELDS = ('image', 'ellipse', 'hc_px', 'resize')
 
 
@@ -40,7 +40,7 @@ def hc18_source_dir(config, workdir: str) -> str | None:
   """
   if config.data.source == 'synthetic':
     from hc_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-    root = os.path.join(workdir, 'data', 'hc18_synthetic')
+    root = os.path.join(workdir, workdir_lib.SYNTHETIC_DIR)
     if not os.path.isfile(os.path.join(root, hc18.SPLITS['test'][1])):
       synthetic.write_hc18(root, num_train=config.data.num_synthetic,
                            num_test=max(4, config.data.num_synthetic // 10),
@@ -92,7 +92,7 @@ def prepared_arrays(config, workdir: str
   root = hc18_source_dir(config, workdir)
   cache_dir = config.data.get('cache_dir', '')
   if config.data.source == 'synthetic':
-    cache_dir = os.path.join(workdir, 'data', 'cache')
+    cache_dir = os.path.join(workdir, workdir_lib.DATA_CACHE_DIR)
   return prepare.prepare(root, shape, config.resize_mode, cache_dir)
 
 
@@ -102,7 +102,7 @@ def fold_assignment(config, filenames, hc_mm, workdir: str
   assignment = folds_lib.assign_folds(
       list(filenames), [float(h) for h in hc_mm], num_folds=config.num_folds,
       val_fraction=config.val_fraction, seed=config.fold_seed)
-  path = os.path.join(workdir, FOLDS_FILE)
+  path = os.path.join(workdir, workdir_lib.FOLDS_FILE)
   if os.path.exists(path):
     saved = folds_lib.FoldAssignment.from_json(path)
     if saved != assignment:

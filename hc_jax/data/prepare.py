@@ -437,7 +437,7 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
       raise
     raise CacheError(f'cannot prepare HC18 in the cache {cache_dir} '
                      f'(--config.data.cache_dir): {text}') from None
-  log.status(f'prepared {len(arrays["images"])} scans in {time.time() - started:.0f}'
-       f' s: {path}')
+  log.status(
+      f'prepared {len(arrays["images"])} scans in {time.time() - started:.0f}'
+      f' s: {path}')
   return arrays, info
-

@@ -145,13 +145,15 @@ def ellipse_distance_px(rows, cols, center_x, center_y, a, b, angle_rad):
   """
   dx = cols - np.float32(center_x)
   dy = rows - np.float32(center_y)
-  cos_angle, sin_angle = np.float32(math.cos(angle_rad)), np.float32(math.sin(angle_rad))
+  cos_angle, sin_angle = np.float32(math.cos(angle_rad)), np.float32(
+      math.sin(angle_rad))
   along_major = dx * cos_angle + dy * sin_angle
   along_minor = -dx * sin_angle + dy * cos_angle
   normalised_radius = np.sqrt((along_major / a) ** 2 + (along_minor / b) ** 2)
   # |grad q| lies in [1 / max(a, b), 1 / min(a, b)]; clamping keeps the centre finite.
   gradient = np.sqrt((along_major / a**2) ** 2 + (along_minor / b**2) ** 2)
-  gradient = np.maximum(gradient / np.maximum(normalised_radius, 1e-6), 1.0 / max(a, b))
+  gradient = np.maximum(gradient / np.maximum(normalised_radius, 1e-6),
+                        1.0 / max(a, b))
   distance = (normalised_radius - 1.0) / gradient
   return distance.astype(np.float32), along_minor, normalised_radius
 
@@ -178,7 +180,8 @@ def _speckle(rng, height, width):
   """Unit-mean Rayleigh speckle, correlated over ~2 pixels by upsampling."""
   coarse_height, coarse_width = height // 2 + 1, width // 2 + 1
   uniform = rng.random((coarse_height, coarse_width), dtype=np.float32)
-  rayleigh = np.sqrt(-2.0 * np.log1p(-uniform)) * np.float32(math.sqrt(2.0 / math.pi))
+  rayleigh = np.sqrt(-2.0 * np.log1p(-uniform)) * np.float32(
+      math.sqrt(2.0 / math.pi))
   upsampled = Image.fromarray(rayleigh).resize((width, height), Image.BILINEAR)
   return np.asarray(upsampled, dtype=np.float32)
 
@@ -264,14 +267,17 @@ def _subject_heads(rng, num_subjects):
   Subjects are numbered by rising head size (with some noise), as in HC18.
   """
   hc_mm = np.sort(rng.uniform(*HC_MM_RANGE, size=num_subjects))
-  hc_mm = np.clip(hc_mm * (1.0 + rng.normal(0.0, 0.05, num_subjects)), *HC_MM_RANGE)
+  hc_mm = np.clip(hc_mm * (1.0 + rng.normal(0.0, 0.05, num_subjects)),
+                  *HC_MM_RANGE)
   aspect = rng.uniform(*ASPECT_RATIO_RANGE, size=num_subjects)
   perimeter_per_semi_major = ramanujan_perimeter(1.0, aspect)
   # Semi-major axes for which the pixel size stays in PIXEL_SIZE_MM_RANGE.
-  smallest = np.maximum(SEMI_MAJOR_PX_RANGE[0],
-                        hc_mm / (PIXEL_SIZE_MM_RANGE[1] * perimeter_per_semi_major))
-  largest = np.minimum(SEMI_MAJOR_PX_RANGE[1],
-                       hc_mm / (PIXEL_SIZE_MM_RANGE[0] * perimeter_per_semi_major))
+  smallest = np.maximum(
+      SEMI_MAJOR_PX_RANGE[0],
+      hc_mm / (PIXEL_SIZE_MM_RANGE[1] * perimeter_per_semi_major))
+  largest = np.minimum(
+      SEMI_MAJOR_PX_RANGE[1],
+      hc_mm / (PIXEL_SIZE_MM_RANGE[0] * perimeter_per_semi_major))
   semi_axis_a = rng.uniform(smallest, largest)
   semi_axis_b = aspect * semi_axis_a
   pixel_size_mm = hc_mm / ramanujan_perimeter(semi_axis_a, semi_axis_b)
@@ -283,15 +289,18 @@ def _place_head(rng, height, width, a, b, angle_rad):
   margin = 14.0
   half_extent_x = math.hypot(a * math.cos(angle_rad), b * math.sin(angle_rad))
   half_extent_y = math.hypot(a * math.sin(angle_rad), b * math.cos(angle_rad))
-  center_x = rng.uniform(half_extent_x + margin, width - 1 - half_extent_x - margin)
-  center_y = rng.uniform(half_extent_y + margin, height - 1 - half_extent_y - margin)
+  center_x = rng.uniform(half_extent_x + margin,
+                         width - 1 - half_extent_x - margin)
+  center_y = rng.uniform(half_extent_y + margin,
+                         height - 1 - half_extent_y - margin)
   return center_x, center_y
 
 
 def _split_records(seed, stream, num_images, multi_frame):
   """Ground truth of every image of one split, in file-name order."""
   rng = np.random.default_rng((seed, stream))
-  frame_counts = _frame_counts(rng, num_images) if multi_frame else [1] * num_images
+  frame_counts = _frame_counts(rng,
+                               num_images) if multi_frame else [1] * num_images
   semi_a, semi_b, pixel_sizes = _subject_heads(rng, len(frame_counts))
   sizes = iter(_image_sizes(rng, num_images))
   significant_digits = 9 if stream == _TRAIN_STREAM else 12  # As HC18's two CSVs.
@@ -299,10 +308,12 @@ def _split_records(seed, stream, num_images, multi_frame):
   for subject_id, num_frames in enumerate(frame_counts):
     angle_rad = rng.uniform(0.0, np.pi)
     for frame in range(1, num_frames + 1):
-      a, b, pixel_size_mm = semi_a[subject_id], semi_b[subject_id], pixel_sizes[subject_id]
+      a, b, pixel_size_mm = semi_a[subject_id], semi_b[subject_id], pixel_sizes[
+          subject_id]
       frame_angle = angle_rad
       if frame > 1:  # Another frame of the same head: slightly different ellipse.
-        a = float(np.clip(a * (1.0 + rng.normal(0.0, 0.02)), *SEMI_MAJOR_PX_RANGE))
+        a = float(
+            np.clip(a * (1.0 + rng.normal(0.0, 0.02)), *SEMI_MAJOR_PX_RANGE))
         b = min(a, b * (1.0 + rng.normal(0.0, 0.02)))
         frame_angle = (angle_rad + rng.normal(0.0, 0.05)) % np.pi
         pixel_size_mm = np.clip(pixel_size_mm * (1.0 + rng.normal(0.0, 0.002)),
@@ -313,13 +324,21 @@ def _split_records(seed, stream, num_images, multi_frame):
       pixel_size_text = f'{pixel_size_mm:.{significant_digits}g}'
       hc_mm = float(ramanujan_perimeter(a, b)) * float(pixel_size_text)
       prefix = f'{subject_id:03d}_' + ('' if frame == 1 else str(frame))
-      records.append(dict(
-          filename=prefix + 'HC.png', subject_id=subject_id, height=height, width=width,
-          center_x=float(center_x), center_y=float(center_y), semi_axis_a=float(a),
-          semi_axis_b=float(b), angle_rad=float(frame_angle),
-          pixel_size_mm=float(pixel_size_text), pixel_size_text=pixel_size_text,
-          hc_mm=round(hc_mm, 2)))
-  records.sort(key=lambda record: record['filename'])  # As HC18's CSVs ('010_2HC' < '010_HC').
+      records.append(
+          dict(filename=prefix + 'HC.png',
+               subject_id=subject_id,
+               height=height,
+               width=width,
+               center_x=float(center_x),
+               center_y=float(center_y),
+               semi_axis_a=float(a),
+               semi_axis_b=float(b),
+               angle_rad=float(frame_angle),
+               pixel_size_mm=float(pixel_size_text),
+               pixel_size_text=pixel_size_text,
+               hc_mm=round(hc_mm, 2)))
+  records.sort(key=lambda record: record['filename']
+              )  # As HC18's CSVs ('010_2HC' < '010_HC').
   return records
 
 
@@ -329,16 +348,19 @@ def _format_hc_mm(hc_mm):
 
 
 def _write_split(root, seed, stream, records, with_annotations):
-  directory = os.path.join(root, 'training_set' if with_annotations else 'test_set')
+  directory = os.path.join(root,
+                           'training_set' if with_annotations else 'test_set')
   os.makedirs(directory, exist_ok=True)
   for index, record in enumerate(records):
     ellipse = (record['center_x'], record['center_y'], record['semi_axis_a'],
                record['semi_axis_b'], record['angle_rad'])
     rng = np.random.default_rng((seed, stream, index))
     scan = render_scan(rng, record['height'], record['width'], *ellipse)
-    Image.fromarray(scan).save(os.path.join(directory, record['filename']), compress_level=1)
+    Image.fromarray(scan).save(os.path.join(directory, record['filename']),
+                               compress_level=1)
     if with_annotations:
-      annotation = draw_ellipse_outline(record['height'], record['width'], *ellipse)
+      annotation = draw_ellipse_outline(record['height'], record['width'],
+                                        *ellipse)
       annotation_name = record['filename'].replace('.png', '_Annotation.png')
       Image.fromarray(annotation).save(os.path.join(directory, annotation_name))
 
@@ -366,13 +388,16 @@ def write_hc18(root, num_train=20, num_test=5, seed=0):
   _write_split(root, seed, _TRAIN_STREAM, train, with_annotations=True)
   _write_split(root, seed, _TEST_STREAM, test, with_annotations=False)
 
-  with open(os.path.join(root, 'training_set_pixel_size_and_HC.csv'), 'w', newline='') as f:
+  with open(os.path.join(root, 'training_set_pixel_size_and_HC.csv'),
+            'w',
+            newline='') as f:
     writer = csv.writer(f, lineterminator='\n')
     writer.writerow(TRAIN_CSV_HEADER)
     for record in train:
       writer.writerow((record['filename'], record['pixel_size_text'],
                        _format_hc_mm(record['hc_mm'])))
-  with open(os.path.join(root, 'test_set_pixel_size.csv'), 'w', newline='') as f:
+  with open(os.path.join(root, 'test_set_pixel_size.csv'), 'w',
+            newline='') as f:
     writer = csv.writer(f, lineterminator='\n')
     writer.writerow(TEST_CSV_HEADER)
     for record in test:
@@ -386,14 +411,18 @@ def write_hc18(root, num_train=20, num_test=5, seed=0):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', required=True, help='Directory to write.')
-  parser.add_argument('--num_train', type=int, default=20, help='Training images.')
+  parser.add_argument('--num_train',
+                      type=int,
+                      default=20,
+                      help='Training images.')
   parser.add_argument('--num_test', type=int, default=5, help='Test images.')
   parser.add_argument('--seed', type=int, default=0, help='Non-negative seed.')
   args = parser.parse_args(argv)
   summary = write_hc18(args.out, args.num_train, args.num_test, args.seed)
   num_subjects = len({record['subject_id'] for record in summary['train']})
-  print(f'Wrote {len(summary["train"])} training images of {num_subjects} subjects '
-        f'and {len(summary["test"])} test images to {summary["root"]}')
+  print(
+      f'Wrote {len(summary["train"])} training images of {num_subjects} subjects '
+      f'and {len(summary["test"])} test images to {summary["root"]}')
 
 
 if __name__ == '__main__':

@@ -15,7 +15,6 @@ import csv
 import json
 import math
 import os
-import re
 import warnings
 from typing import Any, Sequence
 
@@ -25,7 +24,6 @@ from scipy import stats
 from hc_jax import workdir as workdir_lib
 from hc_jax.evaluation import metrics
 
-FOLD_DIR = re.compile(r'^fold(\d+)$')
 TABLE_COLUMNS = ('config', 'model', 'loss', 'folds', 'num_folds',
                  'num_folds_expected', 'num_images', 'mae_px', 'mae_px_std',
                  'pmae', 'pmae_std', 'mae_mm', 'mae_mm_std', 'median_mm',
@@ -48,19 +46,10 @@ def read_predictions(path: str) -> dict[str, np.ndarray]:
   return columns
 
 
-def fold_dirs(config_dir: str) -> dict[int, str]:
-  """{fold: workdir} of the fold<k> directories in ROOT/<config stem>."""
-  found = {}
-  for name in os.listdir(config_dir):
-    match = FOLD_DIR.match(name)
-    if match and os.path.isdir(os.path.join(config_dir, name)):
-      found[int(match.group(1))] = os.path.join(config_dir, name)
-  return dict(sorted(found.items()))
-
-
 def finished(workdir: str) -> bool:
-  return all(os.path.isfile(os.path.join(workdir, name))
-             for name in (workdir_lib.RESULTS_FILE, workdir_lib.PREDICTIONS_FILE))
+  return all(
+      os.path.isfile(os.path.join(workdir, name))
+      for name in (workdir_lib.RESULTS_FILE, workdir_lib.PREDICTIONS_FILE))
 
 
 def pool_predictions(workdirs: Sequence[str]) -> dict[str, np.ndarray]:
@@ -104,7 +93,7 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def summarise_config(config_dir: str) -> tuple[dict[str, Any], dict]:
   """One row of the table (without the test) and the pooled predictions."""
-  workdirs = fold_dirs(config_dir)
+  workdirs = workdir_lib.fold_dirs(config_dir)
   done = {fold: w for fold, w in workdirs.items() if finished(w)}
   info = {}  # model, loss, num_folds: the same in every run of the config.
   for workdir in workdirs.values():
@@ -132,7 +121,10 @@ def summarise_config(config_dir: str) -> tuple[dict[str, Any], dict]:
                num_images=0)
   row['complete'] = row['num_folds'] >= row['num_folds_expected']
   # Runs that a time budget stopped before their planned epochs.
-  epochs = [_read_json(os.path.join(w, workdir_lib.RESULTS_FILE)) for w in done.values()]
+  epochs = [
+      _read_json(os.path.join(w, workdir_lib.RESULTS_FILE))
+      for w in done.values()
+  ]
   row['cut_folds'] = sorted(
       fold for fold, r in zip(done, epochs)
       if r.get('num_epochs', 0) < r.get('planned_epochs', 0))
@@ -178,7 +170,7 @@ def aggregate(root: str) -> list[dict[str, Any]]:
     raise ValueError(f'grid root {root!r} does not exist')
   config_dirs = [os.path.join(root, name) for name in sorted(os.listdir(root))
                  if os.path.isdir(os.path.join(root, name))
-                 and fold_dirs(os.path.join(root, name))]
+                 and workdir_lib.fold_dirs(os.path.join(root, name))]
   if not config_dirs:
     raise ValueError(f'{root} holds no <config>/fold<k> runs')
   rows, pooled = [], {}

@@ -88,7 +88,8 @@ def path_of(name: str) -> str:
   path = os.path.join(SHIPPED_DIR, name + ARCHIVE_SUFFIX)
   if os.sep in name or '/' in name or not os.path.isfile(path):
     shipped = ', '.join(names()) or 'none'
-    raise workdir_lib.PredictError(f'no shipped model {name!r} (shipped: {shipped})')
+    raise workdir_lib.PredictError(
+        f'no shipped model {name!r} (shipped: {shipped})')
   return path
 
 
@@ -135,8 +136,9 @@ class Archive:
       PredictError: the archive has no such member.
     """
     if member not in self.members:
-      raise workdir_lib.PredictError(f'{self.path} has no member {member!r} (members: '
-                         f'{", ".join(self.members)})')
+      raise workdir_lib.PredictError(
+          f'{self.path} has no member {member!r} (members: '
+          f'{", ".join(self.members)})')
     i = self.members.index(member)
     self.members, self.runs = [member], [self.runs[i]]
     self.configs, self.results = [self.configs[i]], [self.results[i]]

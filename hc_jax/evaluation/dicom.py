@@ -169,8 +169,8 @@ def read_info(path: str) -> Info:
       raise DicomError("not a DICOM file (no 'DICM' marker after the "
                        '128-byte preamble)') from None
     except Exception as e:  # pylint: disable=broad-except  # Any bad header.
-      raise DicomError(f'corrupt or truncated DICOM header ({log.error_line(e)})'
-                       ) from None
+      raise DicomError(
+          f'corrupt or truncated DICOM header ({log.error_line(e)})') from None
   try:
     return _check(ds, pixel_offset, size)
   except DicomError:
@@ -236,8 +236,9 @@ def read_frame(path: str, index: int = 0) -> tuple[np.ndarray, str | None]:
       raise DicomError("not a DICOM file (no 'DICM' marker after the "
                        '128-byte preamble)') from None
     except Exception as e:  # pylint: disable=broad-except  # Any decoder's.
-      raise DicomError(f'frame {index} cannot be decoded: corrupt, truncated '
-                       f'or unsupported pixel data ({log.error_line(e)})') from None
+      raise DicomError(
+          f'frame {index} cannot be decoded: corrupt, truncated '
+          f'or unsupported pixel data ({log.error_line(e)})') from None
   return to_grayscale(pixels, str(header.get('PhotometricInterpretation', '')),
                       int(header.get('BitsStored') or pixels.itemsize * 8),
                       bool(header.get('PixelRepresentation', 0)))

@@ -57,6 +57,7 @@ from hc_jax import workdir as workdir_lib
 from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.evaluation import scan_files
 from hc_jax.evaluation import scan_likeness
+from hc_jax.training import checkpoint
 
 BATCH_SIZE = 32
 # HC of the HC18 training set, min and max; a head outside it is outside what
@@ -76,8 +77,9 @@ DEFAULT_MAX_SD_MM = 10.0
 DEFAULT_MIN_QUALITY = 0.959
 # A scan's pixel values vary; below this SD (grey levels) there is no image.
 MIN_PIXEL_SD = 1.0
-# Inference builds every model with Flax's own layers: `hc_jax.models.fast_layers`
-# only speeds up training on a CPU, and the plain layers run on any backend.
+# Inference builds every model with Flax's own layers:
+# `hc_jax.models.fast_layers` only speeds up training on a CPU, and the plain
+# layers run on any backend.
 LAYERS = 'plain'
 
 
@@ -313,8 +315,8 @@ class Predictor:
     if len(pixel_sizes_mm) != num_images:
       raise ValueError(f'{len(pixel_sizes_mm)} pixel sizes for {num_images} '
                        'images')
-    pixel_size = np.array([math.nan if p is None else p for p in pixel_sizes_mm],
-                          np.float64)
+    pixel_size = np.array(
+        [math.nan if p is None else p for p in pixel_sizes_mm], np.float64)
     status = np.full(num_images, 'ok', object)
     message = np.full(num_images, '', object)
     inputs = np.zeros([num_images, *self.input_shape, 1], np.float32)
@@ -338,7 +340,8 @@ class Predictor:
     if self.predicts_ellipse:
       hc_px = self._decode_ellipses(outputs['value'], images, out)
     else:
-      hc_px = outputs['value'].mean(0) * np.asarray(self.normalisers_px)[:, None]
+      hc_px = outputs['value'].mean(0) * np.asarray(self.normalisers_px)[:,
+                                                                         None]
     hc_mm = hc_px * pixel_size
     out.update({
         'hc_px': hc_px.mean(axis=0),
@@ -494,7 +497,8 @@ def load(workdir: str | None = None, model_options: dict | None = None,
   """
   from hc_jax.evaluation import archive as archive_lib
   if workdir is not None and model is not None:
-    raise workdir_lib.PredictError('give a workdir or a shipped model, not both')
+    raise workdir_lib.PredictError(
+        'give a workdir or a shipped model, not both')
   archive = None
   if workdir is None or archive_lib.is_archive(workdir):
     archive = archive_lib.read(model if workdir is None else workdir)
@@ -514,12 +518,14 @@ def load(workdir: str | None = None, model_options: dict | None = None,
     configs, results = archive.configs, archive.results
   else:
     configs = workdir_lib.read_configs(runs)
-    results = [workdir_lib.read_json(os.path.join(run, 'results.json'))
-               for run in runs]
+    results = [
+        workdir_lib.read_json(os.path.join(run, workdir_lib.RESULTS_FILE))
+        for run in runs
+    ]
   normalisers_px = workdir_lib.normalisers_px(runs, results)
   train_hc_mm, train_hc_px = workdir_lib.training_ranges(results)
-  config_path = archive.path if archive else os.path.join(runs[0],
-                                                         'config.json')
+  config_path = archive.path if archive else os.path.join(
+      runs[0], workdir_lib.CONFIG_FILE)
   try:
     config = ml_collections.ConfigDict({**configs[0], 'layers': LAYERS})
     if model_options:
@@ -549,7 +555,7 @@ def load(workdir: str | None = None, model_options: dict | None = None,
         f'{config_path}: cannot build the model ({log.error_line(e)})'
     ) from None
   variables = [archive.variables(i, abstract) if archive else
-               workdir_lib.restore_variables(run, abstract)
+               checkpoint.restore_variables(run, abstract)
                for i, run in enumerate(runs)]
   _hide_gpus_from_tf(tf)
 

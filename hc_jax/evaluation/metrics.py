@@ -71,7 +71,8 @@ def prediction_rows(filename, subject_id, pixel_size_mm, hc_px_true,
   rows = []
   for name, subject, size, true_px, pred_px in zip(
       filename, subject_id, pixel_size_mm, hc_px_true, hc_px_pred):
-    true_mm, pred_mm = float(true_px) * float(size), float(pred_px) * float(size)
+    true_mm, pred_mm = float(true_px) * float(size), float(pred_px) * float(
+        size)
     rows.append({
         'filename': name.decode() if isinstance(name, bytes) else str(name),
         'subject_id': int(subject), 'pixel_size_mm': float(size),

@@ -50,7 +50,7 @@ def fold_statuses(run: str, images_dir: str) -> dict[str, np.ndarray]:
 def config_row(config_dir: str, images_dir: str) -> dict[str, Any]:
   """Counts of caught bad and flagged good predictions over a config's folds."""
   folds = [fold_statuses(run, images_dir) for _, run in sorted(
-      aggregate.fold_dirs(config_dir).items()) if aggregate.finished(run)]
+      workdir_lib.fold_dirs(config_dir).items()) if aggregate.finished(run)]
   if not folds:
     return {'config': os.path.basename(config_dir), 'num_images': 0}
   status = np.concatenate([f['status'] for f in folds])
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_dirs = sorted(
         os.path.join(args.root, d) for d in os.listdir(args.root)
         if os.path.isdir(os.path.join(args.root, d)) and
-        aggregate.fold_dirs(os.path.join(args.root, d)))
+        workdir_lib.fold_dirs(os.path.join(args.root, d)))
     rows = [config_row(d, images_dir) for d in config_dirs]
     print(format_markdown(rows))
     return 0

@@ -131,8 +131,9 @@ def read_pixel_sizes(path: str) -> dict[str, float]:
         if any(cell.strip() for cell in row):
           rows.append((line, row))
   except UnicodeDecodeError as e:
-    raise workdir_lib.PredictError(f'pixel-size CSV {path} is not UTF-8 text (byte '
-                            f'{e.start} cannot be decoded)') from None
+    raise workdir_lib.PredictError(
+        f'pixel-size CSV {path} is not UTF-8 text (byte '
+        f'{e.start} cannot be decoded)') from None
   except csv.Error as e:
     raise workdir_lib.PredictError(f'pixel-size CSV {path} line {line + 1}: '
                             f'malformed ({e})') from None
@@ -223,7 +224,8 @@ def pixel_sizes_of(files: dict[str, str], csv_path: str | None = None
 def check_writable(path: str, what: str) -> None:
   """Raises PredictError unless a file can be created in `path`'s folder."""
   if os.path.isdir(path):
-    raise workdir_lib.PredictError(f'{what} {path} is a directory; give a file name')
+    raise workdir_lib.PredictError(
+        f'{what} {path} is a directory; give a file name')
   folder = os.path.dirname(os.path.abspath(path))
   try:
     os.makedirs(folder, exist_ok=True)

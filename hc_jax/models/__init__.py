@@ -53,13 +53,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'vgg16': VGG16,
     'resnet50': ResNet50,
     'hcnet': hcnet.HCNet,  # hc_jax/models/hcnet.py: the normalised HC, bounded.
-    'hcnet_ellipse': hcnet.HCNetEllipse,  # An ellipse; hc_jax/models/ellipse_head.py.
-    'hcnet_mask': hcnet_mask.HCNetMask,  # A head mask; hc_jax/models/mask_head.py.
+    'hcnet_ellipse': hcnet.HCNetEllipse,  # An ellipse; models/ellipse_head.py.
+    'hcnet_mask': hcnet_mask.HCNetMask,  # A head mask; models/mask_head.py.
 }
-# What a model's output is, as each model class declares it
-# (`output_kind`): 'hc', one normalised HC per image `[B]`; 'ellipse', six
-# raw ellipse values `[B, 6]` (hc_jax/models/ellipse_head.py); 'mask', a head-mask
-# logit map with its moments' geometry (a dict, hc_jax/models/mask_head.py).
+
+# What a model's output is, as each model class declares it (`output_kind`):
+# 'hc', one normalised HC per image `[B]`; 'ellipse', six raw ellipse values
+# `[B, 6]` (hc_jax/models/ellipse_head.py); 'mask', a head-mask logit map with
+# its moments' geometry (a dict, hc_jax/models/mask_head.py).
 OUTPUT_KINDS = ('hc', 'ellipse', 'mask')
 
 

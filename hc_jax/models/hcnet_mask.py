@@ -188,8 +188,10 @@ class HCNetMask(nn.Module):
     # starts near 0 rather than at 0.5, which would put the moments' ellipse
     # over the whole canvas.
     logits = layers_lib.Layers(self.layers, jnp.float32).conv(
-        1, (1, 1), dtype=jnp.float32,
-        bias_init=nn.initializers.constant(LOGIT_PRIOR), name='logits')(x)[..., 0]
+        1, (1, 1),
+        dtype=jnp.float32,
+        bias_init=nn.initializers.constant(LOGIT_PRIOR),
+        name='logits')(x)[..., 0]
     cells = m // self.stride
     rows = -(-height // self.stride) + 2 * cells
     cols = -(-width // self.stride) + 2 * cells

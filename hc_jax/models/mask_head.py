@@ -117,8 +117,10 @@ def normalised_radius(center: jax.Array, cov: jax.Array, rows: int, cols: int,
   dy = y[:, None] - center[..., 1, None, None]
   a, b, c = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
   det = jnp.maximum(a * c - b * b, 1e-6)
-  inv_a, inv_b, inv_c = (c / det)[..., None, None], (-b / det)[..., None, None], (
-      a / det)[..., None, None]
+  inv_a, inv_b, inv_c = (c / det)[..., None,
+                                  None], (-b / det)[..., None,
+                                                    None], (a / det)[..., None,
+                                                                     None]
   r2 = (inv_a * dx ** 2 + 2 * inv_b * dx * dy + inv_c * dy ** 2) / 4.0
   return jnp.sqrt(jnp.maximum(r2, 0.0) + 1e-12)
 
@@ -252,7 +254,8 @@ def render_ellipses(ellipses_in: jax.Array, rows: int, cols: int, stride: int,
   distance = (r - 1) / jnp.maximum(jnp.sqrt(gx ** 2 + gy ** 2), 1e-9) / sub
   cover = jnp.clip(0.5 - distance, 0.0, 1.0)
   lead = cover.shape[:-2]
-  cover = cover.reshape(lead + (rows, SUBSAMPLE, cols, SUBSAMPLE)).mean((-3, -1))
+  cover = cover.reshape(lead + (rows, SUBSAMPLE, cols, SUBSAMPLE)).mean(
+      (-3, -1))
   return jnp.where(known[..., None, None], cover, 0.0)
 
 

@@ -26,7 +26,8 @@ def _check_images(images: jax.Array) -> None:
   """
   if images.ndim != 4:
     raise ValueError(
-        f'Expected images of shape [batch, height, width, 1], got {images.shape}.')
+        f'Expected images of shape [batch, height, width, 1], got {images.shape}.'
+    )
 
 
 def _regression_output(x: jax.Array) -> jax.Array:
@@ -308,5 +309,3 @@ class ResNet50(nn.Module):
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     x = layers.dense(1, dtype=jnp.float32, name='head')(x)
     return _regression_output(x)
-
-

@@ -37,7 +37,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+import numpy as np
+
 from hc_jax import log
+from hc_jax import workdir as workdir_lib
 
 # Written in each step directory after orbax has finished it.
 MANIFEST_FILE = 'hc_jax_manifest.json'
@@ -137,7 +140,8 @@ def verify(step_dir: str) -> None:
     raise UnverifiedError(f'{step_dir} has no {MANIFEST_FILE}: its save was '
                           'cut short, so it cannot be verified') from None
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f'{path} is unreadable ({log.error_line(e)})') from None
+    raise CheckpointError(
+        f'{path} is unreadable ({log.error_line(e)})') from None
   try:
     for relative, expected in sorted(files.items()):
       file = os.path.join(step_dir, relative)
@@ -169,7 +173,8 @@ class Checkpoints:
     if keep_latest < 1:
       raise ValueError(f'keep_latest must be >= 1, got {keep_latest}')
     self.keep_latest = keep_latest
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = os.path.join(os.path.abspath(workdir),
+                                  workdir_lib.CHECKPOINTS_DIR)
     self.latest = _open_manager(os.path.join(self.directory, 'latest'))
     self.best = _open_manager(os.path.join(self.directory, 'best'))
 
@@ -410,7 +415,7 @@ class MetricWriter:
     now) and torn lines. So each epoch has exactly one line, and the run at
     most one test line, whatever point the last run died at.
     """
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = os.path.join(workdir, workdir_lib.METRICS_FILE)
     self._has_test_line = False
     if os.path.exists(self.path):
       kept, dropped_torn = [], 0
@@ -438,7 +443,7 @@ class MetricWriter:
       import tensorflow as tf  # pylint: disable=import-outside-toplevel
       self._tf = tf
       self._summary = tf.summary.create_file_writer(
-          os.path.join(workdir, 'tensorboard'))
+          os.path.join(workdir, workdir_lib.TENSORBOARD_DIR))
     except ImportError:
       self._tf = self._summary = None
 
@@ -473,3 +478,62 @@ class MetricWriter:
   def close(self) -> None:
     if self._summary is not None:
       self._summary.close()
+
+
+def restore_variables(run: str, abstract_variables: dict) -> dict:
+  """Restores {'params', 'batch_stats'} of a run's best checkpoint.
+
+  Only these two subtrees of the saved train state are read (orbax partial
+  restore), so the optimiser state, and any other field the state holds, is
+  neither needed nor read.
+
+  Args:
+    run: a run directory.
+    abstract_variables: the model's variables as `jax.ShapeDtypeStruct`s
+      (`jax.eval_shape` of `model.init`): the shapes the checkpoint must have.
+
+  Returns:
+    The variables as NumPy arrays, in the structure of `abstract_variables`.
+
+  Raises:
+    PredictError: no checkpoint, an unreadable (truncated, corrupt) one, or
+      one that does not hold this model's variables.
+  """
+  step_dir = workdir_lib.best_checkpoint(run)
+  try:
+    verify(step_dir)  # Sizes and CRC32s, where recorded.
+  except ValueError as e:
+    raise workdir_lib.PredictError(
+        f'checkpoint of {run} is damaged: {e}') from None
+  state_dir = os.path.join(step_dir, 'state')
+  if not os.path.isdir(state_dir):
+    raise workdir_lib.PredictError(
+        f'{state_dir} is missing: not a checkpoint of this '
+        'code, or an incomplete one')
+  target = {name: abstract_variables[name] for name in ('params', 'batch_stats')
+            if abstract_variables.get(name)}
+  restore_args = jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(
+        state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except  # orbax, tensorstore.
+    raise workdir_lib.PredictError(
+        f'checkpoint {state_dir} cannot be read, it may be '
+        f'truncated or corrupt ({log.error_line(e)[:300]})') from None
+  expected = jax.tree_util.tree_flatten_with_path(target)[0]
+  try:
+    got = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
+  except Exception:  # pylint: disable=broad-except
+    got = {}
+  for path, leaf in expected:
+    value = got.get(path)
+    if value is None or np.shape(value) != tuple(leaf.shape):
+      raise workdir_lib.PredictError(
+          f'checkpoint {state_dir} does not hold this model: '
+          f'{jax.tree_util.keystr(path)} is '
+          f'{"missing" if value is None else np.shape(value)}, the model '
+          f'needs {tuple(leaf.shape)}')
+  return jax.tree.map(lambda leaf, value: np.asarray(value, leaf.dtype),
+                      target, restored)

@@ -21,8 +21,8 @@ import socket
 import time
 from typing import Any
 from hc_jax import log
+from hc_jax import workdir as workdir_lib
 
-LOCK_FILE = '.lock'
 # A lock from another host is taken over after this long (its holder cannot be
 # checked from here); pass `stale_after_s` to change it.
 DEFAULT_STALE_AFTER_S = 24 * 3600.0
@@ -96,7 +96,7 @@ class WorkdirLock:
       stale_after_s: age after which a lock from another host is taken over.
     """
     self.workdir = os.path.abspath(workdir)
-    self.path = os.path.join(self.workdir, LOCK_FILE)
+    self.path = os.path.join(self.workdir, workdir_lib.LOCK_FILE)
     self.stale_after_s = stale_after_s
     self._content = None  # The bytes this object wrote, while it holds.
 

@@ -33,7 +33,8 @@ def create_model(config) -> Any:
   return models.from_config(config)
 
 
-def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+def create_optimizer(config, steps_per_epoch: int
+                     ) -> optax.GradientTransformation:
   """Adam (AdamW with weight decay), with a constant or cosine schedule."""
   if config.lr_schedule == 'cosine':
     total = config.num_epochs * steps_per_epoch

@@ -165,7 +165,8 @@ CONFIG_RULES = {
     'log_every_steps': _integer(1),
     'checkpoint_every_seconds': _real(infinite=True),
     'distributed': _FLAG,
-    # Fields of the models (hc_jax.models.hcnet, hc_jax.models.hcnet_mask), by name.
+    # Fields of the models (hc_jax.models.hcnet, hc_jax.models.hcnet_mask), by
+    # name.
     'model_options.widths': _WIDTHS,
     'model_options.head': _choice(('flatten', 'gap')),
     'model_options.hidden': _integer(1),
@@ -348,8 +349,9 @@ def train_members(configs: Sequence[Any], workdirs: Sequence[str]
     # The same command again changes nothing; more epochs extend the run.
     if (finished and not config.get('rescore', False) and
         finished.get('planned_epochs') == config.num_epochs):
-      log.info(f'already finished: {os.path.join(workdir, workdir_lib.RESULTS_FILE)} '
-           '(--config.rescore=True scores its test fold again)')
+      log.info(
+          f'already finished: {os.path.join(workdir, workdir_lib.RESULTS_FILE)} '
+          '(--config.rescore=True scores its test fold again)')
       results[m] = finished
     else:
       todo.append(m)

@@ -35,12 +35,11 @@ AUTO_PROBE_STEPS = 3
 GPU_MODELS = ('resnet50', 'vgg16')
 
 
-DIVERGED_FILE = 'diverged.json'
 
 
 def _read_diverged(workdir: str) -> int:
   """The epoch in which a member's loss diverged, or 0."""
-  path = os.path.join(workdir, DIVERGED_FILE)
+  path = os.path.join(workdir, workdir_lib.DIVERGED_FILE)
   if not os.path.isfile(path):
     return 0
   with open(path) as f:
@@ -64,8 +63,10 @@ class Trainer:
     self.batch_sharding = jax.sharding.NamedSharding(self.mesh, P(None, 'data'))
     self.data = data_lib.load(configs, workdirs, jax.process_index(),
                               jax.process_count())
-    self.rescore_only = all(c.get('rescore', False) and os.path.isfile(
-        os.path.join(w, workdir_lib.RESULTS_FILE)) for c, w in zip(configs, workdirs))
+    self.rescore_only = all(
+        c.get('rescore', False) and
+        os.path.isfile(os.path.join(w, workdir_lib.RESULTS_FILE))
+        for c, w in zip(configs, workdirs))
     self._check_same_data()
     loss_keys = [(c.loss, c.huber_delta if c.loss == 'huber' else None)
                  for c in configs]
@@ -93,13 +94,19 @@ class Trainer:
     self.augment = augment_lib.AugmentConfig.from_dict(config.augment)
     how = config.members_per_call
     self.candidates = ('vmap', 'map') if how == 'auto' else (how,)
-    self.how = None if how == 'auto' and len(configs) > 1 else self.candidates[0]
+    self.how = None if how == 'auto' and len(
+        configs) > 1 else self.candidates[0]
     loss_of, hc_of = step_lib.output_functions(config)
     if models.output_kind(config) == 'hc':
       loss_of = hc_of = None
-    self.step_fns = {c: functools.partial(
-        step_lib.members_train_step, loss_fns=self.loss_fns, augment=self.augment,
-        how=c, loss_of=loss_of) for c in self.candidates}
+    self.step_fns = {
+        c:
+            functools.partial(step_lib.members_train_step,
+                              loss_fns=self.loss_fns,
+                              augment=self.augment,
+                              how=c,
+                              loss_of=loss_of) for c in self.candidates
+    }
     self.steps = {c: jax.jit(fn, donate_argnums=(0,))
                   for c, fn in self.step_fns.items()}
     self.predict_fn = jax.jit(functools.partial(
@@ -130,7 +137,8 @@ class Trainer:
           **{key: self.data.info.get(key)
              for key in ('source_digest', 'content_digest')},
           'layers_resolved': layers_lib.resolve(member.get('layers', 'auto'))})
-      self.data.assignment.to_json(os.path.join(workdir, data_lib.FOLDS_FILE))
+      self.data.assignment.to_json(os.path.join(workdir,
+                                                workdir_lib.FOLDS_FILE))
 
   def _describe(self) -> str:
     c, d = self.config, self.data
@@ -269,8 +277,9 @@ class Trainer:
       log.info(f'resuming after epoch {self.start_epoch}')
     if (config.model in GPU_MODELS and jax.default_backend() == 'cpu' and
         self.start_epoch < self.num_epochs):
-      log.info(f'{config.model} on a CPU is GPU work: several minutes to compile, '
-           'then about a day for 250 epochs (see the README)')
+      log.info(
+          f'{config.model} on a CPU is GPU work: several minutes to compile, '
+          'then about a day for 250 epochs (see the README)')
     writers = [checkpoint.MetricWriter(w, resume_epoch=self.start_epoch)
                for w in self.workdirs]
     self.compiled = False
@@ -299,8 +308,9 @@ class Trainer:
             f'saving, the last good checkpoints are in '
             f'{", ".join(ck.directory for ck in self.checkpoints)}')
       for m in np.flatnonzero(self.diverged == epoch):
-        data_lib.save_json(os.path.join(self.workdirs[m], DIVERGED_FILE),
-                           {'epoch': epoch})
+        data_lib.save_json(
+            os.path.join(self.workdirs[m], workdir_lib.DIVERGED_FILE),
+            {'epoch': epoch})
       val = self._predict(state, 'val')
       val_errors = [self._errors(val, m) for m in range(len(self.configs))]
       save_latest = (epoch == self.num_epochs or time.time() - last_save >=
@@ -327,9 +337,10 @@ class Trainer:
                f'{" *" if is_best else ""} '
                f'({time.time() - epoch_start:.1f} s)')
       if len(self.configs) > 1:
-        log.info(f'epoch {epoch}/{self.num_epochs} ({time.time() - epoch_start:.1f}'
-             ' s): val MAE mm ' + ', '.join(
-                 f'{errors["mae_mm"]:.2f}' for errors in val_errors))
+        log.info(
+            f'epoch {epoch}/{self.num_epochs} ({time.time() - epoch_start:.1f}'
+            ' s): val MAE mm ' +
+            ', '.join(f'{errors["mae_mm"]:.2f}' for errors in val_errors))
       if save_latest:
         last_save = time.time()
       if epoch == self.start_epoch + 1 and config.time_budget_s:
@@ -349,8 +360,9 @@ class Trainer:
     left = self.config.time_budget_s - (time.time() - self.started)
     fit = int(1 + max(0, (left - 2 * epoch_seconds) // epoch_seconds))
     if fit < self.num_epochs:
-      log.info(f'time_budget_s={self.config.time_budget_s}: {epoch_seconds:.1f} s '
-           f'per epoch, {fit} of {self.num_epochs} epochs fit')
+      log.info(
+          f'time_budget_s={self.config.time_budget_s}: {epoch_seconds:.1f} s '
+          f'per epoch, {fit} of {self.num_epochs} epochs fit')
       self.num_epochs = fit
 
   def _score_test(self, state, writers):
@@ -373,8 +385,9 @@ class Trainer:
       keep = index[m][mask[m]] if scored[m] else None
       if not scored[m]:
         if config.score_test:
-          log.info(f'{workdir}: diverged in epoch {self.diverged[m]} before any '
-               'validation; no test figures')
+          log.info(
+              f'{workdir}: diverged in epoch {self.diverged[m]} before any '
+              'validation; no test figures')
         plain, errors = None, {}
       else:
         plain = self._errors(test, m)
@@ -402,7 +415,8 @@ class Trainer:
               train_index])) for unit in ('mm', 'px')
              for stat, fn in (('min', np.min), ('max', np.max))},
           **errors}
-      data_lib.save_json(os.path.join(workdir, workdir_lib.RESULTS_FILE), result)
+      data_lib.save_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
+                         result)
       if errors and not self.rescore_only:
         writers[m].write({'epoch': self.num_epochs,
                           'step': int(self.num_epochs * self.data.steps[m]),
@@ -414,4 +428,3 @@ class Trainer:
              f'{metrics_lib.format_errors(plain)}')
       results.append(result)
     return results
-
