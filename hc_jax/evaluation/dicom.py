@@ -57,7 +57,6 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import utils as pixel_utils
 
 from hc_jax import log
-from hc_jax import workdir as workdir_lib
 from hc_jax.data import hc18
 from hc_jax.evaluation import scan_files
 
@@ -119,29 +118,10 @@ def image_paths(specs: Sequence[str]) -> dict[str, str]:
     PredictError: when nothing is named, a named path does not exist, or a
       directory holds no scans.
   """
-  paths, roots = [], []
-  for spec in specs:
-    for item in filter(None, (s.strip() for s in spec.split(','))):
-      if os.path.isdir(item):
-        found = []
-        for folder, subfolders, names in os.walk(item):
-          subfolders.sort()
-          found += [os.path.join(folder, n) for n in sorted(names)
-                    if scan_files.is_scan_name(n)
-                    or is_dicom(os.path.join(folder, n))]
-        if not found:
-          raise workdir_lib.PredictError(f'{item} holds no PNG or DICOM scans')
-        paths += found
-        roots.append(os.path.abspath(item))
-      elif not os.path.lexists(item):  # A usage error, not a CSV row.
-        raise workdir_lib.PredictError(f'--images {item} does not exist')
-      else:
-        paths.append(item)
-        roots.append(os.path.dirname(os.path.abspath(item)))
-  if not paths:
-    raise workdir_lib.PredictError('--images names no files')
-  root = os.path.commonpath(roots)
-  return {os.path.relpath(os.path.abspath(path), root): path for path in paths}
+  return scan_files.image_paths(
+      specs, accept=lambda path: (scan_files.is_scan_name(
+          os.path.basename(path)) or is_dicom(path)),
+      kinds='PNG or DICOM')
 
 
 def _open(path: str):

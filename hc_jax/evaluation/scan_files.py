@@ -66,21 +66,28 @@ def is_scan_name(name: str) -> bool:
           and not name.endswith(OVERLAY_SUFFIX))
 
 
-def image_paths(specs: Sequence[str]) -> dict[str, str]:
+def image_paths(specs: Sequence[str], accept=None,
+                kinds: str = 'PNG') -> dict[str, str]:
   """Files named by `--images`, keyed by their path relative to the deepest
   directory holding all of them.
 
   Args:
     specs: directories (searched recursively, in sorted order) or files, each
       possibly a comma-separated list.
+    accept: `path -> bool`, which files of a directory are scans (default:
+      `is_scan_name` of the file's name).
+    kinds: what `accept` takes, for the message of an empty directory.
 
   Returns:
-    {filename: path} in the order given; a missing file is kept, to be
-    reported.
+    {filename: path} in the order given.
 
   Raises:
-    PredictError: when nothing is named, or a directory holds no PNG.
+    PredictError: when nothing is named, a named path does not exist, or a
+      directory holds no scans.
   """
+  if accept is None:
+    def accept(path):
+      return is_scan_name(os.path.basename(path))
   paths, roots = [], []
   for spec in specs:
     for item in filter(None, (s.strip() for s in spec.split(','))):
@@ -89,11 +96,13 @@ def image_paths(specs: Sequence[str]) -> dict[str, str]:
         for folder, subfolders, names in os.walk(item):
           subfolders.sort()
           found += [os.path.join(folder, n) for n in sorted(names)
-                    if is_scan_name(n)]
+                    if accept(os.path.join(folder, n))]
         if not found:
-          raise workdir_lib.PredictError(f'{item} holds no PNG scans')
+          raise workdir_lib.PredictError(f'{item} holds no {kinds} scans')
         paths += found
         roots.append(os.path.abspath(item))
+      elif not os.path.lexists(item):  # A usage error, not a CSV row.
+        raise workdir_lib.PredictError(f'--images {item} does not exist')
       else:
         paths.append(item)
         roots.append(os.path.dirname(os.path.abspath(item)))
