@@ -29,8 +29,6 @@ from hc_jax.data import folds as folds_lib
 from hc_jax.data import hc18
 from hc_jax.data import prepare
 
-TRAIN_FIELDS = ('image', 'ellipse', 'hc_px', 'resize')
-
 
 def hc18_source_dir(config, workdir: str) -> str | None:
   """The HC18 directory a config asks for (None means download).
