@@ -20,6 +20,9 @@ from hc_jax import grid as grid_lib
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import folds as folds_lib
 from hc_jax.data import hc18
+from hc_jax.evaluation import cv
+from hc_jax.evaluation import cv_report
+from hc_jax.evaluation import cv_runs
 from hc_jax.evaluation import inference
 
 FOLDS = (0, 1)
@@ -53,7 +56,7 @@ def members(phantom_hc18, tmp_path_factory):
 @pytest.fixture(scope='module')
 def single(members):
   """The plain scores of the first member alone."""
-  return cv_score.score(members[:1])
+  return cv.score(members[:1])
 
 
 def _by_name(rows, key='hc_mm_pred'):
@@ -95,8 +98,8 @@ def test_one_member_reproduces_its_test_predictions(members, single):
 
 def test_ensemble_is_the_mean_of_its_members_within_each_fold(
     members, single, tmp_path, capsys):
-  ensemble = cv_score.score(members)
-  second = cv_score.score(members[1:])
+  ensemble = cv.score(members)
+  second = cv.score(members[1:])
   assert ensemble.member_columns == ['hc_mm_default_seed0',
                                      'hc_mm_default_seed1']
   assignment = folds_lib.FoldAssignment.from_json(
@@ -124,7 +127,7 @@ def test_ensemble_is_the_mean_of_its_members_within_each_fold(
       (nested / f'fold{fold}').mkdir(parents=True, exist_ok=True)
       os.symlink(os.path.join(member, f'fold{fold}'),
                  nested / f'fold{fold}' / f'seed{seed}')
-  as_one = cv_score.score([str(nested)])
+  as_one = cv.score([str(nested)])
   assert as_one.member_columns == ['hc_mm_seeds']
   np.testing.assert_allclose([row['hc_mm_pred'] for row in as_one.rows],
                              [row['hc_mm_pred'] for row in ensemble.rows],
@@ -134,12 +137,12 @@ def test_ensemble_is_the_mean_of_its_members_within_each_fold(
   flags = [f'--runs={",".join(members)}', f'--out={out}', '--worst=3',
            f'--summary_csv={summary}']
   assert cv_score.main(flags) == 0
-  cv_score.append_summary(str(summary), ensemble.summary_row('again'))
+  cv_report.append_summary(str(summary), ensemble.summary_row('again'))
   printed = capsys.readouterr().out
   assert 'fold 0: ' in printed and 'fold 1: ' in printed
   assert 'default_seed0+default_seed1: ' in printed and 'worst 3:' in printed
   rows = _read_csv(out)
-  assert list(rows[0]) == list(cv_score.IMAGE_COLUMNS) + ensemble.member_columns
+  assert list(rows[0]) == list(cv.IMAGE_COLUMNS) + ensemble.member_columns
   assert [r['filename'] for r in rows] == [r['filename'] for r in ensemble.rows]
   np.testing.assert_allclose([float(r['hc_mm_pred']) for r in rows],
                              [r['hc_mm_pred'] for r in ensemble.rows],
@@ -153,7 +156,7 @@ def test_ensemble_is_the_mean_of_its_members_within_each_fold(
 @pytest.mark.slow  # Predicts every test image twice more.
 def test_flip_tta_is_the_mean_of_the_scan_and_its_mirror(
     members, single, phantom_hc18):
-  flipped = cv_score.score(members[:1], tta_flip=True)
+  flipped = cv.score(members[:1], tta_flip=True)
   plain = _by_name(single.rows, 'hc_px_pred')
   assert flipped.tta_flip and [r['filename'] for r in flipped.rows] == list(
       plain)
@@ -198,8 +201,8 @@ def test_bad_runs_are_one_line_errors(members, phantom_hc18, tmp_path, capsys):
   os.symlink(os.path.join(members[1], 'fold0'), partial / 'fold0')
   assert cv_score.main([f'--runs={members[0]},{partial}']) == 2
   assert 'fold 1 is in' in _error_line(capsys)
-  with pytest.raises(cv_score.ScoreError, match='fold 1 is in'):
-    cv_score.score([members[0], str(partial)])
+  with pytest.raises(cv_runs.ScoreError, match='fold 1 is in'):
+    cv.score([members[0], str(partial)])
 
   # A run whose folds.json assigns the images otherwise: never pooled.
   other = tmp_path / 'other'
@@ -224,7 +227,7 @@ def test_bad_runs_are_one_line_errors(members, phantom_hc18, tmp_path, capsys):
     json.dump({**config, 'score_test': False}, f)
   assert cv_score.main([f'--runs={members[0]},{unseen}']) == 2
   assert 'trained with score_test=False' in _error_line(capsys)
-  checked, _ = cv_score.check_members([members[0], str(unseen)],
+  checked, _ = cv_runs.check_members([members[0], str(unseen)],
                                       unseen_test_ok=True)
   assert checked[1] == {0: str(unseen / 'fold0'), 1: str(unseen / 'fold1')}
   # A directory of runs that are not fold<k>/: name them one by one.
@@ -261,11 +264,11 @@ def test_bad_runs_are_one_line_errors(members, phantom_hc18, tmp_path, capsys):
 
 def test_validation_part_reproduces_the_trainers_validation_mae(members):
   """--part=val scores each fold's validation part, not its test fold."""
-  val = cv_score.score(members[:1], part='val')
+  val = cv.score(members[:1], part='val')
   assert val.part == 'val'
   for fold in FOLDS:
     run = os.path.join(members[0], f'fold{fold}')
-    assignment = cv_score.read_assignment(run)
+    assignment = cv_runs.read_assignment(run)
     names = sorted(r['filename'] for r in val.rows if r['fold'] == fold)
     assert names == sorted(assignment.split(fold)['val'])
     assert not set(names) & set(assignment.split(fold)['test'])
@@ -273,20 +276,20 @@ def test_validation_part_reproduces_the_trainers_validation_mae(members):
       last = [json.loads(line) for line in f if 'val_mae_mm' in line][-1]
     assert val.folds[fold]['mae_mm'] == pytest.approx(last['val_mae_mm'],
                                                       rel=1e-3)
-  with pytest.raises(cv_score.ScoreError, match='part must be one of'):
-    cv_score.score(members[:1], part='train')
+  with pytest.raises(cv_runs.ScoreError, match='part must be one of'):
+    cv.score(members[:1], part='train')
 
 
 def test_flag_table_counts_what_a_threshold_catches():
   rows = [{'quality': q, 'error_mm': e} for q, e in
           [(0.95, 1.0), (0.9, -2.0), (0.6, 12.0), (0.5, -25.0), (0.85, 6.0)]]
-  table = cv_score.flag_table(rows, [0.7, 0.88])
+  table = cv_report.flag_table(rows, [0.7, 0.88])
   assert table[0]['flagged'] == 2 and table[0]['caught_10'] == 2
   assert table[0]['over_5'] == 3 and table[0]['caught_5'] == 2
   assert table[0]['over_20'] == 1 and table[0]['caught_20'] == 1
   assert table[1]['flagged'] == 3 and table[1]['caught_5'] == 3
   assert table[1]['good_flagged'] == 0
-  assert '2 / 2' in cv_score.format_flag_table(table)
+  assert '2 / 2' in cv_report.format_flag_table(table)
 
 
 def test_a_shipped_archive_is_scored_as_its_runs(members, single, tmp_path,
@@ -297,7 +300,7 @@ def test_a_shipped_archive_is_scored_as_its_runs(members, single, tmp_path,
   from hc_jax.evaluation import archive as archive_lib
   archive = str(tmp_path / 'tiny.npz')
   shipped.export(members[0], archive)
-  got = cv_score.score([archive])
+  got = cv.score([archive])
   assert list(got.folds) == list(FOLDS)
   assert [r['filename'] for r in got.rows] == [
       r['filename'] for r in single.rows]
@@ -305,12 +308,12 @@ def test_a_shipped_archive_is_scored_as_its_runs(members, single, tmp_path,
                              list(_by_name(single.rows).values()), rtol=1e-5)
   for fold in FOLDS:
     run = os.path.join(members[0], f'fold{fold}')
-    drawn = cv_score.read_assignment(got.runs[fold][0])
-    assert drawn.split(fold) == cv_score.read_assignment(run).split(fold)
+    drawn = cv_runs.read_assignment(got.runs[fold][0])
+    assert drawn.split(fold) == cv_runs.read_assignment(run).split(fold)
   # One member of the archive alone is one fold's run.
   one = archive_lib.read(f'{archive}:fold1')
   assert one.members == ['fold1'] and one.configs[0]['fold'] == 1
-  assert cv_score.member_runs(archive) == {0: f'{archive}:fold0',
+  assert cv_runs.member_runs(archive) == {0: f'{archive}:fold0',
                                            1: f'{archive}:fold1'}
   assert cv_score.main([f'--runs={archive}:nothing']) == 2
   assert 'has no member' in capsys.readouterr().err

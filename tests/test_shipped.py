@@ -167,9 +167,10 @@ def test_cli_predicts_the_samples_with_the_shipped_model(tmp_path, capsys):
 def test_shipped_model_reproduces_its_cross_validation_figures():
   """Each fold member on its own test fold of the HC18 copy gives the pooled
   figures the archive records (float16 storage moves them < 0.05 mm)."""
-  from hc_jax import cv_score  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from hc_jax.evaluation import cv as cv_lib
   archive = archive_lib.read()
-  scores = cv_score.score([archive.path])
+  scores = cv_lib.score([archive.path])
   cv = archive.meta['cv']
   assert scores.num_images == cv['num_images']
   assert scores.mae_mm == pytest.approx(cv['mae_mm'], abs=TOLERANCE_MM)
