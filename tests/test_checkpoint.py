@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hc_jax.training import checkpoint
+from hc_jax.training import metric_log
 
 
 def _state(value):
@@ -313,7 +314,7 @@ def _write_run(workdir, start, crash_at, num_epochs):
   """Writes metrics and 'checkpoints' as training does, from after epoch
   `start`; stops after `crash_at` events (None: at the end, or with a torn
   line when negative). Returns the last 'checkpointed' epoch."""
-  writer = checkpoint.MetricWriter(workdir, resume_epoch=start)
+  writer = metric_log.MetricWriter(workdir, resume_epoch=start)
   events, saved = 0, start
 
   def crashed():
@@ -343,7 +344,7 @@ def test_metrics_have_one_line_per_epoch_after_a_crash(tmp_path, crash_at):
   _write_run(workdir, saved, None, num_epochs=3)
   assert _epochs(workdir) == [1, 2, 3, 'test']
   # Scored again without training: the test line stays.
-  checkpoint.MetricWriter(workdir, resume_epoch=3).close()
+  metric_log.MetricWriter(workdir, resume_epoch=3).close()
   assert _epochs(workdir) == [1, 2, 3, 'test']
   # Continued to a 4th epoch: the new test line replaces the old one.
   _write_run(workdir, 3, None, num_epochs=4)
@@ -361,7 +362,7 @@ def test_a_line_of_metrics_damaged_into_bytes_that_are_not_utf8_is_dropped(
   with open(path, 'wb') as f:
     f.write(b'\n'.join(lines))
   capsys.readouterr()
-  checkpoint.MetricWriter(workdir, resume_epoch=3).close()
+  metric_log.MetricWriter(workdir, resume_epoch=3).close()
   assert _epochs(workdir) == [1, 3, 'test']
   assert f'dropped 1 unreadable line(s) of {path}' in capsys.readouterr().err
 

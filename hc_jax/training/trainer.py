@@ -2,7 +2,7 @@
 
 A `Trainer` holds a run of M members (see `hc_jax.training.train`): their data
 (`hc_jax.data`), the stacked train state, one `checkpoint.Checkpoints` and
-one `checkpoint.MetricWriter` per member workdir. Each epoch it trains every
+one `metric_log.MetricWriter` per member workdir. Each epoch it trains every
 member still alive, scores each on its validation part, keeps the best epoch
 per member, and at the end scores each member's test fold with the
 checkpoint its validation part selected.
@@ -27,6 +27,7 @@ from hc_jax.data import prepare
 from hc_jax.evaluation import metrics as metrics_lib
 from hc_jax.models import layers as layers_lib
 from hc_jax.training import checkpoint
+from hc_jax.training import metric_log
 from hc_jax.training import step as step_lib
 
 P = jax.sharding.PartitionSpec
@@ -280,7 +281,7 @@ class Trainer:
       log.info(
           f'{config.model} on a CPU is GPU work: several minutes to compile, '
           'then about a day for 250 epochs (see the README)')
-    writers = [checkpoint.MetricWriter(w, resume_epoch=self.start_epoch)
+    writers = [metric_log.MetricWriter(w, resume_epoch=self.start_epoch)
                for w in self.workdirs]
     self.compiled = False
     self.compile_seconds = 0.0
