@@ -294,56 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _print_warning
     warnings.simplefilter('always', UserWarning)
     try:
-      if not math.isfinite(args.max_sd_mm) or args.max_sd_mm < 0:
-        raise workdir_lib.PredictError(
-            f'--max-sd-mm must be >= 0, got {args.max_sd_mm}')
-      if not 0 <= args.min_quality <= 1:  # False for NaN.
-        raise workdir_lib.PredictError(f'--min-quality must be in [0, 1], got '
-                           f'{args.min_quality}')
-      scan_files.check_writable(args.out, '--out')
-      if args.overlays:
-        try:
-          os.makedirs(args.overlays, exist_ok=True)
-        except OSError as e:
-          raise workdir_lib.PredictError(
-              f'--overlays {args.overlays} cannot be created '
-              f'({e.strerror or e})') from None
-        scan_files.check_writable(os.path.join(args.overlays, 'probe.png'),
-                                  '--overlays')
-      if args.submission:
-        scan_files.check_writable(args.submission, '--submission')
-      if args.workdir and args.model:
-        raise workdir_lib.PredictError('give --workdir or --model, not both')
-      if not args.images and not args.samples:
-        raise workdir_lib.PredictError('no scans: give --images (or --samples)')
-      if args.frame is not None and args.frame < 0:
-        raise workdir_lib.PredictError(
-            f'--frame must be >= 0, got {args.frame}')
+      _check_flags(args)
       files = dicom.image_paths((args.images or []) + (
           [archive_lib.SAMPLE_IMAGES_DIR] if args.samples else []))
-      inputs = {os.path.realpath(path) for path in files.values()}
-      for flag, target in (('--out', args.out),
-                           ('--submission', args.submission)):
-        if target and os.path.realpath(target) in inputs:
-          raise workdir_lib.PredictError(
-              f'{flag} {target} is one of the input scans; '
-              'not overwritten')
-      _check_not_theirs(args.out, '--out', 'filename,pixel_size_mm', args)
-      if args.submission:
-        _check_not_theirs(args.submission, '--submission',
-                          ','.join(scan_files.SUBMISSION_COLUMNS[:2]), args)
-      dicoms = [name for name, path in files.items() if dicom.is_dicom(path)]
-      # The HC18 CSV beside a directory names PNGs; --pixel-sizes, any scan.
-      pixel_sizes = scan_files.pixel_sizes_of(files if args.pixel_sizes else {
-          name: path for name, path in files.items() if name not in dicoms},
-                                   args.pixel_sizes)
-      pixel_sizes.update({name: (None, None) for name in dicoms
-                          if name not in pixel_sizes})
-      infos = dict(zip(dicoms, inference.parallel_map(dicom.read_info,
-                                            [files[n] for n in dicoms])))
-      if args.submission:
-        scan_files.check_submission_inputs(
-            files, _known_pixel_sizes(pixel_sizes, infos))
+      _check_outputs(args, files)
+      pixel_sizes, infos = _pixel_sizes_and_dicom_infos(files, args)
       print(f'{len(files)} scan file(s): loading '
             f'{args.workdir or args.model or "the shipped model"} (JAX and '
             'TensorFlow start in about 10 s)...', file=sys.stderr, flush=True)
@@ -356,21 +311,100 @@ def main(argv: Sequence[str] | None = None) -> int:
             'HC only')
       rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args,
                                          infos)
-      if getattr(predictor, 'trained_on_phantoms', False):
-        for row in rows:
-          row['message'] = '; '.join(filter(None, (row['message'],
-                                                   PHANTOM_NOTE)))
-      write_rows(args.out, rows, COLUMNS + (
-          ELLIPSE_COLUMNS if predictor.predicts_ellipse else ()) + (
-              MASK_COLUMNS if predictor.kind == 'mask' else ()) + (
-                  DICOM_COLUMNS if infos else ()))
-      missing = [row['filename'] for row in rows
-                 if row['filename'] not in ellipses_mm]
-      if args.submission and not missing:
-        scan_files.write_submission(args.submission, ellipses_mm)
+      missing = _write_outputs(args, predictor, rows, ellipses_mm, infos)
     except workdir_lib.PredictError as e:
       print(f'error: {e}', file=sys.stderr)
       return EXIT_USAGE
+  return _report(args, predictor, rows, missing)
+
+
+def _check_flags(args) -> None:
+  """Raises PredictError for flag values that cannot work together, or an
+  output that cannot be written, before anything is read."""
+  if not math.isfinite(args.max_sd_mm) or args.max_sd_mm < 0:
+    raise workdir_lib.PredictError(
+        f'--max-sd-mm must be >= 0, got {args.max_sd_mm}')
+  if not 0 <= args.min_quality <= 1:  # False for NaN.
+    raise workdir_lib.PredictError(f'--min-quality must be in [0, 1], got '
+                                   f'{args.min_quality}')
+  scan_files.check_writable(args.out, '--out')
+  if args.overlays:
+    try:
+      os.makedirs(args.overlays, exist_ok=True)
+    except OSError as e:
+      raise workdir_lib.PredictError(
+          f'--overlays {args.overlays} cannot be created '
+          f'({e.strerror or e})') from None
+    scan_files.check_writable(os.path.join(args.overlays, 'probe.png'),
+                              '--overlays')
+  if args.submission:
+    scan_files.check_writable(args.submission, '--submission')
+  if args.workdir and args.model:
+    raise workdir_lib.PredictError('give --workdir or --model, not both')
+  if not args.images and not args.samples:
+    raise workdir_lib.PredictError('no scans: give --images (or --samples)')
+  if args.frame is not None and args.frame < 0:
+    raise workdir_lib.PredictError(
+        f'--frame must be >= 0, got {args.frame}')
+
+
+def _check_outputs(args, files: dict[str, str]) -> None:
+  """Raises PredictError where --out or --submission would replace an input
+  scan or a file predict did not write."""
+  inputs = {os.path.realpath(path) for path in files.values()}
+  for flag, target in (('--out', args.out),
+                       ('--submission', args.submission)):
+    if target and os.path.realpath(target) in inputs:
+      raise workdir_lib.PredictError(
+          f'{flag} {target} is one of the input scans; '
+          'not overwritten')
+  _check_not_theirs(args.out, '--out', 'filename,pixel_size_mm', args)
+  if args.submission:
+    _check_not_theirs(args.submission, '--submission',
+                      ','.join(scan_files.SUBMISSION_COLUMNS[:2]), args)
+
+
+def _pixel_sizes_and_dicom_infos(files: dict[str, str], args
+                                 ) -> tuple[dict[str, tuple], dict]:
+  """({filename: (CSV path, pixel size or None)}, {DICOM filename:
+  `dicom.read_info` or the error reading it}); with --submission, checks
+  that every scan has a pixel size."""
+  dicoms = [name for name, path in files.items() if dicom.is_dicom(path)]
+  # The HC18 CSV beside a directory names PNGs; --pixel-sizes, any scan.
+  pixel_sizes = scan_files.pixel_sizes_of(files if args.pixel_sizes else {
+      name: path for name, path in files.items() if name not in dicoms},
+                                          args.pixel_sizes)
+  pixel_sizes.update({name: (None, None) for name in dicoms
+                      if name not in pixel_sizes})
+  infos = dict(zip(dicoms, inference.parallel_map(
+      dicom.read_info, [files[n] for n in dicoms])))
+  if args.submission:
+    scan_files.check_submission_inputs(
+        files, _known_pixel_sizes(pixel_sizes, infos))
+  return pixel_sizes, infos
+
+
+def _write_outputs(args, predictor, rows: list[dict],
+                   ellipses_mm: dict[str, list], infos: dict) -> list[str]:
+  """Writes the CSV (and the submission where every row has an ellipse);
+  returns the rows without an ellipse in mm."""
+  if getattr(predictor, 'trained_on_phantoms', False):
+    for row in rows:
+      row['message'] = '; '.join(filter(None, (row['message'],
+                                               PHANTOM_NOTE)))
+  write_rows(args.out, rows, COLUMNS + (
+      ELLIPSE_COLUMNS if predictor.predicts_ellipse else ()) + (
+          MASK_COLUMNS if predictor.kind == 'mask' else ()) + (
+              DICOM_COLUMNS if infos else ()))
+  missing = [row['filename'] for row in rows
+             if row['filename'] not in ellipses_mm]
+  if args.submission and not missing:
+    scan_files.write_submission(args.submission, ellipses_mm)
+  return missing
+
+
+def _report(args, predictor, rows: list[dict], missing: list[str]) -> int:
+  """Prints the summary, the flagged rows and notes; returns the exit code."""
   flagged = [row for row in rows if row['status'] != 'ok']
   print(f'{len(rows) - len(flagged)} of {len(rows)} images predicted, '
         f'{len(flagged)} failed or flagged; wrote {args.out}'
@@ -384,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.submission and missing:
     print(
         f'error: --submission {args.submission} not written: '
-        f'{scan_files.some_names(missing)} {"has" if len(missing) == 1 else "have"} '
+        f'{scan_files.some_names(missing)} '
+        f'{"has" if len(missing) == 1 else "have"} '
         f'no ellipse (refused or unreadable, see {args.out})',
         file=sys.stderr)
   return EXIT_FLAGGED if flagged else EXIT_OK
@@ -449,42 +484,7 @@ def _predict_files(predictor: inference.Predictor, files: dict[str, str],
     chunk_scans = list(itertools.islice(scans, PROGRESS_EVERY))
     if not chunk_scans:
       break
-    chunk = []  # (row, image, file's filename, why no mm) of the good reads.
-    reads = inference.parallel_map(lambda scan: scan[2](), chunk_scans)
-    for (name, file_name, _), read in zip(chunk_scans, reads):
-      row = dict.fromkeys(COLUMNS, '')
-      row.update(filename=name, status='ok')
-      rows.append(row)
-      csv_path, pixel_size = pixel_sizes[file_name]
-      if isinstance(read, Exception):
-        message = (str(read) if isinstance(read, ValueError) else
-                   f'cannot read the file ({log.error_line(read)})')
-        row.update(status='error', message=message)
-        continue
-      source, no_mm = ('csv' if pixel_size is not None else ''), ''
-      if file_name in infos:
-        if pixel_size is None:  # A DICOM's own, where the CSV has none.
-          info = infos[file_name]
-          pixel_size, source, no_mm = (info.pixel_size_mm, info.source,
-                                       info.reason)
-      elif csv_path and pixel_size is None:
-        row.update(status='error',
-                   message=f'no pixel size for it in {csv_path}')
-        continue
-      if infos:
-        row['pixel_size_source'] = source
-      if pixel_size is not None and not (
-          PIXEL_SIZE_RANGE_MM[0] <= pixel_size <= PIXEL_SIZE_RANGE_MM[1]):
-        row.update(status='error', message=(
-            f'pixel size {pixel_size:g} mm is not a scan\'s: outside '
-            f'{PIXEL_SIZE_RANGE_MM[0]:g}-{PIXEL_SIZE_RANGE_MM[1]:g} mm'))
-        continue
-      image, note = read
-      if note and (file_name, note) not in noted:
-        noted.add((file_name, note))
-        print(f'{files[file_name]}: {note}', file=sys.stderr)
-      row['pixel_size_mm'] = '' if pixel_size is None else pixel_size
-      chunk.append((row, image, file_name, no_mm))
+    chunk = _read_chunk(chunk_scans, files, pixel_sizes, infos, rows, noted)
     if chunk:
       out = predictor([image for _, image, _, _ in chunk],
                       [row['pixel_size_mm'] or None for row, *_ in chunk],
@@ -492,44 +492,109 @@ def _predict_files(predictor: inference.Predictor, files: dict[str, str],
                       min_quality=args.min_quality,
                       keep_masks=bool(args.overlays))
       for i, (row, image, file_name, no_mm) in enumerate(chunk):
-        row.update(status=out['status'][i], message=out['message'][i])
-        if row['status'] == 'refused':
-          continue
-        if no_mm:
-          row['message'] = '; '.join(filter(None, [row['message'], no_mm]))
-        row.update(hc_px=_fmt(out['hc_px'][i], 3),
-                   hc_mm=_fmt(out['hc_mm'][i], 3),
-                   hc_mm_sd=_fmt(out['hc_mm_sd'][i], 3))
-        ellipse = None
-        if predictor.predicts_ellipse:
-          ellipse = out['ellipse_px'][i]
-          row.update(_ellipse_cells(ellipse, out['ellipse_mm'][i]))
-          if math.isfinite(out['ellipse_mm'][i][0]):
-            ellipses_mm[row['filename']] = list(out['ellipse_mm'][i])
-        if predictor.kind == 'mask':
-          row['quality'] = _fmt(out['quality'][i], 4)
-        if row['status'] != 'implausible':
-          ga_weeks = gestational_age.hadlock_ga_weeks(out['hc_mm'][i])
-          row.update(ga_weeks=_fmt(ga_weeks, 2),
-                     ga_flag=gestational_age.ga_flag(ga_weeks))
-        if args.overlays:
-          # A frame k of file.dcm: file_framek_prediction.png.
-          overlay = os.path.join(
-              args.overlays, os.path.splitext(file_name)[0]
-              + row['filename'][len(file_name):].replace('#', '_frame')
-              + scan_files.OVERLAY_SUFFIX)
-          try:
-            os.makedirs(os.path.dirname(overlay), exist_ok=True)
-            scan_files.write_overlay(
-                image, _overlay_lines(row), overlay, ellipse,
-                out['mask_outline'][i] if 'mask_outline' in out else None)
-          except OSError as e:
-            raise workdir_lib.PredictError(
-                f'overlay {overlay} cannot be written '
-                f'({e.strerror or e})') from None
+        _fill_row(row, out, i, predictor, no_mm, ellipses_mm)
+        if args.overlays and row['status'] != 'refused':
+          _write_overlay(args.overlays, row, file_name, image, out, i,
+                         predictor.predicts_ellipse)
     progress.update(len(rows))
   progress.done()
   return rows, ellipses_mm
+
+
+def _read_chunk(chunk_scans, files: dict[str, str],
+                pixel_sizes: dict[str, tuple], infos: dict,
+                rows: list[dict], noted: set) -> list[tuple]:
+  """Reads one chunk of `_scans`, appending a row for each to `rows` (an
+  'error' row for a scan that cannot be read or has no usable pixel size).
+
+  Returns:
+    (row, image, file's filename, why no mm) of the scans read, to predict.
+  """
+  chunk = []
+  reads = inference.parallel_map(lambda scan: scan[2](), chunk_scans)
+  for (name, file_name, _), read in zip(chunk_scans, reads):
+    row = dict.fromkeys(COLUMNS, '')
+    row.update(filename=name, status='ok')
+    rows.append(row)
+    csv_path, pixel_size = pixel_sizes[file_name]
+    if isinstance(read, Exception):
+      message = (str(read) if isinstance(read, ValueError) else
+                 f'cannot read the file ({log.error_line(read)})')
+      row.update(status='error', message=message)
+      continue
+    source, no_mm = ('csv' if pixel_size is not None else ''), ''
+    if file_name in infos:
+      if pixel_size is None:  # A DICOM's own, where the CSV has none.
+        info = infos[file_name]
+        pixel_size, source, no_mm = (info.pixel_size_mm, info.source,
+                                     info.reason)
+    elif csv_path and pixel_size is None:
+      row.update(status='error',
+                 message=f'no pixel size for it in {csv_path}')
+      continue
+    if infos:
+      row['pixel_size_source'] = source
+    if pixel_size is not None and not (
+        PIXEL_SIZE_RANGE_MM[0] <= pixel_size <= PIXEL_SIZE_RANGE_MM[1]):
+      row.update(status='error', message=(
+          f'pixel size {pixel_size:g} mm is not a scan\'s: outside '
+          f'{PIXEL_SIZE_RANGE_MM[0]:g}-{PIXEL_SIZE_RANGE_MM[1]:g} mm'))
+      continue
+    image, note = read
+    if note and (file_name, note) not in noted:
+      noted.add((file_name, note))
+      print(f'{files[file_name]}: {note}', file=sys.stderr)
+    row['pixel_size_mm'] = '' if pixel_size is None else pixel_size
+    chunk.append((row, image, file_name, no_mm))
+  return chunk
+
+
+def _fill_row(row: dict, out: dict, i: int, predictor, no_mm: str,
+              ellipses_mm: dict[str, list]) -> None:
+  """Sets a row's cells from image `i` of the predictor's output `out`, and
+  an ellipse model's ellipse in mm in `ellipses_mm` where it is known."""
+  row.update(status=out['status'][i], message=out['message'][i])
+  if row['status'] == 'refused':
+    return
+  if no_mm:
+    row['message'] = '; '.join(filter(None, [row['message'], no_mm]))
+  row.update(hc_px=_fmt(out['hc_px'][i], 3),
+             hc_mm=_fmt(out['hc_mm'][i], 3),
+             hc_mm_sd=_fmt(out['hc_mm_sd'][i], 3))
+  if predictor.predicts_ellipse:
+    row.update(_ellipse_cells(out['ellipse_px'][i], out['ellipse_mm'][i]))
+    if math.isfinite(out['ellipse_mm'][i][0]):
+      ellipses_mm[row['filename']] = list(out['ellipse_mm'][i])
+  if predictor.kind == 'mask':
+    row['quality'] = _fmt(out['quality'][i], 4)
+  if row['status'] != 'implausible':
+    ga_weeks = gestational_age.hadlock_ga_weeks(out['hc_mm'][i])
+    row.update(ga_weeks=_fmt(ga_weeks, 2),
+               ga_flag=gestational_age.ga_flag(ga_weeks))
+
+
+def _write_overlay(overlays: str, row: dict, file_name: str, image, out: dict,
+                   i: int, predicts_ellipse: bool) -> None:
+  """Writes the overlay of image `i` of `out` under `overlays`.
+
+  Raises:
+    PredictError: when it cannot be written.
+  """
+  ellipse = out['ellipse_px'][i] if predicts_ellipse else None
+  # A frame k of file.dcm: file_framek_prediction.png.
+  overlay = os.path.join(
+      overlays, os.path.splitext(file_name)[0]
+      + row['filename'][len(file_name):].replace('#', '_frame')
+      + scan_files.OVERLAY_SUFFIX)
+  try:
+    os.makedirs(os.path.dirname(overlay), exist_ok=True)
+    scan_files.write_overlay(
+        image, _overlay_lines(row), overlay, ellipse,
+        out['mask_outline'][i] if 'mask_outline' in out else None)
+  except OSError as e:
+    raise workdir_lib.PredictError(
+        f'overlay {overlay} cannot be written '
+        f'({e.strerror or e})') from None
 
 
 class Progress:

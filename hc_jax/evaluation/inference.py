@@ -47,7 +47,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 import warnings
 
 import numpy as np
@@ -317,6 +317,25 @@ class Predictor:
                        'images')
     pixel_size = np.array(
         [math.nan if p is None else p for p in pixel_sizes_mm], np.float64)
+    inputs, status, message = self._inputs(images)
+    views = [inputs, inputs[:, :, ::-1]] if tta_flip else [inputs]
+    outputs = self._outputs(views)  # [views, runs, N] or [views, runs, N, 5].
+    out = self._combine(outputs, images, pixel_size, keep_masks)
+    self._set_statuses(out, status, message, images, max_sd_mm, min_quality)
+    out.update(status=status, message=message)
+    return out
+
+  def _inputs(self, images: Sequence[np.ndarray]):
+    """The model inputs of the scans, and the refused ones' statuses.
+
+    Returns:
+      (float32 [N, height, width, 1], zeros for refused images; 'status'
+      and 'message', object arrays [N]: 'refused' and why, else 'ok', '').
+
+    Raises:
+      ValueError: for an image that is not a 2D uint8 array.
+    """
+    num_images = len(images)
     status = np.full(num_images, 'ok', object)
     message = np.full(num_images, '', object)
     inputs = np.zeros([num_images, *self.input_shape, 1], np.float32)
@@ -334,8 +353,15 @@ class Predictor:
         status[i], message[i] = 'refused', reason
       else:
         inputs[i] = prepared
-    views = [inputs, inputs[:, :, ::-1]] if tta_flip else [inputs]
-    outputs = self._outputs(views)  # [views, runs, N] or [views, runs, N, 5].
+    return inputs, status, message
+
+  def _combine(self, outputs: dict[str, np.ndarray], images,
+               pixel_size: np.ndarray, keep_masks: bool
+               ) -> dict[str, np.ndarray]:
+    """The runs' and views' outputs (`_outputs`) as `__call__` returns them,
+    but for 'status' and 'message': means over the runs (and views), the SD
+    of an ensemble, the combined ellipse and the mask outlines."""
+    num_images = len(images)
     out = {}
     if self.predicts_ellipse:
       hc_px = self._decode_ellipses(outputs['value'], images, out)
@@ -357,7 +383,13 @@ class Predictor:
     if keep_masks and 'mask' in outputs:
       out['mask'] = outputs['mask']
       out['mask_outline'] = self._outlines(outputs['mask'], images)
-    for i in range(num_images):
+    return out
+
+  def _set_statuses(self, out: dict, status: np.ndarray, message: np.ndarray,
+                    images, max_sd_mm: float, min_quality: float) -> None:
+    """Blanks the refused images' outputs (NaN, no outline) and sets the
+    others' status and message (`_check`), in place."""
+    for i in range(len(images)):
       if status[i] == 'refused':
         for key in out:
           if key != 'mask_outline':
@@ -368,8 +400,6 @@ class Predictor:
         status[i], message[i] = self._check(
             out['hc_px'][i], out['hc_mm'][i], out['hc_mm_sd'][i],
             np.shape(images[i]), max_sd_mm, out['quality'][i], min_quality)
-    out.update(status=status, message=message)
-    return out
 
   def _outputs(self, views: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Every run's output on every view.
@@ -495,25 +525,10 @@ def load(workdir: str | None = None, model_options: dict | None = None,
     PredictError: no run at `workdir`, an unfinished run, an ensemble of
       mismatched runs, an unreadable config, results or checkpoint file.
   """
-  from hc_jax.evaluation import archive as archive_lib
-  if workdir is not None and model is not None:
-    raise workdir_lib.PredictError(
-        'give a workdir or a shipped model, not both')
-  archive = None
-  if workdir is None or archive_lib.is_archive(workdir):
-    archive = archive_lib.read(model if workdir is None else workdir)
-    runs = archive.runs
-  else:  # Before the heavy imports: fail fast.
-    runs = workdir_lib.run_dirs(workdir)
-    _warn_if_training(runs)
+  archive, runs = _runs_of(workdir, model)
   # pylint: disable=import-outside-toplevel
   import jax
-  import jax.numpy as jnp
-  import ml_collections
   import tensorflow as tf
-  from hc_jax import models
-  from hc_jax.data import prepare
-  from hc_jax.data import preprocess
   if archive:
     configs, results = archive.configs, archive.results
   else:
@@ -526,8 +541,67 @@ def load(workdir: str | None = None, model_options: dict | None = None,
   train_hc_mm, train_hc_px = workdir_lib.training_ranges(results)
   config_path = archive.path if archive else os.path.join(
       runs[0], workdir_lib.CONFIG_FILE)
+  built = _build_model(configs[0], model_options, config_path)
+  variables = [archive.variables(i, built.abstract) if archive else
+               checkpoint.restore_variables(run, built.abstract)
+               for i, run in enumerate(runs)]
+  _hide_gpus_from_tf(tf)
+  return Predictor(runs=runs, image_size=built.height,
+                   image_width=built.width,
+                   resize_mode=built.config.resize_mode,
+                   normalisers_px=normalisers_px, _variables=variables,
+                   _forward=jax.jit(built.forward),
+                   _prepare=_image_preparer(built.config, built.height,
+                                            built.width),
+                   train_hc_mm=train_hc_mm, train_hc_px=train_hc_px,
+                   kind=built.kind, mask_grid=built.mask_grid,
+                   trained_on_phantoms=any(
+                       dict(c.get('data') or {}).get('source') == 'synthetic'
+                       for c in configs))
+
+
+def _runs_of(workdir: str | None, model: str | None):
+  """(the shipped-model archive or None, the run directories) that `load`
+  loads, found before the heavy imports: fail fast."""
+  from hc_jax.evaluation import archive as archive_lib
+  if workdir is not None and model is not None:
+    raise workdir_lib.PredictError(
+        'give a workdir or a shipped model, not both')
+  if workdir is None or archive_lib.is_archive(workdir):
+    archive = archive_lib.read(model if workdir is None else workdir)
+    return archive, archive.runs
+  runs = workdir_lib.run_dirs(workdir)
+  _warn_if_training(runs)
+  return None, runs
+
+
+class _Model(NamedTuple):
+  """A model built from a run's config, checked to give its kind's output."""
+  config: Any  # ml_collections.ConfigDict
+  abstract: Any  # The variables' shapes (jax.eval_shape of init).
+  forward: Any  # `_forward_of`'s function.
+  kind: str
+  height: int
+  width: int
+  mask_grid: tuple[int, int] | None
+
+
+def _build_model(config_dict: dict, model_options: dict | None,
+                 config_path: str) -> _Model:
+  """The model of a run's config (with `model_options` set).
+
+  Raises:
+    PredictError: naming `config_path`, for any config the model cannot be
+      built from, or a model whose output is not what its kind declares.
+  """
+  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  from hc_jax import models
+  from hc_jax.data import prepare
   try:
-    config = ml_collections.ConfigDict({**configs[0], 'layers': LAYERS})
+    config = ml_collections.ConfigDict({**config_dict, 'layers': LAYERS})
     if model_options:
       config.model_options.update(model_options)
     height, width = prepare.input_shape(config)
@@ -554,10 +628,15 @@ def load(workdir: str | None = None, model_options: dict | None = None,
     raise workdir_lib.PredictError(
         f'{config_path}: cannot build the model ({log.error_line(e)})'
     ) from None
-  variables = [archive.variables(i, abstract) if archive else
-               checkpoint.restore_variables(run, abstract)
-               for i, run in enumerate(runs)]
-  _hide_gpus_from_tf(tf)
+  return _Model(config, abstract, forward, kind, height, width, mask_grid)
+
+
+def _image_preparer(config, height: int, width: int):
+  """The TensorFlow function making one uint8 [H, W, 1] scan a model input,
+  as training makes it."""
+  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
+  from hc_jax.data import preprocess
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, 1], tf.uint8)])
   def prepare_image(image):
@@ -566,15 +645,7 @@ def load(workdir: str | None = None, model_options: dict | None = None,
     resized = preprocess.resize(image, (height, width), config.resize_mode)
     return preprocess.zscore(preprocess.to_uint8(resized))
 
-  return Predictor(runs=runs, image_size=height, image_width=width,
-                   resize_mode=config.resize_mode,
-                   normalisers_px=normalisers_px, _variables=variables,
-                   _forward=jax.jit(forward), _prepare=prepare_image,
-                   train_hc_mm=train_hc_mm, train_hc_px=train_hc_px,
-                   kind=kind, mask_grid=mask_grid,
-                   trained_on_phantoms=any(
-                       dict(c.get('data') or {}).get('source') == 'synthetic'
-                       for c in configs))
+  return prepare_image
 
 
 def _warn_if_training(runs: Sequence[str]) -> None:

@@ -268,19 +268,9 @@ class Trainer:
          f'{_eta((total - done) / rate)}')
 
   def run(self):
-    config, data = self.config, self.data
     state = self._restore()
     self._write_run_files()
-    log.info(self._describe())
-    log.info(f'{models.count_params(self.init_states[0].params):,} parameters '
-         'per member')
-    if self.start_epoch:
-      log.info(f'resuming after epoch {self.start_epoch}')
-    if (config.model in GPU_MODELS and jax.default_backend() == 'cpu' and
-        self.start_epoch < self.num_epochs):
-      log.info(
-          f'{config.model} on a CPU is GPU work: several minutes to compile, '
-          'then about a day for 250 epochs (see the README)')
+    self._announce()
     writers = [metric_log.MetricWriter(w, resume_epoch=self.start_epoch)
                for w in self.workdirs]
     self.compiled = False
@@ -294,68 +284,105 @@ class Trainer:
       epoch += 1
       epoch_start = time.time()
       state, step_losses, active = self._train_epoch(state, epoch)
-      bad = ~np.isfinite(step_losses) & active
-      news = []
-      for m in np.flatnonzero(bad.any(axis=0)):
-        self.diverged[m] = epoch
-        step = int(np.argmax(bad[:, m])) + 1
-        news.append(f'loss is {step_losses[step - 1, m]} at step '
-                    f'{(epoch - 1) * data.steps[m] + step} (epoch {epoch})')
-        log.info(f'{self.workdirs[m]}: {news[-1]}; frozen, scored with epoch '
-             f'{self.best[m]["epoch"]} (selected on validation before)')
-      if (self.diverged > 0).all():
-        raise FloatingPointError(
-            f'{news[-1]}: the training loss diverged; stopped without '
-            f'saving, the last good checkpoints are in '
-            f'{", ".join(ck.directory for ck in self.checkpoints)}')
-      for m in np.flatnonzero(self.diverged == epoch):
-        data_lib.save_json(
-            os.path.join(self.workdirs[m], workdir_lib.DIVERGED_FILE),
-            {'epoch': epoch})
-      val = self._predict(state, 'val')
-      val_errors = [self._errors(val, m) for m in range(len(self.configs))]
-      save_latest = (epoch == self.num_epochs or time.time() - last_save >=
-                     config.checkpoint_every_seconds)
-      for m, writer in enumerate(writers):
-        if self.diverged[m]:
-          continue
-        errors = val_errors[m]
-        is_best = errors['mae_mm'] < self.best[m]['val_mae_mm']
-        if is_best:
-          self.best[m] = {'val_mae_mm': errors['mae_mm'], 'epoch': epoch}
-        mask = active[:, m]
-        writer.write({
-            'epoch': epoch, 'step': int(epoch * data.steps[m]),
-            'train_loss': float(step_losses[mask, m].mean()),
-            'epoch_seconds': round(time.time() - epoch_start, 2),
-            **{f'val_{k}': v for k, v in errors.items()}})
-        self.checkpoints[m].save(
-            epoch, self._member_state(state, m),
-            {'epoch': epoch, 'best': self.best[m]}, is_best=is_best,
-            latest=save_latest)
-        if len(self.configs) == 1:
-          log.info(f'epoch {epoch}: val {metrics_lib.format_errors(errors)}'
-               f'{" *" if is_best else ""} '
-               f'({time.time() - epoch_start:.1f} s)')
-      if len(self.configs) > 1:
-        log.info(
-            f'epoch {epoch}/{self.num_epochs} ({time.time() - epoch_start:.1f}'
-            ' s): val MAE mm ' +
-            ', '.join(f'{errors["mae_mm"]:.2f}' for errors in val_errors))
-      if save_latest:
+      self._check_divergence(epoch, step_losses, active)
+      if self._validate_and_save(state, epoch, epoch_start, step_losses,
+                                 active, writers, last_save):
         last_save = time.time()
-      if epoch == self.start_epoch + 1 and config.time_budget_s:
-        # The first epoch's compiling (and 'auto' probing) is not repeated.
-        self._fit_budget(time.time() - epoch_start - self.compile_seconds)
-      elif (config.time_budget_s and epoch < self.num_epochs and
-            time.time() - self.started + 2 * (time.time() - epoch_start) >
-            config.time_budget_s):
-        log.info(f'stopping after epoch {epoch}: the next would pass '
-             f'time_budget_s={config.time_budget_s}')
-        self.num_epochs = epoch
+      self._check_budget(epoch, epoch_start)
     for ck in self.checkpoints:
       ck.wait()
     return self._score_test(state, writers)
+
+  def _announce(self) -> None:
+    """Logs what is trained, and from where."""
+    config = self.config
+    log.info(self._describe())
+    log.info(f'{models.count_params(self.init_states[0].params):,} parameters '
+         'per member')
+    if self.start_epoch:
+      log.info(f'resuming after epoch {self.start_epoch}')
+    if (config.model in GPU_MODELS and jax.default_backend() == 'cpu' and
+        self.start_epoch < self.num_epochs):
+      log.info(
+          f'{config.model} on a CPU is GPU work: several minutes to compile, '
+          'then about a day for 250 epochs (see the README)')
+
+  def _check_divergence(self, epoch, step_losses, active) -> None:
+    """Freezes the members whose loss went non-finite in `epoch`.
+
+    Raises:
+      FloatingPointError: when every member has diverged.
+    """
+    data = self.data
+    bad = ~np.isfinite(step_losses) & active
+    news = []
+    for m in np.flatnonzero(bad.any(axis=0)):
+      self.diverged[m] = epoch
+      step = int(np.argmax(bad[:, m])) + 1
+      news.append(f'loss is {step_losses[step - 1, m]} at step '
+                  f'{(epoch - 1) * data.steps[m] + step} (epoch {epoch})')
+      log.info(f'{self.workdirs[m]}: {news[-1]}; frozen, scored with epoch '
+           f'{self.best[m]["epoch"]} (selected on validation before)')
+    if (self.diverged > 0).all():
+      raise FloatingPointError(
+          f'{news[-1]}: the training loss diverged; stopped without '
+          f'saving, the last good checkpoints are in '
+          f'{", ".join(ck.directory for ck in self.checkpoints)}')
+    for m in np.flatnonzero(self.diverged == epoch):
+      data_lib.save_json(
+          os.path.join(self.workdirs[m], workdir_lib.DIVERGED_FILE),
+          {'epoch': epoch})
+
+  def _validate_and_save(self, state, epoch, epoch_start, step_losses,
+                         active, writers, last_save) -> bool:
+    """Scores the live members on validation, logs the epoch and saves their
+    checkpoints; returns whether the resume checkpoints were saved too."""
+    config, data = self.config, self.data
+    val = self._predict(state, 'val')
+    val_errors = [self._errors(val, m) for m in range(len(self.configs))]
+    save_latest = (epoch == self.num_epochs or time.time() - last_save >=
+                   config.checkpoint_every_seconds)
+    for m, writer in enumerate(writers):
+      if self.diverged[m]:
+        continue
+      errors = val_errors[m]
+      is_best = errors['mae_mm'] < self.best[m]['val_mae_mm']
+      if is_best:
+        self.best[m] = {'val_mae_mm': errors['mae_mm'], 'epoch': epoch}
+      mask = active[:, m]
+      writer.write({
+          'epoch': epoch, 'step': int(epoch * data.steps[m]),
+          'train_loss': float(step_losses[mask, m].mean()),
+          'epoch_seconds': round(time.time() - epoch_start, 2),
+          **{f'val_{k}': v for k, v in errors.items()}})
+      self.checkpoints[m].save(
+          epoch, self._member_state(state, m),
+          {'epoch': epoch, 'best': self.best[m]}, is_best=is_best,
+          latest=save_latest)
+      if len(self.configs) == 1:
+        log.info(f'epoch {epoch}: val {metrics_lib.format_errors(errors)}'
+             f'{" *" if is_best else ""} '
+             f'({time.time() - epoch_start:.1f} s)')
+    if len(self.configs) > 1:
+      log.info(
+          f'epoch {epoch}/{self.num_epochs} ({time.time() - epoch_start:.1f}'
+          ' s): val MAE mm ' +
+          ', '.join(f'{errors["mae_mm"]:.2f}' for errors in val_errors))
+    return save_latest
+
+  def _check_budget(self, epoch, epoch_start) -> None:
+    """Fits the epochs to `time_budget_s` after the first, and stops early
+    when the next epoch would pass it."""
+    config = self.config
+    if epoch == self.start_epoch + 1 and config.time_budget_s:
+      # The first epoch's compiling (and 'auto' probing) is not repeated.
+      self._fit_budget(time.time() - epoch_start - self.compile_seconds)
+    elif (config.time_budget_s and epoch < self.num_epochs and
+          time.time() - self.started + 2 * (time.time() - epoch_start) >
+          config.time_budget_s):
+      log.info(f'stopping after epoch {epoch}: the next would pass '
+           f'time_budget_s={config.time_budget_s}')
+      self.num_epochs = epoch
 
   def _fit_budget(self, epoch_seconds):
     left = self.config.time_budget_s - (time.time() - self.started)
@@ -399,23 +426,7 @@ class Trainer:
                 arrays['filename'][keep], arrays['subject_id'][keep],
                 arrays['pixel_size_mm'][keep], arrays['hc_px'][keep],
                 hc_px_pred[m][mask[m]]))
-      train_index = self.data.split[m]['train']
-      result = {
-          'model': config.model, 'loss': config.loss, 'fold': config.fold,
-          'seed': config.seed, 'selected_epoch': self.best[m]['epoch'],
-          'normaliser_px': float(self.data.normaliser_px[m]),
-          'val_mae_mm': self.best[m]['val_mae_mm'],
-          'num_epochs': self.num_epochs,
-          'planned_epochs': config.num_epochs,
-          'diverged_epoch': int(self.diverged[m]) or None,
-          'source_digest': self.data.info.get('source_digest'),
-          'num_members': len(self.configs),
-          'members_per_call': self.how if len(self.configs) > 1 else None,
-          'train_seconds': round(time.time() - self.started, 1),
-          **{f'train_hc_{unit}_{stat}': float(fn(arrays[f'hc_{unit}'][
-              train_index])) for unit in ('mm', 'px')
-             for stat, fn in (('min', np.min), ('max', np.max))},
-          **errors}
+      result = self._result(m, errors)
       data_lib.save_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
                          result)
       if errors and not self.rescore_only:
@@ -429,3 +440,24 @@ class Trainer:
              f'{metrics_lib.format_errors(plain)}')
       results.append(result)
     return results
+
+  def _result(self, m, errors) -> dict:
+    """Member `m`'s results.json, with its test `errors` ({} for none)."""
+    config, arrays = self.configs[m], self.data.arrays
+    train_index = self.data.split[m]['train']
+    return {
+        'model': config.model, 'loss': config.loss, 'fold': config.fold,
+        'seed': config.seed, 'selected_epoch': self.best[m]['epoch'],
+        'normaliser_px': float(self.data.normaliser_px[m]),
+        'val_mae_mm': self.best[m]['val_mae_mm'],
+        'num_epochs': self.num_epochs,
+        'planned_epochs': config.num_epochs,
+        'diverged_epoch': int(self.diverged[m]) or None,
+        'source_digest': self.data.info.get('source_digest'),
+        'num_members': len(self.configs),
+        'members_per_call': self.how if len(self.configs) > 1 else None,
+        'train_seconds': round(time.time() - self.started, 1),
+        **{f'train_hc_{unit}_{stat}': float(fn(arrays[f'hc_{unit}'][
+            train_index])) for unit in ('mm', 'px')
+           for stat, fn in (('min', np.min), ('max', np.max))},
+        **errors}
