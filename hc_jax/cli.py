@@ -1,10 +1,12 @@
 """What hc_jax's commands share: quiet start-up, config files, one-line errors.
 
 Every entry point (`hc_jax.main`, `hc_jax.grid`, `hc_jax.predict`,
-`hc_jax.plots`) calls `quiet_logs()` first, reads its config with
-`load_config(path, overrides)` and runs under `run_main`, so that a mistake on
-the command line (a misspelt config field, a config file that does not exist,
-a bad value) ends with one line on stderr and exit status 2:
+`hc_jax.cv_score`, `hc_jax.plots`, `hc_jax.prepare`, `hc_jax.shipped`) calls
+`quiet_logs()` before TensorFlow is imported, reads its config (where it
+takes one) with `load_config(path, overrides)` and runs under `run_main`, so
+that a mistake on the command line (a misspelt config field, a config file
+that does not exist, a bad value) ends with one line on stderr and exit
+status 2:
 
   error: configs/cnn263k_mse.py: no field 'num_epoch' — did you mean 'num_epochs'?
 

@@ -241,24 +241,27 @@ def main(argv: Sequence[str] | None = None) -> int:
   from hc_jax import cli  # pylint: disable=import-outside-toplevel
   args = _parse_args(sys.argv[1:] if argv is None else argv)
   cli.quiet_logs(tensorflow=not args.aggregate_only)
+  # Bad input (hc18.HC18Error is a ValueError too): one line, exit 2.
+  return cli.run_main(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+  """Trains the grid that `args` asks for and writes its tables."""
+  from hc_jax import cli  # pylint: disable=import-outside-toplevel
   failed = []
-  try:
-    if args.require_accelerator:
-      import jax  # pylint: disable=import-outside-toplevel
-      if jax.default_backend() == 'cpu':
-        raise ValueError(f'JAX found no GPU or TPU ({jax.devices()}); check '
-                         'the CUDA or TPU set-up')
-    if not args.aggregate_only:
-      # Process settings (allocator, jax.distributed, TF off the GPUs) from
-      # the first config; the grid's runs share them.
-      cli.setup_process(load_config(args.configs[0], args.override))
-      failed = run_grid(args.configs, args.folds, args.root, args.override,
-                        shard=args.shard, stack=args.stack,
-                        seeds=args.seeds)['failed']
-    rows = aggregate_lib.aggregate(args.root)
-  except cli.usage_errors() as e:  # hc18.HC18Error is a ValueError too.
-    print(f'error: {cli.error_text(e)}', file=sys.stderr)
-    return 2
+  if args.require_accelerator:
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.default_backend() == 'cpu':
+      raise ValueError(f'JAX found no GPU or TPU ({jax.devices()}); check '
+                       'the CUDA or TPU set-up')
+  if not args.aggregate_only:
+    # Process settings (allocator, jax.distributed, TF off the GPUs) from
+    # the first config; the grid's runs share them.
+    cli.setup_process(load_config(args.configs[0], args.override))
+    failed = run_grid(args.configs, args.folds, args.root, args.override,
+                      shard=args.shard, stack=args.stack,
+                      seeds=args.seeds)['failed']
+  rows = aggregate_lib.aggregate(args.root)
   md_path, csv_path = aggregate_lib.write_tables(rows, args.root)
   print(aggregate_lib.format_markdown(rows))
   print(f'wrote {md_path} and {csv_path}')

@@ -293,28 +293,31 @@ def main(argv: Sequence[str] | None = None) -> int:
   with warnings.catch_warnings():
     warnings.showwarning = _print_warning
     warnings.simplefilter('always', UserWarning)
-    try:
-      _check_flags(args)
-      files = dicom.image_paths((args.images or []) + (
-          [archive_lib.SAMPLE_IMAGES_DIR] if args.samples else []))
-      _check_outputs(args, files)
-      pixel_sizes, infos = _pixel_sizes_and_dicom_infos(files, args)
-      print(f'{len(files)} scan file(s): loading '
-            f'{args.workdir or args.model or "the shipped model"} (JAX and '
-            'TensorFlow start in about 10 s)...', file=sys.stderr, flush=True)
-      predictor = (load(args.workdir) if args.workdir else
-                   load(model=args.model))  # None: the default shipped one.
-      if args.submission and not predictor.predicts_ellipse:
-        raise workdir_lib.PredictError(
-            '--submission needs a model that predicts the '
-            f'ellipse; {args.workdir or args.model} predicts '
-            'HC only')
-      rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args,
-                                         infos)
-      missing = _write_outputs(args, predictor, rows, ellipses_mm, infos)
-    except workdir_lib.PredictError as e:
-      print(f'error: {e}', file=sys.stderr)
-      return EXIT_USAGE
+    # Bad input: one line, exit EXIT_USAGE.
+    return cli.run_main(lambda: _predict(args))
+
+
+def _predict(args: argparse.Namespace) -> int:
+  """Predicts, writes and reports what `args` ask for; returns the exit
+  code."""
+  _check_flags(args)
+  files = dicom.image_paths((args.images or []) + (
+      [archive_lib.SAMPLE_IMAGES_DIR] if args.samples else []))
+  _check_outputs(args, files)
+  pixel_sizes, infos = _pixel_sizes_and_dicom_infos(files, args)
+  print(f'{len(files)} scan file(s): loading '
+        f'{args.workdir or args.model or "the shipped model"} (JAX and '
+        'TensorFlow start in about 10 s)...', file=sys.stderr, flush=True)
+  predictor = (load(args.workdir) if args.workdir else
+               load(model=args.model))  # None: the default shipped one.
+  if args.submission and not predictor.predicts_ellipse:
+    raise workdir_lib.PredictError(
+        '--submission needs a model that predicts the '
+        f'ellipse; {args.workdir or args.model} predicts '
+        'HC only')
+  rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args,
+                                     infos)
+  missing = _write_outputs(args, predictor, rows, ellipses_mm, infos)
   return _report(args, predictor, rows, missing)
 
 

@@ -142,19 +142,19 @@ def main(argv=None) -> int:
   cli.quiet_logs()  # Before TensorFlow is imported.
   if not args.out.endswith(archive_lib.ARCHIVE_SUFFIX):
     parser.error(f'--out must end in {archive_lib.ARCHIVE_SUFFIX}')
-  try:
-    meta = export(args.workdir, args.out, args.name,
-                  'float16' if args.float16 else 'float32')
-  except workdir_lib.PredictError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  return cli.run_main(lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> None:
+  """Exports as `args` ask and prints what was written."""
+  meta = export(args.workdir, args.out, args.name,
+                'float16' if args.float16 else 'float32')
   cv = meta['cv']
   print(f'wrote {args.out}: {len(meta["members"])} members, '
         f'{os.path.getsize(args.out) / 1e6:.2f} MB ({meta["storage_dtype"]})'
         + (f'; CV {cv["mae_mm"]:.2f} ± {cv["mae_mm_sd"]:.2f} mm over '
            f'{cv["num_images"]} images' if cv and math.isfinite(
                cv['mae_mm']) else ''))
-  return 0
 
 
 if __name__ == '__main__':
