@@ -31,19 +31,15 @@ from hc_jax.data import prepare
 
 
 def hc18_source_dir(config, workdir: str) -> str | None:
-  """The HC18 directory a config asks for (None means download).
+  """The HC18 directory a config asks for (None means download); for
+  phantom scans, the run's own directory of them (`write_phantoms` writes
+  them). Looks only: nothing is written.
 
   Raises:
     ValueError: when the directory is missing or holds no HC18 CSV.
   """
   if config.data.source == 'synthetic':
-    from hc_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-    root = os.path.join(workdir, workdir_lib.SYNTHETIC_DIR)
-    if not os.path.isfile(os.path.join(root, hc18.SPLITS['test'][1])):
-      synthetic.write_hc18(root, num_train=config.data.num_synthetic,
-                           num_test=max(4, config.data.num_synthetic // 10),
-                           seed=config.seed)
-    return root
+    return os.path.join(workdir, workdir_lib.SYNTHETIC_DIR)
   if config.data.source != 'hc18':
     raise ValueError(f"data.source must be 'hc18' or 'synthetic', got "
                      f'{config.data.source!r}')
@@ -64,13 +60,24 @@ def hc18_source_dir(config, workdir: str) -> str | None:
   return root
 
 
+def write_phantoms(config, root: str) -> None:
+  """Writes the phantom scans of a `data.source='synthetic'` config into
+  `root` in the HC18 layout, unless a complete set is already there (its
+  test CSV, written last)."""
+  from hc_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(os.path.join(root, hc18.SPLITS['test'][1])):
+    synthetic.write_hc18(root, num_train=config.data.num_synthetic,
+                         num_test=max(4, config.data.num_synthetic // 10),
+                         seed=config.seed)
+
+
 def prepared_arrays(config, workdir: str
                     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The prepared arrays a config trains on, and their info.
 
   `config.data.prepared` names an exported .npz (read with NumPy alone);
-  otherwise HC18 (or the phantoms) is prepared and cached by the digest of
-  its content.
+  otherwise HC18 (or the phantoms, written into the run first by
+  `write_phantoms`) is prepared and cached by the digest of its content.
 
   Raises:
     prepare.PreparedError: for an export made for another input size or
@@ -90,6 +97,7 @@ def prepared_arrays(config, workdir: str
   root = hc18_source_dir(config, workdir)
   cache_dir = config.data.get('cache_dir', '')
   if config.data.source == 'synthetic':
+    write_phantoms(config, root)
     cache_dir = os.path.join(workdir, workdir_lib.DATA_CACHE_DIR)
   return prepare.prepare(root, shape, config.resize_mode, cache_dir)
 
