@@ -109,6 +109,17 @@ def export(workdir: str, out: str, name: str | None = None,
       'provenance': PROVENANCE,
   }
   arrays['meta'] = np.array(json.dumps(meta, sort_keys=True))
+  _write_archive(out, arrays)
+  return meta
+
+
+def _write_archive(out: str, arrays: dict[str, np.ndarray]) -> None:
+  """Writes `arrays` as a compressed .npz at `out`, which must not exist:
+  whole or not at all.
+
+  Raises:
+    PredictError: when it cannot be written (nothing is left behind).
+  """
   directory = os.path.dirname(os.path.abspath(out))
   try:
     os.makedirs(directory, exist_ok=True)
@@ -123,7 +134,6 @@ def export(workdir: str, out: str, name: str | None = None,
       os.unlink(tmp)
     raise workdir_lib.PredictError(
         f'{out} cannot be written ({e.strerror or e})') from None
-  return meta
 
 
 def main(argv=None) -> int:

@@ -263,28 +263,8 @@ def assign_folds(filenames: Sequence[str],
     ValueError: on bad settings, filenames or HC values, or with fewer subjects
       than folds.
   """
-  _check_num_folds(num_folds)
-  _check_val_fraction(val_fraction)
-  if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or
-      seed < 0):
-    raise ValueError(f'seed must be a non-negative integer, got {seed!r}')
-  filenames = list(filenames)
-  hc_mm = np.asarray(hc_mm, dtype=np.float64)
-  if hc_mm.ndim != 1 or len(hc_mm) != len(filenames):
-    raise ValueError(f'hc_mm must be a list of one value per filename: got '
-                     f'{len(filenames)} filenames and hc_mm of shape '
-                     f'{hc_mm.shape}')
-  if len(set(filenames)) != len(filenames):
-    seen, duplicates = set(), []
-    for filename in filenames:
-      if filename in seen:
-        duplicates.append(filename)
-      seen.add(filename)
-    raise ValueError(f'duplicate filenames: {sorted(set(duplicates))[:10]}')
-  not_finite = [f for f, hc in zip(filenames, hc_mm) if not math.isfinite(hc)]
-  if not_finite:
-    raise ValueError(f'hc_mm is not finite for {len(not_finite)} images: '
-                     f'{not_finite[:10]}')
+  filenames, hc_mm = _checked_inputs(filenames, hc_mm, num_folds,
+                                     val_fraction, seed)
 
   hc_by_filename = dict(zip(filenames, hc_mm.tolist()))
   subject_filenames: dict[int, list[str]] = {}
@@ -307,6 +287,57 @@ def assign_folds(filenames: Sequence[str],
       num_folds=num_folds,
       rng=np.random.default_rng(fold_seed))
 
+  val_filenames = _draw_val_filenames(subject_filenames, subject_hc,
+                                      subject_fold, num_folds,
+                                      val_fraction, val_seeds)
+
+  return FoldAssignment(
+      num_folds=int(num_folds),
+      seed=int(seed),
+      val_fraction=float(val_fraction),
+      images=tuple(ImageFold(f, s, subject_fold[s])
+                   for s, names in subject_filenames.items() for f in names),
+      val_filenames=tuple(val_filenames))
+
+
+def _checked_inputs(filenames, hc_mm, num_folds, val_fraction, seed
+                    ) -> tuple[list[str], np.ndarray]:
+  """`assign_folds`' inputs checked: (the filenames as a list, hc_mm as a
+  float64 array).
+
+  Raises:
+    ValueError: on bad settings, duplicate filenames or non-finite HC.
+  """
+  _check_num_folds(num_folds)
+  _check_val_fraction(val_fraction)
+  if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or
+      seed < 0):
+    raise ValueError(f'seed must be a non-negative integer, got {seed!r}')
+  filenames = list(filenames)
+  hc_mm = np.asarray(hc_mm, dtype=np.float64)
+  if hc_mm.ndim != 1 or len(hc_mm) != len(filenames):
+    raise ValueError(f'hc_mm must be a list of one value per filename: got '
+                     f'{len(filenames)} filenames and hc_mm of shape '
+                     f'{hc_mm.shape}')
+  if len(set(filenames)) != len(filenames):
+    seen, duplicates = set(), []
+    for filename in filenames:
+      if filename in seen:
+        duplicates.append(filename)
+      seen.add(filename)
+    raise ValueError(f'duplicate filenames: {sorted(set(duplicates))[:10]}')
+  not_finite = [f for f, hc in zip(filenames, hc_mm) if not math.isfinite(hc)]
+  if not_finite:
+    raise ValueError(f'hc_mm is not finite for {len(not_finite)} images: '
+                     f'{not_finite[:10]}')
+  return filenames, hc_mm
+
+
+def _draw_val_filenames(subject_filenames, subject_hc, subject_fold,
+                        num_folds, val_fraction, val_seeds
+                        ) -> list[tuple[str, ...]]:
+  """Each test fold's validation images: its training subjects, sorted by
+  HC, cut into `_num_val_subjects` groups, one subject drawn from each."""
   val_filenames = []
   for fold in range(num_folds):
     train_subjects = sorted((s for s in subject_hc if subject_fold[s] != fold),
@@ -318,14 +349,7 @@ def assign_folds(filenames: Sequence[str],
                     ] if num_val else []
     val_filenames.append(tuple(sorted(
         f for s in val_subjects for f in subject_filenames[s])))
-
-  return FoldAssignment(
-      num_folds=int(num_folds),
-      seed=int(seed),
-      val_fraction=float(val_fraction),
-      images=tuple(ImageFold(f, s, subject_fold[s])
-                   for s, names in subject_filenames.items() for f in names),
-      val_filenames=tuple(val_filenames))
+  return val_filenames
 
 
 def _deal_subjects_to_folds(subject_ids: list[int], num_images: dict[int, int],

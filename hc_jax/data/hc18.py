@@ -194,6 +194,66 @@ def _positive_number(text: str, what: str) -> float:
   return value
 
 
+def _read_row(row: list[str], where: str, image_dir: str, on_disk: bool,
+              labelled: bool) -> tuple[Record | None, list[str]]:
+  """Reads and checks one CSV row's image (and annotation, if `labelled`).
+
+  Returns:
+    (the record, []) for a usable row, else (None, what is wrong with it).
+  """
+  filename = row[0]
+  errors = []
+  try:
+    subject_id, frame = folds.parse_filename(filename)
+  except ValueError as e:
+    errors.append(str(e))
+    subject_id = frame = -1
+  pixel_size_mm = hc_mm = math.nan
+  try:
+    pixel_size_mm = _positive_number(row[1], 'pixel size (mm)')
+  except ValueError as e:
+    errors.append(str(e))
+  if labelled:
+    try:
+      hc_mm = _positive_number(row[2], 'head circumference (mm)')
+    except ValueError as e:
+      errors.append(str(e))
+  image_path = os.path.join(image_dir, filename)
+  image_shape = None
+  if not on_disk:
+    errors.append('listed in the CSV but the image is missing')
+  else:
+    try:
+      image, note = read_grayscale(image_path)
+      image_shape = image.shape
+      if note:
+        warnings.warn(f'{where}: {note}', stacklevel=3)
+    except ValueError as e:
+      errors.append(str(e))
+  fitted = None
+  if labelled and subject_id >= 0:  # A bare HC18 name: no path escapes.
+    annotation_name = filename[:-len('.png')] + ANNOTATION_SUFFIX
+    try:
+      annotation, _ = read_grayscale(os.path.join(image_dir, annotation_name))
+      if image_shape is not None and annotation.shape != image_shape:
+        raise ValueError(f'size {annotation.shape[::-1]} differs from the '
+                         f'image\'s {image_shape[::-1]}')
+      fitted = ellipse_lib.fit_annotation(annotation)
+      gap = abs(fitted.perimeter_px * pixel_size_mm - hc_mm)
+      if gap > MAX_HC_DISAGREEMENT_MM:  # False when either is NaN.
+        raise ValueError(
+            f'fitted ellipse gives HC {fitted.perimeter_px * pixel_size_mm:.2f}'
+            f' mm, the CSV says {hc_mm:.2f} mm')
+    except ValueError as e:
+      errors.append(f'annotation {annotation_name}: {e}')
+  if errors:
+    return None, errors
+  return Record(filename=filename, image_path=image_path,
+                subject_id=subject_id, frame=frame,
+                pixel_size_mm=pixel_size_mm, hc_mm=hc_mm,
+                ellipse=fitted), []
+
+
 def scan_split(root: str, split: str, *, image_dir: str | None = None
                ) -> tuple[list[Record], list[str]]:
   """Reads and checks one split of an HC18 directory.
@@ -238,57 +298,12 @@ def scan_split(root: str, split: str, *, image_dir: str | None = None
       problems.append(f'{where}: duplicated filename in {csv_name}')
       continue
     seen.add(filename)
-    errors = []
-    try:
-      subject_id, frame = folds.parse_filename(filename)
-    except ValueError as e:
-      errors.append(str(e))
-      subject_id = frame = -1
-    pixel_size_mm = hc_mm = math.nan
-    try:
-      pixel_size_mm = _positive_number(row[1], 'pixel size (mm)')
-    except ValueError as e:
-      errors.append(str(e))
-    if labelled:
-      try:
-        hc_mm = _positive_number(row[2], 'head circumference (mm)')
-      except ValueError as e:
-        errors.append(str(e))
-    image_path = os.path.join(image_dir, filename)
-    image_shape = None
-    if filename not in on_disk:
-      errors.append('listed in the CSV but the image is missing')
-    else:
-      try:
-        image, note = read_grayscale(image_path)
-        image_shape = image.shape
-        if note:
-          warnings.warn(f'{where}: {note}', stacklevel=2)
-      except ValueError as e:
-        errors.append(str(e))
-    fitted = None
-    if labelled and subject_id >= 0:  # A bare HC18 name: no path escapes.
-      annotation_name = filename[:-len('.png')] + ANNOTATION_SUFFIX
-      try:
-        annotation, _ = read_grayscale(os.path.join(image_dir, annotation_name))
-        if image_shape is not None and annotation.shape != image_shape:
-          raise ValueError(f'size {annotation.shape[::-1]} differs from the '
-                           f'image\'s {image_shape[::-1]}')
-        fitted = ellipse_lib.fit_annotation(annotation)
-        gap = abs(fitted.perimeter_px * pixel_size_mm - hc_mm)
-        if gap > MAX_HC_DISAGREEMENT_MM:  # False when either is NaN.
-          raise ValueError(
-              f'fitted ellipse gives HC {fitted.perimeter_px * pixel_size_mm:.2f}'
-              f' mm, the CSV says {hc_mm:.2f} mm')
-      except ValueError as e:
-        errors.append(f'annotation {annotation_name}: {e}')
+    record, errors = _read_row(row, where, image_dir, filename in on_disk,
+                               labelled)
     if errors:
       problems.append(f'{where}: ' + '; '.join(errors))
       continue
-    records.append(Record(filename=filename, image_path=image_path,
-                          subject_id=subject_id, frame=frame,
-                          pixel_size_mm=pixel_size_mm, hc_mm=hc_mm,
-                          ellipse=fitted))
+    records.append(record)
   for filename in sorted(on_disk - seen):
     problems.append(f'{folder}/{filename}: image has no row in {csv_name}')
   records.sort(key=lambda r: r.filename)

@@ -377,6 +377,18 @@ def default_cache_dir() -> str:
   return os.path.join(os.path.expanduser('~'), '.cache', 'hc_jax')
 
 
+def _announce(root: str | None, out_hw, mode: str, directory: str) -> None:
+  """The status line of a preparation starting (with the CSV's scan count)."""
+  num = ''
+  if root is not None:
+    csv_path = os.path.join(root, hc18.SPLITS['train'][1])
+    with open(csv_path, 'rb') as f:
+      num = f' ({max(sum(1 for _ in f) - 1, 0)} scans)'
+  log.status(f'preparing HC18 from {root or "Zenodo"}{num} at '
+             f'{out_hw[0]}x{out_hw[1]} ({mode}) into {directory}: checks '
+             'every file, about 90 s for 900 scans, once')
+
+
 def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The prepared training split of an HC18 directory, from cache if made.
@@ -414,14 +426,7 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
       return load(path, require_digest=True)
     except PreparedError as e:
       log.status(f'warning: {e}; preparing it again')
-  num = ''
-  if root is not None:
-    csv_path = os.path.join(root, hc18.SPLITS['train'][1])
-    with open(csv_path, 'rb') as f:
-      num = f' ({max(sum(1 for _ in f) - 1, 0)} scans)'
-  log.status(f'preparing HC18 from {root or "Zenodo"}{num} at '
-       f'{out_hw[0]}x{out_hw[1]} ({mode}) into {directory}: checks every '
-       'file, about 90 s for 900 scans, once')
+  _announce(root, out_hw, mode, directory)
   started = time.time()
   try:
     arrays = _from_tfds(root, os.path.join(directory, 'tfds'), out_hw, mode)

@@ -248,6 +248,54 @@ def _fit(value: np.ndarray, target: Any, name: str, problems: list[str],
   return value
 
 
+def _import_conv(name, arrays, path, variables, flat_params, backbone,
+                 imported, folded_bias, problems) -> None:
+  """Imports a convolution's kernel (and bias) into `imported`; a bias the
+  module lacks goes to `folded_bias`, for its BatchNorm. Problems are
+  appended to `problems`."""
+  if len(arrays) not in (1, 2):
+    problems.append(f'{name} has {len(arrays)} arrays, not kernel and bias')
+    return
+  kernel = _fit(arrays[0], flat_params[path + ('kernel',)],
+                f'{name}/kernel', problems, sum_rgb=True)
+  bias = np.zeros(flat_params[path + ('kernel',)].shape[-1])
+  if len(arrays) == 2:
+    bias = _fit(arrays[1], bias, f'{name}/bias', problems)
+  if kernel is None or bias is None:
+    return
+  imported[path + ('kernel',)] = kernel
+  if 'bias' in variables:
+    imported[path + ('bias',)] = bias
+  else:
+    norm_path = path[:-1] + (path[-1].removesuffix('conv') + 'bn',)
+    if norm_path not in backbone:
+      problems.append(f'{name} has a bias and no BatchNorm to fold it into')
+      return
+    folded_bias[norm_path] = bias
+
+
+def _import_norm(name, arrays, path, flat_params, flat_stats, imported,
+                 folded_bias, problems) -> None:
+  """Imports a BatchNorm's scale, bias and statistics into `imported`, its
+  mean shifted by the folded bias of the convolution before it."""
+  if len(arrays) != 4:
+    problems.append(f'{name} has {len(arrays)} arrays, not gamma, beta, '
+                    'moving mean and moving variance')
+    return
+  targets = {'scale': flat_params[path + ('scale',)],
+             'bias': flat_params[path + ('bias',)],
+             'mean': flat_stats[path + ('mean',)],
+             'var': flat_stats[path + ('var',)]}
+  fitted = {key: _fit(array, targets[key], f'{name}/{key}', problems)
+            for key, array in zip(targets, arrays)}
+  if any(value is None for value in fitted.values()):
+    return
+  # BN(conv(x) + b) = BN'(conv(x)) with the running mean shifted by b.
+  fitted['mean'] = fitted['mean'] - folded_bias.get(path, 0.0)
+  for key, value in fitted.items():
+    imported[path + (key,)] = value
+
+
 def import_weights(keras_weights: KerasWeights, params: Any, batch_stats: Any,
                    model_name: str, source: str = 'the file'
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -290,42 +338,11 @@ def import_weights(keras_weights: KerasWeights, params: Any, batch_stats: Any,
     used.add(name)
     arrays = keras_weights[name]
     if variables <= {'kernel', 'bias'} and 'kernel' in variables:
-      if len(arrays) not in (1, 2):
-        problems.append(f'{name} has {len(arrays)} arrays, not kernel and bias')
-        continue
-      kernel = _fit(arrays[0], flat_params[path + ('kernel',)],
-                    f'{name}/kernel', problems, sum_rgb=True)
-      bias = np.zeros(flat_params[path + ('kernel',)].shape[-1])
-      if len(arrays) == 2:
-        bias = _fit(arrays[1], bias, f'{name}/bias', problems)
-      if kernel is None or bias is None:
-        continue
-      imported[path + ('kernel',)] = kernel
-      if 'bias' in variables:
-        imported[path + ('bias',)] = bias
-      else:
-        norm_path = path[:-1] + (path[-1].removesuffix('conv') + 'bn',)
-        if norm_path not in backbone:
-          problems.append(f'{name} has a bias and no BatchNorm to fold it into')
-          continue
-        folded_bias[norm_path] = bias
+      _import_conv(name, arrays, path, variables, flat_params, backbone,
+                   imported, folded_bias, problems)
     elif variables == {'scale', 'bias'}:
-      if len(arrays) != 4:
-        problems.append(f'{name} has {len(arrays)} arrays, not gamma, beta, '
-                        'moving mean and moving variance')
-        continue
-      targets = {'scale': flat_params[path + ('scale',)],
-                 'bias': flat_params[path + ('bias',)],
-                 'mean': flat_stats[path + ('mean',)],
-                 'var': flat_stats[path + ('var',)]}
-      fitted = {key: _fit(array, targets[key], f'{name}/{key}', problems)
-                for key, array in zip(targets, arrays)}
-      if any(value is None for value in fitted.values()):
-        continue
-      # BN(conv(x) + b) = BN'(conv(x)) with the running mean shifted by b.
-      fitted['mean'] = fitted['mean'] - folded_bias.get(path, 0.0)
-      for key, value in fitted.items():
-        imported[path + (key,)] = value
+      _import_norm(name, arrays, path, flat_params, flat_stats, imported,
+                   folded_bias, problems)
     else:
       problems.append(f'{name} has variables {sorted(variables)}, which no '
                       'Keras layer maps to')
