@@ -1,4 +1,4 @@
-"""Tests for hc_jax.predict (with hc_jax.evaluation.inference, hc_jax.runs and
+"""Tests for hc_jax.predict (with hc_jax.evaluation.inference, hc_jax.workdir and
 hc_jax.evaluation.scan_files behind it) and hc_jax.evaluation.gestational_age.
 
 Loading, restoring and preprocessing are tested on tiny trained runs; the

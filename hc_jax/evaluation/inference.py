@@ -10,7 +10,8 @@ model input, `image_size` rows by `image_width` columns, the uint8 rounding
 of the prepared training images, per-image z-score), so a run's test-fold
 images get the very predictions in its `predictions_test.csv`. Only the
 model's parameters and batch statistics are restored from the best
-checkpoint (`hc_jax.runs`); the optimiser state is never read.
+checkpoint (`hc_jax.training.checkpoint.restore_variables`); the optimiser
+state is never read.
 
 Each model declares its output kind (`models.output_kind`). A label model
 ('hc') returns `[B]`, the normalised HC (times the run's `normaliser_px`: HC
