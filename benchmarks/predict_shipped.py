@@ -4,7 +4,7 @@
       [--num_images=128] [--rounds=3]
 
 Times what `python -m hc_jax.predict --images=DIR` does for a folder of
-scans: start-up (`inference.load`: reading the archive, building the model,
+scans: start-up (`loading.load`: reading the archive, building the model,
 TensorFlow's preprocessing graph) is reported apart; then, per round, every
 scan is read from its PNG (`hc18.read_grayscale`) and the scans are
 predicted in chunks of `predict.PROGRESS_EVERY` (resize, z-score, the jitted
@@ -30,7 +30,7 @@ from hc_jax import cli
 from hc_jax import predict
 from hc_jax.data import hc18
 from hc_jax.evaluation import archive as archive_lib
-from hc_jax.evaluation import inference
+from hc_jax.evaluation import loading
 
 
 def _scans(hc18_dir: str | None, count: int) -> list[str]:
@@ -68,16 +68,16 @@ def main() -> None:
   cli.quiet_logs()
   paths = _scans(args.hc18_dir, args.num_images)
   start = time.perf_counter()
-  ensemble = inference.load(model=args.model)
+  ensemble = loading.load(model=args.model)
   startup = time.perf_counter() - start
   archive = archive_lib.read(args.model)
-  single = inference.load(archive.runs[0])
+  single = loading.load(archive.runs[0])
   results = {}
   for name, predictor in (('one fold model', single),
                           (f'ensemble of {len(archive.members)}', ensemble)):
     results[name] = _time_predictor(predictor, paths, args.rounds)
   print(f'{args.model}: {len(paths)} scans, {args.rounds} rounds; start-up '
-        f'(inference.load of the ensemble) {startup:.1f} s')
+        f'(loading.load of the ensemble) {startup:.1f} s')
   for name, per_scan in results.items():
     print(f'  {name}: {1e3 * np.median(per_scan):.1f} ms per scan '
           f'[{1e3 * min(per_scan):.1f}-{1e3 * max(per_scan):.1f}]')

@@ -171,8 +171,8 @@ def row(kind: str, images, quality=None) -> str:
 
 def mask_quality(images) -> np.ndarray:
   """The shipped model's quality on each image, refused or not."""
-  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
-  predictor = inference.load()
+  from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
+  predictor = loading.load()
   inputs = np.stack([predictor.preprocess(image) for image in images])
   # pylint: disable-next=protected-access
   return predictor._outputs([inputs])['quality'].mean(axis=(0, 1))

@@ -79,7 +79,8 @@ its perimeter is the reported HC (`inference.combine_ellipses`).
 
 This module is the command line: flags, the scans and their pixel sizes
 (`hc_jax.evaluation.scan_files`), the CSV and overlays, exit codes. The predictor itself
-is `hc_jax.evaluation.inference` (`predict.load` is `inference.load`):
+is `hc_jax.evaluation.inference`, loaded by `hc_jax.evaluation.loading`
+(`predict.load` is `loading.load`):
 
   predictor = predict.load('runs/cv_grid')
   out = predictor([image_uint8_2d, ...], pixel_sizes_mm=[0.1, ...])
@@ -107,10 +108,11 @@ from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import dicom
 from hc_jax.evaluation import gestational_age
 from hc_jax.evaluation import inference
+from hc_jax.evaluation import loading
 from hc_jax.evaluation import scan_files
 
 # The library entry point the README names: `predict.load(workdir)`.
-load = inference.load
+load = loading.load
 
 PROGRESS_EVERY = 64  # Images per chunk, and per progress line.
 # Pixel sizes (mm) taken as a scan's: HC18's are 0.05-0.39 mm; an ultrasound

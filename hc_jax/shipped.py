@@ -63,7 +63,7 @@ def export(workdir: str, out: str, name: str | None = None,
   """Writes the shipped-model archive of finished runs.
 
   Args:
-    workdir: a run, or a directory of fold runs (as `inference.load` takes).
+    workdir: a run, or a directory of fold runs (as `loading.load` takes).
     out: the archive to write; it must not exist yet.
     name: the model's name (default: the archive's base name).
     storage_dtype: 'float32', or 'float16' to halve the file.
@@ -76,7 +76,7 @@ def export(workdir: str, out: str, name: str | None = None,
   """
   # pylint: disable=import-outside-toplevel
   from flax import traverse_util
-  from hc_jax.evaluation import inference
+  from hc_jax.evaluation import loading
   if storage_dtype not in ('float32', 'float16'):
     raise workdir_lib.PredictError(
         f'storage dtype must be float32 or float16, got '
@@ -84,7 +84,7 @@ def export(workdir: str, out: str, name: str | None = None,
   if os.path.exists(out):
     raise workdir_lib.PredictError(f'{out} exists; not overwritten')
   run_dirs = workdir_lib.run_dirs(workdir)
-  predictor = inference.load(workdir)
+  predictor = loading.load(workdir)
   members = [os.path.basename(os.path.normpath(run)) for run in run_dirs]
   if len(set(members)) != len(members):
     members = [f'm{i}' for i in range(len(members))]

@@ -23,7 +23,7 @@ from hc_jax.data import hc18
 from hc_jax.evaluation import cv
 from hc_jax.evaluation import cv_report
 from hc_jax.evaluation import cv_runs
-from hc_jax.evaluation import inference
+from hc_jax.evaluation import loading
 
 FOLDS = (0, 1)
 
@@ -164,7 +164,7 @@ def test_flip_tta_is_the_mean_of_the_scan_and_its_mirror(
              for r in flipped.rows) > 1e-2
   for fold in FOLDS:
     rows = [row for row in flipped.rows if row['fold'] == fold]
-    mirrored = inference.load(os.path.join(members[0], f'fold{fold}'))(
+    mirrored = loading.load(os.path.join(members[0], f'fold{fold}'))(
         [np.ascontiguousarray(hc18.read_grayscale(os.path.join(
             phantom_hc18[0], 'training_set', row['filename']))[0][:, ::-1])
          for row in rows])['hc_px']

@@ -317,13 +317,13 @@ def mask_run(phantom_hc18, tmp_path_factory):
 
 
 def test_predict_reproduces_a_mask_runs_test_predictions(mask_run, phantom_hc18):
-  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
   with open(os.path.join(mask_run, workdir_lib.PREDICTIONS_FILE), newline='') as f:
     rows = list(csv.DictReader(f))
   images = [hc18.read_grayscale(os.path.join(
       phantom_hc18[0], 'training_set', r['filename']))[0] for r in rows]
   pixel_sizes = [float(r['pixel_size_mm']) for r in rows]
-  predictor = inference.load(mask_run)
+  predictor = loading.load(mask_run)
   assert predictor.kind == 'mask' and predictor.predicts_ellipse
   out = predictor(images, pixel_sizes, keep_masks=True)
   np.testing.assert_allclose(out['hc_mm'], [float(r['hc_mm_pred'])

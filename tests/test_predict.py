@@ -31,6 +31,7 @@ from hc_jax.data import prepare
 from hc_jax.data import synthetic
 from hc_jax.evaluation import gestational_age
 from hc_jax.evaluation import inference
+from hc_jax.evaluation import loading
 from hc_jax.evaluation import scan_files
 from hc_jax.models import ellipse_head
 from hc_jax.training import train
@@ -967,7 +968,7 @@ def test_a_phantom_trained_model_says_so_in_rows_and_summary(
 
 
 def test_a_run_trained_on_phantoms_is_known_as_such(run, tmp_path):
-  assert not inference.load(run).trained_on_phantoms  # data.source='hc18'.
+  assert not loading.load(run).trained_on_phantoms  # data.source='hc18'.
   copy = tmp_path / 'synthetic_run'
   shutil.copytree(run, copy)
   with open(copy / 'config.json') as f:
@@ -975,7 +976,7 @@ def test_a_run_trained_on_phantoms_is_known_as_such(run, tmp_path):
   config['data']['source'] = 'synthetic'
   with open(copy / 'config.json', 'w') as f:
     json.dump(config, f)
-  assert inference.load(str(copy)).trained_on_phantoms
+  assert loading.load(str(copy)).trained_on_phantoms
 
 
 def test_predict_never_writes_over_what_it_did_not_write(run, stub_cli,

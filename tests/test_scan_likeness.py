@@ -18,6 +18,7 @@ from hc_jax.data import hc18
 from hc_jax.data import synthetic
 from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import inference
+from hc_jax.evaluation import loading
 from hc_jax.evaluation import scan_likeness
 
 NOT_A_SCAN = 'not an ultrasound scan'
@@ -124,7 +125,7 @@ def test_phantoms_of_the_tests_and_demos_are_scan_like(phantom_hc18):
 
 def test_the_shipped_model_refuses_noise_and_predicts_its_samples():
   """Today's shipped ensemble, on its five samples and on noise."""
-  predictor = inference.load()
+  predictor = loading.load()
   with open(archive_lib.EXPECTED_CSV.format(name=archive_lib.DEFAULT_MODEL),
             newline='') as f:
     expected = list(csv.DictReader(f))

@@ -118,9 +118,9 @@ def test_shipped_model_reproduces_its_sample_predictions():
   # The expected CSV was written by the runs the archive was exported from;
   # the archive (float16 weights) must give the same HC within 0.05 mm.
   from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
-  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
   expected = _expected()
-  predictor = inference.load()
+  predictor = loading.load()
   assert predictor.kind == 'mask' and len(predictor.runs) == 5
   images = [hc18.read_grayscale(os.path.join(archive_lib.SAMPLE_IMAGES_DIR,
                                              row['filename']))[0]
@@ -183,8 +183,8 @@ def test_shipped_model_reproduces_its_cross_validation_figures():
 def test_a_huge_image_gets_a_plain_reason_not_an_inverted_range():
   """8000x8000 px: the image's own HC range (from a tenth of its side) lies
   above every training head, so no HC is plausible; the message says so."""
-  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
-  predictor = inference.load()
+  from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
+  predictor = loading.load()
   status, message = predictor._check(  # pylint: disable=protected-access
       1000.0, math.nan, math.nan, (8000, 8000), 10.0)
   assert status == 'implausible'

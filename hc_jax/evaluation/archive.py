@@ -1,8 +1,8 @@
 """Trained models shipped with the package: predict without HC18 or training.
 
   python -m hc_jax.predict --samples --out=hc.csv    # the default model
-  predictor = inference.load()                       # the same, as a library
-  predictor = inference.load(model='hcnet_mask')
+  predictor = loading.load()                         # the same, as a library
+  predictor = loading.load(model='hcnet_mask')
 
 A shipped model is one NumPy archive, `hc_jax/shipped/<name>.npz`, holding
 every member of a fold ensemble. It is read with
@@ -26,7 +26,7 @@ runs).
 
 `python -m hc_jax.shipped --workdir=runs/final/hcnet_mask
 --out=hc_jax/shipped/hcnet_mask.npz` writes one from finished runs (it never
-overwrites a file); `inference.load` reads it, as it reads a run.
+overwrites a file); `loading.load` reads it, as it reads a run.
 """
 
 import json
@@ -94,7 +94,7 @@ def path_of(name: str) -> str:
 
 
 class Archive:
-  """A shipped model read back: what `inference.load` needs of its runs.
+  """A shipped model read back: what `loading.load` needs of its runs.
 
   Attributes:
     path: the archive file.

@@ -130,9 +130,9 @@ def _predict_hc_px(workdir: str, images, pixel_sizes, tta_flip: bool,
                    ) -> tuple[np.ndarray, np.ndarray]:
   """A workdir's HC in px of the original images (the mean of its runs), and
   its quality signal (NaN but for a mask model)."""
-  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
   try:
-    out = inference.load(workdir, model_options)(
+    out = loading.load(workdir, model_options)(
         images, list(pixel_sizes), tta_flip=tta_flip)
   except workdir_lib.PredictError as e:
     raise cv_runs.ScoreError(str(e)) from None
@@ -162,7 +162,7 @@ def score(run_roots: Sequence[str], tta_flip: bool = False,
       fold's validation part, carved from its training folds: for choosing
       settings without looking at the test folds).
     model_options: model fields to set other than as trained that change no
-      parameter (e.g. a mask model's `moments`; `inference.load`).
+      parameter (e.g. a mask model's `moments`; `loading.load`).
 
   Returns:
     The `Scores`.

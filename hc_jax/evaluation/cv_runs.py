@@ -41,7 +41,7 @@ def member_runs(root: str) -> dict[int, str]:
     root: a finished run (holds config.json), or a directory of `fold<k>/`
       workdirs, each a run or a directory of runs of that fold (e.g. one per
       seed, `fold<k>/seed<s>/`: their mean is the member's prediction, as
-      `hc_jax.evaluation.inference.load` makes it).
+      `hc_jax.evaluation.loading.load` makes it).
 
   Returns:
     The workdirs by test fold (the fold of their runs' config.json), sorted.

@@ -3,8 +3,8 @@
   python -m hc_jax.evaluation.plausibility --root=runs/grid [--hc18_dir=DIR]
 
 For every finished `ROOT/<config>/fold<k>` run, the run's own predictor
-(`hc_jax.evaluation.inference.load`, exactly what `python -m hc_jax.predict` uses) is
-applied to the scans of its test fold, read from the HC18 copy, and each
+(`hc_jax.evaluation.loading.load`, exactly what `python -m hc_jax.predict`
+uses) is applied to the scans of its test fold, read from the HC18 copy, and each
 prediction's status ('ok', 'implausible', 'refused') is set beside its error
 against the reference HC. Per configuration the table counts, for errors
 above 5, 10 and 20 mm, how many predictions there are and how many a status
@@ -30,10 +30,10 @@ THRESHOLDS_MM = (5.0, 10.0, 20.0)
 
 def fold_statuses(run: str, images_dir: str) -> dict[str, np.ndarray]:
   """The predictor's statuses and errors on one run's test fold."""
-  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
   predictions = aggregate.read_predictions(
       os.path.join(run, workdir_lib.PREDICTIONS_FILE))
-  predictor = inference.load(run)
+  predictor = loading.load(run)
   images = []
   for name in predictions['filename']:
     image, problem = hc18.read_grayscale(os.path.join(images_dir, name))
