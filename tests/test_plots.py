@@ -9,6 +9,7 @@ from hc_jax import plots
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import synthetic
 from hc_jax.evaluation import aggregate as aggregate_lib
+from hc_jax.evaluation import figures
 from hc_jax.evaluation import gestational_age
 from test_grid import fake_grid, write_run
 
@@ -32,10 +33,10 @@ def test_each_figure_is_written(pooled, tmp_path):
   workdirs, predictions = pooled
   out = tmp_path / 'figures'
   paths = [
-      plots.scatter_hc(predictions, str(out / 'scatter.png'), 'good'),
-      plots.bland_altman(predictions, str(out / 'ba.png'), 'good'),
-      plots.error_by_trimester(predictions, str(out / 'trimester.png')),
-      plots.learning_curves(workdirs, str(out / 'curves.png'), 'good'),
+      figures.scatter_hc(predictions, str(out / 'scatter.png'), 'good'),
+      figures.bland_altman(predictions, str(out / 'ba.png'), 'good'),
+      figures.error_by_trimester(predictions, str(out / 'trimester.png')),
+      figures.learning_curves(workdirs, str(out / 'curves.png'), 'good'),
   ]
   assert paths == [str(out / name) for name in
                    ('scatter.png', 'ba.png', 'trimester.png', 'curves.png')]
@@ -47,7 +48,7 @@ def test_limits_of_agreement():
   true_mm = np.array([100.0, 150.0, 200.0, 250.0])
   pred_mm = np.array([103.0, 149.0, 206.0, 251.0])
   difference = pred_mm - true_mm
-  agreement = plots.limits_of_agreement(true_mm, pred_mm)
+  agreement = figures.limits_of_agreement(true_mm, pred_mm)
   sd = difference.std(ddof=1)
   assert agreement['bias_mm'] == pytest.approx(2.25)
   assert agreement['sd_mm'] == pytest.approx(sd)
@@ -59,7 +60,7 @@ def test_trimesters_follow_hadlock_ga_of_the_true_hc():
   hc_mm = np.array([60.0, 80.0, 100.0, 200.0, 250.0, 270.0, 330.0])
   ga_weeks = gestational_age.hadlock_ga_weeks(hc_mm)
   expected = np.where(ga_weeks < 14, 0, np.where(ga_weeks < 28, 1, 2))
-  np.testing.assert_array_equal(plots.trimester_index(hc_mm), expected)
+  np.testing.assert_array_equal(figures.trimester_index(hc_mm), expected)
   np.testing.assert_array_equal(expected, [0, 0, 1, 1, 1, 2, 2])
 
 
@@ -73,11 +74,11 @@ def test_worst_cases_show_the_largest_errors(tmp_path):
   write_run(str(tmp_path / 'run'), 0, 'cnn_263k', 'mse', filenames, true_px,
             pred_px, pixel_size)
   predictions = aggregate_lib.pool_predictions([str(tmp_path / 'run')])
-  path = plots.worst_cases(predictions, str(tmp_path / 'worst.png'),
+  path = figures.worst_cases(predictions, str(tmp_path / 'worst.png'),
                            hc18_dir=str(tmp_path / 'hc18'), num_cases=4)
   assert path == str(tmp_path / 'worst.png') and _is_png(path)
   # The run's config names a missing HC18 copy: no scans, no figure.
-  assert plots.worst_cases(predictions, str(tmp_path / 'none.png')) is None
+  assert figures.worst_cases(predictions, str(tmp_path / 'none.png')) is None
   assert not (tmp_path / 'none.png').exists()
 
 
@@ -85,17 +86,17 @@ def test_images_dir_follows_the_run_config(tmp_path):
   workdir = tmp_path / 'run'
   write_run(str(workdir), 0, 'cnn_263k', 'mse', [], [], [], [],
             finished=False)
-  assert plots.images_dir(str(workdir)) is None  # Its hc18_dir is missing.
-  assert plots.images_dir(str(workdir), '/given') == '/given'
+  assert figures.images_dir(str(workdir)) is None  # Its hc18_dir is missing.
+  assert figures.images_dir(str(workdir), '/given') == '/given'
   (workdir / 'config.json').write_text('{"data": {"source": "synthetic"}}')
   os.makedirs(workdir / 'data' / 'hc18_synthetic')
-  assert plots.images_dir(str(workdir)) == str(
+  assert figures.images_dir(str(workdir)) == str(
       workdir / 'data' / 'hc18_synthetic')
 
 
 def test_learning_curves_without_epochs_is_an_error(tmp_path):
   with pytest.raises(ValueError, match='no epochs'):
-    plots.learning_curves([str(tmp_path)], str(tmp_path / 'x.png'))
+    figures.learning_curves([str(tmp_path)], str(tmp_path / 'x.png'))
 
 
 def test_command_line_plots_the_best_config_of_a_grid(tmp_path, capsys):
