@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hc_jax.training import checkpoint
+from hc_jax.training import manifest
 from hc_jax.training import metric_log
 
 
@@ -179,7 +180,7 @@ def test_damaged_latest_falls_back_or_fails_clearly(three_epochs, tmp_path,
   # after orbax finished it), so it is not used either; with only such ones
   # left, the run starts over.
   usable = [step for step in (3, 2) if step not in damaged]
-  unverified = all(d == (checkpoint.MANIFEST_FILE, 'delete')
+  unverified = all(d == (manifest.MANIFEST_FILE, 'delete')
                    for d in damaged.values())
   ckpt = checkpoint.Checkpoints(workdir)
   if not usable and unverified:
@@ -219,7 +220,7 @@ def test_unfinished_and_unchecked_checkpoints(three_epochs, tmp_path):
   os.makedirs(os.path.join(workdir, 'checkpoints', 'latest',
                            '4.orbax-checkpoint-tmp', 'state'))
   os.remove(os.path.join(_step_dir(workdir, 'latest', 3),
-                         checkpoint.MANIFEST_FILE))
+                         manifest.MANIFEST_FILE))
   ckpt, state, progress = _resume(workdir)
   assert progress['epoch'] == 2  # 3 cannot be verified.
   _assert_state(state, 2)
@@ -249,7 +250,7 @@ def test_full_disk_keeps_the_earlier_checkpoints(three_epochs, tmp_path,
   ckpt = checkpoint.Checkpoints(workdir)
   with monkeypatch.context() as patch:
     if where == 'manifest':
-      patch.setattr(checkpoint, '_write_manifest', _no_space)
+      patch.setattr(manifest, 'write', _no_space)
     else:  # The progress is written while (after) the state is.
       patch.setattr(ocp.handlers.JsonCheckpointHandler, '_save_fn',
                     _no_space_async)
@@ -396,7 +397,7 @@ def test_training_resumes_from_a_damaged_checkpoint(tiny_config, tmp_path,
     assert seed == 2 and 'no checkpoint' in str(e), (damaged, e)
     assert not os.path.exists(os.path.join(workdir, '.lock'))
     return
-  resumed = 3 if damaged[0] == (checkpoint.MANIFEST_FILE, 'delete') else 2
+  resumed = 3 if damaged[0] == (manifest.MANIFEST_FILE, 'delete') else 2
   out = capsys.readouterr().out
   assert f'resuming after epoch {resumed}' in out, (damaged, out)
   assert _epochs(workdir) == [1, 2, 3, 4, 'test']

@@ -357,10 +357,9 @@ def test_restore_reads_only_params_and_batch_stats(run, phantom_hc18,
       progress=ocp.args.JsonSave({'epoch': 3})))
   manager.wait_until_finished()
   manager.close()
-  from hc_jax.training import checkpoint  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import manifest  # pylint: disable=import-outside-toplevel
   # As hc_jax saves it: a manifest makes the checkpoint verifiable.
-  checkpoint._write_manifest(  # pylint: disable=protected-access
-      str(copy / 'checkpoints' / 'best' / '3'))
+  manifest.write(str(copy / 'checkpoints' / 'best' / '3'))
   out = predict.load(str(copy))(images, pixel_sizes)
   np.testing.assert_allclose(out['hc_mm'], expected, rtol=1e-6)
 

@@ -388,13 +388,14 @@ def test_an_image_replaced_by_another_of_the_same_size_is_prepared_anew(
 def test_a_newest_checkpoint_without_manifest_is_not_used(tmp_path, capsys):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from hc_jax.training import checkpoint  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import manifest  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / 'run')
   ckpt = checkpoint.Checkpoints(workdir)
   for epoch in (1, 2):
     ckpt.save(epoch, {'w': np.full(4, epoch, np.float32)},
               {'epoch': epoch, 'best': {'epoch': epoch}}, is_best=False)
   newest = os.path.join(workdir, 'checkpoints', 'latest', '2')
-  os.remove(os.path.join(newest, checkpoint.MANIFEST_FILE))
+  os.remove(os.path.join(newest, manifest.MANIFEST_FILE))
   capsys.readouterr()
   state, progress = checkpoint.Checkpoints(workdir).restore_latest(
       {'w': np.zeros(4, np.float32)})
@@ -403,7 +404,7 @@ def test_a_newest_checkpoint_without_manifest_is_not_used(tmp_path, capsys):
   assert len(err) == 1 and 'epoch 2' in err[0] and 'resuming from epoch 1' in \
       err[0], err
   os.remove(os.path.join(workdir, 'checkpoints', 'latest', '1',
-                         checkpoint.MANIFEST_FILE))
+                         manifest.MANIFEST_FILE))
   state, progress = checkpoint.Checkpoints(workdir).restore_latest(
       {'w': np.zeros(4, np.float32)})
   assert progress == {} and state['w'].tolist() == [0.0] * 4

@@ -1,3 +1,3 @@
 """Training: the pure jitted step, the epoch loop, the run (config checks,
-resume), checkpoints and metric logs, the workdir lock.
+resume), checkpoints (and their manifests) and metric logs, the workdir lock.
 """

@@ -9,11 +9,12 @@ Faults a run survives:
 - Killed while saving: orbax writes to a temporary directory and renames it
   when complete, so the run resumes from the previous checkpoint.
 - A damaged checkpoint (a truncated, overwritten or missing file): after orbax
-  has written a checkpoint, `MANIFEST_FILE` in it records the size and CRC32
-  of each of its files, and a restore checks them first (orbax itself does
-  not notice some damage to array data). The last `keep_latest` (two)
-  resume checkpoints are kept: when the newest cannot be restored, a warning
-  names it and the reason, and the run resumes from the one before.
+  has written a checkpoint, its manifest (`hc_jax.training.manifest`)
+  records the size and CRC32 of each of its files, and a restore checks them
+  first (orbax itself does not notice some damage to array data). The last
+  `keep_latest` (two) resume checkpoints are kept: when the newest cannot be
+  restored, a warning names it and the reason, and the run resumes from the
+  one before.
 - A checkpoint without its manifest (killed after orbax finished it, before
   the manifest was written) is not verified, so it is not used: the run
   resumes from the verified one before it, or starts over when there is
@@ -26,13 +27,11 @@ in one line.
 """
 
 import contextlib
-import json
 import logging as std_logging
 import os
 import shutil
 import threading
 import time
-import zlib
 from typing import Any
 
 import jax
@@ -41,9 +40,8 @@ import numpy as np
 
 from hc_jax import log
 from hc_jax import workdir as workdir_lib
+from hc_jax.training import manifest
 
-# Written in each step directory after orbax has finished it.
-MANIFEST_FILE = 'hc_jax_manifest.json'
 # What orbax names an unfinished step directory: '<step>' + this (+ more).
 _TMP_MARK = '.orbax-checkpoint-tmp'
 # In workdir/checkpoints: what orbax logged while saving or restoring (its
@@ -52,12 +50,9 @@ _TMP_MARK = '.orbax-checkpoint-tmp'
 ORBAX_LOG = 'orbax.log'
 
 
-class CheckpointError(ValueError):
-  """A checkpoint cannot be written or restored."""
-
-
-class UnverifiedError(CheckpointError):
-  """A checkpoint has no manifest to check it against."""
+# A checkpoint cannot be written or restored; one without its manifest.
+CheckpointError = manifest.CheckpointError
+UnverifiedError = manifest.UnverifiedError
 
 
 class _ToFile(std_logging.Filter):
@@ -89,74 +84,6 @@ def _orbax_logs_to(path: str):
     yield divert
   finally:
     logger.removeFilter(divert)
-
-
-def _crc32(path: str) -> int:
-  crc = 0
-  with open(path, 'rb') as f:
-    while chunk := f.read(1 << 22):
-      crc = zlib.crc32(chunk, crc)
-  return crc
-
-
-def _files(step_dir: str) -> list[str]:
-  """Paths (relative to `step_dir`) of its files, but the manifest."""
-  found = []
-  for root, _, names in os.walk(step_dir):
-    for name in names:
-      relative = os.path.relpath(os.path.join(root, name), step_dir)
-      if relative != MANIFEST_FILE:
-        found.append(relative)
-  return sorted(found)
-
-
-def _write_manifest(step_dir: str) -> None:
-  """Records the size and CRC32 of every file of a finished step directory."""
-  files = {}
-  for relative in _files(step_dir):
-    path = os.path.join(step_dir, relative)
-    files[relative] = {'size': os.path.getsize(path), 'crc32': _crc32(path)}
-  path = os.path.join(step_dir, MANIFEST_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump({'files': files}, f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + '.tmp', path)
-
-
-def verify(step_dir: str) -> None:
-  """Checks a step directory against its manifest.
-
-  Raises:
-    UnverifiedError: it has no manifest (the process was killed after orbax
-      finished it, before the manifest was written): it cannot be checked.
-    CheckpointError: naming the first file that is missing or differs.
-  """
-  path = os.path.join(step_dir, MANIFEST_FILE)
-  try:
-    with open(path) as f:
-      files = json.load(f)['files']
-  except FileNotFoundError:
-    raise UnverifiedError(f'{step_dir} has no {MANIFEST_FILE}: its save was '
-                          'cut short, so it cannot be verified') from None
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(
-        f'{path} is unreadable ({log.error_line(e)})') from None
-  try:
-    for relative, expected in sorted(files.items()):
-      file = os.path.join(step_dir, relative)
-      if not os.path.isfile(file):
-        raise CheckpointError(f'{file} is missing')
-      size = os.path.getsize(file)
-      if size != expected['size']:
-        raise CheckpointError(f'{file} has {size} bytes, '
-                              f'{expected["size"]} were written')
-      if _crc32(file) != expected['crc32']:
-        raise CheckpointError(f'{file} differs from what was written '
-                              '(CRC32 mismatch)')
-  except (OSError, KeyError, TypeError, AttributeError) as e:
-    raise CheckpointError(f'{step_dir} cannot be checked ({log.error_line(e)})'
-                          ) from None
 
 
 class Checkpoints:
@@ -199,7 +126,7 @@ class Checkpoints:
       if not manager.save(epoch, args=args, force=True):
         raise RuntimeError('orbax skipped the save')
       if primary:
-        _write_manifest(step_dir)
+        manifest.write(step_dir)
     except Exception as e:  # pylint: disable=broad-except
       with contextlib.suppress(Exception):
         _join_orbax_threads(timeout_s=30.0)  # Writers still running.
@@ -266,7 +193,7 @@ class Checkpoints:
       CheckpointError: the step cannot be restored, with the reason.
     """
     step_dir = self._step_dir(manager, step)
-    verify(step_dir)
+    manifest.verify(step_dir)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
       with _orbax_logs_to(os.path.join(self.directory, ORBAX_LOG)):
@@ -415,7 +342,7 @@ def restore_variables(run: str, abstract_variables: dict) -> dict:
   """
   step_dir = workdir_lib.best_checkpoint(run)
   try:
-    verify(step_dir)  # Sizes and CRC32s, where recorded.
+    manifest.verify(step_dir)  # Sizes and CRC32s, where recorded.
   except ValueError as e:
     raise workdir_lib.PredictError(
         f'checkpoint of {run} is damaged: {e}') from None
