@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from hc_jax.data import digests
 from hc_jax.data import hc18
 from hc_jax.data import pipeline
 from hc_jax.data import prepare
@@ -126,7 +127,7 @@ def test_prepared_arrays_hold_images_and_geometry(run_data, tiny_config):
   np.testing.assert_allclose(
       arrays['resize'],
       prepare.resize_geometry(arrays['original_hw'], (32, 32), 'stretch'))
-  assert run_data.info['source_digest'] == prepare.source_digest(
+  assert run_data.info['source_digest'] == digests.source_digest(
       tiny_config.data.hc18_dir)
 
 
@@ -151,7 +152,7 @@ def test_another_copy_is_prepared_anew_and_a_broken_one_is_refused(
   with open(copy / 'training_set' / victims[0], 'wb') as f:
     f.write(b'not a png')
   os.remove(copy / 'training_set' / victims[1])
-  assert prepare.source_digest(str(copy)) != original.info['source_digest']
+  assert digests.source_digest(str(copy)) != original.info['source_digest']
   tiny_config.data.hc18_dir = str(copy)
   with pytest.raises(hc18.HC18Error) as error:
     pipeline.load([tiny_config], [str(tmp_path / 'b')])

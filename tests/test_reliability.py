@@ -333,17 +333,18 @@ def _first_scan(root):
 
 def test_an_image_corrupted_in_place_is_checked_again(hc18_copy, tmp_path):
   from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import digests  # pylint: disable=import-outside-toplevel
   from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
   cache = str(tmp_path / 'cache')
   prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
   name = _first_scan(hc18_copy)
   path = os.path.join(hc18_copy, 'training_set', name)
-  digest = prepare.source_digest(hc18_copy)
+  digest = digests.source_digest(hc18_copy)
   size = os.path.getsize(path)
   with open(path, 'r+b') as f:  # Same name, same size, broken data.
     f.seek(size // 2)
     f.write(b'\0' * 64)
-  assert prepare.source_digest(hc18_copy) == digest  # Names and sizes only.
+  assert digests.source_digest(hc18_copy) == digest  # Names and sizes only.
   with pytest.raises(hc18.HC18Error) as error:
     prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
   assert name in str(error.value)
@@ -353,6 +354,7 @@ def test_an_image_replaced_by_another_of_the_same_size_is_prepared_anew(
     hc18_copy, tmp_path, monkeypatch):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import digests  # pylint: disable=import-outside-toplevel
   from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
   cache = str(tmp_path / 'cache')
   before, info = prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
@@ -363,7 +365,7 @@ def test_an_image_replaced_by_another_of_the_same_size_is_prepared_anew(
                              os.path.getsize(path))
   with open(path, 'wb') as f:
     f.write(replacement)
-  assert prepare.source_digest(hc18_copy) == info['source_digest']
+  assert digests.source_digest(hc18_copy) == info['source_digest']
   after, new_info = prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
   assert new_info['content_digest'] != info['content_digest']
   row = list(after['filename']).index(name)
@@ -373,11 +375,11 @@ def test_an_image_replaced_by_another_of_the_same_size_is_prepared_anew(
   np.testing.assert_array_equal(after['images'], fresh['images'])
   # Unchanged files are hashed once: the next digest reads none of them.
   read = []
-  original = prepare._sha256_file  # pylint: disable=protected-access
-  monkeypatch.setattr(prepare, '_sha256_file',
+  original = digests._sha256_file  # pylint: disable=protected-access
+  monkeypatch.setattr(digests, '_sha256_file',
                       lambda p: read.append(p) or original(p))
-  assert prepare.content_digest(
-      hc18_copy, os.path.join(cache, prepare.HASHES_FILE)) == \
+  assert digests.content_digest(
+      hc18_copy, os.path.join(cache, digests.HASHES_FILE)) == \
       new_info['content_digest']
   assert not read
 

@@ -18,13 +18,14 @@ Every run trains from the same prepared form, whatever the machine:
 The images are decoded by the `hc18` TFDS builder (`hc_jax.data.hc18_tfds`, which
 checks every file) and resized in tf.data (`hc_jax.data.preprocess.resize`), once.
 The result is cached as an .npz keyed by a digest of the source's content
-(`content_digest`: the bytes of the CSVs and of every image file), so another
-copy of HC18, or one with a file changed in place, is prepared (and checked)
-anew instead of silently reusing an older build. Each file is hashed once;
-`HASHES_FILE` in the cache directory remembers its hash by path, size and
-modification and change times, so unchanged files are not read again. Runs
-record both that digest ('content_digest') and the cheaper `source_digest`
-(names and sizes), which older runs and shipped models carry. Each cached
+(`digests.content_digest`: the bytes of the CSVs and of every image file), so
+another copy of HC18, or one with a file changed in place, is prepared (and
+checked) anew instead of silently reusing an older build. Each file is hashed
+once; `digests.HASHES_FILE` in the cache directory remembers its hash by
+path, size and modification and change times, so unchanged files are not
+read again. Runs record both that digest ('content_digest') and the cheaper
+`digests.source_digest` (names and sizes), which older runs and shipped
+models carry. Each cached
 .npz records a digest of its arrays, checked whenever it is read: a damaged or
 rewritten one is prepared again. Reading a cached or exported .npz needs NumPy only, so a machine
 without TensorFlow trains from `--config.data.prepared=FILE.npz`, written by
@@ -45,6 +46,7 @@ import numpy as np
 
 from hc_jax import cli
 from hc_jax import log
+from hc_jax.data import digests
 from hc_jax.data import hc18
 
 FORMAT_VERSION = 1
@@ -55,8 +57,6 @@ ARRAY_FIELDS = {
 }
 RESIZE_MODES = ('stretch', 'letterbox')
 DOWNLOAD_DIGEST = 'zenodo-1327317'
-# In the cache directory: each source file's SHA-256 by path, size and times.
-HASHES_FILE = 'file_hashes.json'
 
 
 class PreparedError(ValueError):
@@ -104,125 +104,6 @@ def resize_geometry(original_hw, out_hw, mode: str) -> np.ndarray:
                      f'{", ".join(RESIZE_MODES)}')
   return np.stack([sx, sy, 0.5 * sx - 0.5 + offset_x,
                    0.5 * sy - 0.5 + offset_y], axis=1).astype(np.float32)
-
-
-def source_digest(root: str) -> str:
-  """A digest of an HC18 directory: CSV bytes, image names and sizes.
-
-  Cheap (file sizes, not image bytes), and it changes when a file is added,
-  removed, renamed, truncated or replaced by one of another size, or when a
-  label changes; not when an image changes in place at the same size
-  (`content_digest` does). Runs record it ('source_digest'), and
-  `hc_jax.cv_score` compares a run's with an HC18 copy's.
-  """
-  digest = hashlib.sha256()
-  for _, csv_name in hc18.SPLITS.values():
-    path = os.path.join(root, csv_name)
-    digest.update(csv_name.encode())
-    if os.path.isfile(path):
-      with open(path, 'rb') as f:
-        digest.update(hashlib.sha256(f.read()).digest())
-  for folder, _ in hc18.SPLITS.values():
-    for name in (folder, folder + '.zip'):
-      path = os.path.join(root, name)
-      if os.path.isfile(path):
-        digest.update(f'{name}:{os.path.getsize(path)}\n'.encode())
-      elif os.path.isdir(path):
-        for directory, dirs, files in os.walk(path):
-          dirs.sort()
-          for file in sorted(files):
-            full = os.path.join(directory, file)
-            try:
-              size = os.path.getsize(full)
-            except OSError:
-              size = -1  # A broken link: the check reports it.
-            digest.update(
-                f'{os.path.relpath(full, root)}:{size}\n'.encode())
-  return digest.hexdigest()[:16]
-
-
-def _sha256_file(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    while chunk := f.read(1 << 22):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def _source_files(root: str) -> list[tuple[str, str]]:
-  """(name relative to `root`, path) of every file of an HC18 copy: its CSVs,
-  its image folders' files and its zips, sorted."""
-  files = [(csv_name, os.path.join(root, csv_name))
-           for _, csv_name in hc18.SPLITS.values()]
-  for folder, _ in hc18.SPLITS.values():
-    for name in (folder, folder + '.zip'):
-      path = os.path.join(root, name)
-      if os.path.isfile(path):
-        files.append((name, path))
-      elif os.path.isdir(path):
-        for directory, dirs, names in os.walk(path):
-          dirs.sort()
-          files += [(os.path.relpath(os.path.join(directory, n), root),
-                     os.path.join(directory, n)) for n in sorted(names)]
-  return files
-
-
-def _read_hashes(path: str) -> dict[str, list]:
-  try:
-    with open(path) as f:
-      hashes = json.load(f)
-    return hashes if isinstance(hashes, dict) else {}
-  except (OSError, ValueError):  # None yet, or damaged: hash again.
-    return {}
-
-
-def _write_hashes(path: str, hashes: dict[str, list]) -> None:
-  """Best effort: without the file, files are only hashed again."""
-  tmp = f'{path}.{os.getpid()}.tmp'
-  try:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, 'w') as f:
-      json.dump(hashes, f)
-    os.replace(tmp, path)
-  except OSError:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-
-
-def content_digest(root: str, hashes_path: str | None = None) -> str:
-  """A digest of the bytes of every file of an HC18 directory.
-
-  It changes with any change to a file's content, even one that keeps the
-  file's name and size (an image corrupted in place, or replaced by another
-  of the same size).
-
-  Args:
-    root: an HC18 directory in the Zenodo layout.
-    hashes_path: a JSON file remembering each file's SHA-256 by its path,
-      size, mtime_ns and ctime_ns (None: hash every file); a file whose four
-      are unchanged is not read again.
-  """
-  hashes = _read_hashes(hashes_path) if hashes_path else {}
-  digest = hashlib.sha256()
-  changed = False
-  for name, path in _source_files(root):
-    key = os.path.abspath(path)
-    try:
-      stat = os.stat(path)
-      signature = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
-      entry = hashes.get(key)
-      if isinstance(entry, list) and entry[:3] == signature:
-        file_hash = entry[3]
-      else:
-        file_hash = _sha256_file(path)
-        hashes[key] = signature + [file_hash]
-        changed = True
-    except OSError as e:  # Missing or unreadable: the check reports it.
-      file_hash = f'unreadable ({type(e).__name__})'
-    digest.update(f'{name}:{file_hash}\n'.encode())
-  if changed and hashes_path:
-    _write_hashes(hashes_path, hashes)
-  return digest.hexdigest()[:16]
 
 
 def _checked(arrays: dict[str, Any], path: str) -> dict[str, np.ndarray]:
@@ -417,8 +298,9 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
   if root is None:
     digest = content = DOWNLOAD_DIGEST
   else:
-    digest = source_digest(root)
-    content = content_digest(root, os.path.join(cache_dir, HASHES_FILE))
+    digest = digests.source_digest(root)
+    content = digests.content_digest(
+        root, os.path.join(cache_dir, digests.HASHES_FILE))
   directory = os.path.join(cache_dir, f'hc18-{content}')
   path = os.path.join(directory, f'prepared_{out_hw[0]}x{out_hw[1]}_{mode}.npz')
   if os.path.isfile(path):

@@ -304,7 +304,7 @@ def find_hc18_dir(runs: Sequence[str], hc18_dir: str | None = None) -> str:
       the one a run trained on (by the source digest it recorded).
   """
   # pylint: disable=import-outside-toplevel
-  from hc_jax.data import prepare
+  from hc_jax.data import digests
   folder, csv_name = hc18.SPLITS['train']
   if not hc18_dir:
     candidates = [_configured_dir(run) for run in runs]
@@ -318,7 +318,7 @@ def find_hc18_dir(runs: Sequence[str], hc18_dir: str | None = None) -> str:
   if not os.path.isdir(os.path.join(hc18_dir, folder)):
     raise ScoreError(f'{hc18_dir} has no {folder}/ directory (extract '
                      f'{folder}.zip there to score from its PNGs)')
-  digest = prepare.source_digest(hc18_dir)
+  digest = digests.source_digest(hc18_dir)
   for run in runs:
     trained_on = _source_digest(run)
     if trained_on and trained_on != digest:
