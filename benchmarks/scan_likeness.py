@@ -5,7 +5,7 @@
 Computes `hc_jax.evaluation.scan_likeness.statistics` of every HC18 scan (training_set
 and test_set PNGs, not the annotations; the copy beside the checkout,
 $HC18_DIR or --hc18_dir), of the shipped sample scans, of phantom scans
-(`hc_jax.data.synthetic.render_scan`, at HC18's size and at the tests' small
+(`hc_jax.data.phantom.render_scan`, at HC18's size and at the tests' small
 sizes), of the frames of an ultrasound cine bundled with pydicom, and of
 non-scans made here: uniform and Gaussian noise at several sizes (also noise
 filling only a phantom's fan), salt-and-pepper, smooth gradients,
@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from hc_jax.data import hc18
-from hc_jax.data import synthetic
+from hc_jax.data import phantom
 from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import dicom
 from hc_jax.evaluation import scan_likeness
@@ -41,7 +41,7 @@ def _u8(values) -> np.ndarray:
 
 def _phantom(rng, height, width) -> np.ndarray:
   a = rng.uniform(0.11, 0.43) * height
-  return synthetic.render_scan(
+  return phantom.render_scan(
       rng, height, width, rng.uniform(0.37, 0.63) * width,
       rng.uniform(0.43, 0.57) * height, a, a * rng.uniform(0.65, 1.0),
       rng.uniform(0, math.pi))

@@ -14,7 +14,7 @@ import pytest
 
 from hc_jax.data import augment
 from hc_jax.data import ellipse as ellipse_lib
-from hc_jax.data import synthetic
+from hc_jax.data import phantom
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -70,7 +70,7 @@ def render_ring(ellipse, resize, half_width_px=1.5):
   sx, sy, ox, oy = resize
   rows = (np.arange(HEIGHT, dtype=np.float32)[:, None] - oy) / sy
   cols = (np.arange(WIDTH, dtype=np.float32)[None, :] - ox) / sx
-  distance, _, _ = synthetic.ellipse_distance_px(rows, cols, *ellipse)
+  distance, _, _ = phantom.ellipse_distance_px(rows, cols, *ellipse)
   distance_in = np.abs(distance) * min(sx, sy)
   return np.clip(255.0 * (half_width_px + 0.5 - distance_in), 0, 255)[..., None]
 
@@ -103,7 +103,7 @@ def assert_targets_match_image(warped, targets, hc_out, resize, hc_tol=0.01):
   for image, target, hc in zip(warped, targets, hc_out):
     fitted_in, fitted = fit_warped_ring(np.asarray(image), resize)
     x, y = outline_points(target)
-    distance, _, _ = synthetic.ellipse_distance_px(
+    distance, _, _ = phantom.ellipse_distance_px(
         sy * y + oy, sx * x + ox, *fitted_in.as_dict().values())
     assert np.max(np.abs(distance)) < 0.5, (target, fitted)
     assert abs(float(hc) / fitted.perimeter_px - 1) < hc_tol, (target, fitted)
@@ -299,7 +299,7 @@ def test_matrix_round_trip_and_transform():
   assert np.all((moved[:, 4] >= 0) & (moved[:, 4] < np.pi))
   for e, m, lin, t in zip(ellipses, moved, linear, shift):
     points = lin.astype(np.float64) @ outline_points(e) + t[:, None]
-    _, _, radius = synthetic.ellipse_distance_px(points[1], points[0], *m)
+    _, _, radius = phantom.ellipse_distance_px(points[1], points[0], *m)
     np.testing.assert_allclose(radius, 1.0, atol=2e-4)
 
 

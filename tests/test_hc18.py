@@ -13,6 +13,7 @@ from PIL import Image
 
 from hc_jax.data import ellipse
 from hc_jax.data import hc18
+from hc_jax.data import phantom as phantom_lib
 from hc_jax.data import synthetic
 
 TRAIN_CSV = 'training_set_pixel_size_and_HC.csv'
@@ -53,8 +54,8 @@ def _problems(root):
 
 
 def test_fit_ellipse_recovers_drawn_ellipse():
-  outline = synthetic.draw_ellipse_outline(540, 800, 400.3, 270.8, 180.0,
-                                           120.0, 0.6)
+  outline = phantom_lib.draw_ellipse_outline(540, 800, 400.3, 270.8, 180.0,
+                                             120.0, 0.6)
   fitted = ellipse.fit_annotation(outline)
   assert fitted.center_x == pytest.approx(400.3, abs=0.5)
   assert fitted.center_y == pytest.approx(270.8, abs=0.5)

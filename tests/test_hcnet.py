@@ -16,8 +16,8 @@ from hc_jax import losses
 from hc_jax import models
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment
+from hc_jax.data import phantom
 from hc_jax.data import prepare
-from hc_jax.data import synthetic
 from hc_jax.models import ellipse_head
 from hc_jax.models import hcnet
 from hc_jax.training import step as step_lib
@@ -206,7 +206,7 @@ def _phantoms(count, seed=0):
     a = rng.uniform(14, 28)
     ellipse = [rng.uniform(38, 58), rng.uniform(26, 38), a,
                a * rng.uniform(0.7, 0.95), rng.uniform(0, math.pi)]
-    scan = synthetic.render_scan(rng, 64, 96, *ellipse).astype(np.float32)
+    scan = phantom.render_scan(rng, 64, 96, *ellipse).astype(np.float32)
     images.append(scan.reshape(32, 2, 48, 2).mean(axis=(1, 3)))
     ellipses.append(ellipse)
   ellipses = np.asarray(ellipses, np.float32)

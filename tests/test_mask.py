@@ -20,8 +20,8 @@ from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment
 from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import hc18
+from hc_jax.data import phantom
 from hc_jax.data import prepare
-from hc_jax.data import synthetic
 from hc_jax.models import ellipse_head
 from hc_jax.models import hcnet_mask
 from hc_jax.models import mask_head
@@ -251,7 +251,7 @@ def _phantoms(count, seed=0):
     a = rng.uniform(14, 26)
     ellipse = [rng.uniform(38, 58), rng.uniform(28, 36), a,
                a * rng.uniform(0.7, 0.95), rng.uniform(0, math.pi)]
-    scan = synthetic.render_scan(rng, 64, 96, *ellipse).astype(np.float32)
+    scan = phantom.render_scan(rng, 64, 96, *ellipse).astype(np.float32)
     images.append(scan.reshape(32, 2, 48, 2).mean(axis=(1, 3)))
     ellipses.append(ellipse)
   ellipses = np.asarray(ellipses, np.float32)

@@ -27,8 +27,8 @@ from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment
 from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import hc18
+from hc_jax.data import phantom
 from hc_jax.data import prepare
-from hc_jax.data import synthetic
 from hc_jax.evaluation import gestational_age
 from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading
@@ -446,9 +446,9 @@ def _stub(member_scales=(1.0,), image_size=32, train_hc_mm=None,
 
 def _phantom(width, height, seed=0):
   """A phantom scan (fan, speckle, a head): scan-like, not refused."""
-  return synthetic.render_scan(np.random.default_rng(seed), height, width,
-                               0.5 * width, 0.5 * height, 0.3 * height,
-                               0.25 * height, 0.4)
+  return phantom.render_scan(np.random.default_rng(seed), height, width,
+                             0.5 * width, 0.5 * height, 0.3 * height,
+                             0.25 * height, 0.4)
 
 
 def _scan(width, height, hc_px=1000.0, seed=0):

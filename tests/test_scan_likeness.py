@@ -15,7 +15,7 @@ import pytest
 
 from hc_jax import predict
 from hc_jax.data import hc18
-from hc_jax.data import synthetic
+from hc_jax.data import phantom
 from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading
@@ -25,9 +25,9 @@ NOT_A_SCAN = 'not an ultrasound scan'
 
 
 def _phantom(width=800, height=540, seed=0):
-  return synthetic.render_scan(np.random.default_rng(seed), height, width,
-                               0.45 * width, 0.5 * height, 0.35 * height,
-                               0.3 * height, 1.0)
+  return phantom.render_scan(np.random.default_rng(seed), height, width,
+                             0.45 * width, 0.5 * height, 0.35 * height,
+                             0.3 * height, 1.0)
 
 
 def _non_scans():

@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from hc_jax.data import ellipse
 from hc_jax.data import hc18
+from hc_jax.data import phantom as phantom_lib
 from hc_jax.data import synthetic
 
 NUM_TRAIN = 40
@@ -64,7 +65,7 @@ def test_outline_is_closed_and_one_pixel_wide(seed):
   b = a * rng.uniform(0.5, 1.0)
   angle_rad = rng.uniform(0.0, np.pi)
   center_x, center_y = 400 + rng.uniform(-5, 5), 270 + rng.uniform(-5, 5)
-  outline = synthetic.draw_ellipse_outline(540, 800, center_x, center_y, a, b, angle_rad)
+  outline = phantom_lib.draw_ellipse_outline(540, 800, center_x, center_y, a, b, angle_rad)
   assert outline.dtype == np.uint8 and outline.shape == (540, 800)
   assert set(np.unique(outline)) == {0, 255}
   on_outline = outline > 0
@@ -80,14 +81,14 @@ def test_outline_is_closed_and_one_pixel_wide(seed):
   assert 0.8 < ratio <= 1.0
   # The outline lies on the ellipse.
   rows, cols = np.nonzero(on_outline)
-  distance, _, _ = synthetic.ellipse_distance_px(
+  distance, _, _ = phantom_lib.ellipse_distance_px(
       rows.astype(np.float32), cols.astype(np.float32), center_x, center_y, a, b, angle_rad)
   assert np.abs(distance).max() < 1.0
 
 
 def test_outline_angle_is_in_image_coordinates():
   # a along +x rotated by pi/2 points along +y (down the rows).
-  outline = synthetic.draw_ellipse_outline(200, 200, 100, 100, 80, 20, np.pi / 2)
+  outline = phantom_lib.draw_ellipse_outline(200, 200, 100, 100, 80, 20, np.pi / 2)
   rows, cols = np.nonzero(outline)
   assert rows.max() - rows.min() == 160
   assert cols.max() - cols.min() == 40
