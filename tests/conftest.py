@@ -1,7 +1,9 @@
 """Shared fixtures: a small phantom HC18 directory and fast configs."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -9,6 +11,56 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # `from configs import ...` as in python -m hc_jax.main.
   sys.path.insert(0, REPO)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Compiling, not running, dominates these small programs: unoptimised XLA
+# compiles them several times faster and passes every test. Set here, before
+# jax is imported, so the commands the tests start inherit it too; a test
+# marked `xla_optimized` compiles with the optimisations a user's run has.
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 in the environment runs all of them so.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+# One compilation cache for the test run: its workers and the commands the
+# tests start compile a program once (many train the same tiny model).
+_JAX_CACHE = None
+if ('PYTEST_XDIST_WORKER' not in os.environ
+    and 'JAX_COMPILATION_CACHE_DIR' not in os.environ):
+  _JAX_CACHE = tempfile.mkdtemp(prefix='hc_jax-tests-jax-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _JAX_CACHE
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
+
+
+def pytest_unconfigure(config):
+  del config  # Unused.
+  if _JAX_CACHE:
+    shutil.rmtree(_JAX_CACHE, ignore_errors=True)
+
+
+# The longest modules first (about 40 s to 100 s of work each), so that the
+# parallel workers, each running whole modules (`--dist loadfile` in
+# setup.cfg), finish together; the others follow in their usual order.
+_LONGEST_FIRST = ('test_train.py', 'test_mask.py', 'test_reliability.py',
+                  'test_predict.py', 'test_benchmarks.py', 'test_gpu_path.py',
+                  'test_fast_layers.py', 'test_models.py', 'test_notebooks.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimized(request):
+  """For a test marked `xla_optimized`: XLA's optimisations on, as a user's
+  run has them, for what it compiles; restored afterwards."""
+  if request.node.get_closest_marker('xla_optimized') is None:
+    yield
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  flag = 'jax_disable_most_optimizations'
+  previous = jax.config.read(flag)
+  jax.config.update(flag, False)
+  try:
+    yield
+  finally:
+    jax.config.update(flag, previous)
 
 
 @pytest.fixture(scope='session')

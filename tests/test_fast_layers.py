@@ -185,6 +185,7 @@ def _custom_vjp_calls(model, variables, images):
     pytest.param('resnet50', {'stage_sizes': (1, 1, 1, 1)},  # Every layer kind.
                  marks=pytest.mark.slow),  # 20-40 s on 2 CPU cores.
 ])
+@pytest.mark.xla_optimized  # The two must agree as a user's run compiles them.
 def test_models_same_with_plain_and_fast_layers(name, kwargs):
   fast = models.create_model(name, layers='fast', **kwargs)
   plain = models.create_model(name, layers='plain', **kwargs)

@@ -20,8 +20,8 @@ from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment
 from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import hc18
-from hc_jax.data import phantom
 from hc_jax.data import prepare
+from hc_jax.data import synthetic
 from hc_jax.models import ellipse_head
 from hc_jax.models import hcnet_mask
 from hc_jax.models import mask_head
@@ -35,21 +35,30 @@ def _hc18_dir() -> Path:
   return Path(__file__).resolve().parents[2] / 'shared' / 'hc18'
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _target_hc_px_jit(ellipses_px, resize, rows, cols, stride, margin_cells):
+  # Jitted, as in the training step: eagerly, the hundreds of masks take
+  # several times longer.
+  ellipse_in = ellipse_head.to_input_pixels(ellipses_px, resize)
+  target = mask_head.render_ellipses(ellipse_in, rows, cols, stride,
+                                     margin_cells)
+  _, _, cov = mask_head.raw_moments(target, stride, margin_cells)
+  return mask_head.hc_px_from_moments(cov, resize)
+
+
 def _target_hc_px(ellipses_px, original_hw, input_hw, mode, stride=2,
                   margin_cells=4):
   """HC (original px) of the moments of each rendered target mask."""
   resize = prepare.resize_geometry(np.asarray(original_hw), input_hw, mode)
-  ellipse_in = ellipse_head.to_input_pixels(jnp.asarray(ellipses_px, jnp.float32),
-                                            jnp.asarray(resize, jnp.float32))
   rows = -(-input_hw[0] // stride) + 2 * margin_cells
   cols = -(-input_hw[1] // stride) + 2 * margin_cells
-  target = mask_head.render_ellipses(ellipse_in, rows, cols, stride,
-                                     margin_cells)
-  _, _, cov = mask_head.raw_moments(target, stride, margin_cells)
-  return np.asarray(mask_head.hc_px_from_moments(cov, resize))
+  return np.asarray(_target_hc_px_jit(
+      jnp.asarray(ellipses_px, jnp.float32), jnp.asarray(resize, jnp.float32),
+      rows, cols, stride, margin_cells))
 
 
 @pytest.mark.parametrize('mode', ['stretch', 'letterbox'])
+@pytest.mark.xla_optimized  # Fused, the 200 masks take a fraction of the time.
 def test_target_moments_reproduce_the_phantoms_hc(mode):
   rng = np.random.default_rng(0)
   count = 200
@@ -71,12 +80,14 @@ def test_target_moments_reproduce_the_phantoms_hc(mode):
   assert mask_head.CELL_VARIANCE < 0
 
 
+@pytest.mark.xla_optimized  # Fused, the 999 masks take a fraction of the time.
 def test_target_moments_reproduce_hc18_csv_on_every_training_image():
   root = _hc18_dir()
   csv_path = root / hc18.SPLITS['train'][1]
   if not csv_path.is_file():
     pytest.skip(f'HC18 not found at {csv_path} (set HC18_DIR)')
-  records = hc18.scan(str(root))['train']
+  records, problems = hc18.scan_split(str(root), 'train')
+  assert not problems, problems[:5]
   ellipses, sizes, hc_px, pixel_mm = [], [], [], []
   for record in records:
     fit = record.ellipse
@@ -251,7 +262,7 @@ def _phantoms(count, seed=0):
     a = rng.uniform(14, 26)
     ellipse = [rng.uniform(38, 58), rng.uniform(28, 36), a,
                a * rng.uniform(0.7, 0.95), rng.uniform(0, math.pi)]
-    scan = phantom.render_scan(rng, 64, 96, *ellipse).astype(np.float32)
+    scan = synthetic.render_scan(rng, 64, 96, *ellipse).astype(np.float32)
     images.append(scan.reshape(32, 2, 48, 2).mean(axis=(1, 3)))
     ellipses.append(ellipse)
   ellipses = np.asarray(ellipses, np.float32)
@@ -317,13 +328,13 @@ def mask_run(phantom_hc18, tmp_path_factory):
 
 
 def test_predict_reproduces_a_mask_runs_test_predictions(mask_run, phantom_hc18):
-  from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
   with open(os.path.join(mask_run, workdir_lib.PREDICTIONS_FILE), newline='') as f:
     rows = list(csv.DictReader(f))
   images = [hc18.read_grayscale(os.path.join(
       phantom_hc18[0], 'training_set', r['filename']))[0] for r in rows]
   pixel_sizes = [float(r['pixel_size_mm']) for r in rows]
-  predictor = loading.load(mask_run)
+  predictor = inference.load(mask_run)
   assert predictor.kind == 'mask' and predictor.predicts_ellipse
   out = predictor(images, pixel_sizes, keep_masks=True)
   np.testing.assert_allclose(out['hc_mm'], [float(r['hc_mm_pred'])
