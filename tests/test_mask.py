@@ -20,8 +20,8 @@ from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment
 from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import hc18
+from hc_jax.data import phantom
 from hc_jax.data import prepare
-from hc_jax.data import synthetic
 from hc_jax.models import ellipse_head
 from hc_jax.models import hcnet_mask
 from hc_jax.models import mask_head
@@ -262,7 +262,7 @@ def _phantoms(count, seed=0):
     a = rng.uniform(14, 26)
     ellipse = [rng.uniform(38, 58), rng.uniform(28, 36), a,
                a * rng.uniform(0.7, 0.95), rng.uniform(0, math.pi)]
-    scan = synthetic.render_scan(rng, 64, 96, *ellipse).astype(np.float32)
+    scan = phantom.render_scan(rng, 64, 96, *ellipse).astype(np.float32)
     images.append(scan.reshape(32, 2, 48, 2).mean(axis=(1, 3)))
     ellipses.append(ellipse)
   ellipses = np.asarray(ellipses, np.float32)
@@ -328,13 +328,13 @@ def mask_run(phantom_hc18, tmp_path_factory):
 
 
 def test_predict_reproduces_a_mask_runs_test_predictions(mask_run, phantom_hc18):
-  from hc_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
   with open(os.path.join(mask_run, workdir_lib.PREDICTIONS_FILE), newline='') as f:
     rows = list(csv.DictReader(f))
   images = [hc18.read_grayscale(os.path.join(
       phantom_hc18[0], 'training_set', r['filename']))[0] for r in rows]
   pixel_sizes = [float(r['pixel_size_mm']) for r in rows]
-  predictor = inference.load(mask_run)
+  predictor = loading.load(mask_run)
   assert predictor.kind == 'mask' and predictor.predicts_ellipse
   out = predictor(images, pixel_sizes, keep_masks=True)
   np.testing.assert_allclose(out['hc_mm'], [float(r['hc_mm_pred'])
