@@ -14,10 +14,10 @@ The paper's four CNNs take square inputs of the side in `SIZES`. hc_jax's own
 (`CONFIGS`): the input `(height, width)` is the config's
 (`hc_jax.prepare.input_shape`) and the architecture its `model_options`
 (`model_options`), so the twins follow the configs when these change. The
-`hcnet` twin ends in the same bounded output as `hc_jax.models.hcnet.HCNet`,
+`hcnet` twin ends in the same bounded output as `hc_jax.nets.hcnet.HCNet`,
 `BOUND_LOW + (BOUND_HIGH - BOUND_LOW) * sigmoid(z)`; `hcnet_ellipse` returns
 its six raw ellipse values (decoding them is hc_jax's, see
-`hc_jax.models.ellipse_head`).
+`hc_jax.nets.ellipse_head`).
 
 Known differences, none of which changes the layer shapes:
   * Keras' `ResNet50` is v1 (stride 2 on the first 1x1 convolution of a
@@ -164,7 +164,7 @@ def resnet50(image_size=224):
 
 def _hcnet_backbone(image_size, outputs: int, widths, head: str, hidden: int,
                     dropout: float, dilated: bool):
-  """`hc_jax.models.hcnet.Backbone`: Conv -> BN -> ReLU -> pool blocks and a head.
+  """`hc_jax.nets.hcnet.Backbone`: Conv -> BN -> ReLU -> pool blocks and a head.
 
   Args:
     image_size: the single-channel input's side, or (height, width).
@@ -203,10 +203,10 @@ def _hcnet_backbone(image_size, outputs: int, widths, head: str, hidden: int,
 
 
 def bound_output(z):
-  """`hc_jax.models.hcnet.HCNet`'s output bound: low + (high - low) sigmoid(z)."""
+  """`hc_jax.nets.hcnet.HCNet`'s output bound: low + (high - low) sigmoid(z)."""
   import keras  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
-  from hc_jax.models import hcnet as hcnet_lib
+  from hc_jax.nets import hcnet as hcnet_lib
   return hcnet_lib.BOUND_LOW + (
       hcnet_lib.BOUND_HIGH - hcnet_lib.BOUND_LOW) * keras.ops.sigmoid(z)
 
@@ -214,7 +214,7 @@ def bound_output(z):
 def hcnet(image_size=None, widths=(16, 32, 64, 128, 128),
           head: str = 'flatten', hidden: int = 64, dropout: float = 0.3,
           dilated: bool = False, bounded: bool = True):
-  """`hc_jax.models.hcnet.HCNet` in Keras: the normalised HC, `[batch, 1]`.
+  """`hc_jax.nets.hcnet.HCNet` in Keras: the normalised HC, `[batch, 1]`.
 
   The input is `SIZES['hcnet']` unless `image_size` is given; the other
   defaults are HCNet's (`create_model('hcnet')` takes the config's
@@ -234,7 +234,7 @@ def hcnet(image_size=None, widths=(16, 32, 64, 128, 128),
 def hcnet_ellipse(image_size=None, widths=(16, 32, 64, 128, 128),
                   head: str = 'flatten', hidden: int = 64,
                   dropout: float = 0.3, dilated: bool = False):
-  """`hc_jax.models.hcnet.HCNetEllipse` in Keras: six raw values, `[batch, 6]`.
+  """`hc_jax.nets.hcnet.HCNetEllipse` in Keras: six raw values, `[batch, 6]`.
 
   The input is `SIZES['hcnet_ellipse']` unless `image_size` is given; with
   HCNetEllipse's defaults, 376,630 trainable parameters at 128x128, 442,166
@@ -242,7 +242,7 @@ def hcnet_ellipse(image_size=None, widths=(16, 32, 64, 128, 128),
   """
   import keras  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
-  from hc_jax.models import hcnet as hcnet_lib
+  from hc_jax.nets import hcnet as hcnet_lib
   image_size = SIZES['hcnet_ellipse'] if image_size is None else image_size
   inputs, outputs = _hcnet_backbone(image_size, hcnet_lib.ELLIPSE_OUTPUTS,
                                     widths, head, hidden, dropout, dilated)
@@ -251,7 +251,7 @@ def hcnet_ellipse(image_size=None, widths=(16, 32, 64, 128, 128),
 
 def hcnet_mask(image_size=None, widths=(8, 16, 32, 64, 64), stride: int = 2,
                margin: int = 8, attention: bool = False, **head_only):
-  """`hc_jax.models.hcnet_mask.HCNetMask` in Keras: the mask logits `[B, r, c, 1]`.
+  """`hc_jax.nets.hcnet_mask.HCNetMask` in Keras: the mask logits `[B, r, c, 1]`.
 
   The same layers in the same order (zero padding by `margin` and up to a
   multiple of 2^(levels-1), two Conv(no bias) -> BN -> ReLU per level, 2x2
@@ -369,7 +369,7 @@ def flax_model(name: str, layers: str = 'auto', **options):
 
   Args:
     name: a key of `MODELS`.
-    layers: 'plain', 'fast' or 'auto' (see `hc_jax.models.layers`).
+    layers: 'plain', 'fast' or 'auto' (see `hc_jax.nets.layers`).
     **options: as for `create_model`, replacing the config's.
 
   Returns:

@@ -114,7 +114,7 @@ def main():
                       default=None,
                       help='S or HxW (default: the model\'s, SIZES)')
   parser.add_argument('--plain_layers', action='store_true',
-                      help="without hc_jax.models.fast_layers (layers='plain')")
+                      help="without hc_jax.nets.fast_layers (layers='plain')")
   args = parser.parse_args()
   if min(args.batch_size, args.steps, args.top) < 1:
     parser.error('--batch_size, --steps and --top must be positive')

@@ -19,7 +19,7 @@ Keras' default on a CPU).
 
 For hcnet_ellipse the two losses differ: hc_jax's step is its real one (the
 six outputs decoded to an ellipse, the HC computed from it, MSE on the HC
-plus the config's `ellipse_weight` x the shape term, `hc_jax.models.ellipse_head`),
+plus the config's `ellipse_weight` x the shape term, `hc_jax.nets.ellipse_head`),
 while Keras fits the six raw outputs to random targets with plain MSE. That
 loss works on 6 numbers per image, so the step's cost is the convolutions'
 either way, and the difference, if any, is charged to hc_jax.
@@ -72,7 +72,7 @@ MALLOC_TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
 # variable. 'keras+xla' compiles the Keras step with XLA (jit_compile=True);
 # 'hc_jax+mallopt' sets the same malloc options as '+malloc' from inside the
 # process, with `mallopt`, before JAX runs; 'hc_jax_plain' is hc_jax without
-# `hc_jax.models.fast_layers` (models' `layers='plain'`).
+# `hc_jax.nets.fast_layers` (models' `layers='plain'`).
 VARIANTS = {
     'hc_jax': ('hc_jax', {'GLIBC_TUNABLES': None}),
     'hc_jax+malloc': ('hc_jax', {'GLIBC_TUNABLES': MALLOC_TUNABLES}),
@@ -190,7 +190,7 @@ def hc_jax_state_step_batch(model_name: str, batch_size: int, size,
     model_name: a key of `SIZES`.
     batch_size: images per step.
     size: the input's side, or (height, width).
-    fast_layers: `hc_jax.models.fast_layers` ('fast') or the 'plain' layers.
+    fast_layers: `hc_jax.nets.fast_layers` ('fast') or the 'plain' layers.
 
   Returns:
     (state, step, batch): `step(state, batch) -> (state, loss)` is the jitted

@@ -15,7 +15,7 @@ def get_config():
   # Model and loss, by their names in hc_jax.models.MODELS / losses.LOSSES.
   config.model = 'cnn_263k'
   config.dtype = 'float32'  # Compute dtype of ResNet50/VGG16: or 'bfloat16'.
-  config.layers = 'auto'  # 'fast' (hc_jax.models.fast_layers) on a CPU, else 'plain'.
+  config.layers = 'auto'  # 'fast' (hc_jax.nets.fast_layers) on a CPU, else 'plain'.
   # Fields of the model's class to set (e.g. hcnet's head), by name.
   config.model_options = ml_collections.ConfigDict()
   config.loss = 'mse'
@@ -24,7 +24,7 @@ def get_config():
   config.ellipse_weight = 1.0
   # Mask models (hcnet_mask): weights of the loss terms, per-pixel BCE and
   # soft Dice against the rendered reference ellipse, the HC loss on the
-  # moments' HC, and a centre-and-shape term (hc_jax/models/mask_head.py).
+  # moments' HC, and a centre-and-shape term (hc_jax/nets/mask_head.py).
   config.mask_loss = ml_collections.ConfigDict()
   config.mask_loss.bce = 1.0
   config.mask_loss.dice = 1.0
@@ -32,7 +32,7 @@ def get_config():
   config.mask_loss.ellipse = 0.0
   # Pretrained weights to start from ('' for none): a Keras ResNet50 .h5 or
   # .keras file in the keras.applications layout (see
-  # hc_jax/models/pretrained.py).
+  # hc_jax/nets/pretrained.py).
   config.init_from = ''
 
   # Data.

@@ -3,7 +3,7 @@
   python -m hc_jax.main --config=configs/hcnet_ellipse.py --config.fold=0
 
 The network predicts the head's ellipse in model-input pixels; the HC is
-its Ramanujan perimeter in original pixels (hc_jax/models/ellipse_head.py). The
+its Ramanujan perimeter in original pixels (hc_jax/nets/ellipse_head.py). The
 loss is the mae of the normalised HC plus `ellipse_weight` x the mean
 difference of centres and shape matrices over the mean input side.
 Otherwise as configs/hcnet_label.py, which it starts from. The weight 0.3

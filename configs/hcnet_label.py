@@ -21,7 +21,7 @@ def get_config():
   config.image_size = 128
   config.image_width = 0  # Square; 192 keeps HC18's 800x540 aspect.
   config.num_epochs = 250
-  # hcnet's fields (hc_jax/models/hcnet.py), each settable on the command line.
+  # hcnet's fields (hc_jax/nets/hcnet.py), each settable on the command line.
   config.model_options.widths = (16, 32, 64, 128, 128)
   config.model_options.head = 'flatten'
   config.model_options.dilated = False

@@ -1,4 +1,4 @@
-"""hc_jax.models.fast_layers against the plain Flax layers: values and gradients."""
+"""hc_jax.nets.fast_layers against the plain Flax layers: values and gradients."""
 
 import functools
 
@@ -9,8 +9,8 @@ import pytest
 from flax import linen as nn
 
 from hc_jax import models
-from hc_jax.models import fast_layers
-from hc_jax.models import layers as layers_lib
+from hc_jax.nets import fast_layers
+from hc_jax.nets import layers as layers_lib
 
 
 def _close(actual, expected, rtol=1e-5, atol=1e-5):

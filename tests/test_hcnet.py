@@ -1,4 +1,4 @@
-"""Tests for hc_jax.models.hcnet and hc_jax.models.ellipse_head."""
+"""Tests for hc_jax.nets.hcnet and hc_jax.nets.ellipse_head."""
 
 import csv
 import functools
@@ -18,8 +18,8 @@ from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment
 from hc_jax.data import phantom
 from hc_jax.data import prepare
-from hc_jax.models import ellipse_head
-from hc_jax.models import hcnet
+from hc_jax.nets import ellipse_head
+from hc_jax.nets import hcnet
 from hc_jax.training import step as step_lib
 from hc_jax.training import train
 

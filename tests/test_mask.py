@@ -22,9 +22,9 @@ from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import hc18
 from hc_jax.data import phantom
 from hc_jax.data import prepare
-from hc_jax.models import ellipse_head
-from hc_jax.models import hcnet_mask
-from hc_jax.models import mask_head
+from hc_jax.nets import ellipse_head
+from hc_jax.nets import hcnet_mask
+from hc_jax.nets import mask_head
 from hc_jax.training import step as step_lib
 from hc_jax.training import train
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hc_jax import models
-from hc_jax.models import layers as layers_lib
+from hc_jax.nets import layers as layers_lib
 
 # Exact parameter counts ('params' collection only), one input channel.
 # The custom CNNs depend on the input size through their Flatten; VGG16 and

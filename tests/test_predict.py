@@ -33,7 +33,7 @@ from hc_jax.evaluation import gestational_age
 from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading
 from hc_jax.evaluation import scan_files
-from hc_jax.models import ellipse_head
+from hc_jax.nets import ellipse_head
 from hc_jax.training import train
 
 

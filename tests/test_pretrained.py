@@ -1,4 +1,4 @@
-"""Tests for hc_jax.models.pretrained: Keras ResNet50 weights in the Flax ResNet50.
+"""Tests for hc_jax.nets.pretrained: Keras ResNet50 weights in the Flax ResNet50.
 
 No ImageNet file can be downloaded here, so the tests build Keras' own
 `keras.applications.ResNet50` with random weights and random BatchNorm
@@ -16,8 +16,8 @@ import pytest
 
 from configs import resnet_huber
 from hc_jax import models
-from hc_jax.models import fast_layers
-from hc_jax.models import pretrained
+from hc_jax.nets import fast_layers
+from hc_jax.nets import pretrained
 from hc_jax.training import step as step_lib
 from hc_jax.training import train
 

@@ -16,9 +16,9 @@ state is never read.
 Each model declares its output kind (`models.output_kind`). A label model
 ('hc') returns `[B]`, the normalised HC (times the run's `normaliser_px`: HC
 in px). An ellipse model ('ellipse', `hcnet_ellipse`) returns `[B, 6]`,
-decoded by `hc_jax.models.ellipse_head.decode`; a mask model ('mask',
+decoded by `hc_jax.nets.ellipse_head.decode`; a mask model ('mask',
 `hcnet_mask`) returns a head mask whose moments give the ellipse
-(`hc_jax.models.mask_head`), and a quality signal, the soft IoU of the mask and
+(`hc_jax.nets.mask_head`), and a quality signal, the soft IoU of the mask and
 that ellipse, below `min_quality` of which a prediction is 'uncertain'. Both
 give the head's ellipse in model-input pixels, from which its HC in pixels of
 the ORIGINAL image follows through each image's own resize geometry
@@ -74,7 +74,7 @@ DEFAULT_MIN_QUALITY = 0.959
 # A scan's pixel values vary; below this SD (grey levels) there is no image.
 MIN_PIXEL_SD = 1.0
 # Inference builds every model with Flax's own layers:
-# `hc_jax.models.fast_layers` only speeds up training on a CPU, and the plain
+# `hc_jax.nets.fast_layers` only speeds up training on a CPU, and the plain
 # layers run on any backend.
 LAYERS = 'plain'
 
@@ -453,7 +453,7 @@ class Predictor:
     The points are the centres of the mask cells inside (p >= 0.5) with a
     4-neighbour outside, mapped through the image's resize geometry.
     """
-    from hc_jax.models import mask_head  # pylint: disable=import-outside-toplevel
+    from hc_jax.nets import mask_head  # pylint: disable=import-outside-toplevel
     stride, cells = self.mask_grid
     rows, cols = masks.shape[1:]
     x, y = (np.asarray(a, np.float64) for a in
@@ -478,7 +478,7 @@ class Predictor:
     the mean over the views.
     """
     # pylint: disable=import-outside-toplevel
-    from hc_jax.models import ellipse_head
+    from hc_jax.nets import ellipse_head
     num_views, num_runs, num_images = ellipse_in.shape[:3]
     width = self.input_shape[1]
     ellipse_in = np.array(ellipse_in, np.float64)

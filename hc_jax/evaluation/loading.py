@@ -194,7 +194,7 @@ def _forward_of(model, kind: str, height: int, width: int):
   """
   # pylint: disable=import-outside-toplevel
   import jax
-  from hc_jax.models import ellipse_head
+  from hc_jax.nets import ellipse_head
 
   def forward(variables, images):
     out = model.apply(variables, images, train=False)

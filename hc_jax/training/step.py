@@ -17,8 +17,8 @@ import optax
 from hc_jax import models
 from hc_jax.data import augment as augment_lib
 from hc_jax.data import prepare
-from hc_jax.models import ellipse_head
-from hc_jax.models import mask_head
+from hc_jax.nets import ellipse_head
+from hc_jax.nets import mask_head
 
 
 P = jax.sharding.PartitionSpec

@@ -44,7 +44,7 @@ from hc_jax import models
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment as augment_lib
 from hc_jax.data import prepare
-from hc_jax.models import mask_head
+from hc_jax.nets import mask_head
 from hc_jax.training import lock as lock_lib
 
 # Config fields in which the members of one run may differ.
@@ -165,7 +165,7 @@ CONFIG_RULES = {
     'log_every_steps': _integer(1),
     'checkpoint_every_seconds': _real(infinite=True),
     'distributed': _FLAG,
-    # Fields of the models (hc_jax.models.hcnet, hc_jax.models.hcnet_mask), by
+    # Fields of the models (hc_jax.nets.hcnet, hc_jax.nets.hcnet_mask), by
     # name.
     'model_options.widths': _WIDTHS,
     'model_options.head': _choice(('flatten', 'gap')),

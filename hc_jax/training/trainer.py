@@ -25,7 +25,7 @@ from hc_jax.data import augment as augment_lib
 from hc_jax.data import pipeline as data_lib
 from hc_jax.data import prepare
 from hc_jax.evaluation import metrics as metrics_lib
-from hc_jax.models import layers as layers_lib
+from hc_jax.nets import layers as layers_lib
 from hc_jax.training import checkpoint
 from hc_jax.training import metric_log
 from hc_jax.training import step as step_lib
@@ -87,7 +87,7 @@ class Trainer:
     self.init_states = [step_lib.create_train_state(config, model, k[0], tx)
                         for k in keys]
     if config.get('init_from'):
-      from hc_jax.models import pretrained  # pylint: disable=import-outside-toplevel
+      from hc_jax.nets import pretrained  # pylint: disable=import-outside-toplevel
       self.init_states = [pretrained.load_into(s, config.init_from,
                                                config.model)
                           for s in self.init_states]

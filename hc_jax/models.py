@@ -12,9 +12,9 @@ is in whatever units the targets are in (normalised head circumference in
 practice).
 
 Every model has two further attributes:
-* `layers`: 'plain' (Flax's layers) or 'fast' (`hc_jax.models.fast_layers`, tuned
+* `layers`: 'plain' (Flax's layers) or 'fast' (`hc_jax.nets.fast_layers`, tuned
   for XLA:CPU; the same variables, values and gradients). All layers come from
-  `hc_jax.models.layers.Layers`; `create_model` and `from_config` turn 'auto' into
+  `hc_jax.nets.layers.Layers`; `create_model` and `from_config` turn 'auto' into
   'fast' on a CPU backend and 'plain' elsewhere.
 * `dtype`: the compute dtype (float32 or bfloat16). Parameters, BatchNorm
   statistics, the regression head and the output stay float32.
@@ -35,16 +35,16 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
-from hc_jax.models import hcnet
-from hc_jax.models import hcnet_mask
-from hc_jax.models import layers as layers_lib
+from hc_jax.nets import hcnet
+from hc_jax.nets import hcnet_mask
+from hc_jax.nets import layers as layers_lib
 # The paper's models, part of this package's API.
-from hc_jax.models.paper import CNN1M  # pylint: disable=unused-import
-from hc_jax.models.paper import CNN263K  # pylint: disable=unused-import
-from hc_jax.models.paper import DTYPES
-from hc_jax.models.paper import PaperCNN  # pylint: disable=unused-import
-from hc_jax.models.paper import ResNet50  # pylint: disable=unused-import
-from hc_jax.models.paper import VGG16  # pylint: disable=unused-import
+from hc_jax.nets.paper import CNN1M  # pylint: disable=unused-import
+from hc_jax.nets.paper import CNN263K  # pylint: disable=unused-import
+from hc_jax.nets.paper import DTYPES
+from hc_jax.nets.paper import PaperCNN  # pylint: disable=unused-import
+from hc_jax.nets.paper import ResNet50  # pylint: disable=unused-import
+from hc_jax.nets.paper import VGG16  # pylint: disable=unused-import
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -52,15 +52,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'cnn_1m': CNN1M,
     'vgg16': VGG16,
     'resnet50': ResNet50,
-    'hcnet': hcnet.HCNet,  # hc_jax/models/hcnet.py: the normalised HC, bounded.
-    'hcnet_ellipse': hcnet.HCNetEllipse,  # An ellipse; models/ellipse_head.py.
-    'hcnet_mask': hcnet_mask.HCNetMask,  # A head mask; models/mask_head.py.
+    'hcnet': hcnet.HCNet,  # hc_jax/nets/hcnet.py: the normalised HC, bounded.
+    'hcnet_ellipse': hcnet.HCNetEllipse,  # An ellipse; nets/ellipse_head.py.
+    'hcnet_mask': hcnet_mask.HCNetMask,  # A head mask; nets/mask_head.py.
 }
 
 # What a model's output is, as each model class declares it (`output_kind`):
 # 'hc', one normalised HC per image `[B]`; 'ellipse', six raw ellipse values
-# `[B, 6]` (hc_jax/models/ellipse_head.py); 'mask', a head-mask logit map with
-# its moments' geometry (a dict, hc_jax/models/mask_head.py).
+# `[B, 6]` (hc_jax/nets/ellipse_head.py); 'mask', a head-mask logit map with
+# its moments' geometry (a dict, hc_jax/nets/mask_head.py).
 OUTPUT_KINDS = ('hc', 'ellipse', 'mask')
 
 
@@ -91,7 +91,7 @@ def create_model(name: str, layers: str = 'auto', **kwargs) -> nn.Module:
   Args:
     name: A key of `MODELS`, e.g. 'cnn_263k'.
     layers: 'plain', 'fast' or 'auto' ('fast' on a CPU backend, 'plain' on
-      others); see `hc_jax.models.layers`.
+      others); see `hc_jax.nets.layers`.
     **kwargs: Further module attributes, e.g. `batch_norm=True` for 'vgg16' or
       `dtype=jnp.bfloat16`.
 
@@ -113,7 +113,7 @@ def from_config(config: Any) -> nn.Module:
   Reads `config.model` (a key of `MODELS`), `config.dtype` ('float32' or
   'bfloat16'), `config.layers` ('auto' if absent; see `create_model`) and
   `config.init_from`: when it names pretrained weights, ResNet50 is built with
-  `keras_v1=True`, as Keras' weights need (see `hc_jax.models.pretrained`).
+  `keras_v1=True`, as Keras' weights need (see `hc_jax.nets.pretrained`).
 
   Args:
     config: An `ml_collections.ConfigDict`, or any object with attribute

@@ -5,7 +5,7 @@ and builds all its layers through `Layers(layers, dtype)`:
 
 * 'plain': Flax's own layers (`nn.Conv`, `nn.BatchNorm`, `nn.max_pool`,
   `nn.Dense`), what a GPU or TPU runs best (cuDNN, the TPU's convolutions).
-* 'fast': the drop-ins of `hc_jax.models.fast_layers`, tuned for XLA:CPU. They have
+* 'fast': the drop-ins of `hc_jax.nets.fast_layers`, tuned for XLA:CPU. They have
   the same variables (names, shapes, initialisers) and compute the same values
   and gradients up to float rounding, so a checkpoint trained with one loads
   into the other.
@@ -22,7 +22,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
-from hc_jax.models import fast_layers
+from hc_jax.nets import fast_layers
 
 # The layer sets a model can be built with, and what `resolve` also accepts.
 LAYER_SETS = ('plain', 'fast')
@@ -76,7 +76,7 @@ class Layers:
 
   @property
   def fast(self) -> bool:
-    """Whether these are the CPU-tuned layers of `hc_jax.models.fast_layers`."""
+    """Whether these are the CPU-tuned layers of `hc_jax.nets.fast_layers`."""
     return self.kind == 'fast'
 
   def conv(self, features: int, kernel_size: Sequence[int] = (3, 3),

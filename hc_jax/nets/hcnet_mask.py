@@ -32,8 +32,8 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
-from hc_jax.models import layers as layers_lib
-from hc_jax.models import mask_head
+from hc_jax.nets import layers as layers_lib
+from hc_jax.nets import mask_head
 
 
 # The logits' initial bias: sigmoid(-3) = 0.05.
@@ -97,7 +97,7 @@ class HCNetMask(nn.Module):
     attention_heads: its heads.
     moments: 'plain' or 'window' (`mask_head.moments`).
     window_radius: the window's normalised radius for 'window'.
-    layers: 'plain' or 'fast' (see `hc_jax.models.layers`).
+    layers: 'plain' or 'fast' (see `hc_jax.nets.layers`).
     dtype: compute dtype; the logits and the geometry stay float32.
   """
 

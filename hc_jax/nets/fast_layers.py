@@ -3,7 +3,7 @@
 Each keeps the variable names, shapes and initialisers of the Flax layer it
 replaces, so checkpoints and parameter counts do not change, and
 `tests/test_fast_layers.py` checks values and gradients against the plain
-layer. Models get them through `hc_jax.models.layers.Layers('fast')`, never directly.
+layer. Models get them through `hc_jax.nets.layers.Layers('fast')`, never directly.
 
 * `max_pool_2x2`: 2x2/2 max pooling as a reshape and a max, with a
   hand-written backward pass (`nn.max_pool`'s gradients, ties included).

@@ -1,6 +1,6 @@
 """The output of a dense (mask) model: the head's ellipse by moments, in the graph.
 
-A mask model (`hc_jax.models.hcnet_mask.HCNetMask`, 'hcnet_mask') returns a head-mask
+A mask model (`hc_jax.nets.hcnet_mask.HCNetMask`, 'hcnet_mask') returns a head-mask
 logit map on a grid of `stride` x `stride` cells over the model input (and a
 margin around it, so that a head cut by the image border can be completed).
 Everything from the map to millimetres is a pure, differentiable function
@@ -333,7 +333,7 @@ def train_loss(outputs: dict[str, jax.Array], ellipse_true: jax.Array,
   Returns:
     The scalar loss.
   """
-  from hc_jax.models import ellipse_head  # pylint: disable=import-outside-toplevel
+  from hc_jax.nets import ellipse_head  # pylint: disable=import-outside-toplevel
   logits = outputs['logits']
   rows, cols = logits.shape[-2:]
   true_in = ellipse_head.to_input_pixels(ellipse_true, resize)

@@ -26,13 +26,13 @@ Two variants, registered in `hc_jax.models.MODELS`:
   An unbounded linear head can answer far outside (the paper's heads gave a
   negative HC on a real scan).
 * `HCNetEllipse` ('hcnet_ellipse'): six raw outputs per image, decoded by
-  `hc_jax.models.ellipse_head.decode` into an ellipse in model-input pixels, from
-  which the HC is computed in the graph (see `hc_jax.models.ellipse_head`).
+  `hc_jax.nets.ellipse_head.decode` into an ellipse in model-input pixels, from
+  which the HC is computed in the graph (see `hc_jax.nets.ellipse_head`).
 
 Both take `[batch, height, width, 1]` images of any height and width that
 survive the pools (at least 32 for five blocks); 128x192 keeps HC18's
 800x540 aspect. The convolutions, BatchNorms, pools and denses come from
-`hc_jax.models.layers.Layers`, so 'fast' uses the CPU-tuned layers. BatchNorm has
+`hc_jax.nets.layers.Layers`, so 'fast' uses the CPU-tuned layers. BatchNorm has
 momentum 0.99 and epsilon 1e-3 (Keras' defaults, as the paper's CNNs).
 """
 
@@ -42,7 +42,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
-from hc_jax.models import layers as layers_lib
+from hc_jax.nets import layers as layers_lib
 
 HEADS = ('flatten', 'gap')
 # The bounded label output lies in [BOUND_LOW, BOUND_HIGH] x the normaliser.
@@ -66,7 +66,7 @@ class Backbone(nn.Module):
     hidden: Units of the flatten head's hidden Dense layer.
     dropout: Dropout rate of the flatten head.
     dilated: Whether the last block's convolution has dilation 2.
-    layers: 'plain' or 'fast' (see `hc_jax.models.layers`).
+    layers: 'plain' or 'fast' (see `hc_jax.nets.layers`).
     dtype: Compute dtype; parameters, the head and the output stay float32.
   """
 
@@ -183,6 +183,6 @@ class HCNetEllipse(_HCNetFields):
 
     Returns:
       float32 `[batch, 6]`: raw centre x, centre y, semi-axis a, semi-axis b,
-      cos 2θ, sin 2θ (see `hc_jax.models.ellipse_head.decode`).
+      cos 2θ, sin 2θ (see `hc_jax.nets.ellipse_head.decode`).
     """
     return _backbone(self, ELLIPSE_OUTPUTS)(x, train)

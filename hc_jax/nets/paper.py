@@ -10,7 +10,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
-from hc_jax.models import layers as layers_lib
+from hc_jax.nets import layers as layers_lib
 
 ModuleDef = Any
 
@@ -51,7 +51,7 @@ class PaperCNN(nn.Module):
   Attributes:
     conv_features: Output channels of each convolution block.
     dense_features: Units of each hidden Dense layer; at least one.
-    layers: 'plain' or 'fast' (see `hc_jax.models.layers`).
+    layers: 'plain' or 'fast' (see `hc_jax.nets.layers`).
     dtype: Compute dtype; parameters, the head and the output stay float32.
   """
 
@@ -146,7 +146,7 @@ class VGG16(nn.Module):
   Attributes:
     batch_norm: Whether to put BatchNorm (Flax defaults: momentum 0.99,
       epsilon 1e-5) between each convolution and its ReLU, as in `vgg16_bn`.
-    layers: 'plain' or 'fast' (see `hc_jax.models.layers`).
+    layers: 'plain' or 'fast' (see `hc_jax.nets.layers`).
     dtype: Compute dtype of the convolution stack.
   """
 
@@ -256,7 +256,7 @@ class ResNet50(nn.Module):
   (`mean - bias`). Keras' ResNet50 is v1 (stride on the first 1x1
   convolution) with BatchNorm epsilon 1.001e-5; the kernel shapes are the
   same, and `keras_v1=True` makes the model compute what Keras' does with the
-  same weights (see `hc_jax.models.pretrained`). The stem pool pads one pixel on each
+  same weights (see `hc_jax.nets.pretrained`). The stem pool pads one pixel on each
   side, like Keras' `ZeroPadding2D(1)` before its pool.
 
   With one input channel the model has 23,503,809 parameters at any input size.
@@ -268,7 +268,7 @@ class ResNet50(nn.Module):
     keras_v1: Whether to place the strides (on the first 1x1 convolution of a
       block) and set the BatchNorm epsilon (1.001e-5) like Keras' ResNet50, for
       its pretrained weights. Same parameters either way.
-    layers: 'plain' or 'fast' (see `hc_jax.models.layers`).
+    layers: 'plain' or 'fast' (see `hc_jax.nets.layers`).
   """
 
   output_kind: ClassVar[str] = 'hc'  # One normalised HC per image.
