@@ -124,7 +124,6 @@ PHANTOM_NOTE = 'model trained on phantom scans'
 COLUMNS = ('filename', 'pixel_size_mm', 'hc_px', 'hc_mm', 'hc_mm_sd',
            'ga_weeks', 'ga_flag', 'status', 'message')
 # Added after COLUMNS for an ellipse model.
-ELLIPSE_COLUMNS = prediction_rows.ELLIPSE_COLUMNS
 # Added after those for a mask model: its quality signal.
 MASK_COLUMNS = ('quality',)
 # Added last when DICOM files are among the scans: where the pixel size came
@@ -176,8 +175,8 @@ ellipse models (hcnet_ellipse) add the head's ellipse, in pixels of the
 original image and in mm where the pixel size is known (x the column, y the
 row, semi-axes a >= b, angle_rad the angle of a from +x towards +y, i.e.
 clockwise on the screen, in [0, pi)); overlays draw it:
-  {", ".join(ELLIPSE_COLUMNS[:5])},
-  {", ".join(ELLIPSE_COLUMNS[5:])}
+  {", ".join(prediction_rows.ELLIPSE_COLUMNS[:5])},
+  {", ".join(prediction_rows.ELLIPSE_COLUMNS[5:])}
 mask models (hcnet_mask) add {", ".join(MASK_COLUMNS)}, the soft IoU of the
 head mask and the ellipse of its moments (1: the mask is an ellipse); overlays
 also draw the mask's outline (red dots)
@@ -392,7 +391,7 @@ def _write_outputs(args, predictor, rows: list[dict],
       row['message'] = '; '.join(filter(None, (row['message'],
                                                PHANTOM_NOTE)))
   write_rows(args.out, rows, COLUMNS + (
-      ELLIPSE_COLUMNS if predictor.predicts_ellipse else ()) + (
+      prediction_rows.ELLIPSE_COLUMNS if predictor.predicts_ellipse else ()) + (
           MASK_COLUMNS if predictor.kind == 'mask' else ()) + (
               DICOM_COLUMNS if infos else ()))
   missing = [row['filename'] for row in rows

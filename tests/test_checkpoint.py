@@ -146,7 +146,7 @@ def test_restore_best_of_a_damaged_checkpoint_names_it(tmp_path):
   ckpt = _run(tmp_path, [(1, True, True), (2, False, True)])
   file, _ = _damage(_step_dir(tmp_path, 'best', 1), random.Random(1),
                     'overwrite', 'state/_METADATA')
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(manifest.CheckpointError,
                      match='best checkpoint.*' + file):
     ckpt.restore_best(_state(-1), 1)
 
@@ -190,7 +190,7 @@ def test_damaged_latest_falls_back_or_fails_clearly(three_epochs, tmp_path,
     assert 'starting over' in capsys.readouterr().err
     return
   if not usable:
-    with pytest.raises(checkpoint.CheckpointError,
+    with pytest.raises(manifest.CheckpointError,
                        match='no checkpoint in .* can be restored'):
       ckpt.restore_latest(_state(-1))
     return
@@ -254,7 +254,7 @@ def test_full_disk_keeps_the_earlier_checkpoints(three_epochs, tmp_path,
     else:  # The progress is written while (after) the state is.
       patch.setattr(ocp.handlers.JsonCheckpointHandler, '_save_fn',
                     _no_space_async)
-    with pytest.raises(checkpoint.CheckpointError,
+    with pytest.raises(manifest.CheckpointError,
                        match='could not save epoch 4 .*No space left'):
       ckpt.save(4, _state(4), _progress(4, 4 if where == 'best' else 1),
                 is_best=where == 'best')
@@ -292,7 +292,7 @@ def test_what_orbax_logs_of_a_failed_save_goes_to_a_file(three_epochs,
                       logs_and_fails)
   ckpt = checkpoint.Checkpoints(workdir)
   with caplog.at_level('WARNING'):
-    with pytest.raises(checkpoint.CheckpointError) as error:
+    with pytest.raises(manifest.CheckpointError) as error:
       ckpt.save(4, _state(4), _progress(4, 1), is_best=False)
   assert not [r for r in caplog.records if r.name == 'absl'], caplog.text
   log = os.path.join(workdir, 'checkpoints', checkpoint.ORBAX_LOG)
@@ -393,7 +393,7 @@ def test_training_resumes_from_a_damaged_checkpoint(tiny_config, tmp_path,
   tiny_config.num_epochs = 4
   try:
     results = train.train_and_evaluate(tiny_config, workdir)
-  except checkpoint.CheckpointError as e:
+  except manifest.CheckpointError as e:
     assert seed == 2 and 'no checkpoint' in str(e), (damaged, e)
     assert not os.path.exists(os.path.join(workdir, '.lock'))
     return

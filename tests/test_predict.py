@@ -32,6 +32,7 @@ from hc_jax.data import prepare
 from hc_jax.evaluation import gestational_age
 from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading
+from hc_jax.evaluation import prediction_rows
 from hc_jax.evaluation import scan_files
 from hc_jax.nets import ellipse_head
 from hc_jax.training import train
@@ -800,9 +801,9 @@ def test_ellipse_model_rows(stub_cli, tmp_path):
   assert code == 0, rows
   with open(out, newline='') as f:
     assert tuple(next(csv.reader(f))) == (predict.COLUMNS +
-                                          predict.ELLIPSE_COLUMNS)
+                                          prediction_rows.ELLIPSE_COLUMNS)
   row = rows['a.png']
-  cells = {key: float(row[key]) for key in predict.ELLIPSE_COLUMNS}
+  cells = {key: float(row[key]) for key in prediction_rows.ELLIPSE_COLUMNS}
   center_x, center_y = _stretched(24, 4)
   expected_px = {'center_x_px': center_x, 'center_y_px': center_y,
                  'semi_axis_a_px': 12 * 8, 'semi_axis_b_px': 8 * 8,

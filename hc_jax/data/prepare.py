@@ -209,8 +209,8 @@ def _from_tfds(root: str | None, tfds_dir: str, out_hw, mode: str
     problem = cli.storage_problem(e)
     if not existed or (problem and problem[0] != errno.ENOENT):
       raise  # Nothing to build again, or a disk that refuses writes.
-    log.status(f'warning: the TFDS build {built} cannot be read '
-         f'({type(e).__name__}: {cli.one_line(e)[:300]}); building it again')
+    log.warn(f'the TFDS build {built} cannot be read ({log.error_line(e)}); '
+             'building it again')
   shutil.rmtree(built)
   return _read_tfds(hc18_tfds.build(root, tfds_dir), out_hw, mode)
 

@@ -51,8 +51,6 @@ ORBAX_LOG = 'orbax.log'
 
 
 # A checkpoint cannot be written or restored; one without its manifest.
-CheckpointError = manifest.CheckpointError
-UnverifiedError = manifest.UnverifiedError
 
 
 class _ToFile(std_logging.Filter):
@@ -138,7 +136,7 @@ class Checkpoints:
       detail = (f'; details in {os.path.join(self.directory, ORBAX_LOG)}'
                 if logged.count and os.path.isfile(
                     os.path.join(self.directory, ORBAX_LOG)) else '')
-      raise CheckpointError(
+      raise manifest.CheckpointError(
           f'could not save epoch {epoch} in {manager.directory} '
           f'({log.error_line(e)}); the earlier checkpoints are kept{detail}'
       ) from None
@@ -202,7 +200,7 @@ class Checkpoints:
             progress=ocp.args.JsonRestore()))
       return restored['state'], dict(restored['progress'])
     except Exception as e:  # pylint: disable=broad-except  # Any damage.
-      raise CheckpointError(f'{step_dir}: {log.error_line(e)}') from None
+      raise manifest.CheckpointError(f'{step_dir}: {log.error_line(e)}') from None
 
   def restore_latest(self, state, max_epoch: int | None = None):
     """Returns (state, progress) of the newest latest checkpoint that can be
@@ -228,19 +226,19 @@ class Checkpoints:
     for i, step in enumerate(steps):
       try:
         return self._restore(self.latest, state, step)
-      except UnverifiedError as e:
+      except manifest.UnverifiedError as e:
         instead = (f'resuming from epoch {steps[i + 1]} instead'
                    if i + 1 < len(steps) else
                    'starting over' if not failures else '')
         if instead:
           log.warn(f'not using the checkpoint of epoch {step}: {e}; {instead}')
-      except CheckpointError as e:
+      except manifest.CheckpointError as e:
         failures.append(str(e))
         if i + 1 < len(steps):
           log.warn(f'cannot restore the checkpoint of epoch {step}: {e}; '
                 f'resuming from epoch {steps[i + 1]} instead')
     if failures:
-      raise CheckpointError(
+      raise manifest.CheckpointError(
           f'no checkpoint in {self.latest.directory} can be restored ('
           f'{"; ".join(failures)}); move {self.directory} away to start over')
     return state, {}
@@ -271,8 +269,8 @@ class Checkpoints:
           f' in {self.directory}')
     try:
       return self._restore(self.best, state, step)[0]
-    except CheckpointError as e:
-      raise CheckpointError(f'cannot restore the best checkpoint: {e}'
+    except manifest.CheckpointError as e:
+      raise manifest.CheckpointError(f'cannot restore the best checkpoint: {e}'
                             ) from None
 
   def wait(self) -> None:
@@ -290,7 +288,7 @@ def _open_manager(directory: str) -> ocp.CheckpointManager:
         max_to_keep=None, create=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager(directory, options=options)
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'cannot open the checkpoints in {directory}: '
+    raise manifest.CheckpointError(f'cannot open the checkpoints in {directory}: '
                           f'{log.error_line(e)}') from None
 
 
@@ -298,7 +296,7 @@ def _delete(manager: ocp.CheckpointManager, step: int) -> None:
   try:
     manager.delete(step)
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'cannot delete checkpoint {step} in '
+    raise manifest.CheckpointError(f'cannot delete checkpoint {step} in '
                           f'{manager.directory}: {log.error_line(e)}') from None
 
 

@@ -306,7 +306,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   Raises:
     ValueError: for a bad config or data (and `lock.LockedError` when
-      another process holds the workdir, `checkpoint.CheckpointError` when no
+      another process holds the workdir, `manifest.CheckpointError` when no
       checkpoint can be restored).
     FloatingPointError: on a NaN or inf loss (the last good checkpoint stays).
   """
