@@ -30,6 +30,8 @@ def get_config():
   config.mask_loss.dice = 1.0
   config.mask_loss.hc = 1.0
   config.mask_loss.ellipse = 0.0
+  # The mask's disagreement with the ellipse of its own moments (no label).
+  config.mask_loss.shape = 0.0
   # Pretrained weights to start from ('' for none): a Keras ResNet50 .h5 or
   # .keras file in the keras.applications layout (see
   # hc_jax/nets/pretrained.py).

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from hc_jax.data import augment
 
 # The terms of `train_loss` (the config's `mask_loss` weights).
-LOSS_TERMS = ('bce', 'dice', 'hc', 'ellipse')
+LOSS_TERMS = ('bce', 'dice', 'hc', 'ellipse', 'shape')
 # Moment passes a model may use.
 MOMENT_MODES = ('plain', 'window')
 # Sub-cells per side of the coverage rendering.
@@ -270,6 +270,24 @@ def quality(prob: jax.Array, center: jax.Array, cov: jax.Array, stride: int,
   return inter / jnp.maximum(union, MIN_MASS)
 
 
+def own_ellipse_disagreement(prob: jax.Array, center: jax.Array,
+                              cov: jax.Array, stride: int, margin: int = 0
+                              ) -> jax.Array:
+  """`[B]` 1 - soft IoU of the mask and the filled ellipse of its own moments.
+
+  A shape term that needs no label: 0 for a mask that is a filled ellipse,
+  larger for a ring, holes or blobs. The ellipse is a fixed target (no
+  gradient through the moments), so the term moves the mask towards the
+  ellipse its moments already give rather than the ellipse towards the mask.
+  """
+  rows, cols = prob.shape[-2:]
+  target = jax.lax.stop_gradient(render_ellipses(
+      ellipse_from_moments(center, cov), rows, cols, stride, margin))
+  inter = jnp.sum(jnp.minimum(prob, target), (-2, -1))
+  union = jnp.sum(jnp.maximum(prob, target), (-2, -1))
+  return 1.0 - inter / jnp.maximum(union, MIN_MASS)
+
+
 def geometry(logits: jax.Array, stride: int, margin: int, mode: str = 'plain',
              window_radius: float = 1.4) -> dict[str, jax.Array]:
   """A mask model's outputs from its logit map: the dict its `__call__` returns.
@@ -328,7 +346,7 @@ def train_loss(outputs: dict[str, jax.Array], ellipse_true: jax.Array,
     normaliser_px: the run's normaliser.
     stride, margin: the model's grid.
     base_loss: the config's HC loss.
-    weights: {'bce', 'dice', 'hc', 'ellipse'}.
+    weights: {'bce', 'dice', 'hc', 'ellipse', 'shape'}.
 
   Returns:
     The scalar loss.
@@ -357,4 +375,8 @@ def train_loss(outputs: dict[str, jax.Array], ellipse_true: jax.Array,
                 jnp.sum(jnp.abs(pred_p - true_p), (-2, -1))) / side
     loss = loss + weights['ellipse'] * jnp.sum(
         jnp.where(known, distance, 0.0)) / count
+  if weights.get('shape', 0.0):
+    loss = loss + weights['shape'] * jnp.mean(own_ellipse_disagreement(
+        jax.nn.sigmoid(logits), outputs['center'], outputs['cov'], stride,
+        margin))
   return loss
