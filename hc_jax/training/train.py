@@ -67,10 +67,15 @@ MEMBERS_PER_CALL = ('auto', 'vmap', 'map')
 
 
 class _Rule:
-  """What one config field must be: `test(value)` and its description."""
+  """What one config field must be: `test(value)` and its description (a
+  string, or a function giving it when a message needs it)."""
 
-  def __init__(self, test, what: str):
-    self.test, self.what = test, what
+  def __init__(self, test, what):
+    self.test, self._what = test, what
+
+  @property
+  def what(self) -> str:
+    return self._what() if callable(self._what) else self._what
 
 
 def _is_int(value) -> bool:
@@ -104,9 +109,10 @@ def _real(low: float = 0.0, *, above: bool = False,
 
 
 def _choice(options) -> _Rule:
-  options = tuple(sorted(options))
+  """One of `options`, read when a config is checked: a name registered in
+  a registry (e.g. `models.MODELS`) at run time is one."""
   return _Rule(lambda v: isinstance(v, str) and v in options,
-               f'one of {", ".join(options)}')
+               lambda: f'one of {", ".join(sorted(options))}')
 
 
 _FLAG = _Rule(lambda v: isinstance(v, bool), 'True or False')
