@@ -11,6 +11,10 @@ a float32 vector `[batch]`: one linear unit with no activation, so the output
 is in whatever units the targets are in (normalised head circumference in
 practice).
 
+Every model class declares its output kind (`output_kind`, a
+`hc_jax.nets.kinds.Kind`: HC, ellipse or mask), which says how its outputs
+become a loss, an HC, an ellipse and a quality; `kind_of` reads it.
+
 Every model has two further attributes:
 * `layers`: 'plain' (Flax's layers) or 'fast' (`hc_jax.nets.fast_layers`, tuned
   for XLA:CPU; the same variables, values and gradients). All layers come from
@@ -37,6 +41,7 @@ import jax.numpy as jnp
 
 from hc_jax.nets import hcnet
 from hc_jax.nets import hcnet_mask
+from hc_jax.nets import kinds
 from hc_jax.nets import layers as layers_lib
 # The paper's models, part of this package's API.
 from hc_jax.nets.paper import CNN1M  # pylint: disable=unused-import
@@ -57,16 +62,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'hcnet_mask': hcnet_mask.HCNetMask,  # A head mask; nets/mask_head.py.
 }
 
-# What a model's output is, as each model class declares it (`output_kind`):
-# 'hc', one normalised HC per image `[B]`; 'ellipse', six raw ellipse values
-# `[B, 6]` (hc_jax/nets/ellipse_head.py); 'mask', a head-mask logit map with
-# its moments' geometry (a dict, hc_jax/nets/mask_head.py).
-OUTPUT_KINDS = ('hc', 'ellipse', 'mask')
+# The names of the output kinds (`hc_jax.nets.kinds.KINDS`).
+OUTPUT_KINDS = tuple(kinds.KINDS)
 
 
-def output_kind(model: Any) -> str:
-  """The declared output kind of a model: a `MODELS` name, class, module or
-  config (its `model`)."""
+def kind_of(model: Any) -> kinds.Kind:
+  """The declared output kind of a model (`hc_jax.nets.kinds`): of a `MODELS`
+  name, class, module or config (its `model`).
+
+  Raises:
+    ValueError: for an unknown model, or a class that declares no kind.
+  """
   if isinstance(model, str):
     name = model
   elif isinstance(model, type) or isinstance(model, nn.Module):
@@ -79,10 +85,19 @@ def output_kind(model: Any) -> str:
     raise ValueError(f'Unknown model {name!r}; known models: '
                      f'{", ".join(sorted(MODELS))}.')
   kind = getattr(cls, 'output_kind', None)
-  if kind not in OUTPUT_KINDS:
-    raise ValueError(f'model {cls.__name__} declares no output_kind (one of '
-                     f'{", ".join(OUTPUT_KINDS)})')
+  if isinstance(kind, str) and kind in kinds.KINDS:
+    kind = kinds.KINDS[kind]
+  if not isinstance(kind, kinds.Kind):
+    raise ValueError(f'model {cls.__name__} declares no output_kind (a '
+                     f'hc_jax.nets.kinds.Kind, e.g. one of '
+                     f'{", ".join(kinds.KINDS)})')
   return kind
+
+
+def output_kind(model: Any) -> str:
+  """The name of a model's declared output kind ('hc', 'ellipse', 'mask');
+  `kind_of` gives the kind object."""
+  return kind_of(model).name
 
 
 def create_model(name: str, layers: str = 'auto', **kwargs) -> nn.Module:

@@ -111,6 +111,7 @@ from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading
 from hc_jax.evaluation import prediction_rows
 from hc_jax.evaluation import scan_files
+from hc_jax.nets import kinds
 
 # The library entry point the README names: `predict.load(workdir)`.
 load = loading.load
@@ -123,9 +124,8 @@ PIXEL_SIZE_RANGE_MM = (0.001, 10.0)
 PHANTOM_NOTE = 'model trained on phantom scans'
 COLUMNS = ('filename', 'pixel_size_mm', 'hc_px', 'hc_mm', 'hc_mm_sd',
            'ga_weeks', 'ga_flag', 'status', 'message')
-# Added after COLUMNS for an ellipse model.
-# Added after those for a mask model: its quality signal.
-MASK_COLUMNS = ('quality',)
+# Added after COLUMNS: the columns of the model's kind
+# (`hc_jax.nets.kinds`: an ellipse model's ellipse, a quality signal).
 # Added last when DICOM files are among the scans: where the pixel size came
 # from ('ultrasound_region', 'PixelSpacing', 'csv', or '' when unknown).
 DICOM_COLUMNS = ('pixel_size_source',)
@@ -177,7 +177,7 @@ row, semi-axes a >= b, angle_rad the angle of a from +x towards +y, i.e.
 clockwise on the screen, in [0, pi)); overlays draw it:
   {", ".join(prediction_rows.ELLIPSE_COLUMNS[:5])},
   {", ".join(prediction_rows.ELLIPSE_COLUMNS[5:])}
-mask models (hcnet_mask) add {", ".join(MASK_COLUMNS)}, the soft IoU of the
+mask models (hcnet_mask) add {kinds.QUALITY_COLUMN}, the soft IoU of the
 head mask and the ellipse of its moments (1: the mask is an ellipse); overlays
 also draw the mask's outline (red dots)
 
@@ -236,10 +236,10 @@ def _parse_args(argv):
                       help='ensemble SD (mm) above which a prediction is '
                       f'uncertain (default {inference.DEFAULT_MAX_SD_MM:g})')
   parser.add_argument('--min-quality', '--min_quality', dest='min_quality',
-                      type=float, default=inference.DEFAULT_MIN_QUALITY,
+                      type=float, default=None,
                       help='a mask model\'s quality below which a prediction '
-                      'is uncertain (default '
-                      f'{inference.DEFAULT_MIN_QUALITY:g})')
+                      'is uncertain (default: the model\'s own, '
+                      f'{kinds.MASK.quality.min_value:g} for hcnet_mask)')
   parser.add_argument('--submission',
                       help='also write the HC18 challenge CSV (ellipse '
                       'models; every pixel size needed), see below')
@@ -322,7 +322,7 @@ def _check_flags(args) -> None:
   if not math.isfinite(args.max_sd_mm) or args.max_sd_mm < 0:
     raise workdir_lib.PredictError(
         f'--max-sd-mm must be >= 0, got {args.max_sd_mm}')
-  if not 0 <= args.min_quality <= 1:  # False for NaN.
+  if args.min_quality is not None and not 0 <= args.min_quality <= 1:
     raise workdir_lib.PredictError(f'--min-quality must be in [0, 1], got '
                                    f'{args.min_quality}')
   scan_files.check_writable(args.out, '--out')
@@ -390,10 +390,8 @@ def _write_outputs(args, predictor, rows: list[dict],
     for row in rows:
       row['message'] = '; '.join(filter(None, (row['message'],
                                                PHANTOM_NOTE)))
-  write_rows(args.out, rows, COLUMNS + (
-      prediction_rows.ELLIPSE_COLUMNS if predictor.predicts_ellipse else ()) + (
-          MASK_COLUMNS if predictor.kind == 'mask' else ()) + (
-              DICOM_COLUMNS if infos else ()))
+  write_rows(args.out, rows, COLUMNS + kinds.get(predictor.kind).columns + (
+      DICOM_COLUMNS if infos else ()))
   missing = [row['filename'] for row in rows
              if row['filename'] not in ellipses_mm]
   if args.submission and not missing:
@@ -493,7 +491,7 @@ def _predict_files(predictor: inference.Predictor, files: dict[str, str],
         prediction_rows.fill_row(row, out, i, predictor, no_mm, ellipses_mm)
         if args.overlays and row['status'] != 'refused':
           prediction_rows.write_overlay(args.overlays, row, file_name, image,
-                                        out, i, predictor.predicts_ellipse)
+                                        out, i, predictor.kind)
     progress.update(len(rows))
   progress.done()
   return rows, ellipses_mm

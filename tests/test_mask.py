@@ -335,7 +335,7 @@ def test_predict_reproduces_a_mask_runs_test_predictions(mask_run, phantom_hc18)
       phantom_hc18[0], 'training_set', r['filename']))[0] for r in rows]
   pixel_sizes = [float(r['pixel_size_mm']) for r in rows]
   predictor = loading.load(mask_run)
-  assert predictor.kind == 'mask' and predictor.predicts_ellipse
+  assert predictor.kind.name == 'mask' and predictor.predicts_ellipse
   out = predictor(images, pixel_sizes, keep_masks=True)
   np.testing.assert_allclose(out['hc_mm'], [float(r['hc_mm_pred'])
                                             for r in rows], atol=1e-2)

@@ -879,10 +879,10 @@ def test_combine_ellipses_is_safe_for_the_angle():
       atol=1e-9)
   # Mirroring: x -> W - 1 - x, angle -> pi - angle, in [0, pi).
   np.testing.assert_allclose(
-      inference.mirror_ellipses(np.array([3.0, 4, 5, 2, 0.0]), 10),
+      ellipse_lib.mirror_ellipses(np.array([3.0, 4, 5, 2, 0.0]), 10),
       [6, 4, 5, 2, 0])
   np.testing.assert_allclose(
-      inference.mirror_ellipses(np.array([3.0, 4, 5, 2, 0.5]), 10),
+      ellipse_lib.mirror_ellipses(np.array([3.0, 4, 5, 2, 0.5]), 10),
       [6, 4, 5, 2, np.pi - 0.5])
 
 

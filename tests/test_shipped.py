@@ -121,7 +121,7 @@ def test_shipped_model_reproduces_its_sample_predictions():
   from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
   expected = _expected()
   predictor = loading.load()
-  assert predictor.kind == 'mask' and len(predictor.runs) == 5
+  assert predictor.kind.name == 'mask' and len(predictor.runs) == 5
   images = [hc18.read_grayscale(os.path.join(archive_lib.SAMPLE_IMAGES_DIR,
                                              row['filename']))[0]
             for row in expected]

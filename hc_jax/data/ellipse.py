@@ -54,6 +54,29 @@ def ramanujan_perimeter(semi_axis_a, semi_axis_b):
   return np.pi * (3 * (a + b) - np.sqrt((3 * a + b) * (a + 3 * b)))
 
 
+def wrap_angle(angle):
+  """Angles into [0, pi) (np.mod can round up to pi itself)."""
+  angle = np.mod(angle, np.pi)
+  return np.where(angle >= np.pi, angle - np.pi, angle)
+
+
+def mirror_ellipses(ellipses, width: int) -> np.ndarray:
+  """Ellipses `[..., 5]` of a left-right mirrored image, mirrored back.
+
+  Args:
+    ellipses: `[cx, cy, a, b, angle]` in pixels of an image `width` columns
+      wide (pixel centres at integers).
+    width: columns of that image.
+
+  Returns:
+    float64 `[..., 5]`: x -> width - 1 - x, angle -> pi - angle (in [0, pi)).
+  """
+  out = np.array(ellipses, np.float64)
+  out[..., 0] = width - 1 - out[..., 0]
+  out[..., 4] = wrap_angle(np.pi - out[..., 4])
+  return out
+
+
 def fit_ellipse(x, y) -> Ellipse:
   """Fits an ellipse to points by direct least squares.
 

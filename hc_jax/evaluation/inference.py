@@ -13,17 +13,17 @@ model's parameters and batch statistics are restored from the best
 checkpoint (`hc_jax.training.checkpoint.restore_variables`); the optimiser
 state is never read.
 
-Each model declares its output kind (`models.output_kind`). A label model
-('hc') returns `[B]`, the normalised HC (times the run's `normaliser_px`: HC
-in px). An ellipse model ('ellipse', `hcnet_ellipse`) returns `[B, 6]`,
-decoded by `hc_jax.nets.ellipse_head.decode`; a mask model ('mask',
-`hcnet_mask`) returns a head mask whose moments give the ellipse
-(`hc_jax.nets.mask_head`), and a quality signal, the soft IoU of the mask and
-that ellipse, below `min_quality` of which a prediction is 'uncertain'. Both
-give the head's ellipse in model-input pixels, from which its HC in pixels of
-the ORIGINAL image follows through each image's own resize geometry
+Each model declares its output kind (`hc_jax.nets.kinds`, `models.kind_of`),
+which turns the model's outputs into what is predicted here: a label model
+('hc') gives the normalised HC (times the run's `normaliser_px`: HC in px);
+an ellipse model ('ellipse', `hcnet_ellipse`) and a mask model ('mask',
+`hcnet_mask`, whose head mask's moments give the ellipse) give the head's
+ellipse in model-input pixels, from which its HC in pixels of the ORIGINAL
+image follows through each image's own resize geometry
 (`prepare.resize_geometry` of its size, the run's input shape and resize
-mode). Ellipses are `[center_x, center_y, semi_axis_a, semi_axis_b,
+mode). A kind may have a quality signal (the mask's: the soft IoU of the
+mask and its moments' ellipse), below `min_quality` of which a prediction is
+'uncertain'; the threshold's default is the kind's. Ellipses are `[center_x, center_y, semi_axis_a, semi_axis_b,
 angle_rad]`, x the column and y the row, a >= b, the angle of a from +x
 towards +y in [0, pi), as `hc_jax.data.ellipse.Ellipse`.
 
@@ -31,12 +31,12 @@ The HC of an ellipse model, as of a label model, is the mean over the runs
 of each run's HC (with `tta_flip`, the mean over the scan and its mirror).
 Its ellipse is `combine_ellipses` of every run's (and view's) ellipse: the
 mean centre and mean root shape matrix, safe for the angle, scaled so that
-its perimeter is that HC. The mirror's ellipse is mirrored back in
-model-input pixels (x -> W - 1 - x, angle -> pi - angle) first.
+its perimeter is that HC. The mirror's value is mirrored back in
+model-input pixels by its kind (an ellipse: x -> W - 1 - x, angle -> pi -
+angle) first.
 
 Each prediction gets a status: 'ok'; 'uncertain' (a fold ensemble whose
-runs' SD in mm is above `max_sd_mm`, or a mask model's quality below
-`min_quality`); 'implausible' (HC outside the
+runs' SD in mm is above `max_sd_mm`, or a quality below `min_quality`); 'implausible' (HC outside the
 plausible range: HC18's span, the training range where recorded, each
 widened by `RANGE_MARGIN`, and in px what fits in the image); or 'refused'
 (a (nearly) constant image, one smaller than the model input, or one that
@@ -54,6 +54,7 @@ from hc_jax import workdir as workdir_lib
 from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.evaluation import scan_files
 from hc_jax.evaluation import scan_likeness
+from hc_jax.nets import kinds
 
 BATCH_SIZE = 32
 # HC of the HC18 training set, min and max; a head outside it is outside what
@@ -66,11 +67,6 @@ RANGE_MARGIN = 0.1
 # Fold-ensemble SD (mm) above which a prediction is 'uncertain'. Runs of one
 # config trained on different folds of HC18 agree to a few mm.
 DEFAULT_MAX_SD_MM = 10.0
-# A mask model's quality (soft IoU of its mask and its moments' ellipse, the
-# mean over the runs) below which a prediction is 'uncertain': the 10th
-# percentile of hcnet_mask's quality on the five folds' validation parts (364
-# images), chosen there; see docs/results.md ("The quality signal").
-DEFAULT_MIN_QUALITY = 0.959
 # A scan's pixel values vary; below this SD (grey levels) there is no image.
 MIN_PIXEL_SD = 1.0
 # Inference builds every model with Flax's own layers:
@@ -87,29 +83,6 @@ parallel_map = scan_files.parallel_map  # pylint: disable=invalid-name
 
 def _widen(low: float, high: float) -> tuple[float, float]:
   return low / (1 + RANGE_MARGIN), high * (1 + RANGE_MARGIN)
-
-
-def mirror_ellipses(ellipses: np.ndarray, width: int) -> np.ndarray:
-  """Ellipses `[..., 5]` of a left-right mirrored image, mirrored back.
-
-  Args:
-    ellipses: `[cx, cy, a, b, angle]` in pixels of an image `width` columns
-      wide (pixel centres at integers).
-    width: columns of that image.
-
-  Returns:
-    float64 `[..., 5]`: x -> width - 1 - x, angle -> pi - angle (in [0, pi)).
-  """
-  out = np.array(ellipses, np.float64)
-  out[..., 0] = width - 1 - out[..., 0]
-  out[..., 4] = _wrap_angle(math.pi - out[..., 4])
-  return out
-
-
-def _wrap_angle(angle: np.ndarray) -> np.ndarray:
-  """Angles into [0, pi) (np.mod can round up to pi itself)."""
-  angle = np.mod(angle, math.pi)
-  return np.where(angle >= math.pi, angle - math.pi, angle)
 
 
 def combine_ellipses(ellipses: np.ndarray, hc_px: np.ndarray) -> np.ndarray:
@@ -136,7 +109,7 @@ def combine_ellipses(ellipses: np.ndarray, hc_px: np.ndarray) -> np.ndarray:
   p11 = (mean - half * np.cos(2 * angle)).mean(0)
   radius = np.hypot((p00 - p11) / 2, p01)
   major, minor = (p00 + p11) / 2 + radius, (p00 + p11) / 2 - radius
-  angle = _wrap_angle(0.5 * np.arctan2(2 * p01, p00 - p11))
+  angle = ellipse_lib.wrap_angle(0.5 * np.arctan2(2 * p01, p00 - p11))
   with np.errstate(invalid='ignore', divide='ignore'):
     scale = np.asarray(hc_px, np.float64) / ellipse_lib.ramanujan_perimeter(
         major, minor)
@@ -157,9 +130,12 @@ class Predictor:
       the runs did not record it.
     train_hc_px: (min, max) HC in px of the training images, or None.
     image_width: columns of the model input; 0 for a square one.
-    kind: the model's declared output kind, 'hc', 'ellipse' or 'mask'
-      (`models.output_kind`).
-    mask_grid: a mask model's (stride, margin in cells), else None.
+    kind: the model's declared output kind (`models.kind_of`), a
+      `hc_jax.nets.kinds.Kind` or the name of one ('hc', 'ellipse', 'mask').
+    mask_grid: its kind's grid of the model's output (a mask model's
+      stride, margin in cells), else None.
+    min_quality: the quality below which a prediction is 'uncertain' (where
+      the kind has a quality signal); None: the kind's default.
     trained_on_phantoms: whether a run trained on phantom scans
       (`data.source='synthetic'`, e.g. the demos) rather than HC18.
   """
@@ -173,14 +149,25 @@ class Predictor:
   train_hc_mm: tuple[float, float] | None = None
   train_hc_px: tuple[float, float] | None = None
   image_width: int = 0
-  kind: str = 'hc'
+  kind: kinds.Kind | str = 'hc'
   mask_grid: tuple[int, int] | None = None
   trained_on_phantoms: bool = False
+  min_quality: float | None = None
+
+  def __post_init__(self):
+    self.kind = kinds.get(self.kind)
 
   @property
   def predicts_ellipse(self) -> bool:
-    """Whether the model gives the head's ellipse (kind 'ellipse' or 'mask')."""
-    return self.kind in ('ellipse', 'mask')
+    """Whether the model gives the head's ellipse (its kind says)."""
+    return self.kind.predicts_ellipse
+
+  @property
+  def default_min_quality(self) -> float:
+    """`min_quality`, else the kind's quality's threshold, else 0."""
+    if self.min_quality is not None:
+      return self.min_quality
+    return self.kind.quality.min_value if self.kind.quality else 0.0
 
   @property
   def is_ensemble(self) -> bool:
@@ -261,8 +248,10 @@ class Predictor:
         return 'uncertain', (f'the ensemble\'s runs disagree: SD '
                              f'{hc_mm_sd:.1f} mm > {max_sd_mm:g} mm')
     if quality < min_quality:  # False for NaN (no quality signal).
-      return 'uncertain', (f'the head mask is not an ellipse: quality '
-                           f'{quality:.3f} < {min_quality:g}')
+      meaning = self.kind.quality.meaning if self.kind.quality else (
+          'low quality')
+      return 'uncertain', (f'{meaning}: quality {quality:.3f} < '
+                           f'{min_quality:g}')
     return 'ok', ''
 
   def __call__(self, images: Sequence[np.ndarray],
@@ -280,8 +269,8 @@ class Predictor:
       tta_flip: average each run's predictions on the scan and on its
         left-right mirror.
       max_sd_mm: an ensemble SD above this makes a prediction 'uncertain'.
-      min_quality: a mask model's quality below this makes a prediction
-        'uncertain' (None: `DEFAULT_MIN_QUALITY`).
+      min_quality: a quality below this makes a prediction 'uncertain'
+        (None: `default_min_quality`, the model's).
       keep_masks: a mask model also returns 'mask', each image's mean soft
         mask over the runs (and views) on the model's grid, and
         'mask_outline', its 0.5 contour as points in original pixels.
@@ -296,15 +285,15 @@ class Predictor:
       angle]` in px of the original image (`combine_ellipses` of the runs'
       and views' ellipses; its perimeter is 'hc_px'), and 'ellipse_mm', the
       same with the centre and semi-axes times the pixel size (NaN where it
-      is unknown); NaN rows for refused images. A mask model adds
-      'quality' [N], the mean over the runs and views (NaN for others).
+      is unknown); NaN rows for refused images; 'quality' [N], the mean over
+      the runs and views of the kind's quality signal (NaN for none).
 
     Raises:
       ValueError: for an image that is not a 2D uint8 array.
       PredictError: when the model's output is not what its kind declares.
     """
     if min_quality is None:
-      min_quality = DEFAULT_MIN_QUALITY
+      min_quality = self.default_min_quality
     num_images = len(images)
     if pixel_sizes_mm is None:
       pixel_sizes_mm = [None] * num_images
@@ -358,12 +347,13 @@ class Predictor:
     but for 'status' and 'message': means over the runs (and views), the SD
     of an ensemble, the combined ellipse and the mask outlines."""
     num_images = len(images)
+    value = outputs['value']
+    if len(value) == 2:  # The mirror's values, mirrored back.
+      value = np.array(value, np.float64)
+      value[1] = self.kind.mirror(value[1], self.input_shape[1])
+    resize = self._resize(images)
+    hc_px, ellipses = self.kind.to_original(value, resize, self.normalisers_px)
     out = {}
-    if self.predicts_ellipse:
-      hc_px = self._decode_ellipses(outputs['value'], images, out)
-    else:
-      hc_px = outputs['value'].mean(0) * np.asarray(self.normalisers_px)[:,
-                                                                         None]
     hc_mm = hc_px * pixel_size
     out.update({
         'hc_px': hc_px.mean(axis=0),
@@ -372,13 +362,14 @@ class Predictor:
                      np.full(num_images, math.nan)),
         'quality': outputs['quality'].mean(axis=(0, 1)),
     })
-    if 'ellipse_px' in out:
-      out['ellipse_px'] = combine_ellipses(out['ellipse_px'], out['hc_px'])
+    if ellipses is not None:
+      out['ellipse_px'] = combine_ellipses(ellipses, out['hc_px'])
       out['ellipse_mm'] = out['ellipse_px'].copy()
       out['ellipse_mm'][:, :4] *= pixel_size[:, None]
     if keep_masks and 'mask' in outputs:
       out['mask'] = outputs['mask']
-      out['mask_outline'] = self._outlines(outputs['mask'], images)
+      out['mask_outline'] = self.kind.outlines(outputs['mask'], resize,
+                                               self.mask_grid)
     return out
 
   def _set_statuses(self, out: dict, status: np.ndarray, message: np.ndarray,
@@ -402,14 +393,15 @@ class Predictor:
 
     Returns:
       {'value': float64 [views, runs, N] (normalised HC) or [views, runs, N,
-      5] (the ellipse in model-input pixels, views as given), 'quality':
-      [views, runs, N] (NaN but for a mask model)}; a mask model adds 'mask',
+      5] (the ellipse in model-input pixels, views as given): the kind's
+      `value_shape`, 'quality': [views, runs, N] (NaN for a kind without a
+      quality signal)}; a mask model adds 'mask',
       float32 [N, rows, cols], the mean soft mask over runs and views (the
       mirror's mirrored back).
     """
     num_images = len(views[0])
-    value = np.zeros([len(views), len(self.runs), num_images] + (
-        [5] if self.predicts_ellipse else []), np.float64)
+    value = np.zeros([len(views), len(self.runs), num_images] +
+                     list(self.kind.value_shape), np.float64)
     quality = np.full([len(views), len(self.runs), num_images], math.nan)
     mask = None
     for start in range(0, num_images, BATCH_SIZE):
@@ -423,7 +415,7 @@ class Predictor:
           if out['value'].shape[1:] != value.shape[3:]:
             raise workdir_lib.PredictError(
                 f'the model returns {list(out["value"].shape)} for a batch '
-                f'of {BATCH_SIZE}; its kind {self.kind!r} needs '
+                f'of {BATCH_SIZE}; its kind {self.kind.name!r} needs '
                 f'{[BATCH_SIZE] + list(value.shape[3:])}')
           value[v, member, start:stop] = out['value'][:stop - start]
           if 'quality' in out:
@@ -446,48 +438,3 @@ class Predictor:
                            np.int64).reshape(-1, 2)
     return prepare.resize_geometry(np.maximum(original_hw, 1),
                                    self.input_shape, self.resize_mode)
-
-  def _outlines(self, masks: np.ndarray, images) -> list[np.ndarray]:
-    """The 0.5 contour of each soft mask: [K, 2] (x, y) in original pixels.
-
-    The points are the centres of the mask cells inside (p >= 0.5) with a
-    4-neighbour outside, mapped through the image's resize geometry.
-    """
-    from hc_jax.nets import mask_head  # pylint: disable=import-outside-toplevel
-    stride, cells = self.mask_grid
-    rows, cols = masks.shape[1:]
-    x, y = (np.asarray(a, np.float64) for a in
-            mask_head.grid_coordinates(rows, cols, stride, cells))
-    resize = self._resize(images)
-    outlines = []
-    for mask, (sx, sy, ox, oy) in zip(masks, resize):
-      inside = mask >= 0.5
-      padded = np.pad(inside, 1)
-      edge = inside & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] &
-                        padded[1:-1, :-2] & padded[1:-1, 2:])
-      i, j = np.nonzero(edge)
-      outlines.append(np.stack([(x[j] - ox) / sx, (y[i] - oy) / sy], -1))
-    return outlines
-
-  def _decode_ellipses(self, ellipse_in: np.ndarray, images, out: dict
-                       ) -> np.ndarray:
-    """The ellipses [views, runs, N, 5] in model-input pixels -> original.
-
-    Sets out['ellipse_px'] to every run's and view's ellipse in original
-    pixels, [views * runs, N, 5], and returns each run's HC in px [runs, N],
-    the mean over the views.
-    """
-    # pylint: disable=import-outside-toplevel
-    from hc_jax.nets import ellipse_head
-    num_views, num_runs, num_images = ellipse_in.shape[:3]
-    width = self.input_shape[1]
-    ellipse_in = np.array(ellipse_in, np.float64)
-    if num_views == 2:  # The mirror's ellipses, mirrored back.
-      ellipse_in[1] = mirror_ellipses(ellipse_in[1], width)
-    resize = np.broadcast_to(self._resize(images), ellipse_in.shape[:3] + (4,))
-    ellipse_in = ellipse_in.astype(np.float32)
-    hc_px = np.asarray(ellipse_head.hc_px(ellipse_in, resize), np.float64)
-    ellipses = np.asarray(ellipse_head.to_original_pixels(ellipse_in, resize),
-                          np.float64)
-    out['ellipse_px'] = ellipses.reshape(num_views * num_runs, num_images, 5)
-    return hc_px.mean(0)

@@ -5,7 +5,8 @@
 
 `load` finds the runs (or reads the shipped archive) before the heavy
 imports, builds the model of the runs' config with Flax's own layers
-(`inference.LAYERS`), checks that it gives its kind's output, restores only
+(`inference.LAYERS`) and its kind's forward function (`hc_jax.nets.kinds`),
+checks that it gives its kind's output, restores only
 the parameters and batch statistics of each run's best checkpoint
 (`hc_jax.training.checkpoint.restore_variables`) and makes the TensorFlow
 function preparing a scan as training prepares it. What the `Predictor`
@@ -103,8 +104,8 @@ class _Model(NamedTuple):
   """A model built from a run's config, checked to give its kind's output."""
   config: Any  # ml_collections.ConfigDict
   abstract: Any  # The variables' shapes (jax.eval_shape of init).
-  forward: Any  # `_forward_of`'s function.
-  kind: str
+  forward: Any  # `kind.forward`'s function.
+  kind: Any  # The model's `hc_jax.nets.kinds.Kind`.
   height: int
   width: int
   mask_grid: tuple[int, int] | None
@@ -138,22 +139,21 @@ def _build_model(config_dict: dict, model_options: dict | None,
     abstract = jax.eval_shape(
         functools.partial(model.init, train=False), jax.random.key(0),
         jnp.zeros((1, height, width, 1), jnp.float32))
-    kind = models.output_kind(config)
-    forward = _forward_of(model, kind, height, width)
+    kind = models.kind_of(config)
+    forward = kind.forward(model, height, width)
     output = jax.eval_shape(
         forward, abstract, jax.ShapeDtypeStruct((2, height, width, 1),
                                                 jnp.float32))['value']
-    expected = {'hc': (2,), 'ellipse': (2, 5), 'mask': (2, 5)}[kind]
+    expected = (2,) + kind.value_shape
     if output.shape != expected:
       raise ValueError(f'the model returns {list(output.shape)} for 2 images; '
-                       f'its kind {kind!r} needs {list(expected)}')
-    mask_grid = ((model.stride, model.margin // model.stride)
-                 if kind == 'mask' else None)
+                       f'its kind {kind.name!r} needs {list(expected)}')
   except Exception as e:  # pylint: disable=broad-except  # Any config error.
     raise workdir_lib.PredictError(
         f'{config_path}: cannot build the model ({log.error_line(e)})'
     ) from None
-  return _Model(config, abstract, forward, kind, height, width, mask_grid)
+  return _Model(config, abstract, forward, kind, height, width,
+                kind.grid(model))
 
 
 def _image_preparer(config, height: int, width: int):
@@ -183,26 +183,3 @@ def _warn_if_training(runs: Sequence[str]) -> None:
       warnings.warn(f'{run} is being trained by {who}: the predictions use '
                     'its best checkpoint so far, which that process may '
                     'still replace', stacklevel=3)
-
-
-def _forward_of(model, kind: str, height: int, width: int):
-  """`(variables, images) -> {'value', ...}` for a model of kind `kind`.
-
-  'value' is the normalised HC `[B]` ('hc') or the ellipse `[B, 5]` in
-  model-input pixels ('ellipse', 'mask'); a mask model adds 'quality' `[B]`
-  and 'mask', its soft mask.
-  """
-  # pylint: disable=import-outside-toplevel
-  import jax
-  from hc_jax.nets import ellipse_head
-
-  def forward(variables, images):
-    out = model.apply(variables, images, train=False)
-    if kind == 'hc':
-      return {'value': out}
-    if kind == 'ellipse':
-      return {'value': ellipse_head.decode(out, height, width)}
-    return {'value': out['ellipse_in'], 'quality': out['quality'],
-            'mask': jax.nn.sigmoid(out['logits'])}
-
-  return forward

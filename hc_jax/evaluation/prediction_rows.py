@@ -2,13 +2,14 @@
 
   prediction_rows.fill_row(row, out, i, predictor, no_mm, ellipses_mm)
   prediction_rows.write_overlay(overlays, row, file_name, image, out, i,
-                                predictor.predicts_ellipse)
+                                predictor.kind)
 
 `out` is a `hc_jax.evaluation.inference.Predictor`'s output for a chunk of
 scans, `i` one of them. The row gets its HC (px, mm, SD), status and
-message, its gestational age (Hadlock) unless implausible, and an ellipse
-model's `ELLIPSE_COLUMNS` (a mask model's 'quality' too); the overlay is the
-scan with its outline and those lines (`hc_jax.evaluation.scan_files`).
+message, its gestational age (Hadlock) unless implausible, and the cells of
+the model's kind (`hc_jax.nets.kinds`: an ellipse model's `ELLIPSE_COLUMNS`,
+a quality); the overlay is the scan with what its kind draws (the ellipse,
+a mask's outline) and those lines (`hc_jax.evaluation.scan_files`).
 """
 
 import math
@@ -17,11 +18,10 @@ import os
 from hc_jax import workdir as workdir_lib
 from hc_jax.evaluation import gestational_age
 from hc_jax.evaluation import scan_files
+from hc_jax.nets import kinds
 
-# Added after `hc_jax.predict.COLUMNS` for an ellipse model.
-ELLIPSE_COLUMNS = ('center_x_px', 'center_y_px', 'semi_axis_a_px',
-                   'semi_axis_b_px', 'angle_rad', 'center_x_mm', 'center_y_mm',
-                   'semi_axis_a_mm', 'semi_axis_b_mm')
+# Added after `hc_jax.predict.COLUMNS` for an ellipse model (its kind's).
+ELLIPSE_COLUMNS = kinds.ELLIPSE_COLUMNS
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -31,8 +31,9 @@ def _fmt(value: float, digits: int) -> str:
 
 def fill_row(row: dict, out: dict, i: int, predictor, no_mm: str,
              ellipses_mm: dict[str, list]) -> None:
-  """Sets a row's cells from image `i` of the predictor's output `out`, and
-  an ellipse model's ellipse in mm in `ellipses_mm` where it is known."""
+  """Sets a row's cells from image `i` of the predictor's output `out` (its
+  kind's cells too), and the ellipse in mm in `ellipses_mm` where the model
+  gives one and the pixel size is known."""
   row.update(status=out['status'][i], message=out['message'][i])
   if row['status'] == 'refused':
     return
@@ -41,12 +42,9 @@ def fill_row(row: dict, out: dict, i: int, predictor, no_mm: str,
   row.update(hc_px=_fmt(out['hc_px'][i], 3),
              hc_mm=_fmt(out['hc_mm'][i], 3),
              hc_mm_sd=_fmt(out['hc_mm_sd'][i], 3))
-  if predictor.predicts_ellipse:
-    row.update(_ellipse_cells(out['ellipse_px'][i], out['ellipse_mm'][i]))
-    if math.isfinite(out['ellipse_mm'][i][0]):
-      ellipses_mm[row['filename']] = list(out['ellipse_mm'][i])
-  if predictor.kind == 'mask':
-    row['quality'] = _fmt(out['quality'][i], 4)
+  row.update(kinds.get(predictor.kind).cells(out, i))
+  if 'ellipse_mm' in out and math.isfinite(out['ellipse_mm'][i][0]):
+    ellipses_mm[row['filename']] = list(out['ellipse_mm'][i])
   if row['status'] != 'implausible':
     ga_weeks = gestational_age.hadlock_ga_weeks(out['hc_mm'][i])
     row.update(ga_weeks=_fmt(ga_weeks, 2),
@@ -54,13 +52,14 @@ def fill_row(row: dict, out: dict, i: int, predictor, no_mm: str,
 
 
 def write_overlay(overlays: str, row: dict, file_name: str, image, out: dict,
-                  i: int, predicts_ellipse: bool) -> None:
-  """Writes the overlay of image `i` of `out` under `overlays`.
+                  i: int, kind) -> None:
+  """Writes the overlay of image `i` of `out` under `overlays`, with what
+  the model's `kind` (a `hc_jax.nets.kinds.Kind` or its name) draws.
 
   Raises:
     PredictError: when it cannot be written.
   """
-  ellipse = out['ellipse_px'][i] if predicts_ellipse else None
+  shapes = kinds.get(kind).overlay(out, i)
   # A frame k of file.dcm: file_framek_prediction.png.
   overlay = os.path.join(
       overlays, os.path.splitext(file_name)[0]
@@ -69,19 +68,12 @@ def write_overlay(overlays: str, row: dict, file_name: str, image, out: dict,
   try:
     os.makedirs(os.path.dirname(overlay), exist_ok=True)
     scan_files.write_overlay(
-        image, _overlay_lines(row), overlay, ellipse,
-        out['mask_outline'][i] if 'mask_outline' in out else None)
+        image, _overlay_lines(row), overlay, shapes['ellipse'],
+        shapes['outline'])
   except OSError as e:
     raise workdir_lib.PredictError(
         f'overlay {overlay} cannot be written '
         f'({e.strerror or e})') from None
-
-
-def _ellipse_cells(ellipse_px, ellipse_mm) -> dict[str, str]:
-  """An ellipse model's `ELLIPSE_COLUMNS` of one row."""
-  values = list(ellipse_px) + list(ellipse_mm[:4])
-  return {column: _fmt(value, 6 if column == 'angle_rad' else 3)
-          for column, value in zip(ELLIPSE_COLUMNS, values)}
 
 
 def _overlay_lines(row) -> list[str]:

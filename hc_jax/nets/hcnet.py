@@ -42,6 +42,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from hc_jax.nets import kinds
 from hc_jax.nets import layers as layers_lib
 
 HEADS = ('flatten', 'gap')
@@ -141,7 +142,7 @@ class HCNet(_HCNetFields):
     bounded: Whether the output is squashed into [BOUND_LOW, BOUND_HIGH].
   """
 
-  output_kind: ClassVar[str] = 'hc'
+  output_kind: ClassVar[kinds.Kind] = kinds.HC
   bounded: bool = True
 
   @nn.compact
@@ -171,7 +172,7 @@ class HCNetEllipse(_HCNetFields):
     widths, head, hidden, dropout, dilated, layers, dtype: as for `Backbone`.
   """
 
-  output_kind: ClassVar[str] = 'ellipse'
+  output_kind: ClassVar[kinds.Kind] = kinds.ELLIPSE
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

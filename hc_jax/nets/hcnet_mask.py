@@ -32,6 +32,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from hc_jax.nets import kinds
 from hc_jax.nets import layers as layers_lib
 from hc_jax.nets import mask_head
 
@@ -101,7 +102,7 @@ class HCNetMask(nn.Module):
     dtype: compute dtype; the logits and the geometry stay float32.
   """
 
-  output_kind: ClassVar[str] = 'mask'
+  output_kind: ClassVar[kinds.Kind] = kinds.MASK
 
   widths: Sequence[int] = (8, 16, 32, 64, 64)
   stride: int = 2

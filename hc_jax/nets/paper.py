@@ -10,6 +10,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from hc_jax.nets import kinds
 from hc_jax.nets import layers as layers_lib
 
 ModuleDef = Any
@@ -55,7 +56,7 @@ class PaperCNN(nn.Module):
     dtype: Compute dtype; parameters, the head and the output stay float32.
   """
 
-  output_kind: ClassVar[str] = 'hc'  # One normalised HC per image.
+  output_kind: ClassVar[kinds.Kind] = kinds.HC  # One normalised HC per image.
 
   conv_features: Sequence[int]
   dense_features: Sequence[int]
@@ -150,7 +151,7 @@ class VGG16(nn.Module):
     dtype: Compute dtype of the convolution stack.
   """
 
-  output_kind: ClassVar[str] = 'hc'  # One normalised HC per image.
+  output_kind: ClassVar[kinds.Kind] = kinds.HC  # One normalised HC per image.
 
   batch_norm: bool = False
   layers: str = 'plain'
@@ -271,7 +272,7 @@ class ResNet50(nn.Module):
     layers: 'plain' or 'fast' (see `hc_jax.nets.layers`).
   """
 
-  output_kind: ClassVar[str] = 'hc'  # One normalised HC per image.
+  output_kind: ClassVar[kinds.Kind] = kinds.HC  # One normalised HC per image.
 
   dtype: Any = jnp.float32
   stage_sizes: Sequence[int] = (3, 4, 6, 3)

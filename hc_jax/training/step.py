@@ -17,8 +17,6 @@ import optax
 from hc_jax import models
 from hc_jax.data import augment as augment_lib
 from hc_jax.data import prepare
-from hc_jax.nets import ellipse_head
-from hc_jax.nets import mask_head
 
 
 P = jax.sharding.PartitionSpec
@@ -57,31 +55,16 @@ def create_train_state(config, model, key, tx) -> TrainState:
 
 
 def output_functions(config):
-  """`(loss_of, hc_of)` for the output kind the config's model declares.
+  """`(loss_of, hc_of)` of the output kind the config's model declares.
 
   `loss_of(outputs, ellipses, resize, target, normaliser_px, image_hw,
   loss_fn)` is a batch's loss; `hc_of(outputs, resize, normaliser_px,
-  image_hw)` its normalised HC `[B]`. The kind comes from the model class
-  (`models.output_kind`), never from the output's shape.
+  image_hw)` its normalised HC `[B]`. Both come from the model class's kind
+  (`models.kind_of`, `hc_jax.nets.kinds`), never from the output's shape.
   """
-  kind = models.output_kind(config)
-  if kind == 'hc':
-    return (lambda out, ell, resize, target, norm, hw, loss_fn:
-            loss_fn(out, target)), (lambda out, resize, norm, hw: out)
-  if kind == 'ellipse':
-    weight = config.get('ellipse_weight', 1.0)
-    return ((lambda out, ell, resize, target, norm, hw, loss_fn:
-             ellipse_head.train_loss(out, ell, resize, target, norm, hw,
-                                     loss_fn, weight)),
-            (lambda out, resize, norm, hw:
-             ellipse_head.normalised_hc(out, resize, norm, *hw)))
+  kind = models.kind_of(config)
   model = models.from_config(config)
-  stride, cells = model.stride, model.margin // model.stride
-  weights = dict(config.get('mask_loss', {}) or {})
-  return ((lambda out, ell, resize, target, norm, hw, loss_fn:
-           mask_head.train_loss(out, ell, resize, target, norm, stride, cells,
-                                loss_fn, weights)),
-          (lambda out, resize, norm, hw: mask_head.hc_px(out, resize) / norm))
+  return kind.loss_of(model, config), kind.hc_of(model)
 
 
 def train_step(state: TrainState, batch, member, *, loss_fn, augment,
@@ -95,8 +78,8 @@ def train_step(state: TrainState, batch, member, *, loss_fn, augment,
     member: {'key': the member's key, 'normaliser_px': scalar}.
     loss_fn: `(predictions, targets) -> loss`.
     augment: an `augment.AugmentConfig`.
-    loss_of: the model kind's loss (`output_functions(config)[0]`); None for
-      a model of kind 'hc'.
+    loss_of: the model kind's loss (`output_functions(config)[0]`); None:
+      `loss_fn` of the outputs, as the kind 'hc'.
 
   Returns:
     `(state, loss)`.
@@ -163,9 +146,10 @@ def members_predict(state, images, how: str = 'vmap', resize=None,
                     normaliser_px=None, hc_of=None):
   """Normalised predictions [M, E] of every member on its z-scored images.
 
-  A model of kind 'ellipse' or 'mask' gives its HC through `hc_of`
-  (`output_functions(config)[1]`), which needs each image's `resize`
-  [M, E, 4] and each member's `normaliser_px` [M].
+  The model's kind gives its HC through `hc_of`
+  (`output_functions(config)[1]`; None: the outputs are the normalised HC),
+  which needs each image's `resize` [M, E, 4] and each member's
+  `normaliser_px` [M].
   """
 
   def one(xs):

@@ -98,8 +98,6 @@ class Trainer:
     self.how = None if how == 'auto' and len(
         configs) > 1 else self.candidates[0]
     loss_of, hc_of = step_lib.output_functions(config)
-    if models.output_kind(config) == 'hc':
-      loss_of = hc_of = None
     self.step_fns = {
         c:
             functools.partial(step_lib.members_train_step,
