@@ -13,6 +13,7 @@ from PIL import Image
 
 from hc_jax.data import ellipse
 from hc_jax.data import hc18
+from hc_jax.data import hc18_tfds
 from hc_jax.data import phantom as phantom_lib
 from hc_jax.data import synthetic
 
@@ -213,7 +214,6 @@ def test_missing_directory_and_csv(tmp_path):
 
 
 def test_tfds_build_phantom(phantom, tmp_path):
-  hc18_tfds = pytest.importorskip('hc_jax.data.hc18_tfds')
   root, summary = phantom
   builder = hc18_tfds.build(str(root), str(tmp_path / 'tfds'))
   assert builder.info.splits['train'].num_examples == 12
@@ -232,7 +232,6 @@ def test_tfds_build_phantom(phantom, tmp_path):
 
 
 def test_tfds_build_from_zips(phantom, tmp_path):
-  hc18_tfds = pytest.importorskip('hc_jax.data.hc18_tfds')
   root, _ = phantom
   for folder in ('training_set', 'test_set'):
     with zipfile.ZipFile(root / f'{folder}.zip', 'w') as archive:
@@ -244,7 +243,6 @@ def test_tfds_build_from_zips(phantom, tmp_path):
 
 
 def test_tfds_bad_input_writes_nothing(phantom, tmp_path):
-  hc18_tfds = pytest.importorskip('hc_jax.data.hc18_tfds')
   root, _ = phantom
   (root / 'training_set' / _rows(root)[1][0]).write_bytes(b'junk')
   data_dir = tmp_path / 'tfds'
@@ -274,7 +272,6 @@ def test_real_hc18_ellipses_match_csv():
 @pytest.mark.slow
 @pytest.mark.skipif(REAL_HC18 is None, reason='HC18 copy not found')
 def test_real_hc18_tfds_build(tmp_path):
-  hc18_tfds = pytest.importorskip('hc_jax.data.hc18_tfds')
   builder = hc18_tfds.build(REAL_HC18, str(tmp_path / 'tfds'))
   counts = {split: builder.info.splits[split].num_examples
             for split in ('train', 'test')}
@@ -340,7 +337,6 @@ def test_binary_or_malformed_csv_is_named(phantom, data, message):
 
 
 def test_tfds_finds_the_registered_checksums():
-  hc18_tfds = pytest.importorskip('hc_jax.data.hc18_tfds')
   path = os.fspath(hc18_tfds.Hc18._checksums_path)  # pylint: disable=protected-access
   assert path == os.path.join(os.path.dirname(hc18.__file__), 'checksums.tsv')
   assert os.path.isfile(path)
@@ -355,7 +351,6 @@ def test_tfds_finds_the_registered_checksums():
 def test_download_without_registered_checksum_is_refused(tmp_path,
                                                          monkeypatch):
   """Validation is forced: an unregistered URL is never downloaded."""
-  hc18_tfds = pytest.importorskip('hc_jax.data.hc18_tfds')
   monkeypatch.setattr(hc18_tfds.Hc18, 'url_infos', {})
   with pytest.raises(ValueError, match='Missing checksums url: '
                      + hc18.ZENODO_RECORD.replace('.', r'\.')) as error:
@@ -368,7 +363,7 @@ def test_corrupted_download_is_rejected(tmp_path):
   """A file that differs from its registered size and sha256 is rejected
   with its URL, through the same checksums.tsv format and TFDS check."""
   import hashlib  # pylint: disable=import-outside-toplevel
-  tfds = pytest.importorskip('tensorflow_datasets')
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from tensorflow_datasets.core.download import download_manager  # pylint: disable=import-outside-toplevel
   name = 'test_set_pixel_size.csv'
   url = hc18.ZENODO_RECORD + name + '?download=1'
