@@ -63,6 +63,10 @@ RESUME_MAY_CHANGE = (
 # What config.json records beside the config: the data a run trained on
 # (checked on resume against the data found now) and the layers it used.
 RECORDED_FIELDS = ('source_digest', 'content_digest', 'layers_resolved')
+# Fields added to the configs after runs were written without them, with the
+# value that trains as those runs did: a run whose config.json lacks one
+# resumes with a config that keeps that value.
+ADDED_FIELDS = {'mask_loss.shape': 0.0}
 MEMBERS_PER_CALL = ('auto', 'vmap', 'map')
 
 
@@ -271,7 +275,8 @@ def _same(a, b) -> bool:
 def check_resume(config, workdir: str) -> None:
   """Raises ValueError unless `config` may resume (or extend) the run that
   `workdir` holds: only the fields of `RESUME_MAY_CHANGE` may differ from
-  its config.json. A workdir without config.json holds no run yet."""
+  its config.json (a field it lacks counts as its `ADDED_FIELDS` value). A
+  workdir without config.json holds no run yet."""
   saved = workdir_lib.read_run_config(workdir)
   if saved is None:
     return
@@ -281,6 +286,8 @@ def check_resume(config, workdir: str) -> None:
   saved = workdir_lib.flatten({k: v for k, v in saved.items()
                     if k not in RECORDED_FIELDS})
   wanted = workdir_lib.flatten(json.loads(json.dumps(config.to_dict())))
+  saved = {**{key: value for key, value in ADDED_FIELDS.items()
+              if key in wanted}, **saved}
 
   def show(flat, key):
     return repr(flat[key]) if key in flat else '(none)'
