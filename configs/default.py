@@ -103,7 +103,6 @@ def get_config():
   # (results.json holds the validation figures only).
   config.score_test = True
   config.seed = 0
-  config.log_every_steps = 50
   # The checkpoint to resume from is written at most this often (and after
   # the last epoch); a resumed run redoes the epochs since, with the same
   # batches, and ends the same. 0 writes it after every epoch. The best

@@ -21,7 +21,6 @@ def small_on_phantoms(config):
   config.model_options.widths = (8, 16, 32, 64, 64)
   config.num_epochs = 40
   config.warmup_epochs = 2
-  config.log_every_steps = 20
   return config
 
 

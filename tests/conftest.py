@@ -82,7 +82,6 @@ def tiny_config(phantom_hc18):
   config.num_epochs = 2
   config.batch_size = 8
   config.eval_batch_size = 8
-  config.log_every_steps = 1000
   return config
 
 
@@ -92,5 +91,4 @@ def config_flags(config) -> list[str]:
           f'--config.data.cache_dir={config.data.cache_dir}',
           f'--config.image_size={config.image_size}',
           f'--config.num_epochs={config.num_epochs}',
-          f'--config.eval_batch_size={config.eval_batch_size}',
-          f'--config.log_every_steps={config.log_every_steps}']
+          f'--config.eval_batch_size={config.eval_batch_size}']

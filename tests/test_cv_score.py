@@ -45,7 +45,7 @@ def members(phantom_hc18, tmp_path_factory):
   root = str(tmp_path_factory.mktemp('cv_grid'))
   overrides = [f'data.hc18_dir={hc18_dir}', f'data.cache_dir={cache_dir}',
                'image_size=32', 'num_epochs=1', 'batch_size=8',
-               'eval_batch_size=8', 'log_every_steps=1000',
+               'eval_batch_size=8',
                'members_per_call=vmap']
   done = grid_lib.run_grid([os.path.join(REPO, 'configs', 'default.py')],
                            FOLDS, root, overrides, stack=True, seeds=(0, 1))

@@ -47,7 +47,7 @@ def _flags(hc18_dir, cache_dir):
   return ['--config=configs/default.py', f'--config.data.hc18_dir={hc18_dir}',
           f'--config.data.cache_dir={cache_dir}', '--config.image_size=32',
           '--config.num_epochs=2', '--config.batch_size=8',
-          '--config.eval_batch_size=8', '--config.log_every_steps=1000',
+          '--config.eval_batch_size=8',
           '--config.checkpoint_every_seconds=0', '--config.tune_malloc=False']
 
 

@@ -142,8 +142,7 @@ def test_grid_trains_from_the_export_without_tensorflow(export, tmp_path):
   env = tf_free_env(tmp_path)
   root = tmp_path / 'grid'
   result = _grid(root, export, env, '--stack', '--config.image_size=32',
-                 '--config.num_epochs=2', '--config.eval_batch_size=8',
-                 '--config.log_every_steps=1000')
+                 '--config.num_epochs=2', '--config.eval_batch_size=8')
   assert result.returncode == 0, result.stderr[-3000:]
   runs = [root / os.path.basename(c)[:-3] / f'fold{k}' for c in CONFIGS
           for k in FOLDS]

@@ -283,7 +283,7 @@ def _run_real_grid(phantom_hc18, root, config_paths, folds):
       f'--configs={",".join(config_paths)}',
       f'--folds={",".join(map(str, folds))}', f'--root={root}',
       '--override', 'num_epochs=1', '--override', 'image_size=32',
-      '--override', 'eval_batch_size=8', '--override', 'log_every_steps=1000',
+      '--override', 'eval_batch_size=8',
       f'--config.data.hc18_dir={hc18_dir}',
       f'--config.data.cache_dir={tfds_dir}'])
 

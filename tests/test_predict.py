@@ -54,7 +54,6 @@ def grid(phantom_hc18, tmp_path_factory):
     config.num_epochs = 1
     config.batch_size = 8
     config.eval_batch_size = 8
-    config.log_every_steps = 1000
     config.seed = seed
     train.train_and_evaluate(config, str(root / f'fold{seed}'))
   return str(root)

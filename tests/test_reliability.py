@@ -28,7 +28,6 @@ def _tiny(phantom_hc18):
   config.num_epochs = 2
   config.batch_size = 8
   config.eval_batch_size = 8
-  config.log_every_steps = 1000
   config.tune_malloc = False
   return config
 
@@ -157,6 +156,33 @@ def test_a_cosine_schedule_keeps_its_num_epochs(tmp_path):
     train.check_resume(config, workdir)
   config.lr_schedule = 'constant'
   with pytest.raises(ValueError, match=r"lr_schedule='cosine' there"):
+    train.check_resume(config, workdir)
+
+
+def test_a_removed_field_warns_and_an_old_run_with_it_resumes(tmp_path,
+                                                              capsys):
+  """`log_every_steps` (read by nothing): a config that sets it runs with a
+  one-line warning; a run whose config.json has it (or lacks a field added
+  since, `train.ADDED_FIELDS`) resumes."""
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.image_size = 32
+  old = config.to_dict()
+  old['log_every_steps'] = 50
+  del old['mask_loss']['shape']
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  pipeline.save_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), old)
+  train.check_resume(config, workdir)
+  config.log_every_steps = 20
+  train.check_config(config)
+  warnings = [line for line in capsys.readouterr().err.splitlines()
+              if 'log_every_steps' in line]
+  assert len(warnings) == 1 and 'no longer used' in warnings[0], warnings
+  train.check_resume(config, workdir)
+  config.mask_loss.shape = 0.5
+  with pytest.raises(ValueError, match='mask_loss.shape'):
     train.check_resume(config, workdir)
 
 

@@ -38,7 +38,6 @@ def ellipse_run(phantom_hc18, tmp_path_factory):
   config.num_epochs = 1
   config.batch_size = 8
   config.eval_batch_size = 8
-  config.log_every_steps = 1000
   workdir = str(tmp_path_factory.mktemp('ellipse_run') / 'run')
   train.train_and_evaluate(config, workdir)
   return workdir

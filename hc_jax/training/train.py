@@ -57,7 +57,7 @@ MEMBER_FIELDS = ('fold', 'loss', 'huber_delta', 'seed')
 # the learning rate is laid over num_epochs, so num_epochs must stay too.
 RESUME_MAY_CHANGE = (
     'num_epochs', 'time_budget_s', 'rescore', 'score_test',
-    'checkpoint_every_seconds', 'log_every_steps', 'eval_batch_size',
+    'checkpoint_every_seconds', 'eval_batch_size',
     'members_per_call', 'tune_malloc', 'distributed', 'data.hc18_dir',
     'data.cache_dir', 'data.prepared', 'data.pipeline')
 # What config.json records beside the config: the data a run trained on
@@ -67,6 +67,9 @@ RECORDED_FIELDS = ('source_digest', 'content_digest', 'layers_resolved')
 # value that trains as those runs did: a run whose config.json lacks one
 # resumes with a config that keeps that value.
 ADDED_FIELDS = {'mask_loss.shape': 0.0}
+# Fields that configs no longer have, and why: a config that sets one runs
+# with a one-line warning; a run's config.json that has one resumes.
+REMOVED_FIELDS = {'log_every_steps': 'progress is logged every 30 s'}
 MEMBERS_PER_CALL = ('auto', 'vmap', 'map')
 
 
@@ -172,7 +175,6 @@ CONFIG_RULES = {
     'rescore': _FLAG,
     'score_test': _FLAG,
     'seed': _integer(0, 2 ** 63 - 1, 'an integer in [0, 2**63)'),
-    'log_every_steps': _integer(1),
     'checkpoint_every_seconds': _real(infinite=True),
     'distributed': _FLAG,
     # Fields of the models (hc_jax.nets.hcnet, hc_jax.nets.hcnet_mask), by
@@ -211,6 +213,9 @@ def check_config(config) -> None:
   compiled before.
   """
   for key, value in workdir_lib.flatten(config.to_dict()).items():
+    if key in REMOVED_FIELDS:
+      log.warn(f'{key} is no longer used ({REMOVED_FIELDS[key]}); remove it '
+               'from the config')
     rule = config_rule(key)
     if rule is not None and not rule.test(value):
       raise ValueError(f'{key} must be {rule.what}, got {value!r}')
@@ -275,8 +280,9 @@ def _same(a, b) -> bool:
 def check_resume(config, workdir: str) -> None:
   """Raises ValueError unless `config` may resume (or extend) the run that
   `workdir` holds: only the fields of `RESUME_MAY_CHANGE` may differ from
-  its config.json (a field it lacks counts as its `ADDED_FIELDS` value). A
-  workdir without config.json holds no run yet."""
+  its config.json (a field it lacks counts as its `ADDED_FIELDS` value; the
+  `REMOVED_FIELDS` are not compared). A workdir without config.json holds no
+  run yet."""
   saved = workdir_lib.read_run_config(workdir)
   if saved is None:
     return
@@ -288,6 +294,9 @@ def check_resume(config, workdir: str) -> None:
   wanted = workdir_lib.flatten(json.loads(json.dumps(config.to_dict())))
   saved = {**{key: value for key, value in ADDED_FIELDS.items()
               if key in wanted}, **saved}
+  for key in REMOVED_FIELDS:
+    saved.pop(key, None)
+    wanted.pop(key, None)
 
   def show(flat, key):
     return repr(flat[key]) if key in flat else '(none)'
