@@ -17,12 +17,13 @@ allocator on a CPU); library functions leave the process alone.
 
 import argparse
 import difflib
-import errno
 import logging as std_logging
 import os
 import sys
 import tempfile
 from typing import Any, Callable, NoReturn, Sequence
+
+from hc_jax import log
 
 # Lines that TensorFlow's C++ start-up writes to stderr on every import (twice:
 # it loads two copies of its runtime), whatever TF_CPP_MIN_LOG_LEVEL says.
@@ -251,68 +252,6 @@ class ArgumentParser(argparse.ArgumentParser):
     sys.exit(2)
 
 
-# Operating-system errors a command meets on the files it writes (a
-# read-only, full or vanishing disk): what each means and what to do.
-_STORAGE_ERRORS = {
-    errno.EROFS: 'the file system is read-only; make it writable or use '
-                 'another directory',
-    errno.EACCES: 'permission denied; give this user access or use another '
-                  'directory',
-    errno.EPERM: 'operation not permitted; give this user access or use '
-                 'another directory',
-    errno.ENOSPC: 'no space left on the device; free some space and run the '
-                  'same command again',
-    errno.EDQUOT: 'disk quota exceeded; free some space and run the same '
-                  'command again',
-    errno.EIO: 'input/output error; check the disk, then run the same '
-               'command again',
-    errno.ENOENT: 'no such file or directory (removed while the command '
-                  'ran?); run the same command again',
-}
-# The same errors as TensorFlow's file system reports them (in a message).
-_STORAGE_TEXTS = {
-    'Read-only file system': errno.EROFS, 'Permission denied': errno.EACCES,
-    'No space left on device': errno.ENOSPC, 'Disk quota exceeded':
-    errno.EDQUOT, 'No such file or directory': errno.ENOENT,
-}
-
-
-def storage_problem(error: BaseException) -> tuple[int, str | None] | None:
-  """(errno, path or None) when `error` is a file system's refusal or loss.
-
-  Looks at `error` and the errors it was raised from (TFDS wraps
-  TensorFlow's in a RuntimeError): an OSError with an errno of
-  `_STORAGE_ERRORS`, or a TensorFlow error whose message names one. None for
-  anything else (a bug, bad data...).
-  """
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in _STORAGE_ERRORS:
-      path = error.filename
-      return error.errno, None if path is None else os.fsdecode(path)
-    if not isinstance(error, (OSError, ValueError)):
-      text = str(error)
-      for needle, number in _STORAGE_TEXTS.items():
-        if needle in text:
-          return number, None
-    error = error.__cause__ or error.__context__
-  return None
-
-
-def storage_error_text(error: BaseException, path: str | None = None
-                       ) -> str | None:
-  """One line for a `storage_problem` (None when `error` is not one): the
-  path (`path` when the error names none), what is wrong, what to do."""
-  problem = storage_problem(error)
-  if problem is None:
-    return None
-  number, named = problem
-  where = named or path
-  return f'{where}: {_STORAGE_ERRORS[number]}' if where else (
-      _STORAGE_ERRORS[number])
-
-
 def usage_errors() -> tuple[type[BaseException], ...]:
   """The errors a command reports as one line with exit status 2.
 
@@ -337,7 +276,7 @@ def run_main(fn: Callable[[], Any]) -> int:
     fn's status; 2 after printing `error: MESSAGE` (one line, on stderr) for
     the errors of `usage_errors()` (an hc18.HC18Error adds its list of bad
     files, one a line) and for a file system that refuses or loses what the
-    command writes (`storage_error_text`: read-only, permission denied,
+    command writes (`log.storage_error_text`: read-only, permission denied,
     full, removed); 130 after `error: interrupted` for Ctrl-C.
   """
   try:
@@ -346,7 +285,7 @@ def run_main(fn: Callable[[], Any]) -> int:
     print(f'error: {error_text(e)}', file=sys.stderr)
     return 2
   except OSError as e:
-    text = storage_error_text(e)
+    text = log.storage_error_text(e)
     if text is None:
       raise
     print(f'error: {text}', file=sys.stderr)

@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 
-from hc_jax import cli
 from hc_jax import log
 from hc_jax.data import digests
 from hc_jax.data import hc18
@@ -206,7 +205,7 @@ def _from_tfds(root: str | None, tfds_dir: str, out_hw, mode: str
   except hc18.HC18Error:  # The source is broken, not the build.
     raise
   except Exception as e:  # pylint: disable=broad-except  # Any damage.
-    problem = cli.storage_problem(e)
+    problem = log.storage_problem(e)
     if not existed or (problem and problem[0] != errno.ENOENT):
       raise  # Nothing to build again, or a disk that refuses writes.
     log.warn(f'the TFDS build {built} cannot be read ({log.error_line(e)}); '
@@ -318,7 +317,7 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
             'resize_mode': mode, 'num_images': int(len(arrays['images']))}
     save(path, arrays, info)
   except Exception as e:  # pylint: disable=broad-except
-    text = None if isinstance(e, ValueError) else cli.storage_error_text(
+    text = None if isinstance(e, ValueError) else log.storage_error_text(
         e, directory)
     if text is None:
       raise
