@@ -40,10 +40,12 @@ from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 
-from hc_jax import models
+from hc_jax.nets import paper
 
 # hc_jax model name -> its keras.applications builder.
 KERAS_APPLICATIONS = {'resnet50': 'ResNet50', 'vgg16': 'VGG16'}
+# hc_jax model name -> its class (`hc_jax.models.MODELS` registers the same).
+_MODEL_CLASSES = {'resnet50': paper.ResNet50, 'vgg16': paper.VGG16}
 # Modules of the hc_jax models that Keras files have no weights for.
 HEADS = {'resnet50': ('head',), 'vgg16': ('head_hidden', 'head')}
 # Keras' ImageNet classifier layers: present in files with a top, not used.
@@ -93,15 +95,15 @@ def _check_model(state: Any, model_name: str) -> None:
   module = getattr(state.apply_fn, '__self__', None)  # Bound `model.apply`.
   if module is None:
     return
-  if not isinstance(module, models.MODELS[model_name]):
+  if not isinstance(module, _MODEL_CLASSES[model_name]):
     raise ValueError(f'the state holds a {type(module).__name__}, not the '
                      f'{model_name} that the weights are for')
-  if isinstance(module, models.ResNet50) and not module.keras_v1:
+  if isinstance(module, paper.ResNet50) and not module.keras_v1:
     raise ValueError(
         "Keras' ResNet50 weights need models.ResNet50(keras_v1=True) (strides "
         'and BatchNorm epsilon as in Keras); train.create_model(config) builds '
         'it when config.init_from is set')
-  if isinstance(module, models.VGG16) and module.batch_norm:
+  if isinstance(module, paper.VGG16) and module.batch_norm:
     raise ValueError(
         "Keras' VGG16 has no BatchNorm; use models.VGG16(batch_norm=False)")
 
