@@ -10,9 +10,9 @@ from scipy import stats
 
 from conftest import REPO
 from hc_jax import grid
+from hc_jax import metrics
 from hc_jax import workdir as workdir_lib
 from hc_jax.evaluation import aggregate as aggregate_lib
-from hc_jax.evaluation import metrics
 from hc_jax.training import train
 
 MSE_CONFIG = os.path.join(REPO, 'configs', 'cnn263k_mse.py')

@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
+from hc_jax import metrics
 from hc_jax import workdir as workdir_lib
-from hc_jax.evaluation import metrics
 
 TABLE_COLUMNS = ('config', 'model', 'loss', 'folds', 'num_folds',
                  'num_folds_expected', 'num_images', 'mae_px', 'mae_px_std',

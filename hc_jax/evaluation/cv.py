@@ -26,10 +26,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hc_jax import log
+from hc_jax import metrics
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import hc18
 from hc_jax.evaluation import cv_runs
-from hc_jax.evaluation import metrics
 
 # One row per scored image (the CSV of --out), then one column per member.
 IMAGE_COLUMNS = ('fold', 'filename', 'subject_id', 'pixel_size_mm',

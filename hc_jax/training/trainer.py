@@ -19,12 +19,12 @@ import numpy as np
 
 from hc_jax import log
 from hc_jax import losses
+from hc_jax import metrics as metrics_lib
 from hc_jax import models
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment as augment_lib
 from hc_jax.data import pipeline as data_lib
 from hc_jax.data import prepare
-from hc_jax.evaluation import metrics as metrics_lib
 from hc_jax.nets import layers as layers_lib
 from hc_jax.training import checkpoint
 from hc_jax.training import metric_log
