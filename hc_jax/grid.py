@@ -68,6 +68,8 @@ def check_same_config(workdir: str, config) -> None:
     return
   with open(path) as f:
     saved = workdir_lib.flatten(json.load(f))
+  from hc_jax.training import train  # pylint: disable=import-outside-toplevel
+  saved = {**train.ADDED_FIELDS, **saved}
   # Through JSON, so that tuples compare equal to the saved lists.
   wanted = workdir_lib.flatten(json.loads(json.dumps(config.to_dict())))
   differ = [f'{key}={saved.get(key)!r} there, {wanted.get(key)!r} now'

@@ -91,11 +91,13 @@ def _os_error_reason(path: str, error: OSError) -> str:
   return f'cannot read the file ({error.strerror or error})'
 
 
-def read_grayscale(path: str) -> tuple[np.ndarray, str | None]:
-  """Reads an 8-bit grayscale PNG.
+def read_grayscale(path: str, formats: tuple[str, ...] = ('PNG',)
+                   ) -> tuple[np.ndarray, str | None]:
+  """Reads an 8-bit grayscale PNG (or another format PIL reads).
 
   Args:
     path: the file.
+    formats: the PIL formats accepted (HC18's scans are PNG).
 
   Returns:
     ([H, W] uint8 array, a warning or None). Colour, palette, 1-bit and
@@ -112,7 +114,7 @@ def read_grayscale(path: str) -> tuple[np.ndarray, str | None]:
   except OSError as e:
     raise ImageReadError(_os_error_reason(path, e)) from None
   try:
-    with file, Image.open(file, formats=('PNG',)) as image:
+    with file, Image.open(file, formats=formats) as image:
       image.load()
       mode = image.mode
       if mode in WIDE_MODES:
@@ -129,8 +131,9 @@ def read_grayscale(path: str) -> tuple[np.ndarray, str | None]:
   except Image.DecompressionBombError as e:
     raise ImageReadError(f'image too large to decode safely ({e})') from None
   except UnidentifiedImageError:
-    raise ImageReadError('corrupt or not a PNG image (no PNG signature PIL '
-                         'can read)') from None
+    kind = '/'.join(formats)
+    raise ImageReadError(f'corrupt or not a {kind} image (no {kind} '
+                         'signature PIL can read)') from None
   except OSError as e:
     if e.errno is not None:  # The file system, not the data.
       raise ImageReadError(_os_error_reason(path, e)) from None
@@ -146,8 +149,10 @@ def read_grayscale(path: str) -> tuple[np.ndarray, str | None]:
   return pixels, note
 
 
-def _read_csv(path: str, columns: int, problems: list[str]) -> list[list[str]]:
-  """Reads CSV rows after the header, recording malformed rows."""
+def read_csv_rows(path: str, problems: list[str]
+                  ) -> list[tuple[int, list[str]]]:
+  """(line, cells) of every non-blank row of a CSV, its header first;
+  [] with the reason in `problems` for a file that cannot be read."""
   name = os.path.basename(path)
   if not os.path.isfile(path):
     problems.append(f'{name}: file is missing')
@@ -173,6 +178,15 @@ def _read_csv(path: str, columns: int, problems: list[str]) -> list[list[str]]:
     return []
   if not rows:
     problems.append(f'{name}: file is empty')
+    return []
+  return rows
+
+
+def _read_csv(path: str, columns: int, problems: list[str]) -> list[list[str]]:
+  """Reads CSV rows after the header, recording malformed rows."""
+  name = os.path.basename(path)
+  rows = read_csv_rows(path, problems)
+  if not rows:
     return []
   good = []
   for line, row in rows[1:]:
@@ -231,8 +245,11 @@ def _read_row(row: list[str], where: str, image_dir: str, on_disk: bool,
     except ValueError as e:
       errors.append(str(e))
   fitted = None
-  if labelled and subject_id >= 0:  # A bare HC18 name: no path escapes.
-    annotation_name = filename[:-len('.png')] + ANNOTATION_SUFFIX
+  annotation_name = filename[:-len('.png')] + ANNOTATION_SUFFIX
+  # A bare HC18 name (no path escapes); without its annotation file the
+  # record has no ellipse, for models trained from HC values alone.
+  if labelled and subject_id >= 0 and os.path.lexists(
+      os.path.join(image_dir, annotation_name)):
     try:
       annotation, _ = read_grayscale(os.path.join(image_dir, annotation_name))
       if image_shape is not None and annotation.shape != image_shape:

@@ -64,6 +64,9 @@ RESUME_MAY_CHANGE = (
 # (checked on resume against the data found now) and the layers it used.
 RECORDED_FIELDS = ('source_digest', 'content_digest', 'layers_resolved')
 MEMBERS_PER_CALL = ('auto', 'vmap', 'map')
+# Fields added to configs/default.py after runs were written without them:
+# a run whose config.json lacks one ran with this value.
+ADDED_FIELDS = {'mask_loss.shape': 0.0, 'data.folder': '', 'data.labels': ''}
 
 
 class _Rule:
@@ -127,7 +130,9 @@ CONFIG_RULES = {
     'ellipse_weight': _real(),
     'mask_loss.*': _real(),
     'init_from': _TEXT,
-    'data.source': _choice(('hc18', 'synthetic')),
+    'data.source': _choice(('hc18', 'synthetic', 'folder')),
+    'data.folder': _TEXT,
+    'data.labels': _TEXT,
     'data.hc18_dir': _TEXT,
     'data.num_synthetic': _integer(1),
     'data.prepared': _TEXT,
@@ -274,6 +279,7 @@ def check_resume(config, workdir: str) -> None:
     may_change.discard('num_epochs')
   saved = workdir_lib.flatten({k: v for k, v in saved.items()
                     if k not in RECORDED_FIELDS})
+  saved = {**ADDED_FIELDS, **saved}
   wanted = workdir_lib.flatten(json.loads(json.dumps(config.to_dict())))
 
   def show(flat, key):
