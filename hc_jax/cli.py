@@ -63,7 +63,8 @@ class _DropNoise(std_logging.Filter):
 def quiet_logs(tensorflow: bool = True) -> None:
   """Silences the start-up chatter of TensorFlow, TFDS, absl and orbax.
 
-  Call it first in a command's main, before anything imports TensorFlow.
+  Call it first in a command's main, before anything imports TensorFlow; it
+  is also the one call for quiet library use (scripts, notebooks).
   Warnings and errors still show; only informational lines, progress bars and
   TensorFlow's import banner are dropped. Environment variables already set
   by the user (TF_CPP_MIN_LOG_LEVEL, TQDM_DISABLE) are respected.
@@ -83,6 +84,24 @@ def quiet_logs(tensorflow: bool = True) -> None:
     absl_logger.addFilter(_DropNoise())
   if tensorflow:
     _import_tensorflow_quietly()
+  _hide_tfds_progress_bars(load=tensorflow)
+
+
+def _hide_tfds_progress_bars(load: bool) -> None:
+  """TFDS's progress bars off, also where tqdm was imported before (it reads
+  TQDM_DISABLE once, on import): through TFDS's own switch, on TFDS when
+  imported already, or when `load`, also where only tqdm is."""
+  if os.environ.get('TQDM_DISABLE', '').lower() in ('', '0', 'false'):
+    return  # The user asked for them.
+  name = 'tensorflow_datasets.core.utils.tqdm_utils'
+  if name not in sys.modules and not (load and 'tqdm' in sys.modules):
+    return  # TQDM_DISABLE will do when tqdm is imported.
+  try:
+    # pylint: disable-next=import-outside-toplevel
+    from tensorflow_datasets.core.utils import tqdm_utils
+  except ImportError:
+    return
+  tqdm_utils.disable_progress_bar()
 
 
 def _import_tensorflow_quietly():

@@ -204,6 +204,22 @@ def test_quiet_logs_keeps_tensorflows_import_lines_off_stderr():
   assert result.stderr == ''
 
 
+def test_quiet_logs_hides_tfds_progress_bars_even_after_tfds_is_imported():
+  # A notebook or script may import TFDS (and tqdm, which reads TQDM_DISABLE
+  # once, on import) before it asks for quiet.
+  code = ('import tensorflow_datasets as tfds; from hc_jax import cli; '
+          'cli.quiet_logs(tensorflow=False); '
+          'from tensorflow_datasets.core.utils import tqdm_utils; '
+          'list(tqdm_utils.tqdm(range(3), desc="building")); print("ok")')
+  result = subprocess.run(
+      [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+      timeout=300, check=False,
+      env={k: v for k, v in os.environ.items() if k != 'TQDM_DISABLE'})
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == 'ok\n'
+  assert 'building' not in result.stderr, result.stderr
+
+
 @pytest.mark.slow
 def test_a_tiny_run_is_quiet_and_goes_to_its_default_workdir(tmp_path):
   config = os.path.join(REPO, 'configs', 'demo.py')
