@@ -36,6 +36,11 @@ def _parse_args(argv: Sequence[str]):
       '--config.KEY=VALUE: change one of its fields.')
   parser.add_argument('--workdir', default=None,
                       help='directory of the run (resumed if present)')
+  parser.add_argument('--losses_module', action='append', default=[],
+                      metavar='FILE_OR_MODULE',
+                      help='a Python file or module to import first, which '
+                      'registers losses (hc_jax.losses.register) that '
+                      '--config.loss=NAME can then name; repeatable')
   args = parser.parse_args(rest)
   if path is None:
     parser.error('--config=FILE is required, e.g. '
@@ -61,7 +66,11 @@ def _run(argv: Sequence[str]) -> int:
   print(f'{args.config}: starting JAX and TensorFlow (then the data and the '
         'compilation; about 30 s on a CPU)...', file=sys.stderr, flush=True)
   cli.setup_process(config)
-  from hc_jax.training import train  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from hc_jax import losses
+  from hc_jax.training import train
+  for spec in args.losses_module:  # After setup_process: may import jax.
+    losses.import_module(spec)
   workdir = args.workdir or default_workdir(args.config, config.fold)
   train.train_and_evaluate(config, workdir)
   return 0
