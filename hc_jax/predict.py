@@ -14,15 +14,21 @@ five HC18 test-set scans shipped with it (and their pixel sizes) to
 
 For each image: HC in pixels of the original image, in mm where its pixel size
 is known, and the gestational age by Hadlock (1984), flagged outside the 14-42
-weeks the formula was fitted on. `--images` takes directories (every PNG below
-them, in subdirectories too, but `*_Annotation.png` and `*_prediction.png`)
-and files, comma-separated or with the flag repeated. A row's `filename` is
+weeks the formula was fitted on. `--images` takes directories (every PNG,
+JPEG, TIFF and BMP below them, in subdirectories too, but `*_Annotation.png`
+and `*_prediction.png`), files and glob patterns: several after the flag (so
+an unquoted shell glob works), comma-separated or with the flag repeated.
+JPEG, TIFF (its first page) and BMP scans are read as PNGs are, colour to
+8-bit grey. The summary names each file of a directory that was skipped,
+and why. A row's `filename` is
 the image's path relative to the deepest directory holding everything
 `--images` names, so same-named files in different folders stay apart.
 Pixel sizes come from `--pixel-sizes` (CSV `filename,pixel size(mm)[,...]`, as
 in HC18; a row matches by that relative path, else by the base name), or else
 from the HC18 CSV beside an images directory (`test_set/` ->
-`test_set_pixel_size.csv`, matched by base name).
+`test_set_pixel_size.csv`, matched by base name). The CSV's header, if it
+has one, must start `filename,pixel size(mm)`. A scan without a row in the
+CSV keeps its HC in px, and its `message` says the mm is missing.
 
 DICOM files (`hc_jax.evaluation.dicom`) mix with the PNGs: `--images` also takes
 `.dcm` files, and directories give them too (and extensionless files with
@@ -54,8 +60,8 @@ Every row has a `status` and, unless ok, a `message` saying why:
                pixels uncorrelated as in noise, or no dark background in two
                corners); nothing is predicted.
   error        the file cannot be used: missing, unreadable, a symbolic link
-               loop, corrupt, not an 8-bit PNG, a DICOM that cannot be decoded
-               here, or a PNG without a pixel size in the CSV.
+               loop, corrupt, not an 8-bit PNG, JPEG, TIFF or BMP, or a
+               DICOM that cannot be decoded here.
 
 The plausible range is where HC can be trusted: in mm, HC18's span (44-346
 mm) and the model's training range (from results.json, where recorded), each
@@ -104,7 +110,6 @@ import warnings
 
 from hc_jax import log
 from hc_jax import workdir as workdir_lib
-from hc_jax.data import hc18
 from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import dicom
 from hc_jax.evaluation import inference
@@ -157,9 +162,10 @@ status of each row (the CSV's `status`; `message` says why unless ok):
   refused      not a scan: (nearly) constant, smaller than the model input,
                or not like an ultrasound scan (few grey levels, noise, no
                dark background in two corners)
-  error        missing, unreadable, corrupt or not an 8-bit PNG file, a
-               DICOM that cannot be decoded here, or a PNG without a pixel
-               size in the pixel-size CSV
+  error        missing, unreadable, corrupt or not an 8-bit PNG, JPEG,
+               TIFF or BMP file, or a DICOM that cannot be decoded here
+               (a scan without a row in the pixel-size CSV keeps its HC in
+               px; its message says the mm is missing)
 
 CSV columns: {", ".join(COLUMNS)}
 
@@ -215,9 +221,12 @@ def _parse_args(argv):
                       help='a model shipped with hc_jax (default '
                       f'{archive_lib.DEFAULT_MODEL}; shipped: '
                       f'{", ".join(archive_lib.names()) or "none"})')
-  parser.add_argument('--images', action='append',
-                      help='directories (searched recursively) or PNG or '
-                      'DICOM files, comma-separated or repeated')
+  parser.add_argument('--images', action='append', nargs='+',
+                      metavar='PATH',
+                      help='directories (searched recursively), PNG, JPEG, '
+                      'TIFF, BMP or DICOM files, or glob patterns: several '
+                      'after the flag (an unquoted shell glob), '
+                      'comma-separated, or the flag repeated')
   parser.add_argument('--frame', type=int, metavar='N',
                       help='only frame N (0-based) of each multi-frame DICOM '
                       '(default: every frame, one row each)')
@@ -296,8 +305,11 @@ def _predict(args: argparse.Namespace) -> int:
   """Predicts, writes and reports what `args` ask for; returns the exit
   code."""
   _check_flags(args)
-  files = dicom.image_paths((args.images or []) + (
-      [archive_lib.SAMPLE_IMAGES_DIR] if args.samples else []))
+  args.skipped = []  # (path, why) of the directories' other files.
+  files = dicom.image_paths(
+      [path for paths in args.images or [] for path in paths] +
+      ([archive_lib.SAMPLE_IMAGES_DIR] if args.samples else []),
+      skipped=args.skipped)
   _check_outputs(args, files)
   pixel_sizes, infos = _pixel_sizes_and_dicom_infos(files, args)
   print(f'{len(files)} scan file(s): loading '
@@ -404,12 +416,17 @@ def _write_outputs(args, predictor, rows: list[dict],
 def _report(args, predictor, rows: list[dict], missing: list[str]) -> int:
   """Prints the summary, the flagged rows and notes; returns the exit code."""
   flagged = [row for row in rows if row['status'] != 'ok']
+  skipped = getattr(args, 'skipped', [])
   print(f'{len(rows) - len(flagged)} of {len(rows)} images predicted, '
-        f'{len(flagged)} failed or flagged; wrote {args.out}'
+        f'{len(flagged)} failed or flagged'
+        + (f', {len(skipped)} file(s) skipped' if skipped else '')
+        + f'; wrote {args.out}'
         + (f' and {args.submission}' if args.submission and not missing
            else ''))
   for row in flagged:
     print(f'  {row["status"]}: {row["filename"]}: {row["message"]}')
+  for line in scan_files.skipped_lines(skipped):
+    print(f'  skipped: {line}')
   if getattr(predictor, 'trained_on_phantoms', False):
     print(f'note: the model was trained on phantom scans, not HC18 '
           f'({PHANTOM_NOTE}): its HC says nothing about real scans')
@@ -462,7 +479,7 @@ def _scans(files: dict[str, str], infos: dict, frame: int | None):
       yield (name + suffix, name,
              functools.partial(_read_dicom, path, info, index)
              if name in infos else
-             functools.partial(hc18.read_grayscale, path))
+             functools.partial(scan_files.read_scan, path))
 
 
 def _predict_files(predictor: inference.Predictor, files: dict[str, str],
@@ -526,10 +543,9 @@ def _read_chunk(chunk_scans, files: dict[str, str],
         info = infos[file_name]
         pixel_size, source, no_mm = (info.pixel_size_mm, info.source,
                                      info.reason)
-    elif csv_path and pixel_size is None:
-      row.update(status='error',
-                 message=f'no pixel size for it in {csv_path}')
-      continue
+    elif csv_path and pixel_size is None:  # HC in px, and why not in mm.
+      no_mm = f'no pixel size for it in {csv_path}; HC in px only'
+
     if infos:
       row['pixel_size_source'] = source
     if pixel_size is not None and not (
