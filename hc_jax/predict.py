@@ -74,11 +74,13 @@ A workdir whose subdirectories are finished runs (`fold0/` ... `fold4/`) is a
 fold ensemble: HC is the mean over the runs and `hc_mm_sd` their standard
 deviation (ddof=1).
 
-A run of an ellipse model (`hcnet_ellipse`) also predicts the head's
-ellipse, in pixels of the original image: the CSV gains `ELLIPSE_COLUMNS`
-(centre x = column, y = row; semi-axes a >= b; `angle_rad` the angle of a
-from +x towards +y, i.e. clockwise on the screen, in [0, pi); in mm where
-the pixel size is known), and overlays draw it. An ensemble's (or
+A model that gives the head's ellipse (the shipped `hcnet_mask`, whose
+ellipse is that of its mask's moments, and `hcnet_ellipse`; not the HC
+regressors) also predicts it, in pixels of the original image: the CSV
+gains `ELLIPSE_COLUMNS` (centre x = column, y = row; semi-axes a >= b;
+`angle_rad` the angle of a from +x towards +y, i.e. clockwise on the
+screen, in [0, pi); in mm where the pixel size is known), and overlays draw
+it. An ensemble's (or
 `--tta-flip`'s) ellipse is the mean of the runs' ellipses, scaled so that
 its perimeter is the reported HC (`inference.combine_ellipses`).
 `--submission=FILE` writes the HC18 challenge CSV (`write_submission`).
@@ -177,9 +179,10 @@ only). Pixel size: the file's --pixel-sizes row, else its ultrasound region
 HC in px only, and the message says why. The CSV then ends with
 {", ".join(DICOM_COLUMNS)} (ultrasound_region, PixelSpacing, csv, or empty).
 
-ellipse models (hcnet_ellipse) add the head's ellipse, in pixels of the
-original image and in mm where the pixel size is known (x the column, y the
-row, semi-axes a >= b, angle_rad the angle of a from +x towards +y, i.e.
+models that give the head's ellipse (hcnet_mask, the shipped default, and
+hcnet_ellipse; not the HC regressors) add it, in pixels of the original
+image and in mm where the pixel size is known (x the column, y the row,
+semi-axes a >= b, angle_rad the angle of a from +x towards +y, i.e.
 clockwise on the screen, in [0, pi)); overlays draw it:
   {", ".join(prediction_rows.ELLIPSE_COLUMNS[:5])},
   {", ".join(prediction_rows.ELLIPSE_COLUMNS[5:])}
@@ -189,8 +192,9 @@ also draw the mask's outline (red dots)
 
 --submission FILE: the HC18 challenge CSV, one row per image (its base name):
   {",".join(scan_files.SUBMISSION_COLUMNS)}
-  It needs an ellipse model and the pixel size of every image (else exit 2),
-  and is written only when every image was predicted. Our ellipse maps onto
+  It needs a model that gives the ellipse (the shipped one does) and the
+  pixel size of every image (else exit 2), and is written only when every
+  image was predicted. Our ellipse maps onto
   it unchanged: center_x_mm = column, center_y_mm = row, semi_axes_a_mm = a,
   semi_axes_b_mm = b (each x pixel size), angle_rad = angle_rad. Checked on
   HC18's 900 training annotations: the public entries' conversion of
@@ -203,9 +207,9 @@ exit codes:
   1  some images failed or were flagged (any status but ok)
   2  usage, configuration or model error (bad flags, missing or unfinished
      run, unreadable checkpoint or config, bad pixel-size CSV, unwritable
-     --out, --overlays or --submission, --submission without an ellipse
-     model or without every pixel size); a one-line 'error: ...' on stderr,
-     no CSV written
+     --out, --overlays or --submission, --submission with a model that
+     gives no ellipse or without every pixel size); a one-line
+     'error: ...' on stderr, no CSV written
 """
 
 
