@@ -84,6 +84,8 @@ it. An ensemble's (or
 `--tta-flip`'s) ellipse is the mean of the runs' ellipses, scaled so that
 its perimeter is the reported HC (`inference.combine_ellipses`).
 `--submission=FILE` writes the HC18 challenge CSV (`write_submission`).
+`--dicom-sr=DIR` writes a DICOM Structured Report for each DICOM scan
+(`hc_jax.evaluation.dicom_sr`).
 
 This module is the command line: flags, the scans and their pixel sizes
 (`hc_jax.evaluation.scan_files`), the CSV and overlays (each row's cells and
@@ -114,6 +116,7 @@ from hc_jax import log
 from hc_jax import workdir as workdir_lib
 from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import dicom
+from hc_jax.evaluation import dicom_sr
 from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading
 from hc_jax.evaluation import prediction_rows
@@ -190,6 +193,15 @@ mask models (hcnet_mask) add {", ".join(MASK_COLUMNS)}, the soft IoU of the
 head mask and the ellipse of its moments (1: the mask is an ellipse); overlays
 also draw the mask's outline (red dots)
 
+--dicom-sr DIR: for each DICOM scan (each frame) predicted, a DICOM
+  Structured Report DIR/<name>[_framek]_sr.dcm (Comprehensive SR, TID 1500
+  Measurement Report, written with highdicom): Head Circumference in mm,
+  the ellipse as an SCOORD ELLIPSE on the source image, the gestational
+  age with its method (HC, Hadlock 1984) and formula, the status, and a
+  reference to the source instance. For research, not clinical use.
+  Refused and error rows get none; an existing file there that hc_jax did
+  not write is not replaced (exit 2).
+
 --submission FILE: the HC18 challenge CSV, one row per image (its base name):
   {",".join(scan_files.SUBMISSION_COLUMNS)}
   It needs a model that gives the ellipse (the shipped one does) and the
@@ -253,6 +265,10 @@ def _parse_args(argv):
                       help='a mask model\'s quality below which a prediction '
                       'is uncertain (default '
                       f'{inference.DEFAULT_MIN_QUALITY:g})')
+  parser.add_argument('--dicom-sr', '--dicom_sr', dest='dicom_sr',
+                      metavar='DIR',
+                      help='also write a DICOM Structured Report (TID 1500, '
+                      'for research) for each DICOM scan into DIR, see below')
   parser.add_argument('--submission',
                       help='also write the HC18 challenge CSV (ellipse '
                       'models; every pixel size needed), see below')
@@ -316,6 +332,10 @@ def _predict(args: argparse.Namespace) -> int:
       skipped=args.skipped)
   _check_outputs(args, files)
   pixel_sizes, infos = _pixel_sizes_and_dicom_infos(files, args)
+  if args.dicom_sr:
+    dicom_sr.check_outputs(args.dicom_sr, [
+        name + suffix for name in infos
+        for suffix, _ in _frames(infos[name], args.frame)])
   print(f'{len(files)} scan file(s): loading '
         f'{args.workdir or args.model or "the shipped model"} (JAX and '
         'TensorFlow start in about 10 s)...', file=sys.stderr, flush=True)
@@ -329,7 +349,28 @@ def _predict(args: argparse.Namespace) -> int:
   rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args,
                                      infos)
   missing = _write_outputs(args, predictor, rows, ellipses_mm, infos)
-  return _report(args, predictor, rows, missing)
+  code = _report(args, predictor, rows, missing)
+  if args.dicom_sr:
+    code = max(code, _write_dicom_reports(args, rows, files, infos))
+  return code
+
+
+def _write_dicom_reports(args, rows: list[dict], files: dict[str, str],
+                         infos: dict) -> int:
+  """Writes --dicom-sr's reports and says what it wrote; returns
+  EXIT_FLAGGED when a predicted scan got none, else EXIT_OK."""
+  dicom_rows = [row for row in rows
+                if row['filename'].partition('#')[0] in infos]
+  written, missing = dicom_sr.write_reports(
+      args.dicom_sr, dicom_rows, files,
+      args.workdir or args.model or archive_lib.DEFAULT_MODEL)
+  print(f'wrote {len(written)} DICOM SR report(s) to {args.dicom_sr}'
+        + ('' if dicom_rows else ' (no DICOM scans among the inputs)'))
+  for line in missing:
+    print(f'  no report: {line}')
+  reportable = [row for row in dicom_rows
+                if row['status'] in dicom_sr.REPORTED]
+  return EXIT_FLAGGED if len(written) < len(reportable) else EXIT_OK
 
 
 def _check_flags(args) -> None:
@@ -353,6 +394,8 @@ def _check_flags(args) -> None:
                               '--overlays')
   if args.submission:
     scan_files.check_writable(args.submission, '--submission')
+  if args.dicom_sr:
+    _check_folder(args.dicom_sr, '--dicom-sr')
   if args.workdir and args.model:
     raise workdir_lib.PredictError('give --workdir or --model, not both')
   if not args.images and not args.samples:
@@ -360,6 +403,17 @@ def _check_flags(args) -> None:
   if args.frame is not None and args.frame < 0:
     raise workdir_lib.PredictError(
         f'--frame must be >= 0, got {args.frame}')
+
+
+def _check_folder(folder: str, flag: str) -> None:
+  """Raises PredictError unless files can be written in `folder` (made if
+  missing)."""
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise workdir_lib.PredictError(
+        f'{flag} {folder} cannot be created ({e.strerror or e})') from None
+  scan_files.check_writable(os.path.join(folder, 'probe'), flag)
 
 
 def _check_outputs(args, files: dict[str, str]) -> None:
