@@ -344,3 +344,11 @@ def test_predict_help_and_readme_say_the_shipped_model_gives_the_ellipse(
     readme = ' '.join(f.read().split())
   assert "For a model that gives the head's ellipse (the shipped " \
       '`hcnet_mask`' in readme
+
+
+def test_main_imports_losses_modules_and_reports_a_missing_one(capsys):
+  demo = os.path.join(REPO, 'configs', 'demo.py')
+  assert main_lib.main([f'--config={demo}',
+                        '--losses_module=no_such_losses.py']) == 2
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      'error: losses module no_such_losses.py: no such file')
