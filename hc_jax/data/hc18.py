@@ -93,11 +93,13 @@ def _os_error_reason(path: str, error: OSError) -> str:
 
 def read_grayscale(path: str, formats: tuple[str, ...] = ('PNG',)
                    ) -> tuple[np.ndarray, str | None]:
-  """Reads an 8-bit grayscale PNG (or another format PIL reads).
+  """Reads an 8-bit grayscale PNG (or an image in another of `formats`).
 
   Args:
     path: the file.
-    formats: the PIL formats accepted (HC18's scans are PNG).
+    formats: the PIL formats taken, by content whatever the file's name
+      (HC18 is PNG; `hc_jax.evaluation.scan_files.read_scan` also takes
+      JPEG, TIFF and BMP). Of a multi-page file (TIFF), the first page.
 
   Returns:
     ([H, W] uint8 array, a warning or None). Colour, palette, 1-bit and
@@ -121,19 +123,23 @@ def read_grayscale(path: str, formats: tuple[str, ...] = ('PNG',)
         raise ImageReadError(
             f'{mode} image: expected 8-bit grayscale, got '
             f'{"16" if "16" in mode else "32"}-bit')
-      note = None
+      notes = []
+      if getattr(image, 'n_frames', 1) > 1:  # A multi-page TIFF.
+        notes.append(f'first of its {image.n_frames} pages read')
       if mode != 'L':
-        note = f'{mode} image converted to 8-bit grayscale'
+        notes.append(f'{mode} image converted to 8-bit grayscale')
         image = image.convert('L')
+      note = '; '.join(notes) or None
       pixels = np.asarray(image, dtype=np.uint8)
   except ImageReadError:
     raise
   except Image.DecompressionBombError as e:
     raise ImageReadError(f'image too large to decode safely ({e})') from None
   except UnidentifiedImageError:
-    kind = '/'.join(formats)
-    raise ImageReadError(f'corrupt or not a {kind} image (no {kind} '
-                         'signature PIL can read)') from None
+    kinds = ('a PNG' if formats == ('PNG',) else
+             f'a {", ".join(formats[:-1])} or {formats[-1]}')
+    raise ImageReadError(f'corrupt or not {kinds} image (no signature of '
+                         'one that PIL can read)') from None
   except OSError as e:
     if e.errno is not None:  # The file system, not the data.
       raise ImageReadError(_os_error_reason(path, e)) from None

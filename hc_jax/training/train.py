@@ -70,10 +70,15 @@ ADDED_FIELDS = {'mask_loss.shape': 0.0, 'data.folder': '', 'data.labels': ''}
 
 
 class _Rule:
-  """What one config field must be: `test(value)` and its description."""
+  """What one config field must be: `test(value)` and its description
+  (`what`: a string, or a function giving it when asked)."""
 
-  def __init__(self, test, what: str):
-    self.test, self.what = test, what
+  def __init__(self, test, what):
+    self.test, self._what = test, what
+
+  @property
+  def what(self) -> str:
+    return self._what() if callable(self._what) else self._what
 
 
 def _is_int(value) -> bool:
@@ -106,10 +111,13 @@ def _real(low: float = 0.0, *, above: bool = False,
   return _Rule(test, what)
 
 
-def _choice(options) -> _Rule:
-  options = tuple(sorted(options))
-  return _Rule(lambda v: isinstance(v, str) and v in options,
-               f'one of {", ".join(options)}')
+def _choice(options, note: str = '') -> _Rule:
+  """One of `options` (a collection, or a function returning one), read
+  when a value is checked, never copied: a registry such as `losses.LOSSES`
+  may grow after this module is imported."""
+  current = options if callable(options) else lambda: options
+  return _Rule(lambda v: isinstance(v, str) and v in current(),
+               lambda: f'one of {", ".join(sorted(current()))}{note}')
 
 
 _FLAG = _Rule(lambda v: isinstance(v, bool), 'True or False')
@@ -125,7 +133,9 @@ CONFIG_RULES = {
     'model': _choice(models.MODELS),
     'dtype': _choice(('float32', 'bfloat16')),
     'layers': _choice(('auto', 'plain', 'fast')),
-    'loss': _choice(losses.LOSSES),
+    'loss': _choice(lambda: losses.LOSSES, ' (or a loss added with '
+                    'hc_jax.losses.register; --losses_module=FILE imports '
+                    'one)'),
     'huber_delta': _real(above=True),
     'ellipse_weight': _real(),
     'mask_loss.*': _real(),
