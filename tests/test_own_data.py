@@ -54,10 +54,10 @@ def test_label_only_model_trains_without_annotation_files(
   config = _label_only(without_annotations, str(tmp_path / 'cache'))
   workdir = str(tmp_path / 'run')
   results = train.train_and_evaluate(config, workdir)
-  assert np.isfinite(results['mae_mm']) and results['num_images'] > 0
+  assert np.isfinite(results['test_mae_mm']) and results['test_num_images'] > 0
   with open(os.path.join(workdir, workdir_lib.PREDICTIONS_FILE)) as f:
     rows = list(csv.DictReader(f))
-  assert len(rows) == results['num_images']
+  assert len(rows) == results['test_num_images']
 
 
 def test_a_config_that_needs_outlines_says_so_in_one_line(
@@ -104,7 +104,7 @@ def test_a_folder_with_a_csv_trains_the_label_only_model(phantom_hc18,
   config.data.folder = directory
   workdir = str(tmp_path / 'run')
   results = train.train_and_evaluate(config, workdir)
-  assert np.isfinite(results['mae_mm'])
+  assert np.isfinite(results['test_mae_mm'])
   with open(os.path.join(workdir, workdir_lib.FOLDS_FILE)) as f:
     folds = json.load(f)
   assert folds['named_subjects'] is False
@@ -226,7 +226,7 @@ def test_fine_tuning_starts_from_a_shipped_member(phantom_hc18, tmp_path):
   # And a run trains from it, end to end.
   config.init_from = 'shipped:hcnet_mask:fold2'
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert np.isfinite(results['mae_mm'])
+  assert np.isfinite(results['test_mae_mm'])
 
 
 @pytest.mark.parametrize('init_from, message', [

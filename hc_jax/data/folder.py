@@ -217,8 +217,8 @@ def _subject_ids(rows: list[dict], subjects: list[str] | None
     ids = {s: i for i, s in enumerate(sorted(set(subjects)))}
     return [ids[s] for s in subjects], None
   try:
-    return [folds.parse_filename(os.path.basename(r['filename']))[0]
-            for r in rows], None
+    return [folds.parse_filename(os.path.splitext(
+        os.path.basename(r['filename']))[0] + '.png')[0] for r in rows], None
   except ValueError:
     return list(range(len(rows))), (
         'no subject column: each scan is a subject of its own; add one if '
