@@ -39,10 +39,14 @@ def get_config():
 
   # Data.
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'hc18'  # 'hc18' or 'synthetic' (phantom scans).
+  # 'hc18', 'synthetic' (phantom scans) or 'folder' (your own scans and a CSV
+  # of their HC values: data.folder, data.labels; hc_jax/data/folder.py).
+  config.data.source = 'hc18'
   # HC18 in the Zenodo layout; '' means $HC18_DIR or ../shared/hc18, and
   # 'download' fetches it from Zenodo.
   config.data.hc18_dir = ''
+  config.data.folder = ''  # Your scans' folder, source 'folder'.
+  config.data.labels = ''  # Its CSV; '' means <folder>/labels.csv.
   config.data.num_synthetic = 60  # Phantom training images, source 'synthetic'.
   # Prepared arrays to train from ('' prepares HC18 and caches it by the
   # source's digest): an .npz written by `python -m hc_jax.prepare`, for a

@@ -35,6 +35,11 @@ _TF_IMPORT_NOISE = (
 _TFDS_NOISE = ('has no dataset_info.json',)
 
 
+# The config files of the checkout (`configs/` beside the package).
+CONFIGS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
 class UsageError(ValueError):
   """A mistake on the command line or in a config file, as one line."""
 
@@ -64,7 +69,8 @@ class _DropNoise(std_logging.Filter):
 def quiet_logs(tensorflow: bool = True) -> None:
   """Silences the start-up chatter of TensorFlow, TFDS, absl and orbax.
 
-  Call it first in a command's main, before anything imports TensorFlow.
+  Call it first in a command's main, before anything imports TensorFlow; it
+  is also the one call for quiet library use (scripts, notebooks).
   Warnings and errors still show; only informational lines, progress bars and
   TensorFlow's import banner are dropped. Environment variables already set
   by the user (TF_CPP_MIN_LOG_LEVEL, TQDM_DISABLE) are respected.
@@ -84,6 +90,24 @@ def quiet_logs(tensorflow: bool = True) -> None:
     absl_logger.addFilter(_DropNoise())
   if tensorflow:
     _import_tensorflow_quietly()
+  _hide_tfds_progress_bars(load=tensorflow)
+
+
+def _hide_tfds_progress_bars(load: bool) -> None:
+  """TFDS's progress bars off, also where tqdm was imported before (it reads
+  TQDM_DISABLE once, on import): through TFDS's own switch, on TFDS when
+  imported already, or when `load`, also where only tqdm is."""
+  if os.environ.get('TQDM_DISABLE', '').lower() in ('', '0', 'false'):
+    return  # The user asked for them.
+  name = 'tensorflow_datasets.core.utils.tqdm_utils'
+  if name not in sys.modules and not (load and 'tqdm' in sys.modules):
+    return  # TQDM_DISABLE will do when tqdm is imported.
+  try:
+    # pylint: disable-next=import-outside-toplevel
+    from tensorflow_datasets.core.utils import tqdm_utils
+  except ImportError:
+    return
+  tqdm_utils.disable_progress_bar()
 
 
 def _import_tensorflow_quietly():
@@ -135,7 +159,7 @@ def load_config(path: str, overrides: Sequence[str] = ()):
       message is one line that starts with the path.
   """
   if not os.path.isfile(path):
-    raise UsageError(f'{path}: config file not found')
+    raise UsageError(f'{path}: config file not found{_configs_hint(path)}')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
   if repo not in sys.path:  # The configs do `from configs import default`.
     sys.path.insert(0, repo)
@@ -149,6 +173,39 @@ def load_config(path: str, overrides: Sequence[str] = ()):
   for key, _ in pairs:
     _check_field(config, key, path)
   return _parse_config_file(path, pairs) if pairs else config
+
+
+def config_files(folder: str = CONFIGS_DIR) -> list[str]:
+  """The config files of a folder (`configs/` of the checkout by default):
+  its `.py` files but `__init__.py`, sorted by name."""
+  try:
+    names = os.listdir(folder)
+  except OSError:
+    return []
+  return sorted(name for name in names
+                if name.endswith('.py') and name != '__init__.py')
+
+
+def _configs_hint(path: str) -> str:
+  """' — did you mean F? (the configs in D/: ...)' for a config file that is
+  not there: those of its folder, else of the checkout's configs/."""
+  folder = os.path.dirname(path) or '.'
+  names = config_files(folder)
+  if not names:
+    folder = shown_path(CONFIGS_DIR)
+    names = config_files(CONFIGS_DIR)
+  if not names:
+    return ''
+  close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+  hint = f' — did you mean {os.path.join(folder, close[0])}?' if close else ''
+  return f'{hint} (the configs in {folder}/: {", ".join(names)})'
+
+
+def shown_path(path: str) -> str:
+  """`path` as a message shows it: relative to the working directory when
+  below it, else absolute."""
+  relative = os.path.relpath(path)
+  return os.path.abspath(path) if relative.startswith('..') else relative
 
 
 def _parse_config_file(path: str, pairs: Sequence[tuple[str, str]]):

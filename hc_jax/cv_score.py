@@ -56,6 +56,10 @@ def _parse_args(argv) -> argparse.Namespace:
                       help='CSV to append one summary row to')
   parser.add_argument('--hc18_dir', '--hc18-dir', dest='hc18_dir',
                       help='HC18 directory (default: the runs\' own)')
+  parser.add_argument('--shifted_copy', '--shifted-copy', action='store_true',
+                      help='--hc18_dir is a shifted copy of the runs\' HC18 '
+                      '(python -m hc_jax.shifted: the same names, HC values '
+                      'and folds), not the copy they trained on')
   parser.add_argument('--unseen_test_ok', '--unseen-test-ok',
                       dest='unseen_test_ok', action='store_true',
                       help='also score runs trained with score_test=False '
@@ -117,7 +121,8 @@ def _score(args: argparse.Namespace) -> None:
                     hc18_dir=args.hc18_dir,
                     progress=lambda line: print(line, flush=True),
                     unseen_test_ok=args.unseen_test_ok, part=args.part,
-                    model_options=options or None)
+                    model_options=options or None,
+                    shifted_copy=args.shifted_copy)
   name = args.name or '+'.join(scores.members) + (
       '+flip' if args.tta_flip else '') + ''.join(
           f'+{k}={v}' for k, v in options.items()) + (

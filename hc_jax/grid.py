@@ -68,6 +68,8 @@ def check_same_config(workdir: str, config) -> None:
     return
   with open(path) as f:
     saved = workdir_lib.flatten(json.load(f))
+  from hc_jax.training import train  # pylint: disable=import-outside-toplevel
+  saved = {**train.ADDED_FIELDS, **saved}
   # Through JSON, so that tuples compare equal to the saved lists.
   wanted = workdir_lib.flatten(json.loads(json.dumps(config.to_dict())))
   differ = [f'{key}={saved.get(key)!r} there, {wanted.get(key)!r} now'
@@ -210,6 +212,11 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--stack', action='store_true',
                       help='Train runs that differ only in fold, loss or '
                       'seed at once, as members of one jitted step (GPU).')
+  parser.add_argument('--losses_module', action='append', default=[],
+                      metavar='FILE_OR_MODULE',
+                      help='a Python file or module to import first, which '
+                      'registers losses (hc_jax.losses.register) for '
+                      '--config.loss=NAME; repeatable')
   parser.add_argument('--require_accelerator', action='store_true',
                       help='Stop at once if JAX finds no GPU or TPU.')
   args, unknown = parser.parse_known_args(argv)
@@ -258,6 +265,9 @@ def _run(args: argparse.Namespace) -> int:
     # Process settings (allocator, jax.distributed, TF off the GPUs) from
     # the first config; the grid's runs share them.
     cli.setup_process(load_config(args.configs[0], args.override))
+    from hc_jax import losses  # pylint: disable=import-outside-toplevel
+    for spec in args.losses_module:  # Before any config is checked.
+      losses.import_module(spec)
     failed = run_grid(args.configs, args.folds, args.root, args.override,
                       shard=args.shard, stack=args.stack,
                       seeds=args.seeds)['failed']

@@ -7,28 +7,53 @@ used as weights, `sum(mask * loss) / sum(mask)`; an all-zero mask gives 0, not
 NaN. Masked-out entries cannot leak into the loss or its gradient, even when
 they hold NaN or inf.
 
-Losses are looked up by their config name in `LOSSES`; `get_loss` binds
-settings such as Huber's `delta`, given as arguments or read from a config
-(`config.huber_delta`, see `CONFIG_SETTINGS`).
+Losses are looked up by their config name in `LOSSES` when a run starts
+(`config.loss`), so a loss added with `register` trains as the built-in ones
+do: from a script that registers it before calling
+`train.train_and_evaluate`, or from `python -m hc_jax.main` and
+`python -m hc_jax.grid` with `--losses_module=FILE_OR_MODULE`, which imports
+the module that registers it. `masked_mean` builds a loss from an elementwise
+function of the residual with the masking above:
+
+  from hc_jax import losses
+
+  @losses.register('log_cosh')
+  def log_cosh(predictions, targets, mask=None):
+    return losses.masked_mean(
+        lambda r: jnp.logaddexp(r, -r) - jnp.log(2.0), predictions, targets,
+        mask)
+
+`get_loss` binds settings such as Huber's `delta`, given as arguments or read
+from a config (`config.huber_delta`, see `CONFIG_SETTINGS`).
 """
 
 import functools
+import importlib
+import importlib.util
 import inspect
+import os
+import sys
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from hc_jax import log
+
 LossFn = Callable[..., jax.Array]
 
 
-def _masked_mean(
+def masked_mean(
     per_example_fn: Callable[[jax.Array], jax.Array],
     predictions: jax.Array,
     targets: jax.Array,
     mask: jax.Array | None,
 ) -> jax.Array:
   """Averages `per_example_fn(predictions - targets)` over unmasked entries.
+
+  The building block of every loss here, for losses of one's own
+  (`register`): masked-out entries reach neither the value nor the gradient,
+  even when they hold NaN or inf, and a mask without weight gives 0.
 
   Args:
     per_example_fn: Elementwise loss of the residual, zero at zero.
@@ -71,7 +96,7 @@ def mae(
   Returns:
     Scalar mean of `|predictions - targets|`.
   """
-  return _masked_mean(jnp.abs, predictions, targets, mask)
+  return masked_mean(jnp.abs, predictions, targets, mask)
 
 
 def mse(
@@ -89,7 +114,7 @@ def mse(
   Returns:
     Scalar mean of `(predictions - targets) ** 2`.
   """
-  return _masked_mean(jnp.square, predictions, targets, mask)
+  return masked_mean(jnp.square, predictions, targets, mask)
 
 
 def huber(
@@ -122,7 +147,7 @@ def huber(
     linear = abs_residuals - quadratic
     return 0.5 * quadratic**2 + delta * linear
 
-  return _masked_mean(per_example, predictions, targets, mask)
+  return masked_mean(per_example, predictions, targets, mask)
 
 
 LOSSES: dict[str, LossFn] = {
@@ -137,6 +162,67 @@ LOSSES: dict[str, LossFn] = {
 CONFIG_SETTINGS: dict[str, dict[str, str]] = {
     'huber': {'delta': 'huber_delta'},
 }
+
+
+def register(name: str, fn: LossFn | None = None, *,
+             settings: dict[str, str] | None = None,
+             replace: bool = False):
+  """Adds a loss to `LOSSES`, so that `config.loss=name` trains with it.
+
+  Use it as a call, `losses.register('log_cosh', log_cosh)`, or as a
+  decorator, `@losses.register('log_cosh')`. The loss is looked up when a
+  run's config is checked and when it trains, so registering after
+  `hc_jax.training.train` was imported works. A run records only the name in
+  its config.json: resuming it, scoring it again or growing a grid over it
+  needs the same loss registered again (`--losses_module`).
+
+  Args:
+    name: the loss's config name, e.g. 'log_cosh'.
+    fn: `loss(predictions, targets, mask=None, **settings) -> scalar`, pure
+      `jax.numpy` (it runs inside the jitted step; training calls it with
+      predictions and targets only, `mask` is for evaluation-style use);
+      None to return a decorator.
+    settings: the config entries the loss reads, {argument: config key},
+      as `CONFIG_SETTINGS` (the keys must be fields of the config).
+    replace: allow replacing a loss already registered under `name` by
+      another function (registering the same function again is always
+      allowed, e.g. when its module is imported twice).
+
+  Returns:
+    `fn`, or with `fn` None a decorator that registers its function and
+    returns it.
+
+  Raises:
+    ValueError: for a name that is not a non-empty identifier-like string,
+      or that names another loss already (unless `replace`).
+    TypeError: when `fn` is not callable or cannot be called as
+      `fn(predictions, targets)` (training calls it so).
+  """
+  if not isinstance(name, str) or not name or not name.replace(
+      '_', 'a').replace('-', 'a').isalnum():
+    raise ValueError(f'a loss name must be a non-empty string of letters, '
+                     f'digits, _ and -, got {name!r}')
+  if fn is None:
+    return functools.partial(register, name, settings=settings,
+                             replace=replace)
+  if not callable(fn):
+    raise TypeError(f'loss {name!r} must be callable, got {fn!r}')
+  try:
+    inspect.signature(fn).bind(None, None)
+  except TypeError:
+    raise TypeError(f'loss {name!r} must take (predictions, targets), '
+                    f'{fn!r} does not') from None
+  except ValueError:  # No signature to inspect (a builtin); trust it.
+    pass
+  if LOSSES.get(name, fn) is not fn and not replace:
+    raise ValueError(f'a loss {name!r} is registered already; pass '
+                     'replace=True to replace it')
+  LOSSES[name] = fn
+  if settings:
+    CONFIG_SETTINGS[name] = dict(settings)
+  else:
+    CONFIG_SETTINGS.pop(name, None)
+  return fn
 
 
 def get_loss(config_or_name: Any, **kwargs) -> LossFn:
@@ -166,7 +252,8 @@ def get_loss(config_or_name: Any, **kwargs) -> LossFn:
     name = config_or_name.loss
   if name not in LOSSES:
     raise ValueError(
-        f'Unknown loss {name!r}; known losses: {", ".join(sorted(LOSSES))}.')
+        f'Unknown loss {name!r}; known losses: {", ".join(sorted(LOSSES))} '
+        '(losses.register adds one).')
   if not isinstance(config_or_name, str):
     for setting, key in CONFIG_SETTINGS.get(name, {}).items():
       value = config_or_name.get(key, None)
@@ -178,3 +265,40 @@ def get_loss(config_or_name: Any, **kwargs) -> LossFn:
   # Fail here, not at the first training step, on a misspelt setting.
   inspect.signature(loss_fn).bind_partial(None, None, **kwargs)
   return functools.partial(loss_fn, **kwargs)
+
+
+def import_module(spec: str):
+  """Imports a module that registers losses (`--losses_module`).
+
+  Args:
+    spec: a Python file (`my_losses.py`, `path/to/my_losses.py`; imported as
+      the module `my_losses`) or an importable module (`mylab.losses`).
+
+  Returns:
+    The module.
+
+  Raises:
+    ValueError: one line, for a file or module that is not there or fails
+      while it is imported (its error named).
+  """
+  if not (spec.endswith('.py') or os.sep in spec):
+    try:
+      return importlib.import_module(spec)
+    except Exception as e:  # pylint: disable=broad-except  # The user's code.
+      raise ValueError(f'losses module {spec}: {log.error_line(e)}') from None
+  if not os.path.isfile(spec):
+    raise ValueError(f'losses module {spec}: no such file')
+  name = os.path.splitext(os.path.basename(spec))[0]
+  loaded = sys.modules.get(name)
+  if loaded is not None and os.path.realpath(
+      getattr(loaded, '__file__', None) or '') == os.path.realpath(spec):
+    return loaded  # Imported already (by another flag or the user's code).
+  module_spec = importlib.util.spec_from_file_location(name, spec)
+  module = importlib.util.module_from_spec(module_spec)
+  sys.modules[name] = module
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except  # The user's code.
+    del sys.modules[name]
+    raise ValueError(f'losses module {spec}: {log.error_line(e)}') from None
+  return module

@@ -14,11 +14,14 @@ view of the GPUs and the CPU allocator (`cli.setup_process`); the training
 itself is `train.train_and_evaluate(config, workdir)`.
 """
 
+import argparse
 import os
 import sys
+import textwrap
 from typing import Sequence
 
 from hc_jax import cli
+from hc_jax import workdir as workdir_lib
 
 
 def default_workdir(config_path: str, fold: int) -> str:
@@ -27,15 +30,49 @@ def default_workdir(config_path: str, fold: int) -> str:
   return os.path.join('runs', f'{stem}_fold{fold}')
 
 
+def help_epilog(config_path: str | None = None) -> str:
+  """What `--help` says after the flags: the config files in configs/, the
+  fields of `config_path` (default: configs/default.py) with their values,
+  and where a run goes without --workdir."""
+  lines = [f'--config=FILE (required): a config file; those in '
+           f'{cli.shown_path(cli.CONFIGS_DIR)}/ (each one\'s docstring says '
+           'what it trains):']
+  lines += textwrap.wrap(', '.join(cli.config_files()), initial_indent='  ',
+                         subsequent_indent='  ')
+  lines.append('  (hcnet_mask.py: the recommended model; demo.py: a demo on '
+               'phantom scans, minutes on a CPU)')
+  shown = config_path or os.path.join(cli.CONFIGS_DIR, 'default.py')
+  try:
+    fields = workdir_lib.flatten(cli.load_config(shown).to_dict())
+  except ValueError:  # A config that does not load: its error says why.
+    fields = {}
+  if fields:
+    lines += ['', f'--config.KEY=VALUE: change one field of the config; the '
+              f'fields, as {cli.shown_path(shown)} sets them:']
+    lines += [f'  {key} = {value!r}' for key, value in sorted(fields.items())]
+  lines += ['', 'Without --workdir the run goes to runs/<config file>_fold<k> '
+            f'(e.g. {default_workdir("configs/hcnet_mask.py", 0)}); the same '
+            'command again resumes it.']
+  return '\n'.join(textwrap.fill(line, 79, subsequent_indent='  ')
+                   if len(line) > 79 else line for line in lines)
+
+
 def _parse_args(argv: Sequence[str]):
   path, overrides, rest = cli.split_config_args(argv)
+  wants_help = any(arg in ('-h', '--help') for arg in rest)
   parser = cli.ArgumentParser(
       prog='python -m hc_jax.main', description=__doc__.splitlines()[0],
       usage='%(prog)s --config=FILE [--config.KEY=VALUE ...] [--workdir=DIR]',
-      epilog='--config=FILE (required): a config file from configs/. '
-      '--config.KEY=VALUE: change one of its fields.')
+      epilog=help_epilog(path) if wants_help else None,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', default=None,
-                      help='directory of the run (resumed if present)')
+                      help='directory of the run (resumed if present; '
+                      'default runs/<config file>_fold<k>)')
+  parser.add_argument('--losses_module', action='append', default=[],
+                      metavar='FILE_OR_MODULE',
+                      help='a Python file or module to import first, which '
+                      'registers losses (hc_jax.losses.register) that '
+                      '--config.loss=NAME can then name; repeatable')
   args = parser.parse_args(rest)
   if path is None:
     parser.error('--config=FILE is required, e.g. '
@@ -61,7 +98,11 @@ def _run(argv: Sequence[str]) -> int:
   print(f'{args.config}: starting JAX and TensorFlow (then the data and the '
         'compilation; about 30 s on a CPU)...', file=sys.stderr, flush=True)
   cli.setup_process(config)
-  from hc_jax.training import train  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from hc_jax import losses
+  from hc_jax.training import train
+  for spec in args.losses_module:  # After setup_process: may import jax.
+    losses.import_module(spec)
   workdir = args.workdir or default_workdir(args.config, config.fold)
   train.train_and_evaluate(config, workdir)
   return 0

@@ -14,15 +14,21 @@ five HC18 test-set scans shipped with it (and their pixel sizes) to
 
 For each image: HC in pixels of the original image, in mm where its pixel size
 is known, and the gestational age by Hadlock (1984), flagged outside the 14-42
-weeks the formula was fitted on. `--images` takes directories (every PNG below
-them, in subdirectories too, but `*_Annotation.png` and `*_prediction.png`)
-and files, comma-separated or with the flag repeated. A row's `filename` is
+weeks the formula was fitted on. `--images` takes directories (every PNG,
+JPEG, TIFF and BMP below them, in subdirectories too, but `*_Annotation.png`
+and `*_prediction.png`), files and glob patterns: several after the flag (so
+an unquoted shell glob works), comma-separated or with the flag repeated.
+JPEG, TIFF (its first page) and BMP scans are read as PNGs are, colour to
+8-bit grey. The summary names each file of a directory that was skipped,
+and why. A row's `filename` is
 the image's path relative to the deepest directory holding everything
 `--images` names, so same-named files in different folders stay apart.
 Pixel sizes come from `--pixel-sizes` (CSV `filename,pixel size(mm)[,...]`, as
 in HC18; a row matches by that relative path, else by the base name), or else
 from the HC18 CSV beside an images directory (`test_set/` ->
-`test_set_pixel_size.csv`, matched by base name).
+`test_set_pixel_size.csv`, matched by base name). The CSV's header, if it
+has one, must start `filename,pixel size(mm)`. A scan without a row in the
+CSV keeps its HC in px, and its `message` says the mm is missing.
 
 DICOM files (`hc_jax.evaluation.dicom`) mix with the PNGs: `--images` also takes
 `.dcm` files, and directories give them too (and extensionless files with
@@ -54,8 +60,8 @@ Every row has a `status` and, unless ok, a `message` saying why:
                pixels uncorrelated as in noise, or no dark background in two
                corners); nothing is predicted.
   error        the file cannot be used: missing, unreadable, a symbolic link
-               loop, corrupt, not an 8-bit PNG, a DICOM that cannot be decoded
-               here, or a PNG without a pixel size in the CSV.
+               loop, corrupt, not an 8-bit PNG, JPEG, TIFF or BMP, or a
+               DICOM that cannot be decoded here.
 
 The plausible range is where HC can be trusted: in mm, HC18's span (44-346
 mm) and the model's training range (from results.json, where recorded), each
@@ -68,14 +74,18 @@ A workdir whose subdirectories are finished runs (`fold0/` ... `fold4/`) is a
 fold ensemble: HC is the mean over the runs and `hc_mm_sd` their standard
 deviation (ddof=1).
 
-A run of an ellipse model (`hcnet_ellipse`) also predicts the head's
-ellipse, in pixels of the original image: the CSV gains `ELLIPSE_COLUMNS`
-(centre x = column, y = row; semi-axes a >= b; `angle_rad` the angle of a
-from +x towards +y, i.e. clockwise on the screen, in [0, pi); in mm where
-the pixel size is known), and overlays draw it. An ensemble's (or
+A model that gives the head's ellipse (the shipped `hcnet_mask`, whose
+ellipse is that of its mask's moments, and `hcnet_ellipse`; not the HC
+regressors) also predicts it, in pixels of the original image: the CSV
+gains `ELLIPSE_COLUMNS` (centre x = column, y = row; semi-axes a >= b;
+`angle_rad` the angle of a from +x towards +y, i.e. clockwise on the
+screen, in [0, pi); in mm where the pixel size is known), and overlays draw
+it. An ensemble's (or
 `--tta-flip`'s) ellipse is the mean of the runs' ellipses, scaled so that
 its perimeter is the reported HC (`inference.combine_ellipses`).
 `--submission=FILE` writes the HC18 challenge CSV (`write_submission`).
+`--dicom-sr=DIR` writes a DICOM Structured Report for each DICOM scan
+(`hc_jax.evaluation.dicom_sr`).
 
 This module is the command line: flags, the scans and their pixel sizes
 (`hc_jax.evaluation.scan_files`), the CSV and overlays (each row's cells and
@@ -104,9 +114,9 @@ import warnings
 
 from hc_jax import log
 from hc_jax import workdir as workdir_lib
-from hc_jax.data import hc18
 from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import dicom
+from hc_jax.evaluation import dicom_sr
 from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading
 from hc_jax.evaluation import prediction_rows
@@ -157,9 +167,10 @@ status of each row (the CSV's `status`; `message` says why unless ok):
   refused      not a scan: (nearly) constant, smaller than the model input,
                or not like an ultrasound scan (few grey levels, noise, no
                dark background in two corners)
-  error        missing, unreadable, corrupt or not an 8-bit PNG file, a
-               DICOM that cannot be decoded here, or a PNG without a pixel
-               size in the pixel-size CSV
+  error        missing, unreadable, corrupt or not an 8-bit PNG, JPEG,
+               TIFF or BMP file, or a DICOM that cannot be decoded here
+               (a scan without a row in the pixel-size CSV keeps its HC in
+               px; its message says the mm is missing)
 
 CSV columns: {", ".join(COLUMNS)}
 
@@ -171,9 +182,10 @@ only). Pixel size: the file's --pixel-sizes row, else its ultrasound region
 HC in px only, and the message says why. The CSV then ends with
 {", ".join(DICOM_COLUMNS)} (ultrasound_region, PixelSpacing, csv, or empty).
 
-ellipse models (hcnet_ellipse) add the head's ellipse, in pixels of the
-original image and in mm where the pixel size is known (x the column, y the
-row, semi-axes a >= b, angle_rad the angle of a from +x towards +y, i.e.
+models that give the head's ellipse (hcnet_mask, the shipped default, and
+hcnet_ellipse; not the HC regressors) add it, in pixels of the original
+image and in mm where the pixel size is known (x the column, y the row,
+semi-axes a >= b, angle_rad the angle of a from +x towards +y, i.e.
 clockwise on the screen, in [0, pi)); overlays draw it:
   {", ".join(prediction_rows.ELLIPSE_COLUMNS[:5])},
   {", ".join(prediction_rows.ELLIPSE_COLUMNS[5:])}
@@ -181,10 +193,20 @@ mask models (hcnet_mask) add {kinds.QUALITY_COLUMN}, the soft IoU of the
 head mask and the ellipse of its moments (1: the mask is an ellipse); overlays
 also draw the mask's outline (red dots)
 
+--dicom-sr DIR: for each DICOM scan (each frame) predicted, a DICOM
+  Structured Report DIR/<name>[_framek]_sr.dcm (Comprehensive SR, TID 1500
+  Measurement Report, written with highdicom): Head Circumference in mm,
+  the ellipse as an SCOORD ELLIPSE on the source image, the gestational
+  age with its method (HC, Hadlock 1984) and formula, the status, and a
+  reference to the source instance. For research, not clinical use.
+  Refused and error rows get none; an existing file there that hc_jax did
+  not write is not replaced (exit 2).
+
 --submission FILE: the HC18 challenge CSV, one row per image (its base name):
   {",".join(scan_files.SUBMISSION_COLUMNS)}
-  It needs an ellipse model and the pixel size of every image (else exit 2),
-  and is written only when every image was predicted. Our ellipse maps onto
+  It needs a model that gives the ellipse (the shipped one does) and the
+  pixel size of every image (else exit 2), and is written only when every
+  image was predicted. Our ellipse maps onto
   it unchanged: center_x_mm = column, center_y_mm = row, semi_axes_a_mm = a,
   semi_axes_b_mm = b (each x pixel size), angle_rad = angle_rad. Checked on
   HC18's 900 training annotations: the public entries' conversion of
@@ -197,9 +219,9 @@ exit codes:
   1  some images failed or were flagged (any status but ok)
   2  usage, configuration or model error (bad flags, missing or unfinished
      run, unreadable checkpoint or config, bad pixel-size CSV, unwritable
-     --out, --overlays or --submission, --submission without an ellipse
-     model or without every pixel size); a one-line 'error: ...' on stderr,
-     no CSV written
+     --out, --overlays or --submission, --submission with a model that
+     gives no ellipse or without every pixel size); a one-line
+     'error: ...' on stderr, no CSV written
 """
 
 
@@ -215,9 +237,12 @@ def _parse_args(argv):
                       help='a model shipped with hc_jax (default '
                       f'{archive_lib.DEFAULT_MODEL}; shipped: '
                       f'{", ".join(archive_lib.names()) or "none"})')
-  parser.add_argument('--images', action='append',
-                      help='directories (searched recursively) or PNG or '
-                      'DICOM files, comma-separated or repeated')
+  parser.add_argument('--images', action='append', nargs='+',
+                      metavar='PATH',
+                      help='directories (searched recursively), PNG, JPEG, '
+                      'TIFF, BMP or DICOM files, or glob patterns: several '
+                      'after the flag (an unquoted shell glob), '
+                      'comma-separated, or the flag repeated')
   parser.add_argument('--frame', type=int, metavar='N',
                       help='only frame N (0-based) of each multi-frame DICOM '
                       '(default: every frame, one row each)')
@@ -240,6 +265,10 @@ def _parse_args(argv):
                       help='a mask model\'s quality below which a prediction '
                       'is uncertain (default: the model\'s own, '
                       f'{kinds.MASK.quality.min_value:g} for hcnet_mask)')
+  parser.add_argument('--dicom-sr', '--dicom_sr', dest='dicom_sr',
+                      metavar='DIR',
+                      help='also write a DICOM Structured Report (TID 1500, '
+                      'for research) for each DICOM scan into DIR, see below')
   parser.add_argument('--submission',
                       help='also write the HC18 challenge CSV (ellipse '
                       'models; every pixel size needed), see below')
@@ -296,10 +325,17 @@ def _predict(args: argparse.Namespace) -> int:
   """Predicts, writes and reports what `args` ask for; returns the exit
   code."""
   _check_flags(args)
-  files = dicom.image_paths((args.images or []) + (
-      [archive_lib.SAMPLE_IMAGES_DIR] if args.samples else []))
+  args.skipped = []  # (path, why) of the directories' other files.
+  files = dicom.image_paths(
+      [path for paths in args.images or [] for path in paths] +
+      ([archive_lib.SAMPLE_IMAGES_DIR] if args.samples else []),
+      skipped=args.skipped)
   _check_outputs(args, files)
   pixel_sizes, infos = _pixel_sizes_and_dicom_infos(files, args)
+  if args.dicom_sr:
+    dicom_sr.check_outputs(args.dicom_sr, [
+        name + suffix for name in infos
+        for suffix, _ in _frames(infos[name], args.frame)])
   print(f'{len(files)} scan file(s): loading '
         f'{args.workdir or args.model or "the shipped model"} (JAX and '
         'TensorFlow start in about 10 s)...', file=sys.stderr, flush=True)
@@ -313,7 +349,28 @@ def _predict(args: argparse.Namespace) -> int:
   rows, ellipses_mm = _predict_files(predictor, files, pixel_sizes, args,
                                      infos)
   missing = _write_outputs(args, predictor, rows, ellipses_mm, infos)
-  return _report(args, predictor, rows, missing)
+  code = _report(args, predictor, rows, missing)
+  if args.dicom_sr:
+    code = max(code, _write_dicom_reports(args, rows, files, infos))
+  return code
+
+
+def _write_dicom_reports(args, rows: list[dict], files: dict[str, str],
+                         infos: dict) -> int:
+  """Writes --dicom-sr's reports and says what it wrote; returns
+  EXIT_FLAGGED when a predicted scan got none, else EXIT_OK."""
+  dicom_rows = [row for row in rows
+                if row['filename'].partition('#')[0] in infos]
+  written, missing = dicom_sr.write_reports(
+      args.dicom_sr, dicom_rows, files,
+      args.workdir or args.model or archive_lib.DEFAULT_MODEL)
+  print(f'wrote {len(written)} DICOM SR report(s) to {args.dicom_sr}'
+        + ('' if dicom_rows else ' (no DICOM scans among the inputs)'))
+  for line in missing:
+    print(f'  no report: {line}')
+  reportable = [row for row in dicom_rows
+                if row['status'] in dicom_sr.REPORTED]
+  return EXIT_FLAGGED if len(written) < len(reportable) else EXIT_OK
 
 
 def _check_flags(args) -> None:
@@ -337,6 +394,8 @@ def _check_flags(args) -> None:
                               '--overlays')
   if args.submission:
     scan_files.check_writable(args.submission, '--submission')
+  if args.dicom_sr:
+    _check_folder(args.dicom_sr, '--dicom-sr')
   if args.workdir and args.model:
     raise workdir_lib.PredictError('give --workdir or --model, not both')
   if not args.images and not args.samples:
@@ -344,6 +403,17 @@ def _check_flags(args) -> None:
   if args.frame is not None and args.frame < 0:
     raise workdir_lib.PredictError(
         f'--frame must be >= 0, got {args.frame}')
+
+
+def _check_folder(folder: str, flag: str) -> None:
+  """Raises PredictError unless files can be written in `folder` (made if
+  missing)."""
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise workdir_lib.PredictError(
+        f'{flag} {folder} cannot be created ({e.strerror or e})') from None
+  scan_files.check_writable(os.path.join(folder, 'probe'), flag)
 
 
 def _check_outputs(args, files: dict[str, str]) -> None:
@@ -402,12 +472,17 @@ def _write_outputs(args, predictor, rows: list[dict],
 def _report(args, predictor, rows: list[dict], missing: list[str]) -> int:
   """Prints the summary, the flagged rows and notes; returns the exit code."""
   flagged = [row for row in rows if row['status'] != 'ok']
+  skipped = getattr(args, 'skipped', [])
   print(f'{len(rows) - len(flagged)} of {len(rows)} images predicted, '
-        f'{len(flagged)} failed or flagged; wrote {args.out}'
+        f'{len(flagged)} failed or flagged'
+        + (f', {len(skipped)} file(s) skipped' if skipped else '')
+        + f'; wrote {args.out}'
         + (f' and {args.submission}' if args.submission and not missing
            else ''))
   for row in flagged:
     print(f'  {row["status"]}: {row["filename"]}: {row["message"]}')
+  for line in scan_files.skipped_lines(skipped):
+    print(f'  skipped: {line}')
   if getattr(predictor, 'trained_on_phantoms', False):
     print(f'note: the model was trained on phantom scans, not HC18 '
           f'({PHANTOM_NOTE}): its HC says nothing about real scans')
@@ -460,7 +535,7 @@ def _scans(files: dict[str, str], infos: dict, frame: int | None):
       yield (name + suffix, name,
              functools.partial(_read_dicom, path, info, index)
              if name in infos else
-             functools.partial(hc18.read_grayscale, path))
+             functools.partial(scan_files.read_scan, path))
 
 
 def _predict_files(predictor: inference.Predictor, files: dict[str, str],
@@ -524,10 +599,9 @@ def _read_chunk(chunk_scans, files: dict[str, str],
         info = infos[file_name]
         pixel_size, source, no_mm = (info.pixel_size_mm, info.source,
                                      info.reason)
-    elif csv_path and pixel_size is None:
-      row.update(status='error',
-                 message=f'no pixel size for it in {csv_path}')
-      continue
+    elif csv_path and pixel_size is None:  # HC in px, and why not in mm.
+      no_mm = f'no pixel size for it in {csv_path}; HC in px only'
+
     if infos:
       row['pixel_size_source'] = source
     if pixel_size is not None and not (

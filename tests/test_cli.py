@@ -42,7 +42,7 @@ def test_a_bad_override_is_one_line_naming_the_file(overrides, message):
 
 def test_a_missing_config_file_is_one_line():
   with pytest.raises(cli.UsageError, match=r'^configs/no_such\.py: config '
-                     r'file not found$'):
+                     r'file not found \(the configs in configs/: [^\n]*\)$'):
     cli.load_config('configs/no_such.py')
 
 
@@ -204,6 +204,22 @@ def test_quiet_logs_keeps_tensorflows_import_lines_off_stderr():
   assert result.stderr == ''
 
 
+def test_quiet_logs_hides_tfds_progress_bars_even_after_tfds_is_imported():
+  # A notebook or script may import TFDS (and tqdm, which reads TQDM_DISABLE
+  # once, on import) before it asks for quiet.
+  code = ('import tensorflow_datasets as tfds; from hc_jax import cli; '
+          'cli.quiet_logs(tensorflow=False); '
+          'from tensorflow_datasets.core.utils import tqdm_utils; '
+          'list(tqdm_utils.tqdm(range(3), desc="building")); print("ok")')
+  result = subprocess.run(
+      [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+      timeout=300, check=False,
+      env={k: v for k, v in os.environ.items() if k != 'TQDM_DISABLE'})
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == 'ok\n'
+  assert 'building' not in result.stderr, result.stderr
+
+
 @pytest.mark.slow
 def test_a_tiny_run_is_quiet_and_goes_to_its_default_workdir(tmp_path):
   config = os.path.join(REPO, 'configs', 'demo.py')
@@ -260,3 +276,79 @@ def test_other_os_errors_pass_through():
     raise OSError(errno.EBADF, 'Bad file descriptor')
   with pytest.raises(OSError):
     cli.run_main(bug)
+
+
+def test_main_help_lists_the_configs_their_fields_and_the_default_workdir(
+    capsys):
+  with pytest.raises(SystemExit) as stop:
+    main_lib.main(['--help'])
+  assert stop.value.code == 0
+  text = capsys.readouterr().out
+  for name in ('hcnet_mask.py', 'demo.py', 'resnet_huber.py',
+               'cnn263k_mse.py'):
+    assert name in text, name
+  assert 'num_epochs = 250' in text and "loss = 'mse'" in text  # default.py
+  assert 'runs/<config file>_fold<k>' in text
+  assert 'runs/hcnet_mask_fold0' in text
+  assert '--losses_module' in text
+  # With a config named, its own values.
+  with pytest.raises(SystemExit):
+    main_lib.main(['--config=configs/demo.py', '--help'])
+  assert 'num_epochs = 30' in capsys.readouterr().out
+
+
+def test_a_missing_config_file_lists_the_configs_there(monkeypatch):
+  monkeypatch.chdir(REPO)
+  with pytest.raises(cli.UsageError) as error:
+    cli.load_config('configs/hcnet_msk.py')
+  message = str(error.value)
+  assert message.startswith('configs/hcnet_msk.py: config file not found — '
+                            'did you mean configs/hcnet_mask.py? (the '
+                            'configs in configs/: cnn1m_huber.py, ')
+  assert '\n' not in message
+  for name in os.listdir(os.path.join(REPO, 'configs')):
+    if name.endswith('.py') and name != '__init__.py':
+      assert name in message, name
+  # Named in a folder without configs: those of the checkout.
+  with pytest.raises(cli.UsageError, match=r'^/nonexistent/demo\.py: config '
+                     r'file not found — did you mean .*configs/demo\.py\? '
+                     r'\(the configs in '):
+    cli.load_config('/nonexistent/demo.py')
+
+
+def test_git_ignores_what_the_readmes_first_command_writes():
+  if subprocess.run(['git', 'rev-parse'], cwd=REPO, capture_output=True,
+                    check=False).returncode:
+    pytest.skip('not a git checkout')
+  # `--out=hc.csv --overlays=overlays` in the checkout (tests/test_readme.py
+  # checks that the README's first command is this one).
+  paths = ['hc.csv', 'overlays/020_HC_prediction.png']
+  result = subprocess.run(['git', 'check-ignore', '--no-index', *paths],
+                          cwd=REPO, capture_output=True, text=True,
+                          check=False)
+  assert result.stdout.split() == paths, result
+
+
+def test_predict_help_and_readme_say_the_shipped_model_gives_the_ellipse(
+    capsys):
+  from hc_jax import predict  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit):
+    predict.main(['--help'])
+  text = ' '.join(capsys.readouterr().out.split())
+  assert "models that give the head's ellipse (hcnet_mask, the shipped " \
+      'default, and hcnet_ellipse' in text
+  assert 'It needs a model that gives the ellipse (the shipped one does)' \
+      in text
+  assert 'needs an ellipse model' not in text
+  with open(os.path.join(REPO, 'README.md')) as f:
+    readme = ' '.join(f.read().split())
+  assert "For a model that gives the head's ellipse (the shipped " \
+      '`hcnet_mask`' in readme
+
+
+def test_main_imports_losses_modules_and_reports_a_missing_one(capsys):
+  demo = os.path.join(REPO, 'configs', 'demo.py')
+  assert main_lib.main([f'--config={demo}',
+                        '--losses_module=no_such_losses.py']) == 2
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      'error: losses module no_such_losses.py: no such file')

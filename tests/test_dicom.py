@@ -323,8 +323,10 @@ def test_pixel_size_csv_overrides_the_files_own(stub_cli, tmp_path):
     assert float(rows[name]['pixel_size_mm']) == size, rows[name]
     assert rows[name]['pixel_size_source'] == source
     assert rows[name]['status'] == 'ok' and rows[name]['message'] == ''
-  # A PNG missing from the CSV stays an error, as without DICOMs.
-  assert rows['a.png']['status'] == 'error' and code == 1
+  # A PNG missing from the CSV keeps its px, as without DICOMs.
+  assert rows['a.png']['status'] == 'ok' and code == 0
+  assert rows['a.png']['hc_mm'] == '' and 'HC in px only' in (
+      rows['a.png']['message'])
 
 
 def test_png_only_csv_is_unchanged(stub_cli, tmp_path):

@@ -3,6 +3,9 @@
 import csv
 import json
 import os
+import re
+import shlex
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from scipy import stats
 
 from conftest import REPO
 from hc_jax import grid
+from hc_jax import losses
 from hc_jax import metrics
 from hc_jax import workdir as workdir_lib
 from hc_jax.evaluation import aggregate as aggregate_lib
@@ -329,6 +333,54 @@ def test_real_grid_of_two_configs_and_two_folds(phantom_hc18, tmp_path, capsys):
     _check_pooled_against_fold_results(root, name, row, (0, 1))
   assert sum(row['best'] for row in rows.values()) == 1
   assert (root / 'results.md').read_text().count('incomplete: 2/5 folds') == 2
+
+
+def _readme_loss_module_and_grid_command():
+  with open(os.path.join(REPO, 'README.md')) as f:
+    section = f.read().split('## Losses of your own', 1)[1].split('\n## ')[0]
+  module = re.findall(r'```python\n(.*?)```', section, re.S)[0]
+  command = re.findall(r'```bash\n(.*?)\n```', section, re.S)[0]
+  return module, command
+
+
+def test_the_readmes_loss_module_trains_through_the_grid(
+    phantom_hc18, tmp_path, monkeypatch):
+  monkeypatch.setattr(losses, 'LOSSES', dict(losses.LOSSES))
+  monkeypatch.setattr(losses, 'CONFIG_SETTINGS', dict(losses.CONFIG_SETTINGS))
+  monkeypatch.setitem(sys.modules, 'my_losses', None)  # Removed after.
+  module, command = _readme_loss_module_and_grid_command()
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'my_losses.py').write_text(module)
+  argv = shlex.split(command)
+  assert argv[:3] == ['python', '-m', 'hc_jax.grid']
+  # The README's command as printed, then (the last flag wins) one fold of
+  # the phantom copy, shrunk to seconds.
+  hc18_dir, tfds_dir = phantom_hc18
+  root = tmp_path / 'grid'
+  status = grid.main(
+      [arg.replace('=configs/', f'={REPO}/configs/') for arg in argv[3:]] +
+      ['--folds=3', f'--root={root}', '--config.num_epochs=1',
+       '--config.image_size=32', '--config.eval_batch_size=8',
+       f'--config.data.hc18_dir={hc18_dir}',
+       f'--config.data.cache_dir={tfds_dir}'])
+  assert status == 0
+  log_cosh = losses.get_loss('log_cosh')
+  residuals = np.array([-30.0, -1.0, 0.0, 0.5, 40.0])
+  np.testing.assert_allclose(log_cosh(residuals, 0.0),
+                             np.mean(np.log(np.cosh(residuals))), rtol=1e-5)
+  with open(root / 'cnn263k_mse' / 'fold3' / workdir_lib.RESULTS_FILE) as f:
+    assert json.load(f)['loss'] == 'log_cosh'
+  (row,) = aggregate_lib.aggregate(str(root))
+  assert row['folds'] == [3] and np.isfinite(row['mae_mm'])
+
+
+def test_a_missing_losses_module_is_one_line(tmp_path, capsys):
+  status = grid.main([f'--configs={MSE_CONFIG}', '--folds=0',
+                      f'--root={tmp_path}', '--losses_module=no_such.py',
+                      '--config.loss=log_cosh'])
+  assert status == 2
+  assert capsys.readouterr().err == (
+      'error: losses module no_such.py: no such file\n')
 
 
 def test_seeds_repeat_every_run_in_its_own_directory(tmp_path):

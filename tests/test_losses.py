@@ -1,5 +1,7 @@
 """Tests for hc_jax.losses."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -154,3 +156,96 @@ def test_get_loss_from_config_ignores_other_losses_settings(name):
 def test_get_loss_from_config_unknown_loss_raises():
   with pytest.raises(ValueError, match='known losses: huber, mae, mse'):
     losses.get_loss(_config(loss='l1', huber_delta=1.0))
+
+
+@pytest.fixture
+def registry(monkeypatch):
+  """losses.LOSSES and CONFIG_SETTINGS as they were after the test."""
+  monkeypatch.setattr(losses, 'LOSSES', dict(losses.LOSSES))
+  monkeypatch.setattr(losses, 'CONFIG_SETTINGS', dict(losses.CONFIG_SETTINGS))
+
+
+def _quartic(predictions, targets, mask=None, scale=1.0):
+  return losses.masked_mean(lambda r: scale * r**4, predictions, targets,
+                            mask)
+
+
+def test_register_as_a_call_and_as_a_decorator(registry):
+  del registry
+  assert losses.register('quartic', _quartic) is _quartic
+
+  @losses.register('cube', settings={'scale': 'huber_delta'})
+  def cube(predictions, targets, mask=None, scale=1.0):
+    return losses.masked_mean(lambda r: scale * jnp.abs(r)**3, predictions,
+                              targets, mask)
+
+  assert losses.LOSSES['quartic'] is _quartic and losses.LOSSES['cube'] is cube
+  # Residuals -1, 0.25, 2, 0: mean r^4 = (1 + 1/256 + 16) / 4.
+  np.testing.assert_allclose(losses.get_loss('quartic')(PREDICTIONS, TARGETS),
+                             (17 + 1 / 256) / 4, rtol=1e-6)
+  # Its settings come from the config, as huber's delta does.
+  loss_fn = losses.get_loss(_config(loss='cube', huber_delta=2.0))
+  np.testing.assert_allclose(loss_fn(PREDICTIONS, TARGETS),
+                             2 * (1 + 1 / 64 + 8) / 4, rtol=1e-6)
+  # The mask works as for the built-in losses: NaN where masked is ignored.
+  mask = jnp.array([True, False, True, True])
+  np.testing.assert_allclose(
+      _quartic(PREDICTIONS.at[1].set(jnp.nan), TARGETS, mask), 17 / 3)
+
+
+def test_register_refuses_a_second_loss_under_a_name_unless_asked(registry):
+  del registry
+  losses.register('quartic', _quartic)
+  losses.register('quartic', _quartic)  # The same function again: fine.
+  with pytest.raises(ValueError, match="'mae' is registered already"):
+    losses.register('mae', _quartic)
+  assert losses.register('mae', _quartic, replace=True) is _quartic
+  for name in ('', 'a b', None):
+    with pytest.raises(ValueError, match='a loss name must be'):
+      losses.register(name, _quartic)
+  with pytest.raises(TypeError, match='must be callable'):
+    losses.register('x', 3)
+  with pytest.raises(TypeError, match=r'must take \(predictions, targets\)'):
+    losses.register('x', lambda predictions: predictions)
+
+
+def test_a_loss_registered_after_train_is_imported_passes_its_checks(
+    registry, tiny_config):
+  del registry
+  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import train
+  tiny_config.loss = 'quartic'
+  with pytest.raises(ValueError, match=r'loss must be one of huber, mae, mse'
+                     r' \(or a loss added with hc_jax.losses.register'):
+    train.check_config(tiny_config)
+  losses.register('quartic', _quartic)
+  train.check_config(tiny_config)  # Read when checked, not at import.
+
+
+def test_import_module_takes_a_file_or_a_module_and_fails_in_one_line(
+    registry, tmp_path, monkeypatch):
+  del registry
+  # Gone from sys.modules after the test (setitem of a new key undoes so).
+  monkeypatch.setitem(sys.modules, 'lab_losses', None)
+  monkeypatch.setitem(sys.modules, 'broken_losses', None)
+  path = tmp_path / 'lab_losses.py'
+  path.write_text('from hc_jax import losses\n'
+                  'losses.register("l4", lambda p, t, mask=None: '
+                  'losses.masked_mean(lambda r: r**4, p, t, mask))\n')
+  module = losses.import_module(str(path))
+  assert module.__name__ == 'lab_losses' and 'l4' in losses.LOSSES
+  assert losses.import_module(str(path)) is module  # Not run twice.
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert losses.import_module('lab_losses') is module
+  with pytest.raises(ValueError, match=r'^losses module no/such.py: no such '
+                     'file$'):
+    losses.import_module('no/such.py')
+  with pytest.raises(ValueError, match='^losses module no_such_module: '
+                     'ModuleNotFoundError'):
+    losses.import_module('no_such_module')
+  broken = tmp_path / 'broken_losses.py'
+  broken.write_text('import jax.numpy as jnp\n1 / 0\n')
+  with pytest.raises(ValueError, match=r'^losses module .*broken_losses.py: '
+                     'ZeroDivisionError: division by zero$'):
+    losses.import_module(str(broken))
+  assert 'broken_losses' not in sys.modules

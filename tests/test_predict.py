@@ -654,9 +654,11 @@ def test_pixel_size_lookup(stub_cli, tmp_path):
   (tmp_path / 'test_set_pixel_size.csv').write_text(
       'filename,pixel size(mm)\na.png,0.15\n')
   code, rows = stub_cli(f'--images={scans}')
-  assert code == 1
+  assert code == 0
   assert float(rows['a.png']['pixel_size_mm']) == 0.15
-  assert rows['b.png']['status'] == 'error'
+  # Its HC in px stays, and the message says why there is no mm.
+  assert rows['b.png']['status'] == 'ok' and rows['b.png']['hc_px']
+  assert rows['b.png']['hc_mm'] == ''
   assert 'no pixel size for it in' in rows['b.png']['message']
   # Without any CSV: HC in px only, and still ok.
   os.remove(tmp_path / 'test_set_pixel_size.csv')

@@ -115,10 +115,17 @@ def content_digest(root: str, hashes_path: str | None = None) -> str:
       size, mtime_ns and ctime_ns (None: hash every file); a file whose four
       are unchanged is not read again.
   """
+  return files_digest(_source_files(root), hashes_path)
+
+
+def files_digest(files: list[tuple[str, str]],
+                 hashes_path: str | None = None) -> str:
+  """A digest of the names and bytes of `files`, (name, path) pairs in
+  order; `hashes_path` as in `content_digest`."""
   hashes = _read_hashes(hashes_path) if hashes_path else {}
   digest = hashlib.sha256()
   changed = False
-  for name, path in _source_files(root):
+  for name, path in files:
     key = os.path.abspath(path)
     try:
       stat = os.stat(path)

@@ -85,6 +85,9 @@ class FoldAssignment:
   val_fraction: float
   images: tuple[ImageFold, ...]
   val_filenames: tuple[tuple[str, ...], ...]
+  # Whether the subjects are read from HC18 filenames (checked against
+  # them), rather than given with the images (a folder data set).
+  named_subjects: bool = True
   _fold_by_filename: dict[str, int] = dataclasses.field(
       init=False, repr=False, compare=False)
 
@@ -113,8 +116,10 @@ class FoldAssignment:
       raise ValueError('FoldAssignment lists a filename more than once')
     subject_fold = {}
     subject_filenames = {}
+    subject_of = {image.filename: image.subject_id for image in self.images}
     for image in self.images:
-      if parse_filename(image.filename)[0] != image.subject_id:
+      if self.named_subjects and parse_filename(
+          image.filename)[0] != image.subject_id:
         raise ValueError(f'{image.filename!r} is recorded with subject_id '
                          f'{image.subject_id}, its name says otherwise')
       if not 0 <= image.fold < self.num_folds:
@@ -140,7 +145,7 @@ class FoldAssignment:
         if self._fold_by_filename[name] == fold:
           raise ValueError(f'{name!r} is both test and validation in fold '
                            f'{fold}')
-        val_subjects.add(parse_filename(name)[0])
+        val_subjects.add(subject_of[name])
       for subject_id in sorted(val_subjects):
         if not subject_filenames[subject_id] <= set(names):
           raise ValueError(f'fold {fold}: subject {subject_id} is split '
@@ -201,6 +206,8 @@ class FoldAssignment:
                        for fold, names in enumerate(self.val_filenames)],
         'images': [image._asdict() for image in self.images],
     }
+    if not self.named_subjects:
+      payload['named_subjects'] = False
     with open(path, 'w') as f:
       json.dump(payload, f, indent=2)
       f.write('\n')
@@ -227,14 +234,16 @@ class FoldAssignment:
                                entry['fold'])
                      for entry in payload['images']),
         val_filenames=tuple(tuple(entry['filenames'])
-                            for entry in validation))
+                            for entry in validation),
+        named_subjects=bool(payload.get('named_subjects', True)))
 
 
 def assign_folds(filenames: Sequence[str],
                  hc_mm: Sequence[float] | np.ndarray,
                  num_folds: int = 5,
                  val_fraction: float = 0.1,
-                 seed: int = 0) -> FoldAssignment:
+                 seed: int = 0,
+                 subject_ids: Sequence[int] | None = None) -> FoldAssignment:
   """Assigns images to folds by subject, balanced over the HC range.
 
   Subjects (all images of one `NNN`) are sorted by their mean HC and cut into
@@ -255,6 +264,8 @@ def assign_folds(filenames: Sequence[str],
     val_fraction: fraction of training subjects for validation, in [0, 1).
     seed: non-negative integer seed; the same inputs and seed give the same
       assignment.
+    subject_ids: each image's subject, aligned with `filenames` (a folder
+      data set's); None reads them from HC18 filenames.
 
   Returns:
     The `FoldAssignment`.
@@ -267,9 +278,16 @@ def assign_folds(filenames: Sequence[str],
                                      val_fraction, seed)
 
   hc_by_filename = dict(zip(filenames, hc_mm.tolist()))
+  if subject_ids is None:
+    subject_by_filename = {f: parse_filename(f)[0] for f in filenames}
+  else:
+    if len(subject_ids) != len(filenames):
+      raise ValueError(f'{len(subject_ids)} subject ids for '
+                       f'{len(filenames)} filenames')
+    subject_by_filename = dict(zip(filenames, (int(s) for s in subject_ids)))
   subject_filenames: dict[int, list[str]] = {}
   for filename in sorted(filenames):
-    subject_filenames.setdefault(parse_filename(filename)[0], []).append(
+    subject_filenames.setdefault(subject_by_filename[filename], []).append(
         filename)
   if len(subject_filenames) < num_folds:
     raise ValueError(f'need at least num_folds={num_folds} subjects, got '
@@ -297,7 +315,8 @@ def assign_folds(filenames: Sequence[str],
       val_fraction=float(val_fraction),
       images=tuple(ImageFold(f, s, subject_fold[s])
                    for s, names in subject_filenames.items() for f in names),
-      val_filenames=tuple(val_filenames))
+      val_filenames=tuple(val_filenames),
+      named_subjects=subject_ids is None)
 
 
 def _checked_inputs(filenames, hc_mm, num_folds, val_fraction, seed

@@ -91,11 +91,15 @@ def _os_error_reason(path: str, error: OSError) -> str:
   return f'cannot read the file ({error.strerror or error})'
 
 
-def read_grayscale(path: str) -> tuple[np.ndarray, str | None]:
-  """Reads an 8-bit grayscale PNG.
+def read_grayscale(path: str, formats: tuple[str, ...] = ('PNG',)
+                   ) -> tuple[np.ndarray, str | None]:
+  """Reads an 8-bit grayscale PNG (or an image in another of `formats`).
 
   Args:
     path: the file.
+    formats: the PIL formats taken, by content whatever the file's name
+      (HC18 is PNG; `hc_jax.evaluation.scan_files.read_scan` also takes
+      JPEG, TIFF and BMP). Of a multi-page file (TIFF), the first page.
 
   Returns:
     ([H, W] uint8 array, a warning or None). Colour, palette, 1-bit and
@@ -112,25 +116,30 @@ def read_grayscale(path: str) -> tuple[np.ndarray, str | None]:
   except OSError as e:
     raise ImageReadError(_os_error_reason(path, e)) from None
   try:
-    with file, Image.open(file, formats=('PNG',)) as image:
+    with file, Image.open(file, formats=formats) as image:
       image.load()
       mode = image.mode
       if mode in WIDE_MODES:
         raise ImageReadError(
             f'{mode} image: expected 8-bit grayscale, got '
             f'{"16" if "16" in mode else "32"}-bit')
-      note = None
+      notes = []
+      if getattr(image, 'n_frames', 1) > 1:  # A multi-page TIFF.
+        notes.append(f'first of its {image.n_frames} pages read')
       if mode != 'L':
-        note = f'{mode} image converted to 8-bit grayscale'
+        notes.append(f'{mode} image converted to 8-bit grayscale')
         image = image.convert('L')
+      note = '; '.join(notes) or None
       pixels = np.asarray(image, dtype=np.uint8)
   except ImageReadError:
     raise
   except Image.DecompressionBombError as e:
     raise ImageReadError(f'image too large to decode safely ({e})') from None
   except UnidentifiedImageError:
-    raise ImageReadError('corrupt or not a PNG image (no PNG signature PIL '
-                         'can read)') from None
+    kinds = ('a PNG' if formats == ('PNG',) else
+             f'a {", ".join(formats[:-1])} or {formats[-1]}')
+    raise ImageReadError(f'corrupt or not {kinds} image (no signature of '
+                         'one that PIL can read)') from None
   except OSError as e:
     if e.errno is not None:  # The file system, not the data.
       raise ImageReadError(_os_error_reason(path, e)) from None
@@ -146,8 +155,10 @@ def read_grayscale(path: str) -> tuple[np.ndarray, str | None]:
   return pixels, note
 
 
-def _read_csv(path: str, columns: int, problems: list[str]) -> list[list[str]]:
-  """Reads CSV rows after the header, recording malformed rows."""
+def read_csv_rows(path: str, problems: list[str]
+                  ) -> list[tuple[int, list[str]]]:
+  """(line, cells) of every non-blank row of a CSV, its header first;
+  [] with the reason in `problems` for a file that cannot be read."""
   name = os.path.basename(path)
   if not os.path.isfile(path):
     problems.append(f'{name}: file is missing')
@@ -173,6 +184,15 @@ def _read_csv(path: str, columns: int, problems: list[str]) -> list[list[str]]:
     return []
   if not rows:
     problems.append(f'{name}: file is empty')
+    return []
+  return rows
+
+
+def _read_csv(path: str, columns: int, problems: list[str]) -> list[list[str]]:
+  """Reads CSV rows after the header, recording malformed rows."""
+  name = os.path.basename(path)
+  rows = read_csv_rows(path, problems)
+  if not rows:
     return []
   good = []
   for line, row in rows[1:]:
@@ -231,8 +251,11 @@ def _read_row(row: list[str], where: str, image_dir: str, on_disk: bool,
     except ValueError as e:
       errors.append(str(e))
   fitted = None
-  if labelled and subject_id >= 0:  # A bare HC18 name: no path escapes.
-    annotation_name = filename[:-len('.png')] + ANNOTATION_SUFFIX
+  annotation_name = filename[:-len('.png')] + ANNOTATION_SUFFIX
+  # A bare HC18 name (no path escapes); without its annotation file the
+  # record has no ellipse, for models trained from HC values alone.
+  if labelled and subject_id >= 0 and os.path.lexists(
+      os.path.join(image_dir, annotation_name)):
     try:
       annotation, _ = read_grayscale(os.path.join(image_dir, annotation_name))
       if image_shape is not None and annotation.shape != image_shape:

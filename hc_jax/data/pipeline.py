@@ -40,9 +40,18 @@ def hc18_source_dir(config, workdir: str) -> str | None:
   """
   if config.data.source == 'synthetic':
     return os.path.join(workdir, workdir_lib.SYNTHETIC_DIR)
+  if config.data.source == 'folder':
+    directory = config.data.get('folder', '')
+    if not directory or not os.path.isdir(directory):
+      raise ValueError(
+          f'data.folder={directory!r} is not a folder: with '
+          "data.source='folder' name your scans' folder "
+          '(--config.data.folder=DIR, its CSV --config.data.labels=FILE or '
+          'DIR/labels.csv; see hc_jax/data/folder.py)')
+    return directory
   if config.data.source != 'hc18':
-    raise ValueError(f"data.source must be 'hc18' or 'synthetic', got "
-                     f'{config.data.source!r}')
+    raise ValueError(f"data.source must be 'hc18', 'synthetic' or 'folder', "
+                     f'got {config.data.source!r}')
   if config.data.hc18_dir == 'download':
     return None
   root = config.data.hc18_dir or hc18.default_dir()
@@ -96,18 +105,26 @@ def prepared_arrays(config, workdir: str
     return arrays, info
   root = hc18_source_dir(config, workdir)
   cache_dir = config.data.get('cache_dir', '')
+  if config.data.source == 'folder':
+    return prepare.prepare_folder(root, config.data.get('labels', ''), shape,
+                                  config.resize_mode, cache_dir)
   if config.data.source == 'synthetic':
     write_phantoms(config, root)
     cache_dir = os.path.join(workdir, workdir_lib.DATA_CACHE_DIR)
   return prepare.prepare(root, shape, config.resize_mode, cache_dir)
 
 
-def fold_assignment(config, filenames, hc_mm, workdir: str
-                    ) -> folds_lib.FoldAssignment:
-  """Draws the folds, or checks them against a resumed run's folds.json."""
+def fold_assignment(config, filenames, hc_mm, workdir: str,
+                    subject_ids=None) -> folds_lib.FoldAssignment:
+  """Draws the folds, or checks them against a resumed run's folds.json.
+
+  `subject_ids` (a folder data set's) group the images; None reads them
+  from HC18's filenames.
+  """
   assignment = folds_lib.assign_folds(
       list(filenames), [float(h) for h in hc_mm], num_folds=config.num_folds,
-      val_fraction=config.val_fraction, seed=config.fold_seed)
+      val_fraction=config.val_fraction, seed=config.fold_seed,
+      subject_ids=subject_ids)
   path = os.path.join(workdir, workdir_lib.FOLDS_FILE)
   if os.path.exists(path):
     saved = folds_lib.FoldAssignment.from_json(path)
@@ -271,8 +288,9 @@ def load(configs: Sequence[Any], workdirs: Sequence[str],
   """
   config = configs[0]
   arrays, info = prepared_arrays(config, workdirs[0])
-  assignment = fold_assignment(config, arrays['filename'], arrays['hc_mm'],
-                               workdirs[0])
+  assignment = fold_assignment(
+      config, arrays['filename'], arrays['hc_mm'], workdirs[0],
+      arrays['subject_id'] if config.data.source == 'folder' else None)
   position = {name: i for i, name in enumerate(arrays['filename'])}
   split = []
   for member in configs:

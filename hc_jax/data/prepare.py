@@ -327,3 +327,90 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
       f'prepared {len(arrays["images"])} scans in {time.time() - started:.0f}'
       f' s: {path}')
   return arrays, info
+
+
+def _from_records(records, out_hw, mode: str) -> dict[str, np.ndarray]:
+  """Prepared arrays of checked records (a folder data set), resized in
+  TensorFlow exactly as the HC18 builder's scans are."""
+  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
+  from hc_jax.data import folder
+  from hc_jax.data import preprocess
+  images, original_hw = [], []
+  for record in records:
+    pixels, _ = folder.read_image(record.image_path)
+    original_hw.append(pixels.shape)
+    resized = preprocess.resize(tf.convert_to_tensor(pixels[..., None]),
+                                out_hw, mode)
+    images.append(preprocess.to_uint8(resized).numpy())
+  original_hw = np.asarray(original_hw, np.int32).reshape(-1, 2)
+  return {
+      'images': np.stack(images).astype(np.uint8),
+      'filename': np.asarray([r.filename for r in records], np.str_),
+      'subject_id': np.asarray([r.subject_id for r in records], np.int32),
+      'pixel_size_mm': np.asarray([r.pixel_size_mm for r in records],
+                                  np.float32),
+      'hc_mm': np.asarray([r.hc_mm for r in records], np.float32),
+      'hc_px': np.asarray([r.hc_px for r in records], np.float32),
+      'ellipse': folder.ellipse_array(records),
+      'original_hw': original_hw,
+      'resize': resize_geometry(original_hw, out_hw, mode),
+  }
+
+
+def prepare_folder(directory: str, labels: str, out_hw, mode: str,
+                   cache_dir: str = ''
+                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The prepared arrays of a folder of scans with a CSV of HC values
+  (`hc_jax.data.folder`), from cache if made.
+
+  Every row is checked first (`folder.scan`: one error listing every
+  problem); the cache is keyed by a digest of the CSV's and every listed
+  file's bytes, as HC18's is.
+
+  Returns:
+    (arrays, info) as `prepare`.
+
+  Raises:
+    folder.FolderError: listing every bad row or file.
+    CacheError: as `prepare`.
+  """
+  from hc_jax.data import folder  # pylint: disable=import-outside-toplevel
+  if mode not in RESIZE_MODES:
+    raise ValueError(f'unknown resize_mode {mode!r}; choose one of '
+                     f'{", ".join(RESIZE_MODES)}')
+  cache_dir = cache_dir or default_cache_dir()
+  records, sources, notes = folder.scan(directory, labels)
+  for note in notes:
+    log.status(f'note: {note}')
+  content = digests.files_digest(sources,
+                                 os.path.join(cache_dir, digests.HASHES_FILE))
+  cache = os.path.join(cache_dir, f'folder-{content}')
+  path = os.path.join(cache, f'prepared_{out_hw[0]}x{out_hw[1]}_{mode}.npz')
+  if os.path.isfile(path):
+    try:
+      return load(path, require_digest=True)
+    except PreparedError as e:
+      log.status(f'warning: {e}; preparing it again')
+  log.status(f'preparing {len(records)} scans from {directory} at '
+             f'{out_hw[0]}x{out_hw[1]} ({mode}) into {cache}, once')
+  started = time.time()
+  try:
+    arrays = _from_records(records, out_hw, mode)
+    info = {'format_version': FORMAT_VERSION,
+            'source': os.path.abspath(directory),
+            'labels': os.path.abspath(folder.labels_path(directory, labels)),
+            'source_digest': content, 'content_digest': content,
+            'image_hw': list(out_hw), 'resize_mode': mode,
+            'num_images': int(len(arrays['images']))}
+    save(path, arrays, info)
+  except Exception as e:  # pylint: disable=broad-except
+    text = None if isinstance(e, ValueError) else log.storage_error_text(
+        e, cache)
+    if text is None:
+      raise
+    raise CacheError(f'cannot prepare the scans in the cache {cache_dir} '
+                     f'(--config.data.cache_dir): {text}') from None
+  log.status(f'prepared {len(records)} scans in {time.time() - started:.0f}'
+             f' s: {path}')
+  return arrays, info

@@ -147,6 +147,7 @@ def score(run_roots: Sequence[str], tta_flip: bool = False,
           hc18_dir: str | None = None,
           progress: Callable[[str], None] | None = None,
           unseen_test_ok: bool = False, part: str = 'test',
+          shifted_copy: bool = False,
           model_options: dict | None = None) -> Scores:
   """Scores runs on their own test folds, alone or as an ensemble.
 
@@ -158,6 +159,8 @@ def score(run_roots: Sequence[str], tta_flip: bool = False,
       for the runs' own (see `cv_runs.find_hc18_dir`).
     progress: called with a line after each fold (e.g. print).
     unseen_test_ok: also score runs trained with `score_test=False`.
+    shifted_copy: `hc18_dir` is a shifted copy of the runs' HC18
+      (`python -m hc_jax.shifted`), not the copy they trained on.
     part: 'test' (each fold's test images, by its own runs) or 'val' (each
       fold's validation part, carved from its training folds: for choosing
       settings without looking at the test folds).
@@ -180,7 +183,8 @@ def score(run_roots: Sequence[str], tta_flip: bool = False,
   members, assignment = cv_runs.check_members(
       run_roots, unseen_test_ok or part == 'val', hc18_dir)
   labels = cv_runs.member_labels(run_roots)
-  hc18_dir = cv_runs.find_hc18_dir(cv_runs.all_runs(members), hc18_dir)
+  hc18_dir = cv_runs.find_hc18_dir(cv_runs.all_runs(members), hc18_dir,
+                                   check_digest=not shifted_copy)
   reference = cv_runs.read_reference(hc18_dir)
   subjects = {image.filename: image.subject_id for image in assignment.images}
   rows, fold_scores = [], {}

@@ -288,13 +288,17 @@ def _configured_dir(run: str) -> str | None:
   return data.get('hc18_dir') or hc18.default_dir()
 
 
-def find_hc18_dir(runs: Sequence[str], hc18_dir: str | None = None) -> str:
+def find_hc18_dir(runs: Sequence[str], hc18_dir: str | None = None,
+                  check_digest: bool = True) -> str:
   """The HC18 directory to score on, checked against what the runs used.
 
   Args:
     runs: every run that is scored.
     hc18_dir: the directory to use; None for the first that a run's config
       names (or `hc18.default_dir()`) and that holds the training CSV.
+    check_digest: refuse a copy other than the one the runs trained on;
+      False for a shifted copy (`python -m hc_jax.shifted`: the same scans'
+      names, HC values and folds, another machine's look).
 
   Returns:
     A directory with training_set/ and its CSV.
@@ -321,7 +325,7 @@ def find_hc18_dir(runs: Sequence[str], hc18_dir: str | None = None) -> str:
   digest = digests.source_digest(hc18_dir)
   for run in runs:
     trained_on = _source_digest(run)
-    if trained_on and trained_on != digest:
+    if check_digest and trained_on and trained_on != digest:
       raise ScoreError(f'{run} trained on another HC18 copy (source digest '
                        f'{trained_on}) than {hc18_dir} ({digest}); pass '
                        '--hc18_dir of that copy')

@@ -109,10 +109,12 @@ def is_dicom(path: str) -> bool:
     return False
 
 
-def image_paths(specs: Sequence[str]) -> dict[str, str]:
+def image_paths(specs: Sequence[str], skipped: list | None = None
+                ) -> dict[str, str]:
   """`scan_files.image_paths` with DICOM files (`is_dicom`): directories
-  give their PNG scans and DICOM files, keyed by the path relative to the
-  deepest directory holding everything named.
+  give their PNG, JPEG, TIFF and BMP scans and DICOM files, keyed by the
+  path relative to the deepest directory holding everything named; the
+  other files of the directories are appended to `skipped` as (path, why).
 
   Raises:
     PredictError: when nothing is named, a named path does not exist, or a
@@ -121,7 +123,7 @@ def image_paths(specs: Sequence[str]) -> dict[str, str]:
   return scan_files.image_paths(
       specs, accept=lambda path: (scan_files.is_scan_name(
           os.path.basename(path)) or is_dicom(path)),
-      kinds='PNG or DICOM')
+      kinds='PNG, JPEG, TIFF, BMP or DICOM', skipped=skipped)
 
 
 def _open(path: str):

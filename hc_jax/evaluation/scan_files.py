@@ -1,9 +1,11 @@
 """The files of `python -m hc_jax.predict`: scans and pixel sizes in, CSVs
 and overlays out.
 
-`image_paths` turns `--images` (directories and files) into {filename: path},
-a filename being the path relative to the deepest directory holding all of
-them. Pixel sizes come from an HC18-style CSV (`read_pixel_sizes`), given or
+`image_paths` turns `--images` (directories, files and glob patterns) into
+{filename: path}, a filename being the path relative to the deepest
+directory holding all of them, and says which files of the directories it
+skipped and why. `read_scan` reads a PNG, JPEG, TIFF or BMP scan as 8-bit
+grey. Pixel sizes come from an HC18-style CSV (`read_pixel_sizes`), given or
 found beside an images directory (`find_pixel_size_csv`). `parallel_map`
 reads and prepares scans on all cores. `write_csv` writes a CSV atomically
 (nothing is left behind when it fails), `write_overlay` a scan with its
@@ -13,6 +15,7 @@ prediction drawn on it, and `write_submission` the HC18 challenge's CSV
 
 import concurrent.futures
 import csv
+import glob
 import math
 import os
 import sys
@@ -28,6 +31,13 @@ from hc_jax.data import hc18
 # What the command line writes beside a scan's name for its overlay; such
 # files are never taken for scans.
 OVERLAY_SUFFIX = '_prediction.png'
+# Image files taken for scans, by extension (any case), and the PIL formats
+# read (by content, whatever the extension says).
+SCAN_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
+SCAN_FORMATS = ('PNG', 'JPEG', 'TIFF', 'BMP')
+# The first cells of a pixel-size CSV's header (HC18's), lower case, spaces
+# dropped.
+PIXEL_SIZE_HEADER = ('filename', 'pixelsize(mm)')
 # The HC18 challenge's submission CSV (`write_submission`).
 SUBMISSION_COLUMNS = ('filename', 'center_x_mm', 'center_y_mm',
                       'semi_axes_a_mm', 'semi_axes_b_mm', 'angle_rad')
@@ -60,43 +70,71 @@ def parallel_map(fn, items) -> list:
 
 
 def is_scan_name(name: str) -> bool:
-  """Whether a file name is a scan's: a PNG, not an annotation or overlay."""
-  return (name.lower().endswith('.png')
-          and not name.endswith(hc18.ANNOTATION_SUFFIX)
-          and not name.endswith(OVERLAY_SUFFIX))
+  """Whether a file name is a scan's: a PNG, JPEG, TIFF or BMP, not an
+  annotation or overlay."""
+  return skip_reason(name) is None
+
+
+def skip_reason(name: str, kinds: str = 'PNG, JPEG, TIFF or BMP'
+                ) -> str | None:
+  """Why a file of an `--images` directory is not taken for a scan (None:
+  it is one); `kinds` names what is taken."""
+  if name.endswith(hc18.ANNOTATION_SUFFIX):
+    return 'an HC18 annotation mask, not a scan'
+  if name.endswith(OVERLAY_SUFFIX):
+    return 'an overlay hc_jax.predict wrote'
+  if not name.lower().endswith(SCAN_EXTENSIONS):
+    return f'not a {kinds} file (by its name)'
+  return None
+
+
+def read_scan(path: str) -> tuple:
+  """A PNG, JPEG, TIFF or BMP scan as `hc18.read_grayscale` reads a PNG:
+  ([H, W] uint8, a note on its conversion or None); colour to grey with a
+  note, 16-bit and float images refused (`hc18.ImageReadError`)."""
+  return hc18.read_grayscale(path, SCAN_FORMATS)
 
 
 def image_paths(specs: Sequence[str], accept=None,
-                kinds: str = 'PNG') -> dict[str, str]:
+                kinds: str = 'PNG, JPEG, TIFF or BMP',
+                skipped: list | None = None) -> dict[str, str]:
   """Files named by `--images`, keyed by their path relative to the deepest
   directory holding all of them.
 
   Args:
-    specs: directories (searched recursively, in sorted order) or files, each
-      possibly a comma-separated list.
+    specs: directories (searched recursively, in sorted order), files, or
+      glob patterns (`scans/00[0-2]_HC.png`, for a pattern the shell left
+      alone), each possibly a comma-separated list.
     accept: `path -> bool`, which files of a directory are scans (default:
       `is_scan_name` of the file's name).
-    kinds: what `accept` takes, for the message of an empty directory.
+    kinds: what `accept` takes, for the messages.
+    skipped: a list to which each file of a directory that is not taken is
+      appended as (path, why).
 
   Returns:
     {filename: path} in the order given.
 
   Raises:
-    PredictError: when nothing is named, a named path does not exist, or a
-      directory holds no scans.
+    PredictError: when nothing is named, a named path does not exist (or a
+      pattern matches nothing), or a directory holds no scans.
   """
   if accept is None:
     def accept(path):
       return is_scan_name(os.path.basename(path))
   paths, roots = [], []
   for spec in specs:
-    for item in filter(None, (s.strip() for s in spec.split(','))):
+    for item in _expand(filter(None, (s.strip() for s in spec.split(',')))):
       if os.path.isdir(item):
         found = []
         for folder, subfolders, names in os.walk(item):
           subfolders.sort()
-          found += [os.path.join(folder, n) for n in sorted(names)
-                    if accept(os.path.join(folder, n))]
+          for name in sorted(names):
+            path = os.path.join(folder, name)
+            if accept(path):
+              found.append(path)
+            elif skipped is not None:
+              skipped.append((path, skip_reason(name, kinds) or
+                              f'not a {kinds} file'))
         if not found:
           raise workdir_lib.PredictError(f'{item} holds no {kinds} scans')
         paths += found
@@ -112,10 +150,42 @@ def image_paths(specs: Sequence[str], accept=None,
   return {os.path.relpath(os.path.abspath(path), root): path for path in paths}
 
 
+def skipped_lines(skipped: Sequence[tuple[str, str]]) -> list[str]:
+  """'path: why' for each file `image_paths` skipped; HC18's annotation
+  masks and predict's own overlays, skipped by design, one line for all of
+  each ('N files like path: why')."""
+  lines, by_design = [], {}
+  for path, why in skipped:
+    name = os.path.basename(path)
+    if name.endswith((hc18.ANNOTATION_SUFFIX, OVERLAY_SUFFIX)):
+      by_design.setdefault(why, []).append(path)
+    else:
+      lines.append(f'{path}: {why}')
+  for why, paths in by_design.items():
+    lines.append(f'{paths[0]}: {why}' if len(paths) == 1 else
+                 f'{len(paths)} files like {paths[0]}: {why}')
+  return lines
+
+
+def _expand(items):
+  """Each item, or the sorted paths a glob pattern of them matches (an item
+  that exists is taken as it is, whatever its characters)."""
+  for item in items:
+    if os.path.lexists(item) or not any(c in item for c in '*?['):
+      yield item
+      continue
+    matches = sorted(glob.glob(item))
+    if not matches:
+      raise workdir_lib.PredictError(f'--images {item} matches no files')
+    yield from matches
+
+
 def read_pixel_sizes(path: str) -> dict[str, float]:
   """{filename: pixel size in mm} from an HC18-style CSV.
 
-  The first row is a header unless its second cell is a number. A filename
+  The first row is a header unless its second cell is a number; a header
+  must start `filename,pixel size(mm)` (case and spaces aside), so that a
+  CSV of other units or columns is not read as pixel sizes. A filename
   listed twice with the same size is accepted with a warning; with different
   sizes it is an error.
 
@@ -150,7 +220,12 @@ def read_pixel_sizes(path: str) -> dict[str, float]:
     raise workdir_lib.PredictError(f'pixel-size CSV {path} cannot be read '
                             f'({e.strerror or e})') from None
   if rows and not _parses_as_number(rows[0][1][1:2]):
-    rows = rows[1:]  # The header.
+    line, header = rows.pop(0)
+    if tuple(cell.strip().lower().replace(' ', '')
+             for cell in header[:2]) != PIXEL_SIZE_HEADER:
+      raise workdir_lib.PredictError(
+          f'{path} line {line}: the header must start with filename,pixel '
+          f'size(mm) (as HC18\'s), got {",".join(header)!r}')
   if not rows:
     raise workdir_lib.PredictError(f'pixel-size CSV {path} holds no rows')
   sizes, first_line = {}, {}

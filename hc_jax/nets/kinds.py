@@ -113,6 +113,13 @@ class Kind:
 
   # Training.
 
+  def needs_outlines(self, config) -> str:
+    """What, in the config's loss, needs the reference ellipse (an
+    annotation outline) of the training images ('' for nothing: the HC
+    values suffice)."""
+    del config
+    return ''
+
   def loss_of(self, model, config) -> Callable[..., jax.Array]:
     """`(outputs, ellipses, resize, target, normaliser_px, image_hw,
     loss_fn) -> loss` of a batch, for `hc_jax.training.step.train_step`."""
@@ -197,6 +204,10 @@ class EllipseKind(Kind):
   value_shape: ClassVar[tuple[int, ...]] = (5,)
   predicts_ellipse: ClassVar[bool] = True
 
+  def needs_outlines(self, config):
+    del config
+    return 'an ellipse model'
+
   def loss_of(self, model, config):
     del model
     weight = config.get('ellipse_weight', 1.0)
@@ -248,6 +259,16 @@ class MaskKind(EllipseKind):
 
   def grid(self, model):
     return model.stride, model.margin // model.stride
+
+  def needs_outlines(self, config):
+    """A mask model with a mask term; a label-only one (only 'hc' and
+    'shape') trains from HC values."""
+    weights = dict(config.get('mask_loss', {}) or {})
+    if any(weights.get(term, 1.0 if term in ('bce', 'dice') else 0.0)
+           for term in ('bce', 'dice', 'ellipse')):
+      return ('a mask model with mask terms (mask_loss.bce, .dice or '
+              '.ellipse > 0)')
+    return ''
 
   def loss_of(self, model, config):
     stride, cells = self.grid(model)

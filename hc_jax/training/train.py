@@ -63,19 +63,18 @@ RESUME_MAY_CHANGE = (
 # What config.json records beside the config: the data a run trained on
 # (checked on resume against the data found now) and the layers it used.
 RECORDED_FIELDS = ('source_digest', 'content_digest', 'layers_resolved')
-# Fields added to the configs after runs were written without them, with the
-# value that trains as those runs did: a run whose config.json lacks one
-# resumes with a config that keeps that value.
-ADDED_FIELDS = {'mask_loss.shape': 0.0}
 # Fields that configs no longer have, and why: a config that sets one runs
 # with a one-line warning; a run's config.json that has one resumes.
 REMOVED_FIELDS = {'log_every_steps': 'progress is logged every 30 s'}
 MEMBERS_PER_CALL = ('auto', 'vmap', 'map')
+# Fields added to configs/default.py after runs were written without them:
+# a run whose config.json lacks one ran with this value.
+ADDED_FIELDS = {'mask_loss.shape': 0.0, 'data.folder': '', 'data.labels': ''}
 
 
 class _Rule:
-  """What one config field must be: `test(value)` and its description (a
-  string, or a function giving it when a message needs it)."""
+  """What one config field must be: `test(value)` and its description
+  (`what`: a string, or a function giving it when asked)."""
 
   def __init__(self, test, what):
     self.test, self._what = test, what
@@ -115,11 +114,13 @@ def _real(low: float = 0.0, *, above: bool = False,
   return _Rule(test, what)
 
 
-def _choice(options) -> _Rule:
-  """One of `options`, read when a config is checked: a name registered in
-  a registry (e.g. `models.MODELS`) at run time is one."""
-  return _Rule(lambda v: isinstance(v, str) and v in options,
-               lambda: f'one of {", ".join(sorted(options))}')
+def _choice(options, note: str = '') -> _Rule:
+  """One of `options` (a collection, or a function returning one), read
+  when a value is checked, never copied: a registry such as `losses.LOSSES`
+  may grow after this module is imported."""
+  current = options if callable(options) else lambda: options
+  return _Rule(lambda v: isinstance(v, str) and v in current(),
+               lambda: f'one of {", ".join(sorted(current()))}{note}')
 
 
 _FLAG = _Rule(lambda v: isinstance(v, bool), 'True or False')
@@ -135,12 +136,16 @@ CONFIG_RULES = {
     'model': _choice(models.MODELS),
     'dtype': _choice(('float32', 'bfloat16')),
     'layers': _choice(('auto', 'plain', 'fast')),
-    'loss': _choice(losses.LOSSES),
+    'loss': _choice(lambda: losses.LOSSES, ' (or a loss added with '
+                    'hc_jax.losses.register; --losses_module=FILE imports '
+                    'one)'),
     'huber_delta': _real(above=True),
     'ellipse_weight': _real(),
     'mask_loss.*': _real(),
     'init_from': _TEXT,
-    'data.source': _choice(('hc18', 'synthetic')),
+    'data.source': _choice(('hc18', 'synthetic', 'folder')),
+    'data.folder': _TEXT,
+    'data.labels': _TEXT,
     'data.hc18_dir': _TEXT,
     'data.num_synthetic': _integer(1),
     'data.prepared': _TEXT,
@@ -291,9 +296,8 @@ def check_resume(config, workdir: str) -> None:
     may_change.discard('num_epochs')
   saved = workdir_lib.flatten({k: v for k, v in saved.items()
                     if k not in RECORDED_FIELDS})
+  saved = {**ADDED_FIELDS, **saved}
   wanted = workdir_lib.flatten(json.loads(json.dumps(config.to_dict())))
-  saved = {**{key: value for key, value in ADDED_FIELDS.items()
-              if key in wanted}, **saved}
   for key in REMOVED_FIELDS:
     saved.pop(key, None)
     wanted.pop(key, None)

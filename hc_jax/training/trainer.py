@@ -27,6 +27,7 @@ from hc_jax.data import pipeline as data_lib
 from hc_jax.data import prepare
 from hc_jax.nets import layers as layers_lib
 from hc_jax.training import checkpoint
+from hc_jax.training import finetune
 from hc_jax.training import metric_log
 from hc_jax.training import step as step_lib
 
@@ -69,6 +70,10 @@ class Trainer:
         os.path.isfile(os.path.join(w, workdir_lib.RESULTS_FILE))
         for c, w in zip(configs, workdirs))
     self._check_same_data()
+    for member, split in zip(configs, self.data.split):
+      rows = np.concatenate([split['train'], split['val']])
+      step_lib.check_outlines(member, self.data.arrays['filename'][rows],
+                              self.data.arrays['ellipse'][rows])
     loss_keys = [(c.loss, c.huber_delta if c.loss == 'huber' else None)
                  for c in configs]
     unique = list(dict.fromkeys(loss_keys))
@@ -86,7 +91,11 @@ class Trainer:
     tx = step_lib.create_optimizer(config, int(self.data.steps.max()))
     self.init_states = [step_lib.create_train_state(config, model, k[0], tx)
                         for k in keys]
-    if config.get('init_from'):
+    if config.get('init_from') and finetune.is_shipped(config.init_from):
+      self.init_states = [finetune.load_into(s, config)
+                          for s in self.init_states]
+      log.info(f'initialised from {config.init_from}')
+    elif config.get('init_from'):
       from hc_jax.nets import pretrained  # pylint: disable=import-outside-toplevel
       self.init_states = [pretrained.load_into(s, config.init_from,
                                                config.model)
