@@ -55,6 +55,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'hcnet': hcnet.HCNet,  # hc_jax/nets/hcnet.py: the normalised HC, bounded.
     'hcnet_ellipse': hcnet.HCNetEllipse,  # An ellipse; nets/ellipse_head.py.
     'hcnet_mask': hcnet_mask.HCNetMask,  # A head mask; nets/mask_head.py.
+    # The same, trained from HC values alone (configs/hcnet_mask_label.py).
+    'hcnet_mask_label': hcnet_mask.HCNetMaskLabel,
 }
 
 # What a model's output is, as each model class declares it (`output_kind`):

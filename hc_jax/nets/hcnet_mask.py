@@ -198,3 +198,13 @@ class HCNetMask(nn.Module):
     logits = logits[:, :rows, :cols]
     return mask_head.geometry(logits, self.stride, cells, self.moments,
                               self.window_radius)
+
+
+class HCNetMaskLabel(HCNetMask):
+  """`HCNetMask` trained from HC values alone (configs/hcnet_mask_label.py).
+
+  The same network and outputs; registered under its own name so that what
+  depends on how it was trained follows it: its mask is not a filled head
+  (its moments give the skull's ellipse), so the quality signal of
+  `HCNetMask` (the mask's agreement with its own ellipse) says nothing here.
+  """
