@@ -1,8 +1,9 @@
 """Files changed behind hc_jax's back are noticed, not believed.
 
 A run's config.json edited after training (its checkpoint's manifest
-records the model config it trained with), and a damaged best checkpoint
-(one line that says what to do).
+records the model config it trained with), a damaged best checkpoint (one
+line that says what to do), and a wrong entry in the cache's
+file_hashes.json (checked against the bytes, not believed).
 """
 
 import json
@@ -18,6 +19,9 @@ import pytest
 from conftest import REPO
 from hc_jax import predict
 from hc_jax import workdir as workdir_lib
+from hc_jax.data import digests
+from hc_jax.data import prepare
+from hc_jax.data import synthetic
 from hc_jax.training import manifest
 from hc_jax.training import train
 
@@ -122,3 +126,28 @@ def test_a_damaged_best_checkpoint_says_what_to_do(run, tmp_path):
   assert 'damaged' in errors[0] and str(copy) in errors[0]
   assert 'train the run again' in errors[0] and 'restore it' in errors[0]
 
+
+def test_a_wrong_remembered_hash_is_checked_against_the_bytes(tmp_path,
+                                                              capsys):
+  """A damaged file_hashes.json entry that is still valid JSON neither
+  prepares a fresh copy under another digest nor makes the run's data look
+  other than it trained on; the entry is mended."""
+  root = str(tmp_path / 'hc18')
+  synthetic.write_hc18(root, num_train=12, num_test=4, seed=3)
+  cache = str(tmp_path / 'cache')
+  _, info = prepare.prepare(root, (32, 32), 'stretch', cache)
+  hashes_path = os.path.join(cache, digests.HASHES_FILE)
+  with open(hashes_path) as f:
+    hashes = json.load(f)
+  victim = sorted(hashes)[3]
+  hashes[victim][3] = '0' * 64  # Same size and times, another hash.
+  with open(hashes_path, 'w') as f:
+    json.dump(hashes, f)
+  capsys.readouterr()
+  _, again = prepare.prepare(root, (32, 32), 'stretch', cache)
+  assert again['content_digest'] == info['content_digest']
+  assert sorted(os.listdir(cache)) == sorted(
+      [digests.HASHES_FILE, f'hc18-{info["content_digest"]}'])
+  assert 'hashed them again' in capsys.readouterr().err
+  with open(hashes_path) as f:
+    assert json.load(f)[victim][3] != '0' * 64
