@@ -9,10 +9,13 @@ import sys
 import textwrap
 import time
 
+import numpy as np
+from PIL import Image
 import pytest
 
 from conftest import REPO
 from hc_jax import leftovers
+from hc_jax import predict
 from hc_jax.data import digests
 from hc_jax.data import prepare
 from hc_jax.data import synthetic
@@ -137,3 +140,36 @@ def test_the_hashes_file_leaves_no_temporary_files(tmp_path, sleeper):
   assert sorted(os.listdir(cache)) == sorted(
       [digests.HASHES_FILE, os.path.basename(live)])
 
+
+class _Stub:
+  predicts_ellipse = False
+  kind = 'hc'
+  trained_on_phantoms = False
+
+  def __call__(self, images, pixel_sizes_mm, **kwargs):
+    count = len(images)
+    return {'hc_px': np.full(count, 1000.0), 'hc_mm': np.full(count, np.nan),
+            'hc_mm_sd': np.full(count, np.nan),
+            'status': np.full(count, 'ok', object),
+            'message': np.full(count, '', object)}
+
+
+def test_predict_removes_the_temporary_csv_a_killed_predict_left(
+    tmp_path, monkeypatch, sleeper):
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  Image.fromarray(np.random.default_rng(0).integers(
+      0, 255, (40, 60), np.uint8)).save(scans / 'a.png')
+  out = tmp_path / 'out' / 'hc.csv'
+  out.parent.mkdir()
+  dead = out.parent / f'.hc.csv.{_dead_pid()}.tmp'
+  live = out.parent / f'.hc.csv.{sleeper}.tmp'
+  probe = out.parent / f'.hc_jax_probe.{_dead_pid()}.tmp'
+  other = out.parent / '.other.csv.1.tmp'  # Not predict's for this --out.
+  for path in (dead, live, probe, other):
+    path.write_text('')
+  monkeypatch.setattr(predict, 'load', lambda *a, **k: _Stub())
+  assert predict.main([f'--workdir={tmp_path}', f'--images={scans}',
+                       f'--out={out}']) == 0
+  assert sorted(os.listdir(out.parent)) == sorted(
+      ['hc.csv', live.name, other.name])
