@@ -38,11 +38,9 @@ DATA_CACHE_DIR = os.path.join('data', 'cache')
 ENSEMBLE_FIELDS = ('model', 'dtype', 'image_size', 'image_width',
                    'resize_mode')
 # Fields that make a trained model what it is to a prediction: its network,
-# input and preprocessing, and the data it learnt from ('data.source': HC18
-# or phantoms). The checkpoint manifest records their digest
+# input and preprocessing. The checkpoint manifest records their digest
 # (`model_config_digest`), so a config.json edited after training is seen.
-MODEL_CONFIG_FIELDS = ENSEMBLE_FIELDS + ('model_options', 'init_from',
-                                         'data.source')
+MODEL_CONFIG_FIELDS = ENSEMBLE_FIELDS + ('model_options', 'init_from')
 # Defaults of fields that older runs' config.json lacks.
 CONFIG_DEFAULTS = {'image_width': 0}  # 0: a square input.
 # results.json keys with the training set's HC range (absent in older runs).

@@ -75,7 +75,7 @@ def test_the_manifest_records_the_model_config(run):
 
 @pytest.mark.parametrize('changes', [
     {'resize_mode': 'letterbox'}, {'image_size': 48}, {'image_width': 48},
-    {'dtype': 'bfloat16'}, {'data': {'source': 'synthetic'}}])
+    {'dtype': 'bfloat16'}, {'model_options': {'conv_features': [8, 16]}}])
 def test_a_config_json_edited_after_training_is_refused(run, tmp_path,
                                                         changes):
   copy = _copy(run, tmp_path)
