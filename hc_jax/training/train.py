@@ -245,9 +245,9 @@ def _check_model_input(config, model) -> None:
   smallest = models.smallest_input(model)
   if min(height, width) < smallest:
     raise ValueError(
-        f'{config.model} needs an input of at least {smallest}x{smallest} px, '
-        f'got {height}x{width} (image_size={config.image_size}, '
-        f'image_width={config.get("image_width", 0)})')
+        f'{config.model} cannot take a {height}x{width} input (image_size='
+        f'{config.image_size}, image_width={config.get("image_width", 0)}): '
+        f'it needs at least {smallest}x{smallest} px')
   try:
     jax.eval_shape(functools.partial(model.init, train=False),
                    jax.random.key(0),
