@@ -82,9 +82,9 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
 def how_to_restore(path: str) -> str:
   """What to do about a damaged or changed archive at `path`."""
   if os.path.dirname(os.path.abspath(path)) == SHIPPED_DIR:
-    return ('reinstall hc_jax (pip install --force-reinstall hc_jax, or '
-            f'git checkout -- hc_jax/shipped/{os.path.basename(path)} in a '
-            'checkout)')
+    return ('reinstall hc_jax (in a checkout: git checkout -- '
+            f'hc_jax/shipped/{os.path.basename(path)}; otherwise pip install '
+            '--force-reinstall from where it came)')
   return 'export it again (python -m hc_jax.shipped) or restore it from a copy'
 
 
