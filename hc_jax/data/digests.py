@@ -120,13 +120,14 @@ def content_digest(root: str, hashes_path: str | None = None,
     recheck: hash every file, whatever `hashes_path` remembers, and
       remember the hashes found (the remembered ones may be wrong).
   """
-  return files_digest(_source_files(root), hashes_path)
+  return files_digest(_source_files(root), hashes_path, recheck)
 
 
 def files_digest(files: list[tuple[str, str]],
-                 hashes_path: str | None = None) -> str:
+                 hashes_path: str | None = None,
+                 recheck: bool = False) -> str:
   """A digest of the names and bytes of `files`, (name, path) pairs in
-  order; `hashes_path` as in `content_digest`."""
+  order; `hashes_path` and `recheck` as in `content_digest`."""
   hashes = _read_hashes(hashes_path) if hashes_path else {}
   digest = hashlib.sha256()
   changed = False
