@@ -178,11 +178,14 @@ def test_real_hc18_scans_cropped_to_their_sector_are_scan_like():
   paths = sorted(glob.glob(os.path.join(root, 'training_set', '*HC.png')))
   paths = paths[::max(1, len(paths) // 40)][:40]
   assert len(paths) == 40
+  cropped = 0
   for path in paths:
     crop = _cropped_to_the_sector(hc18.read_grayscale(path)[0])
     statistics = scan_likeness.statistics(crop)
-    assert statistics['dark_corners'] < scan_likeness.MIN_DARK_CORNERS
+    # A scan with dark fluid at every box's corner is taken by dark_corners.
+    cropped += statistics['dark_corners'] < scan_likeness.MIN_DARK_CORNERS
     assert scan_likeness.refusal(crop) is None, (path, statistics)
+  assert cropped >= 30  # Most: what dark_corners alone used to refuse.
 
 
 def test_photographs_and_gradients_without_dark_corners_are_still_refused():
