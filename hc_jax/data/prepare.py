@@ -476,6 +476,7 @@ def prepare_folder(directory: str, labels: str, out_hw, mode: str,
              f'{out_hw[0]}x{out_hw[1]} ({mode}) into {cache}, once')
   started = time.time()
   try:
+    leftovers.remove_stale(cache, 'prepared_')  # Of killed preparations.
     arrays = _from_records(records, out_hw, mode)
     info = {'format_version': FORMAT_VERSION,
             'source': os.path.abspath(directory),
