@@ -11,7 +11,10 @@ a float32 vector `[batch]`: one linear unit with no activation, so the output
 is in whatever units the targets are in (normalised head circumference in
 practice).
 
-Every model has two further attributes:
+Every model declares its smallest input, `smallest_input()` (height and
+width in px, `smallest_input(model)` here): a config asking for less is
+refused before any data is prepared. Every model has two further
+attributes:
 * `layers`: 'plain' (Flax's layers) or 'fast' (`hc_jax.nets.fast_layers`, tuned
   for XLA:CPU; the same variables, values and gradients). All layers come from
   `hc_jax.nets.layers.Layers`; `create_model` and `from_config` turn 'auto' into
@@ -85,6 +88,17 @@ def output_kind(model: Any) -> str:
     raise ValueError(f'model {cls.__name__} declares no output_kind (one of '
                      f'{", ".join(OUTPUT_KINDS)})')
   return kind
+
+
+def smallest_input(model: nn.Module) -> int:
+  """The smallest height and width (px) a built model takes, as its class
+  declares it (`smallest_input()`); `hc_jax.training.train` checks a
+  config's input against it before any data is prepared."""
+  declared = getattr(model, 'smallest_input', None)
+  if declared is None:
+    raise ValueError(f'model {type(model).__name__} declares no '
+                     'smallest_input()')
+  return int(declared())
 
 
 def create_model(name: str, layers: str = 'auto', **kwargs) -> nn.Module:

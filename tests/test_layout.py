@@ -8,9 +8,9 @@ from conftest import REPO
 
 PACKAGE = os.path.join(REPO, 'hc_jax')
 # What may sit at the top level: the commands and what they share.
-TOP_LEVEL = {'__init__', 'cli', 'cpu', 'cv_score', 'grid', 'log', 'losses',
-             'main', 'models', 'plots', 'predict', 'prepare', 'shipped',
-             'workdir'}
+TOP_LEVEL = {'__init__', 'cli', 'cpu', 'cv_score', 'grid', 'leftovers', 'log',
+             'losses', 'main', 'models', 'plots', 'predict', 'prepare',
+             'shifted', 'shipped', 'workdir'}
 PACKAGES = {'data', 'evaluation', 'nets', 'training'}
 
 

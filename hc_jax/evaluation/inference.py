@@ -162,6 +162,9 @@ class Predictor:
     mask_grid: a mask model's (stride, margin in cells), else None.
     trained_on_phantoms: whether a run trained on phantom scans
       (`data.source='synthetic'`, e.g. the demos) rather than HC18.
+    scan_check: whether to refuse images that do not look like an
+      ultrasound scan (`scan_likeness`); constant images and ones smaller
+      than the model input are refused either way.
   """
   runs: list[str]
   image_size: int
@@ -176,6 +179,7 @@ class Predictor:
   kind: str = 'hc'
   mask_grid: tuple[int, int] | None = None
   trained_on_phantoms: bool = False
+  scan_check: bool = True
 
   @property
   def predicts_ellipse(self) -> bool:
@@ -219,7 +223,7 @@ class Predictor:
     if spread < MIN_PIXEL_SD:
       return ('constant image' if spread == 0 else
               f'nearly constant image (pixel SD {spread:.2f})') + ': not a scan'
-    return scan_likeness.refusal(image)
+    return scan_likeness.refusal(image) if self.scan_check else None
 
   def preprocess(self, image: np.ndarray) -> np.ndarray:
     """The model input for one scan, exactly as training makes it.

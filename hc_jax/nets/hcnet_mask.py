@@ -137,6 +137,14 @@ class HCNetMask(nn.Module):
                            f'{", ".join(mask_head.MOMENT_MODES)}, got '
                            f'{self.moments!r}')
 
+  def smallest_input(self) -> int:
+    """The smallest height and width it takes: the image itself (not its
+    margin) must span at least two cells of the bottleneck, at
+    1/2^(len(widths) - 1) of the input; a smaller input still runs, on
+    little but the zero margin, and trains a useless mask (a 7x7 input
+    gave a 915 mm MAE)."""
+    return 2 ** len(self.widths)
+
   def _check(self, x):
     if x.ndim != 4:
       raise HCNetMaskError('expected images of shape [batch, height, width, '
