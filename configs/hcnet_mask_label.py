@@ -17,6 +17,7 @@ from configs import hcnet_mask
 
 def get_config():
   config = hcnet_mask.get_config()
+  config.model = 'hcnet_mask_label'  # hcnet_mask's network, its own name.
   config.loss = 'mae'
   config.mask_loss.bce = 0.0
   config.mask_loss.dice = 0.0

@@ -319,6 +319,26 @@ def usage_errors() -> tuple[type[BaseException], ...]:
   return (ValueError, FloatingPointError, FileNotFoundError)
 
 
+def quiet_closed_event_loop(previous_hook):
+  """A `sys.unraisablehook` that drops tensorstore's 'Event loop is closed'.
+
+  orbax closes its event loop as soon as one read or write of a checkpoint
+  fails (a damaged file, a full disk); the operations still in flight then
+  report that error, each with a traceback, when they finish, after the
+  one-line error was printed. Anything else goes to `previous_hook`.
+  """
+  if getattr(previous_hook, 'drops_closed_event_loop', False):
+    return previous_hook
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError)
+            and str(error) == 'Event loop is closed'):
+      previous_hook(unraisable)
+  hook.drops_closed_event_loop = True
+  return hook
+
+
 def run_main(fn: Callable[[], Any]) -> int:
   """Runs a command's body and returns its exit status.
 
@@ -334,8 +354,11 @@ def run_main(fn: Callable[[], Any]) -> int:
     the errors of `usage_errors()` (an hc18.HC18Error adds its list of bad
     files, one a line) and for a file system that refuses or loses what the
     command writes (`log.storage_error_text`: read-only, permission denied,
-    full, removed); 130 after `error: interrupted` for Ctrl-C.
+    full, removed); 130 after `error: interrupted` for Ctrl-C. orbax's
+    late 'Event loop is closed' reports (`quiet_closed_event_loop`) are
+    dropped from then on, to the end of the process.
   """
+  sys.unraisablehook = quiet_closed_event_loop(sys.unraisablehook)
   try:
     status = fn()
   except usage_errors() as e:

@@ -15,7 +15,10 @@ Every model class declares its output kind (`output_kind`, a
 `hc_jax.nets.kinds.Kind`: HC, ellipse or mask), which says how its outputs
 become a loss, an HC, an ellipse and a quality; `kind_of` reads it.
 
-Every model has two further attributes:
+Every model declares its smallest input, `smallest_input()` (height and
+width in px, `smallest_input(model)` here): a config asking for less is
+refused before any data is prepared. Every model has two further
+attributes:
 * `layers`: 'plain' (Flax's layers) or 'fast' (`hc_jax.nets.fast_layers`, tuned
   for XLA:CPU; the same variables, values and gradients). All layers come from
   `hc_jax.nets.layers.Layers`; `create_model` and `from_config` turn 'auto' into
@@ -60,6 +63,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'hcnet': hcnet.HCNet,  # hc_jax/nets/hcnet.py: the normalised HC, bounded.
     'hcnet_ellipse': hcnet.HCNetEllipse,  # An ellipse; nets/ellipse_head.py.
     'hcnet_mask': hcnet_mask.HCNetMask,  # A head mask; nets/mask_head.py.
+    # The same, trained from HC values alone (configs/hcnet_mask_label.py).
+    'hcnet_mask_label': hcnet_mask.HCNetMaskLabel,
 }
 
 # The names of the output kinds (`hc_jax.nets.kinds.KINDS`).
@@ -98,6 +103,17 @@ def output_kind(model: Any) -> str:
   """The name of a model's declared output kind ('hc', 'ellipse', 'mask');
   `kind_of` gives the kind object."""
   return kind_of(model).name
+
+
+def smallest_input(model: nn.Module) -> int:
+  """The smallest height and width (px) a built model takes, as its class
+  declares it (`smallest_input()`); `hc_jax.training.train` checks a
+  config's input against it before any data is prepared."""
+  declared = getattr(model, 'smallest_input', None)
+  if declared is None:
+    raise ValueError(f'model {type(model).__name__} declares no '
+                     'smallest_input()')
+  return int(declared())
 
 
 def create_model(name: str, layers: str = 'auto', **kwargs) -> nn.Module:

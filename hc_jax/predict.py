@@ -57,8 +57,10 @@ Every row has a `status` and, unless ok, a `message` saying why:
   refused      not a scan: a (nearly) constant image, one smaller than the
                model input, or one that does not look like an ultrasound
                scan (`hc_jax.evaluation.scan_likeness`: too few grey levels, neighbouring
-               pixels uncorrelated as in noise, or no dark background in two
-               corners); nothing is predicted.
+               pixels uncorrelated as in noise, or neither a dark background
+               in two corners nor speckle in its fine texture); nothing is
+               predicted. `--no-scan-check` measures what only that last
+               check would refuse.
   error        the file cannot be used: missing, unreadable, a symbolic link
                loop, corrupt, not an 8-bit PNG, JPEG, TIFF or BMP, or a
                DICOM that cannot be decoded here.
@@ -145,14 +147,18 @@ EXIT_OK, EXIT_FLAGGED, EXIT_USAGE = 0, 1, 2
 
 
 def write_rows(path: str, rows: Sequence[dict],
-               columns: Sequence[str] = COLUMNS) -> None:
+               columns: Sequence[str] = COLUMNS, unchanged_since=False) -> None:
   """Writes the prediction CSV atomically: `COLUMNS`, and for an ellipse
   model `COLUMNS + ELLIPSE_COLUMNS`.
 
+  Args:
+    unchanged_since: see `scan_files.write_csv` (False: not checked).
+
   Raises:
-    PredictError: when it cannot be written; nothing is left behind.
+    PredictError: when it cannot be written, or another process wrote it
+      since `unchanged_since`; nothing is left behind.
   """
-  scan_files.write_csv(path, columns, rows, '--out')
+  scan_files.write_csv(path, columns, rows, '--out', unchanged_since)
 
 
 _DESCRIPTION = 'Predict HC (and gestational age) for new scans.'
@@ -165,8 +171,8 @@ status of each row (the CSV's `status`; `message` says why unless ok):
                range, or what fits in the image (each widened by
                {inference.RANGE_MARGIN:.0%}); HC is written, no gestational age
   refused      not a scan: (nearly) constant, smaller than the model input,
-               or not like an ultrasound scan (few grey levels, noise, no
-               dark background in two corners)
+               or not like an ultrasound scan (few grey levels, noise,
+               neither dark corners nor speckle; --no-scan-check: measured)
   error        missing, unreadable, corrupt or not an 8-bit PNG, JPEG,
                TIFF or BMP file, or a DICOM that cannot be decoded here
                (a scan without a row in the pixel-size CSV keeps its HC in
@@ -272,6 +278,12 @@ def _parse_args(argv):
   parser.add_argument('--submission',
                       help='also write the HC18 challenge CSV (ellipse '
                       'models; every pixel size needed), see below')
+  parser.add_argument('--no-scan-check', '--no_scan_check',
+                      dest='scan_check', action='store_false',
+                      help='measure images that do not look like an '
+                      'ultrasound scan instead of refusing them (for scans '
+                      'you know to be ones; constant images and ones '
+                      'smaller than the model input are still refused)')
   return parser.parse_args(argv)
 
 
@@ -341,6 +353,7 @@ def _predict(args: argparse.Namespace) -> int:
         'TensorFlow start in about 10 s)...', file=sys.stderr, flush=True)
   predictor = (load(args.workdir) if args.workdir else
                load(model=args.model))  # None: the default shipped one.
+  predictor.scan_check = args.scan_check
   if args.submission and not predictor.predicts_ellipse:
     raise workdir_lib.PredictError(
         '--submission needs a model that predicts the '
@@ -427,6 +440,9 @@ def _check_outputs(args, files: dict[str, str]) -> None:
           f'{flag} {target} is one of the input scans; '
           'not overwritten')
   _check_not_theirs(args.out, '--out', 'filename,pixel_size_mm', args)
+  # What they are now: a predict that finishes first is not overwritten.
+  args.out_state = scan_files.file_state(args.out)
+  args.submission_state = scan_files.file_state(args.submission or '')
   if args.submission:
     _check_not_theirs(args.submission, '--submission',
                       ','.join(scan_files.SUBMISSION_COLUMNS[:2]), args)
@@ -461,11 +477,12 @@ def _write_outputs(args, predictor, rows: list[dict],
       row['message'] = '; '.join(filter(None, (row['message'],
                                                PHANTOM_NOTE)))
   write_rows(args.out, rows, COLUMNS + kinds.get(predictor.kind).columns + (
-      DICOM_COLUMNS if infos else ()))
+      DICOM_COLUMNS if infos else ()), getattr(args, 'out_state', False))
   missing = [row['filename'] for row in rows
              if row['filename'] not in ellipses_mm]
   if args.submission and not missing:
-    scan_files.write_submission(args.submission, ellipses_mm)
+    scan_files.write_submission(args.submission, ellipses_mm,
+                                getattr(args, 'submission_state', False))
   return missing
 
 
@@ -657,22 +674,5 @@ class Progress:
       self.stream.flush()
 
 
-def quiet_closed_event_loop(previous_hook):
-  """A `sys.unraisablehook` that drops tensorstore's 'Event loop is closed'.
-
-  orbax closes its event loop as soon as one read of a damaged checkpoint
-  fails; reads still in flight then report that error, with a traceback,
-  when they finish, after the one-line error was printed. Anything else goes
-  to `previous_hook`.
-  """
-  def hook(unraisable):
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError)
-            and str(error) == 'Event loop is closed'):
-      previous_hook(unraisable)
-  return hook
-
-
 if __name__ == '__main__':
-  sys.unraisablehook = quiet_closed_event_loop(sys.unraisablehook)
   sys.exit(main())

@@ -1,7 +1,9 @@
-"""Writes the "other machine" copy of HC18 (hc_jax/data/shift.py says what
-changes: gain curve, blur, zoomed out with a border, JPEG artefacts).
+"""Writes a shifted copy of HC18: "another machine" (gain curve, blur, zoomed
+out with a border, JPEG artefacts) or re-framed (zoomed in or out, cut to
+the sector); hc_jax/data/shift.py says exactly what changes.
 
   python -m hc_jax.shifted --out=hc18_other_machine [--hc18_dir=DIR]
+  python -m hc_jax.shifted --how=reframed --out=hc18_reframed
 
 The copy is in the HC18 layout (training set only, no annotations), for
 measuring a model's transfer (`python -m hc_jax.cv_score
@@ -24,6 +26,11 @@ def main(argv=None) -> int:
       prog='python -m hc_jax.shifted', description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', required=True,
                       help='a new directory for the copy')
+  parser.add_argument('--how', choices=('other_machine', 'reframed'),
+                      default='other_machine',
+                      help='another machine (gain, blur, zoomed out, JPEG) or '
+                      're-framed (zoom in/out, cut to the sector); '
+                      'hc_jax/data/shift.py')
   parser.add_argument('--hc18_dir', default='',
                       help='HC18 in the Zenodo layout (default: $HC18_DIR or '
                       '../shared/hc18)')
@@ -34,7 +41,7 @@ def main(argv=None) -> int:
     if not root:
       raise ValueError('HC18 not found: pass --hc18_dir=DIR or set HC18_DIR')
     started = time.time()
-    count = shift.write(root, args.out)
+    count = shift.write(root, args.out, args.how)
     log.status(f'wrote {count} shifted scans to {args.out} in '
                f'{time.time() - started:.0f} s')
     return 0

@@ -2,6 +2,12 @@
 finished fold runs.
 
   python -m hc_jax.shipped --workdir=runs/final/hcnet_mask --out=FILE.npz
+  python -m hc_jax.shipped --add-digest=FILE.npz   # an older archive
+
+An archive records the digest of its arrays (`archive.DIGEST_KEY`), which
+loading checks. `--add-digest` gives one to an archive exported before
+digests were recorded: the same arrays, written anew with the digest in
+their `meta` (it refuses an archive that has one).
 """
 
 import argparse
@@ -108,9 +114,45 @@ def export(workdir: str, out: str, name: str | None = None,
       'cv': pooled_cv(run_dirs),
       'provenance': PROVENANCE,
   }
+  meta[archive_lib.DIGEST_KEY] = archive_lib.arrays_digest(arrays)
   arrays['meta'] = np.array(json.dumps(meta, sort_keys=True))
   _write_archive(out, arrays)
   return meta
+
+
+def add_digest(path: str) -> str:
+  """Records the digest of an older archive's arrays in its `meta`, the
+  arrays unchanged; returns the digest.
+
+  Raises:
+    PredictError: not a readable archive, or one that has a digest already.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      arrays = {key: archive[key] for key in archive.files}
+    meta = json.loads(str(arrays['meta']))
+    if not isinstance(meta, dict) or meta.get('format') != archive_lib.FORMAT:
+      raise ValueError(f'format {meta.get("format")!r}, expected '
+                       f'{archive_lib.FORMAT!r}')
+  except Exception as e:  # pylint: disable=broad-except  # Any damage.
+    raise workdir_lib.PredictError(
+        f'{path}: not a readable shipped model ({e})') from None
+  if archive_lib.DIGEST_KEY in meta:
+    raise workdir_lib.PredictError(
+        f'{path} records a digest already; not changed')
+  meta[archive_lib.DIGEST_KEY] = archive_lib.arrays_digest(arrays)
+  arrays['meta'] = np.array(json.dumps(meta, sort_keys=True))
+  tmp = path + '.digest.tmp' + archive_lib.ARCHIVE_SUFFIX
+  if os.path.lexists(tmp):
+    os.unlink(tmp)  # Left by a killed call: only this function writes it.
+  _write_archive(tmp, arrays)
+  try:
+    os.replace(tmp, path)
+  except OSError as e:
+    os.unlink(tmp)
+    raise workdir_lib.PredictError(
+        f'{path} cannot be replaced ({e.strerror or e})') from None
+  return meta[archive_lib.DIGEST_KEY]
 
 
 def _write_archive(out: str, arrays: dict[str, np.ndarray]) -> None:
@@ -141,14 +183,25 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m hc_jax.shipped',
       description='Write the shipped-model archive of finished runs.')
-  parser.add_argument('--workdir', required=True,
+  parser.add_argument('--workdir',
                       help='a finished run or a directory of fold runs')
-  parser.add_argument('--out', required=True, help='the .npz to write')
+  parser.add_argument('--out', help='the .npz to write')
+  parser.add_argument('--add-digest', '--add_digest', dest='add_digest',
+                      metavar='FILE.npz',
+                      help='record the digest of an older archive\'s arrays '
+                      'in it (nothing else changes)')
   parser.add_argument('--name', help='the model name (default: from --out)')
   parser.add_argument('--float16', action='store_true',
                       help='store the floats as float16')
   args = parser.parse_args(argv)
   from hc_jax import cli  # pylint: disable=import-outside-toplevel
+  if args.add_digest:
+    if args.workdir or args.out:
+      parser.error('--add-digest takes no --workdir or --out')
+    return cli.run_main(lambda: print(
+        f'{args.add_digest}: digest {add_digest(args.add_digest)} recorded'))
+  if not args.workdir or not args.out:
+    parser.error('--workdir and --out are required')
   cli.quiet_logs()  # Before TensorFlow is imported.
   if not args.out.endswith(archive_lib.ARCHIVE_SUFFIX):
     parser.error(f'--out must end in {archive_lib.ARCHIVE_SUFFIX}')

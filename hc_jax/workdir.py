@@ -8,6 +8,7 @@ defined here; `hc_jax.training` writes them, `hc_jax.evaluation` and the
 commands read them.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -36,6 +37,10 @@ DATA_CACHE_DIR = os.path.join('data', 'cache')
 # model and one preprocessing.
 ENSEMBLE_FIELDS = ('model', 'dtype', 'image_size', 'image_width',
                    'resize_mode')
+# Fields that make a trained model what it is to a prediction: its network,
+# input and preprocessing. The checkpoint manifest records their digest
+# (`model_config_digest`), so a config.json edited after training is seen.
+MODEL_CONFIG_FIELDS = ENSEMBLE_FIELDS + ('model_options', 'init_from')
 # Defaults of fields that older runs' config.json lacks.
 CONFIG_DEFAULTS = {'image_width': 0}  # 0: a square input.
 # results.json keys with the training set's HC range (absent in older runs).
@@ -208,6 +213,17 @@ def read_run_config(workdir: str) -> dict[str, Any] | None:
     raise ValueError(f'{path} holds no config; move {workdir} away to start '
                      'over')
   return saved
+
+
+def model_config_digest(config: dict[str, Any]) -> str:
+  """A digest of a run's config (as config.json holds it) over
+  `MODEL_CONFIG_FIELDS`, `CONFIG_DEFAULTS` filled in."""
+  flat = flatten({**CONFIG_DEFAULTS, **config})
+  chosen = {key: value for key, value in flat.items()
+            if any(key == field or key.startswith(field + '.')
+                   for field in MODEL_CONFIG_FIELDS)}
+  text = json.dumps(chosen, sort_keys=True, default=repr)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -130,10 +130,20 @@ def test_grey_values_of_each_photometric_interpretation(tmp_path):
     ({'SequenceOfUltrasoundRegions': [_region(0, 0, 5, 15, 0.05),
                                       _region(6, 2, 15, 12, 0.02)]},
      0.2, 'ultrasound_region', ''),
-    # None holds the centre: the largest.
+    # None holds the centre: no region clearly holds the scan, no mm.
     ({'SequenceOfUltrasoundRegions': [_region(0, 0, 3, 3, 0.05),
                                       _region(12, 0, 19, 15, 0.03)]},
-     0.3, 'ultrasound_region', ''),
+     None, '', 'none of its 2 ultrasound region(s) holds the image centre'),
+    ({'SequenceOfUltrasoundRegions': [_region(12, 0, 19, 15, 0.03)]},
+     None, '', 'none of its 1 ultrasound region(s) holds the image centre'),
+    # Two central regions in cm that disagree: no mm either.
+    ({'SequenceOfUltrasoundRegions': [_region(0, 0, 19, 15, 0.01),
+                                      _region(5, 5, 14, 10, 0.02)]},
+     None, '', '2 ultrasound regions in cm hold the image centre'),
+    # ... but agreeing ones (a region nested in another) give it.
+    ({'SequenceOfUltrasoundRegions': [_region(0, 0, 19, 15, 0.02),
+                                      _region(5, 5, 14, 10, 0.02)]},
+     0.2, 'ultrasound_region', ''),
     # Of two central regions, the one in cm (a Doppler trace is in seconds).
     ({'SequenceOfUltrasoundRegions': [_region(0, 0, 19, 15, 0.01, units=4),
                                       _region(5, 5, 14, 10, 0.02)]},

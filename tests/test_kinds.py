@@ -54,6 +54,9 @@ class ToyModel(nn.Module):
   layers: str = 'plain'
   dtype: Any = jnp.float32
 
+  def smallest_input(self) -> int:
+    return 1
+
   @nn.compact
   def __call__(self, x, train):
     h = nn.BatchNorm(use_running_average=not train)(x.mean((1, 2)))
@@ -87,6 +90,17 @@ def test_a_variant_kind_selects_another_quality_signal_and_threshold():
   assert variant.columns == kinds.MASK.columns
   assert variant.grid(models.create_model('hcnet_mask')) == (2, 4)
   assert variant.quality.min_value == 0.9 and kinds.MASK.quality.min_value > .9
+
+
+def test_the_label_only_mask_model_is_the_mask_kind_without_its_signal():
+  kind = models.kind_of('hcnet_mask_label')
+  assert kind is kinds.MASK_LABEL and kind.quality is None
+  assert isinstance(kind, kinds.MaskKind)
+  assert kind.columns == kinds.ELLIPSE_COLUMNS
+  config = ml_collections.ConfigDict({'model': 'hcnet_mask_label',
+                                      'mask_loss': {'bce': 0.0, 'dice': 0.0}})
+  assert not kind.needs_outlines(config)
+  assert kinds.MASK.needs_outlines(ml_collections.ConfigDict({}))
 
 
 def test_the_toy_kind_trains_through_the_pure_step(toy_registered):

@@ -9,14 +9,15 @@ from conftest import REPO
 
 PACKAGE = os.path.join(REPO, 'hc_jax')
 # What may sit at the top level: the commands and what they share.
-TOP_LEVEL = {'__init__', 'cli', 'cpu', 'cv_score', 'grid', 'log', 'losses',
-             'main', 'metrics', 'models', 'plots', 'predict', 'prepare',
-             'shifted', 'shipped', 'workdir'}
+TOP_LEVEL = {'__init__', 'cli', 'cpu', 'cv_score', 'grid', 'leftovers', 'log',
+             'losses', 'main', 'metrics', 'models', 'plots', 'predict',
+             'prepare', 'shifted', 'shipped', 'workdir'}
 PACKAGES = {'data', 'evaluation', 'nets', 'training'}
 # The layers, bottom first: a module imports its own layer and those below,
 # never one above. A top-level module or a package is named without hc_jax.
 LAYERS = (
-    {'__init__', 'cpu', 'log', 'losses', 'metrics', 'workdir'},  # Helpers.
+    {'__init__', 'cpu', 'leftovers', 'log', 'losses', 'metrics',
+     'workdir'},  # Helpers.
     {'data'},
     {'nets'},
     {'models'},  # The registry of the networks.

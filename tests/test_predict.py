@@ -393,7 +393,8 @@ def test_late_closed_event_loop_errors_are_dropped():
   """Only the command line's one-line error is printed for a damaged
   checkpoint, not tensorstore's late reports from orbax's closed loop."""
   seen = []
-  hook = predict.quiet_closed_event_loop(seen.append)
+  from hc_jax import cli  # pylint: disable=import-outside-toplevel
+  hook = cli.quiet_closed_event_loop(seen.append)
   for error in (RuntimeError('Event loop is closed'), RuntimeError('other'),
                 ValueError('Event loop is closed')):
     hook(types.SimpleNamespace(exc_type=type(error), exc_value=error,

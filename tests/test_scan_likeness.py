@@ -153,3 +153,79 @@ def test_real_hc18_scans_are_scan_like():
     image, _ = hc18.read_grayscale(path)
     assert scan_likeness.refusal(image) is None, (path, scan_likeness
                                                   .statistics(image))
+
+
+def _cropped_to_the_sector(image):
+  """The largest centred box of a scan whose corners are tissue, not the
+  dark background: a scan exported cropped to its sector."""
+  height, width = image.shape
+  crops = []
+  for share in np.linspace(0.9, 0.2, 36):
+    rows, cols = int(height * share / 2), int(width * share / 2)
+    crops.append(image[height // 2 - rows:height // 2 + rows,
+                       width // 2 - cols:width // 2 + cols])
+    if scan_likeness.dark_corners(crops[-1]) < 0.2:
+      return crops[-1]
+  return min(crops, key=scan_likeness.dark_corners)  # Dark fluid at a corner.
+
+
+def test_real_hc18_scans_cropped_to_their_sector_are_scan_like():
+  """Without dark corners (the fan cropped away) a real scan is still taken
+  for one: its texture is speckle."""
+  root = hc18.default_dir()
+  if not root:
+    pytest.skip('HC18 not found (set HC18_DIR or put it at ../shared/hc18)')
+  paths = sorted(glob.glob(os.path.join(root, 'training_set', '*HC.png')))
+  paths = paths[::max(1, len(paths) // 40)][:40]
+  assert len(paths) == 40
+  cropped = 0
+  for path in paths:
+    crop = _cropped_to_the_sector(hc18.read_grayscale(path)[0])
+    statistics = scan_likeness.statistics(crop)
+    # A scan with dark fluid at every box's corner is taken by dark_corners.
+    cropped += statistics['dark_corners'] < scan_likeness.MIN_DARK_CORNERS
+    assert scan_likeness.refusal(crop) is None, (path, statistics)
+  assert cropped >= 30  # Most: what dark_corners alone used to refuse.
+
+
+def test_photographs_and_gradients_without_dark_corners_are_still_refused():
+  matplotlib = pytest.importorskip('matplotlib')
+  data = os.path.join(os.path.dirname(matplotlib.__file__), 'mpl-data',
+                      'sample_data')
+  for name in ('grace_hopper.jpg', 'Minduka_Present_Blue_Pack.png'):
+    photo = np.asarray(Image.open(os.path.join(data, name)).convert('L'))
+    reason = scan_likeness.refusal(photo)
+    assert reason and 'no speckle' in reason, (name, reason)
+  y, x = np.mgrid[0:540, 0:800]
+  for gradient in (x * 255 // 799, 127 + 127 * np.sin(x / 40) * np.cos(
+      y / 30), y * 255 // 539):
+    gradient = np.asarray(gradient).astype(np.uint8)
+    assert NOT_A_SCAN in scan_likeness.refusal(gradient)
+    assert np.isnan(scan_likeness.speckle_correlation(gradient))
+  # Noise cropped to any frame stays refused, on its correlation.
+  noise = _non_scans()['noise.png'][100:300, 200:500]
+  assert 'uncorrelated' in scan_likeness.refusal(noise)
+
+
+def test_no_scan_check_measures_what_the_check_would_refuse(monkeypatch,
+                                                           tmp_path):
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  Image.fromarray(_non_scans()['gradient.png']).save(scans / 'gradient.png')
+  Image.fromarray(np.full((64, 64), 90, np.uint8)).save(scans / 'flat.png')
+  Image.fromarray(_phantom(20, 20)).save(scans / 'small.png')
+  monkeypatch.setattr(predict, 'load', lambda workdir: _stub())
+  rows = {}
+  for flags in ((), ('--no-scan-check',)):
+    out = tmp_path / f'hc{len(flags)}.csv'
+    predict.main([f'--workdir={tmp_path}', f'--images={scans}',
+                  f'--out={out}', *flags])
+    with open(out, newline='') as f:
+      rows[flags] = {row['filename']: row for row in csv.DictReader(f)}
+  assert rows[()]['gradient.png']['status'] == 'refused'
+  measured = rows[('--no-scan-check',)]
+  assert measured['gradient.png']['status'] != 'refused'
+  assert measured['gradient.png']['hc_px'] != ''
+  # What cannot be measured at all is refused either way.
+  assert measured['flat.png']['status'] == 'refused'
+  assert measured['small.png']['status'] == 'refused'

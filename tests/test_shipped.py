@@ -194,3 +194,84 @@ def test_a_huge_image_gets_a_plain_reason_not_an_inverted_range():
   status, _ = predictor._check(  # pylint: disable=protected-access
       1000.0, math.nan, math.nan, (540, 800), 10.0)
   assert status == 'ok'
+
+
+def test_the_shipped_archives_record_the_digest_of_their_arrays():
+  for name in archive_lib.names():
+    path = archive_lib.path_of(name)
+    with np.load(path, allow_pickle=False) as archive:
+      arrays = {key: archive[key] for key in archive.files}
+    meta = json.loads(str(arrays['meta']))
+    assert meta[archive_lib.DIGEST_KEY] == archive_lib.arrays_digest(arrays)
+  assert 'reinstall hc_jax' in archive_lib.how_to_restore(
+      archive_lib.path_of(archive_lib.DEFAULT_MODEL))
+
+
+def _copy_of_the_shipped_model(tmp_path):
+  copy = tmp_path / 'hcnet_mask.npz'
+  with open(archive_lib.path_of(archive_lib.DEFAULT_MODEL), 'rb') as f:
+    copy.write_bytes(f.read())
+  return copy
+
+
+@pytest.mark.parametrize('damage', ['flipped', 'truncated', 'weights'])
+def test_a_damaged_or_changed_archive_is_refused(tmp_path, damage):
+  copy = _copy_of_the_shipped_model(tmp_path)
+  data = bytearray(copy.read_bytes())
+  if damage == 'flipped':  # A few bytes inside the compressed weights.
+    for i in range(len(data) // 2, len(data) // 2 + 4):
+      data[i] ^= 0xFF
+    copy.write_bytes(bytes(data))
+  elif damage == 'truncated':
+    copy.write_bytes(bytes(data[:len(data) // 3]))
+  else:  # A valid archive whose weights were changed.
+    with np.load(copy, allow_pickle=False) as archive:
+      arrays = {key: archive[key] for key in archive.files}
+    key = sorted(k for k in arrays if '/params/' in k)[0]
+    arrays[key] = arrays[key] * np.float16(1.01)
+    np.savez_compressed(copy, **arrays)
+  with pytest.raises(workdir_lib.PredictError) as error:
+    archive_lib.read(str(copy))
+  message = str(error.value)
+  assert str(copy) in message and 'export it again' in message, message
+  assert ('weights differ' if damage == 'weights' else 'damaged') in message
+
+
+def test_the_command_line_refuses_a_damaged_archive_in_one_line(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  copy = _copy_of_the_shipped_model(tmp_path)
+  data = bytearray(copy.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  copy.write_bytes(bytes(data))
+  result = subprocess.run(
+      [sys.executable, '-m', 'hc_jax.predict', f'--workdir={copy}',
+       '--samples', f'--out={tmp_path / "hc.csv"}'], cwd=REPO,
+      capture_output=True, text=True, check=False)
+  assert result.returncode == 2, result.stderr
+  assert 'Traceback' not in result.stderr, result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and str(copy) in errors[0], result.stderr
+  assert not (tmp_path / 'hc.csv').exists()
+
+
+def test_an_archive_without_a_digest_loads_with_a_warning(tmp_path, capsys):
+  copy = _copy_of_the_shipped_model(tmp_path)
+  with np.load(copy, allow_pickle=False) as archive:
+    arrays = {key: archive[key] for key in archive.files}
+  meta = json.loads(str(arrays['meta']))
+  del meta[archive_lib.DIGEST_KEY]  # As exported by an older hc_jax.
+  arrays['meta'] = np.array(json.dumps(meta))
+  np.savez_compressed(copy, **arrays)
+  capsys.readouterr()
+  assert archive_lib.read(str(copy)).members == meta['members']
+  assert 'records no digest' in capsys.readouterr().err
+  assert shipped.main([f'--add-digest={copy}']) == 0
+  assert archive_lib.read(str(copy)).members == meta['members']
+  assert 'records no digest' not in capsys.readouterr().err
+  with np.load(copy, allow_pickle=False) as archive:
+    for key in arrays:
+      if key != 'meta':
+        np.testing.assert_array_equal(archive[key], arrays[key])
+  assert shipped.main([f'--add-digest={copy}']) == 2
+  assert 'records a digest already' in capsys.readouterr().err

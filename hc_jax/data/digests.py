@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 
+from hc_jax import leftovers
 from hc_jax.data import hc18
 
 # In the cache directory: each source file's SHA-256 by path, size and times.
@@ -91,7 +92,8 @@ def _read_hashes(path: str) -> dict[str, list]:
 
 def _write_hashes(path: str, hashes: dict[str, list]) -> None:
   """Best effort: without the file, files are only hashed again."""
-  tmp = f'{path}.{os.getpid()}.tmp'
+  leftovers.remove_stale(os.path.dirname(path), os.path.basename(path))
+  tmp = leftovers.tmp_name(path)
   try:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(tmp, 'w') as f:
@@ -102,7 +104,8 @@ def _write_hashes(path: str, hashes: dict[str, list]) -> None:
       os.remove(tmp)
 
 
-def content_digest(root: str, hashes_path: str | None = None) -> str:
+def content_digest(root: str, hashes_path: str | None = None,
+                   recheck: bool = False) -> str:
   """A digest of the bytes of every file of an HC18 directory.
 
   It changes with any change to a file's content, even one that keeps the
@@ -114,14 +117,17 @@ def content_digest(root: str, hashes_path: str | None = None) -> str:
     hashes_path: a JSON file remembering each file's SHA-256 by its path,
       size, mtime_ns and ctime_ns (None: hash every file); a file whose four
       are unchanged is not read again.
+    recheck: hash every file, whatever `hashes_path` remembers, and
+      remember the hashes found (the remembered ones may be wrong).
   """
-  return files_digest(_source_files(root), hashes_path)
+  return files_digest(_source_files(root), hashes_path, recheck)
 
 
 def files_digest(files: list[tuple[str, str]],
-                 hashes_path: str | None = None) -> str:
+                 hashes_path: str | None = None,
+                 recheck: bool = False) -> str:
   """A digest of the names and bytes of `files`, (name, path) pairs in
-  order; `hashes_path` as in `content_digest`."""
+  order; `hashes_path` and `recheck` as in `content_digest`."""
   hashes = _read_hashes(hashes_path) if hashes_path else {}
   digest = hashlib.sha256()
   changed = False
@@ -131,12 +137,13 @@ def files_digest(files: list[tuple[str, str]],
       stat = os.stat(path)
       signature = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
       entry = hashes.get(key)
-      if isinstance(entry, list) and entry[:3] == signature:
+      if (not recheck and isinstance(entry, list) and len(entry) == 4
+          and entry[:3] == signature):
         file_hash = entry[3]
       else:
         file_hash = _sha256_file(path)
+        changed = changed or entry != signature + [file_hash]
         hashes[key] = signature + [file_hash]
-        changed = True
     except OSError as e:  # Missing or unreadable: the check reports it.
       file_hash = f'unreadable ({type(e).__name__})'
     digest.update(f'{name}:{file_hash}\n'.encode())

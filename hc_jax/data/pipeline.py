@@ -108,10 +108,13 @@ def prepared_arrays(config, workdir: str
   if config.data.source == 'folder':
     return prepare.prepare_folder(root, config.data.get('labels', ''), shape,
                                   config.resize_mode, cache_dir)
-  if config.data.source == 'synthetic':
+  cache_flag = '--config.data.cache_dir'
+  if config.data.source == 'synthetic':  # Its own cache, in the workdir.
     write_phantoms(config, root)
     cache_dir = os.path.join(workdir, workdir_lib.DATA_CACHE_DIR)
-  return prepare.prepare(root, shape, config.resize_mode, cache_dir)
+    cache_flag = 'in the workdir, --workdir'
+  return prepare.prepare(root, shape, config.resize_mode, cache_dir,
+                         cache_flag)
 
 
 def fold_assignment(config, filenames, hc_mm, workdir: str,

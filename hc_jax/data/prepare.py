@@ -31,10 +31,18 @@ rewritten one is prepared again. Reading a cached or exported .npz needs NumPy o
 without TensorFlow trains from `--config.data.prepared=FILE.npz`, written by
 
   python -m hc_jax.prepare --config=configs/resnet_mse.py --out=export/
+
+Processes preparing into one cache directory at once (two runs started
+together on a fresh cache) take turns: the build holds `BUILD_LOCK` there (an
+flock, released when the process ends however it ends), and the second
+process, once it has the lock, reads what the first prepared. The process
+holding the lock removes what killed builds left (TFDS's `incomplete.*`
+folders and `prepared_*` temporary files, `hc_jax.leftovers`).
 """
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -44,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from hc_jax import leftovers
 from hc_jax import log
 from hc_jax.data import digests
 from hc_jax.data import hc18
@@ -56,6 +65,10 @@ ARRAY_FIELDS = {
 }
 RESIZE_MODES = ('stretch', 'letterbox')
 DOWNLOAD_DIGEST = 'zenodo-1327317'
+# In a cache's hc18-<digest>/ folder: held (flock) while it is prepared.
+BUILD_LOCK = '.prepare.lock'
+# What TFDS names a build it has not finished, in tfds/<name>/.
+_TFDS_INCOMPLETE = 'incomplete.'
 
 
 class PreparedError(ValueError):
@@ -138,7 +151,7 @@ def save(path: str, arrays: dict[str, np.ndarray], info: dict[str, Any]
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   arrays = _checked(arrays, path)
   info = {**info, 'arrays_digest': arrays_digest(arrays)}
-  tmp = f'{path}.{os.getpid()}.tmp.npz'
+  tmp = leftovers.tmp_name(path, '.npz')
   try:
     np.savez(tmp, info=np.asarray(json.dumps(info, sort_keys=True)),
              **arrays)
@@ -269,7 +282,45 @@ def _announce(root: str | None, out_hw, mode: str, directory: str) -> None:
              'every file, about 90 s for 900 scans, once')
 
 
-def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
+@contextlib.contextmanager
+def _build_lock(directory: str):
+  """Holds `BUILD_LOCK` in `directory` (waiting for another process that
+  holds it); without flock (some network file systems), holds nothing."""
+  os.makedirs(directory, exist_ok=True)
+  fd = os.open(os.path.join(directory, BUILD_LOCK), os.O_CREAT | os.O_RDWR,
+               0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      log.status(f'waiting for another process preparing {directory}...')
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+      pass  # No flock here: as before, the last complete build stays.
+    yield
+  finally:
+    os.close(fd)  # Releases the flock.
+
+
+def _remove_leftovers(directory: str, tfds_dir: str) -> None:
+  """Removes what killed preparations left in `directory` (call it holding
+  `_build_lock`): temporary prepared files of processes gone, and
+  unfinished TFDS builds, which only a lock holder writes."""
+  removed = leftovers.remove_stale(directory, 'prepared_')
+  with contextlib.suppress(OSError):
+    for name in os.listdir(tfds_dir):
+      builds = os.path.join(tfds_dir, name)
+      for build in os.listdir(builds) if os.path.isdir(builds) else ():
+        if build.startswith(_TFDS_INCOMPLETE):
+          shutil.rmtree(os.path.join(builds, build), ignore_errors=True)
+          removed.append(os.path.join(builds, build))
+  if removed:
+    log.status(f'removed {len(removed)} unfinished file(s) of killed '
+               f'preparations in {directory}')
+
+
+def prepare(root: str | None, out_hw, mode: str, cache_dir: str = '',
+            cache_flag: str = '--config.data.cache_dir'
             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The prepared training split of an HC18 directory, from cache if made.
 
@@ -279,6 +330,7 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
     mode: 'stretch' or 'letterbox'.
     cache_dir: where prepared files and TFDS builds are kept ('' for
       ~/.cache/hc_jax).
+    cache_flag: the flag that sets `cache_dir`, for messages.
 
   Returns:
     (arrays, info): see the module docstring; info holds 'source',
@@ -298,35 +350,62 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = ''
     digest = content = DOWNLOAD_DIGEST
   else:
     digest = digests.source_digest(root)
-    content = digests.content_digest(
-        root, os.path.join(cache_dir, digests.HASHES_FILE))
+    content = _content_digest(root, cache_dir, out_hw, mode)
   directory = os.path.join(cache_dir, f'hc18-{content}')
-  path = os.path.join(directory, f'prepared_{out_hw[0]}x{out_hw[1]}_{mode}.npz')
+  path = _prepared_path(directory, out_hw, mode)
   if os.path.isfile(path):
     try:
       return load(path, require_digest=True)
     except PreparedError as e:
-      log.status(f'warning: {e}; preparing it again')
-  _announce(root, out_hw, mode, directory)
-  started = time.time()
+      log.warn(f'{e}; preparing it again')
   try:
-    arrays = _from_tfds(root, os.path.join(directory, 'tfds'), out_hw, mode)
-    info = {'format_version': FORMAT_VERSION, 'source': root or 'download',
-            'source_digest': digest, 'content_digest': content,
-            'image_hw': list(out_hw),
-            'resize_mode': mode, 'num_images': int(len(arrays['images']))}
-    save(path, arrays, info)
+    with _build_lock(directory):
+      if os.path.isfile(path):  # Prepared by another process meanwhile.
+        with contextlib.suppress(PreparedError):
+          return load(path, require_digest=True)
+      tfds_dir = os.path.join(directory, 'tfds')
+      _remove_leftovers(directory, tfds_dir)
+      _announce(root, out_hw, mode, directory)
+      started = time.time()
+      arrays = _from_tfds(root, tfds_dir, out_hw, mode)
+      info = {'format_version': FORMAT_VERSION, 'source': root or 'download',
+              'source_digest': digest, 'content_digest': content,
+              'image_hw': list(out_hw),
+              'resize_mode': mode, 'num_images': int(len(arrays['images']))}
+      save(path, arrays, info)
   except Exception as e:  # pylint: disable=broad-except
     text = None if isinstance(e, ValueError) else log.storage_error_text(
         e, directory)
     if text is None:
       raise
     raise CacheError(f'cannot prepare HC18 in the cache {cache_dir} '
-                     f'(--config.data.cache_dir): {text}') from None
+                     f'({cache_flag}): {text}') from None
   log.status(
       f'prepared {len(arrays["images"])} scans in {time.time() - started:.0f}'
       f' s: {path}')
   return arrays, info
+
+
+def _prepared_path(directory: str, out_hw, mode: str) -> str:
+  return os.path.join(directory,
+                      f'prepared_{out_hw[0]}x{out_hw[1]}_{mode}.npz')
+
+
+def _content_digest(root: str, cache_dir: str, out_hw, mode: str) -> str:
+  """`digests.content_digest` of `root`, the remembered file hashes used;
+  when they lead to no prepared file, taken again from the bytes alone:
+  a wrong remembered hash (a damaged `digests.HASHES_FILE`) must not make
+  a fresh preparation under another digest, and then a refused resume."""
+  hashes = os.path.join(cache_dir, digests.HASHES_FILE)
+  content = digests.content_digest(root, hashes)
+  if os.path.isfile(_prepared_path(os.path.join(cache_dir, f'hc18-{content}'),
+                                   out_hw, mode)):
+    return content
+  checked = digests.content_digest(root, hashes, recheck=True)
+  if checked != content:
+    log.warn(f'{hashes} remembered hashes that the files do not have; '
+             'hashed them again')
+  return checked
 
 
 def _from_records(records, out_hw, mode: str) -> dict[str, np.ndarray]:
@@ -396,6 +475,7 @@ def prepare_folder(directory: str, labels: str, out_hw, mode: str,
              f'{out_hw[0]}x{out_hw[1]} ({mode}) into {cache}, once')
   started = time.time()
   try:
+    leftovers.remove_stale(cache, 'prepared_')  # Of killed preparations.
     arrays = _from_records(records, out_hw, mode)
     info = {'format_version': FORMAT_VERSION,
             'source': os.path.abspath(directory),

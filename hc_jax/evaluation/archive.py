@@ -19,7 +19,9 @@ order), `configs` and `results` (each member's config.json and results.json
 as trained: the model, its input size and resize mode, `normaliser_px`, the
 training HC range, the HC18 `source_digest`, its test fold's MAE),
 `storage_dtype` (the dtype of the stored floats; they are cast back to the
-model's own dtype on loading), `cv` (the pooled cross-validation figures of
+model's own dtype on loading), `arrays_sha256` (`arrays_digest` of every
+other entry: checked on loading, so a damaged or changed archive is refused
+in one line; an archive exported before it existed loads with a warning), `cv` (the pooled cross-validation figures of
 the members' test folds, where their predictions_test.csv was there to pool)
 and `provenance` (the data set, its licence and the command that trained the
 runs).
@@ -29,6 +31,7 @@ runs).
 overwrites a file); `loading.load` reads it, as it reads a run.
 """
 
+import hashlib
 import json
 import os
 
@@ -50,6 +53,8 @@ SAMPLES_DIR = os.path.join(_PACKAGE_DIR, 'samples')
 SAMPLE_IMAGES_DIR = os.path.join(SAMPLES_DIR, 'test_set')
 EXPECTED_CSV = os.path.join(SAMPLES_DIR, 'expected_{name}.csv')
 ARCHIVE_SUFFIX = '.npz'
+# The `meta` entry holding the digest of the others.
+DIGEST_KEY = 'arrays_sha256'
 
 
 def names() -> list[str]:
@@ -59,6 +64,28 @@ def names() -> list[str]:
                   os.listdir(SHIPPED_DIR) if name.endswith(ARCHIVE_SUFFIX))
   except OSError:
     return []
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+  """SHA-256 of an archive's arrays (all entries but `meta`): every name,
+  dtype, shape and the bytes, in name order."""
+  digest = hashlib.sha256()
+  for name in sorted(arrays):
+    if name == 'meta':
+      continue
+    array = np.ascontiguousarray(arrays[name])
+    digest.update(f'{name}:{array.dtype.str}:{array.shape}\n'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def how_to_restore(path: str) -> str:
+  """What to do about a damaged or changed archive at `path`."""
+  if os.path.dirname(os.path.abspath(path)) == SHIPPED_DIR:
+    return ('reinstall hc_jax (in a checkout: git checkout -- '
+            f'hc_jax/shipped/{os.path.basename(path)}; otherwise pip install '
+            '--force-reinstall from where it came)')
+  return 'export it again (python -m hc_jax.shipped) or restore it from a copy'
 
 
 def split_member(path: str) -> tuple[str, str | None]:
@@ -109,6 +136,12 @@ class Archive:
     try:
       with np.load(path, allow_pickle=False) as archive:
         self._arrays = {key: archive[key] for key in archive.files}
+    except Exception as e:  # pylint: disable=broad-except  # Any damage:
+      # zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError...
+      raise workdir_lib.PredictError(
+          f'{path}: the shipped model is damaged and cannot be read '
+          f'({log.error_line(e, 120)}); {how_to_restore(path)}') from None
+    try:
       self.meta = json.loads(str(self._arrays.pop('meta')))
       if self.meta.get('format') != FORMAT:
         raise ValueError(f'format {self.meta.get("format")!r}, expected '
@@ -122,11 +155,28 @@ class Archive:
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise workdir_lib.PredictError(f'{path}: not a shipped model '
                          f'({log.error_line(e)})') from None
+    self._check_digest()
     self.members = members
     self.runs = [f'{path}:{member}' for member in members]
     for config in self.configs:
       for key, value in workdir_lib.CONFIG_DEFAULTS.items():
         config.setdefault(key, value)
+
+  def _check_digest(self) -> None:
+    """Raises PredictError when the arrays differ from what was exported;
+    warns when the archive records no digest (exported by an older hc_jax).
+    """
+    recorded = self.meta.get(DIGEST_KEY)
+    if recorded is None:
+      log.warn(f'{self.path} records no digest of its weights (exported by '
+               'an older hc_jax), so they cannot be checked; '
+               f'`python -m hc_jax.shipped --add-digest={self.path}` adds one')
+      return
+    if recorded != arrays_digest(self._arrays):
+      raise workdir_lib.PredictError(
+          f'{self.path}: the shipped model\'s weights differ from what was '
+          f'exported (digest mismatch: damaged or changed); '
+          f'{how_to_restore(self.path)}')
 
   def only(self, member: str) -> 'Archive':
     """This archive restricted to one member (e.g. to score a fold model on

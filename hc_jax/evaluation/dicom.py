@@ -27,11 +27,14 @@ Pixel size (`pixel_spacing`), in this order:
 
   ultrasound_region  `SequenceOfUltrasoundRegions`: among the regions whose
                      box (RegionLocationMinX0, MinY0, MaxX1, MaxY1) holds
-                     the image centre (or, if none does, all of them), those
-                     in cm in both directions (PhysicalUnitsX/YDirection 3)
-                     first, the largest; PhysicalDeltaX/Y (cm per pixel)
-                     x 10 is the spacing in mm. A region in other units
-                     gives no pixel size.
+                     the image centre, those in cm in both directions
+                     (PhysicalUnitsX/YDirection 3) first, the largest;
+                     PhysicalDeltaX/Y (cm per pixel) x 10 is the spacing in
+                     mm. A region in other units gives no pixel size, and
+                     so do regions none of which holds the image centre, or
+                     central regions in cm whose spacings differ: no region
+                     clearly holds the scan, and a guessed spacing could be
+                     far off.
   PixelSpacing       row spacing (y), column spacing (x), in mm.
 
 `ImagerPixelSpacing` is not used: it is measured at a detector's front
@@ -278,7 +281,9 @@ def pixel_spacing(ds: pydicom.Dataset) -> tuple[float | None, str, str]:
   """
   regions = list(ds.get('SequenceOfUltrasoundRegions') or [])
   if regions:
-    region = _region(regions, int(ds.Rows), int(ds.Columns))
+    region, unclear = _region(regions, int(ds.Rows), int(ds.Columns))
+    if region is None:
+      return None, '', f'no pixel size: {unclear}; HC in px only'
     units = (region.get('PhysicalUnitsXDirection'),
              region.get('PhysicalUnitsYDirection'))
     if units != (CM, CM):
@@ -308,8 +313,10 @@ def pixel_spacing(ds: pydicom.Dataset) -> tuple[float | None, str, str]:
   return (x + y) / 2, source, ''
 
 
-def _region(regions: list, rows: int, columns: int) -> pydicom.Dataset:
-  """The ultrasound region of the image (see the module's doc)."""
+def _region(regions: list, rows: int, columns: int
+            ) -> tuple[pydicom.Dataset | None, str]:
+  """(the ultrasound region of the image, '') or (None, why no region
+  clearly holds the scan); see the module's doc."""
   def box(region):
     return [int(region.get(key) or 0) for key in (
         'RegionLocationMinX0', 'RegionLocationMinY0', 'RegionLocationMaxX1',
@@ -320,9 +327,25 @@ def _region(regions: list, rows: int, columns: int) -> pydicom.Dataset:
              if box(r)[0] <= centre_x <= box(r)[2]
              and box(r)[1] <= centre_y <= box(r)[3]]
 
+  def in_cm(region):
+    return (region.get('PhysicalUnitsXDirection') == CM
+            and region.get('PhysicalUnitsYDirection') == CM)
+
   def rank(region):
     x0, y0, x1, y1 = box(region)
-    in_cm = (region.get('PhysicalUnitsXDirection') == CM
-             and region.get('PhysicalUnitsYDirection') == CM)
-    return in_cm, (x1 - x0 + 1) * (y1 - y0 + 1)
-  return max(central or regions, key=rank)
+    return in_cm(region), (x1 - x0 + 1) * (y1 - y0 + 1)
+
+  if not central:
+    return None, (f'none of its {len(regions)} ultrasound region(s) holds '
+                  'the image centre')
+  spacings = []
+  for region in filter(in_cm, central):
+    try:
+      spacings.append(abs(float(region.get('PhysicalDeltaX'))))
+    except (TypeError, ValueError):
+      pass
+  if spacings and max(spacings) - min(spacings) > MAX_ANISOTROPY * max(
+      spacings):
+    return None, (f'{len(spacings)} ultrasound regions in cm hold the image '
+                  'centre, with different spacings')
+  return max(central, key=rank), ''

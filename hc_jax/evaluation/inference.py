@@ -138,6 +138,9 @@ class Predictor:
       the kind has a quality signal); None: the kind's default.
     trained_on_phantoms: whether a run trained on phantom scans
       (`data.source='synthetic'`, e.g. the demos) rather than HC18.
+    scan_check: whether to refuse images that do not look like an
+      ultrasound scan (`scan_likeness`); constant images and ones smaller
+      than the model input are refused either way.
   """
   runs: list[str]
   image_size: int
@@ -153,6 +156,7 @@ class Predictor:
   mask_grid: tuple[int, int] | None = None
   trained_on_phantoms: bool = False
   min_quality: float | None = None
+  scan_check: bool = True
 
   def __post_init__(self):
     self.kind = kinds.get(self.kind)
@@ -206,7 +210,7 @@ class Predictor:
     if spread < MIN_PIXEL_SD:
       return ('constant image' if spread == 0 else
               f'nearly constant image (pixel SD {spread:.2f})') + ': not a scan'
-    return scan_likeness.refusal(image)
+    return scan_likeness.refusal(image) if self.scan_check else None
 
   def preprocess(self, image: np.ndarray) -> np.ndarray:
     """The model input for one scan, exactly as training makes it.

@@ -14,17 +14,19 @@ prediction drawn on it, and `write_submission` the HC18 challenge's CSV
 """
 
 import concurrent.futures
+import contextlib
 import csv
+import fcntl
 import glob
 import math
 import os
 import sys
-import tempfile
 from typing import Sequence
 import warnings
 
 import numpy as np
 
+from hc_jax import leftovers
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import hc18
 
@@ -313,37 +315,83 @@ def check_writable(path: str, what: str) -> None:
   folder = os.path.dirname(os.path.abspath(path))
   try:
     os.makedirs(folder, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=folder, prefix='.hc_jax_probe_')
-    os.close(fd)
+    leftovers.remove_stale(folder, '.hc_jax_probe')
+    probe = leftovers.tmp_name(os.path.join(folder, '.hc_jax_probe'))
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
     os.remove(probe)
   except OSError as e:
     raise workdir_lib.PredictError(f'{what} {path} cannot be written '
                             f'({e.strerror or e})') from None
 
 
+def file_state(path: str) -> tuple[int, int, int] | None:
+  """(inode, size, mtime in ns) of a file, None where there is none: what
+  `write_csv` compares to see that no one else wrote it meanwhile."""
+  try:
+    stat = os.stat(path)
+  except OSError:
+    return None
+  return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str):
+  """Serialises the processes of this host replacing files in `folder`
+  (best effort: a file system without flock is not serialised)."""
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+  except OSError:
+    yield
+    return
+  try:
+    with contextlib.suppress(OSError):
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)
+
+
 def write_csv(path: str, columns: Sequence[str], rows: Sequence[dict],
-              what: str) -> None:
+              what: str, unchanged_since=False) -> None:
   """Writes rows (dicts keyed by `columns`) as a CSV, atomically.
+
+  It is written under a temporary name carrying this process's pid
+  (`leftovers.tmp_name`), then renamed; such files that killed processes
+  left beside it are removed first. The CSV gets the permissions of a new
+  file under the umask (0644 under 022), as `open` would give it.
 
   Args:
     path: the CSV to write.
     columns: its header.
     rows: one dict per row.
     what: the flag that named `path`, for messages.
+    unchanged_since: `file_state(path)` when this process started (None:
+      there was no file), to refuse replacing what another process wrote
+      meanwhile; False: not checked.
 
   Raises:
-    PredictError: when it cannot be written; nothing is left behind.
+    PredictError: when it cannot be written, or `path` changed since
+      `unchanged_since`; nothing is left behind.
   """
   check_writable(path, what)
   folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path),
-                             suffix='.tmp')
+  leftovers.remove_stale(folder, '.' + os.path.basename(path))
+  tmp = leftovers.tmp_name(os.path.abspath(path), hidden=True)
   try:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     with os.fdopen(fd, 'w', newline='') as f:
       writer = csv.DictWriter(f, fieldnames=columns)
       writer.writeheader()
       writer.writerows(rows)
-    os.replace(tmp, path)
+    with _folder_lock(folder):
+      if unchanged_since is not False and (
+          file_state(path) != unchanged_since):
+        os.remove(tmp)
+        raise workdir_lib.PredictError(
+            f'{what} {path} was written by another process while this one '
+            'ran (another hc_jax.predict?); not overwritten: run again, or '
+            f'give another {what}')
+      os.replace(tmp, path)
   except OSError as e:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -420,8 +468,8 @@ def check_submission_inputs(files: dict[str, str],
     seen[base] = name
 
 
-def write_submission(path: str, ellipses_mm: dict[str, Sequence[float]]
-                     ) -> None:
+def write_submission(path: str, ellipses_mm: dict[str, Sequence[float]],
+                     unchanged_since=False) -> None:
   """Writes the HC18 challenge's submission CSV, atomically.
 
   The header is `SUBMISSION_COLUMNS`; one row per image, its file's base
@@ -449,6 +497,7 @@ def write_submission(path: str, ellipses_mm: dict[str, Sequence[float]]
     path: the CSV to write.
     ellipses_mm: {filename: `[cx, cy, a, b, angle]` in mm (angle in rad)},
       in the order of the rows; the filenames' base names must differ.
+    unchanged_since: as for `write_csv`.
 
   Raises:
     PredictError: when it cannot be written; nothing is left behind.
@@ -457,4 +506,4 @@ def write_submission(path: str, ellipses_mm: dict[str, Sequence[float]]
            **{column: f'{float(value):.6f}' for column, value in
               zip(SUBMISSION_COLUMNS[1:], ellipse)}}
           for name, ellipse in ellipses_mm.items()]
-  write_csv(path, SUBMISSION_COLUMNS, rows, '--submission')
+  write_csv(path, SUBMISSION_COLUMNS, rows, '--submission', unchanged_since)

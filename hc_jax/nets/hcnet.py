@@ -125,6 +125,11 @@ class _HCNetFields(nn.Module):
   layers: str = 'plain'
   dtype: Any = jnp.float32
 
+  def smallest_input(self) -> int:
+    """The smallest height and width it takes: each block halves them, and
+    the last must leave at least one pixel (`Backbone` checks it too)."""
+    return 2 ** len(self.widths)
+
 
 def _backbone(model: _HCNetFields, outputs: int) -> Backbone:
   """The model's `Backbone` with `outputs` values per image (call it inside

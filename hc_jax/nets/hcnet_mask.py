@@ -138,6 +138,14 @@ class HCNetMask(nn.Module):
                            f'{", ".join(mask_head.MOMENT_MODES)}, got '
                            f'{self.moments!r}')
 
+  def smallest_input(self) -> int:
+    """The smallest height and width it takes: the image itself (not its
+    margin) must span at least two cells of the bottleneck, at
+    1/2^(len(widths) - 1) of the input; a smaller input still runs, on
+    little but the zero margin, and trains a useless mask (a 7x7 input
+    gave a 915 mm MAE)."""
+    return 2 ** len(self.widths)
+
   def _check(self, x):
     if x.ndim != 4:
       raise HCNetMaskError('expected images of shape [batch, height, width, '
@@ -199,3 +207,16 @@ class HCNetMask(nn.Module):
     logits = logits[:, :rows, :cols]
     return mask_head.geometry(logits, self.stride, cells, self.moments,
                               self.window_radius)
+
+
+class HCNetMaskLabel(HCNetMask):
+  """`HCNetMask` trained from HC values alone (configs/hcnet_mask_label.py).
+
+  The same network and outputs; registered under its own name so that what
+  depends on how it was trained follows it: its mask is not a filled head
+  (its moments give the skull's ellipse), so the quality signal of
+  `HCNetMask` (the mask's agreement with its own ellipse) says nothing here:
+  its kind is `kinds.MASK_LABEL`, the mask kind without that signal.
+  """
+
+  output_kind: ClassVar[kinds.Kind] = kinds.MASK_LABEL

@@ -21,7 +21,8 @@ The three kinds:
   ellipse's perimeter in original pixels.
 * `MASK` ('mask'): a head-mask logit map and its moments' geometry, a dict
   (`hc_jax.nets.mask_head`, `hcnet_mask`); the ellipse is the moments', and
-  the mask's outline is drawn on the overlay.
+  the mask's outline is drawn on the overlay. `MASK_LABEL` ('mask_label',
+  `hcnet_mask_label`) is the same kind without its quality signal.
 
 A kind may have a quality signal (`Quality`): a function of the model's
 outputs, in [0, 1], whose value below a threshold makes a prediction
@@ -317,7 +318,11 @@ class MaskKind(EllipseKind):
 HC = Kind()
 ELLIPSE = EllipseKind()
 MASK = MaskKind()
-KINDS = {kind.name: kind for kind in (HC, ELLIPSE, MASK)}
+# A mask model trained from HC values alone (`hcnet_mask_label`): its mask
+# is not a filled head, so the mask's agreement with its own ellipse says
+# nothing; no quality signal until one is chosen on validation data.
+MASK_LABEL = dataclasses.replace(MASK, name='mask_label', quality=None)
+KINDS = {kind.name: kind for kind in (HC, ELLIPSE, MASK, MASK_LABEL)}
 
 
 def get(kind: 'Kind | str') -> Kind:

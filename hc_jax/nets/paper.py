@@ -63,6 +63,11 @@ class PaperCNN(nn.Module):
   layers: str = 'plain'
   dtype: Any = jnp.float32
 
+  def smallest_input(self) -> int:
+    """The smallest height and width it takes: each block halves them, and
+    the last must leave at least one pixel."""
+    return 2 ** len(self.conv_features)
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Predicts one value per image.
@@ -156,6 +161,10 @@ class VGG16(nn.Module):
   batch_norm: bool = False
   layers: str = 'plain'
   dtype: Any = jnp.float32
+
+  def smallest_input(self) -> int:
+    """The smallest height and width it takes: five 2x2 pools."""
+    return 32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -278,6 +287,10 @@ class ResNet50(nn.Module):
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   keras_v1: bool = False
   layers: str = 'plain'
+
+  def smallest_input(self) -> int:
+    """The smallest height and width it takes: an overall stride of 32."""
+    return 32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

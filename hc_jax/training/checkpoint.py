@@ -98,8 +98,8 @@ class Checkpoints:
     if keep_latest < 1:
       raise ValueError(f'keep_latest must be >= 1, got {keep_latest}')
     self.keep_latest = keep_latest
-    self.directory = os.path.join(os.path.abspath(workdir),
-                                  workdir_lib.CHECKPOINTS_DIR)
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, workdir_lib.CHECKPOINTS_DIR)
     self.latest = _open_manager(os.path.join(self.directory, 'latest'))
     self.best = _open_manager(os.path.join(self.directory, 'best'))
 
@@ -124,7 +124,7 @@ class Checkpoints:
       if not manager.save(epoch, args=args, force=True):
         raise RuntimeError('orbax skipped the save')
       if primary:
-        manifest.write(step_dir)
+        manifest.write(step_dir, self._config_digest())
     except Exception as e:  # pylint: disable=broad-except
       with contextlib.suppress(Exception):
         _join_orbax_threads(timeout_s=30.0)  # Writers still running.
@@ -140,6 +140,15 @@ class Checkpoints:
           f'could not save epoch {epoch} in {manager.directory} '
           f'({log.error_line(e)}); the earlier checkpoints are kept{detail}'
       ) from None
+
+  def _config_digest(self) -> str | None:
+    """The digest of the model config the run trains with (its config.json,
+    written before the first save), or None without one."""
+    try:
+      config = workdir_lib.read_run_config(self.workdir)
+    except ValueError:
+      return None
+    return None if config is None else workdir_lib.model_config_digest(config)
 
   def save(self, epoch: int, state, progress: dict[str, Any],
            is_best: bool, latest: bool = True) -> None:
@@ -339,16 +348,19 @@ def restore_variables(run: str, abstract_variables: dict) -> dict:
       one that does not hold this model's variables.
   """
   step_dir = workdir_lib.best_checkpoint(run)
+  retrain = (f'restore it from a copy, or train the run again (move {run} '
+             'away and run its training command)')
   try:
     manifest.verify(step_dir)  # Sizes and CRC32s, where recorded.
   except ValueError as e:
     raise workdir_lib.PredictError(
-        f'checkpoint of {run} is damaged: {e}') from None
+        f'checkpoint of {run} is damaged: {e}; {retrain}') from None
+  _check_config_unchanged(run, step_dir)
   state_dir = os.path.join(step_dir, 'state')
   if not os.path.isdir(state_dir):
     raise workdir_lib.PredictError(
         f'{state_dir} is missing: not a checkpoint of this '
-        'code, or an incomplete one')
+        f'code, or an incomplete one; {retrain}')
   target = {name: abstract_variables[name] for name in ('params', 'batch_stats')
             if abstract_variables.get(name)}
   restore_args = jax.tree.map(
@@ -360,7 +372,8 @@ def restore_variables(run: str, abstract_variables: dict) -> dict:
   except Exception as e:  # pylint: disable=broad-except  # orbax, tensorstore.
     raise workdir_lib.PredictError(
         f'checkpoint {state_dir} cannot be read, it may be '
-        f'truncated or corrupt ({log.error_line(e)[:300]})') from None
+        f'truncated or corrupt ({log.error_line(e)[:300]}); {retrain}'
+    ) from None
   expected = jax.tree_util.tree_flatten_with_path(target)[0]
   try:
     got = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
@@ -376,3 +389,20 @@ def restore_variables(run: str, abstract_variables: dict) -> dict:
           f'needs {tuple(leaf.shape)}')
   return jax.tree.map(lambda leaf, value: np.asarray(value, leaf.dtype),
                       target, restored)
+
+
+def _check_config_unchanged(run: str, step_dir: str) -> None:
+  """Raises PredictError when the run's config.json no longer describes the
+  model its checkpoint was trained as (its manifest's config digest; older
+  checkpoints record none and are not checked)."""
+  recorded = manifest.config_digest(step_dir)
+  if recorded is None:
+    return
+  path = os.path.join(run, workdir_lib.CONFIG_FILE)
+  config = workdir_lib.read_json(path)
+  if workdir_lib.model_config_digest(config) != recorded:
+    raise workdir_lib.PredictError(
+        f'{path} was changed after training: its model, input or '
+        f'preprocessing ({", ".join(workdir_lib.MODEL_CONFIG_FIELDS)}) is not '
+        f'what {step_dir} was trained with; put back the config.json the run '
+        'wrote, or train the run again')

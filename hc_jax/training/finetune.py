@@ -47,6 +47,15 @@ def _archive(init_from: str):
   return read, member or None
 
 
+def _same_class(theirs: str, ours: str) -> bool:
+  """Whether two model names build the same network (one's class derives
+  from the other's, as hcnet_mask_label's from hcnet_mask's)."""
+  from hc_jax import models  # pylint: disable=import-outside-toplevel
+  a, b = models.MODELS.get(theirs), models.MODELS.get(ours)
+  return a is not None and b is not None and (issubclass(a, b) or
+                                               issubclass(b, a))
+
+
 def _check_same_network(config, member_config: dict, where: str) -> None:
   theirs = {'model': member_config.get('model'),
             **{f'model_options.{k}': v for k, v in
@@ -57,6 +66,8 @@ def _check_same_network(config, member_config: dict, where: str) -> None:
   ours = {'model': config.model,
           **{f'model_options.{k}': v for k, v in options.items()}}
   norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # pylint: disable=unnecessary-lambda-assignment
+  if _same_class(theirs['model'], ours['model']):  # E.g. hcnet_mask_label.
+    theirs['model'] = ours['model']
   differ = [f'{k}={theirs.get(k)!r} there, {ours.get(k)!r} here'
             for k in sorted(set(theirs) | set(ours))
             if norm(theirs.get(k)) != norm(ours.get(k))]

@@ -2,7 +2,10 @@
 
 After orbax has written a step directory, `write` records the size and CRC32
 of every file in it in `MANIFEST_FILE`, and `verify` checks them before a
-restore (orbax itself does not notice some damage to array data). A step
+restore (orbax itself does not notice some damage to array data). It also
+records the digest of the run's model config (`config_digest`,
+`workdir.model_config_digest`), which a restore for prediction compares
+with the run's config.json now. A step
 directory without its manifest (a save cut short after orbax finished it) is
 `UnverifiedError`: it cannot be checked. Both errors are
 `hc_jax.training.checkpoint`'s own (`checkpoint.CheckpointError`).
@@ -45,18 +48,33 @@ def _files(step_dir: str) -> list[str]:
   return sorted(found)
 
 
-def write(step_dir: str) -> None:
-  """Records the size and CRC32 of every file of a finished step directory."""
+def write(step_dir: str, config_digest: str | None = None) -> None:
+  """Records the size and CRC32 of every file of a finished step directory,
+  and `config_digest` (the run's model config) where given."""
   files = {}
   for relative in _files(step_dir):
     path = os.path.join(step_dir, relative)
     files[relative] = {'size': os.path.getsize(path), 'crc32': _crc32(path)}
   path = os.path.join(step_dir, MANIFEST_FILE)
+  record = {'files': files}
+  if config_digest is not None:
+    record['config_digest'] = config_digest
   with open(path + '.tmp', 'w') as f:
-    json.dump({'files': files}, f)
+    json.dump(record, f)
     f.flush()
     os.fsync(f.fileno())
   os.replace(path + '.tmp', path)
+
+
+def config_digest(step_dir: str) -> str | None:
+  """The model-config digest a step's manifest records (None: none, or no
+  readable manifest; `verify` reports the latter)."""
+  try:
+    with open(os.path.join(step_dir, MANIFEST_FILE)) as f:
+      value = json.load(f).get('config_digest')
+  except (OSError, ValueError, AttributeError):
+    return None
+  return value if isinstance(value, str) else None
 
 
 def verify(step_dir: str) -> None:

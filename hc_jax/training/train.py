@@ -247,6 +247,12 @@ def _check_model_input(config, model) -> None:
   """Raises ValueError when `model` cannot be built for the config's input
   (traced abstractly: no compiling, no memory for the parameters)."""
   height, width = prepare.input_shape(config)
+  smallest = models.smallest_input(model)
+  if min(height, width) < smallest:
+    raise ValueError(
+        f'{config.model} cannot take a {height}x{width} input (image_size='
+        f'{config.image_size}, image_width={config.get("image_width", 0)}): '
+        f'it needs at least {smallest}x{smallest} px')
   try:
     jax.eval_shape(functools.partial(model.init, train=False),
                    jax.random.key(0),
@@ -339,6 +345,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   return train_members([config], [workdir])[0]
 
 
+def _missing(workdir: str) -> list[str]:
+  """The folders that creating `workdir` would create, deepest first."""
+  missing, folder = [], os.path.abspath(workdir)
+  while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+    missing.append(folder)
+    folder = os.path.dirname(folder)
+  return missing
+
+
 def _finished_results(workdir: str) -> dict[str, Any] | None:
   path = os.path.join(workdir, workdir_lib.RESULTS_FILE)
   if not os.path.isfile(path):
@@ -382,7 +397,8 @@ def train_members(configs: Sequence[Any], workdirs: Sequence[str]
     else:
       todo.append(m)
   if todo:
-    created = [workdirs[m] for m in todo if not os.path.isdir(workdirs[m])]
+    created = sorted({folder for m in todo for folder in _missing(workdirs[m])},
+                     key=len, reverse=True)  # Deepest first.
     try:
       with contextlib.ExitStack() as stack:
         for m in todo:  # One lock per workdir, held by the first host.
@@ -392,9 +408,9 @@ def train_members(configs: Sequence[Any], workdirs: Sequence[str]
         trained = trainer.Trainer([configs[m] for m in todo],
                                   [workdirs[m] for m in todo]).run()
     except BaseException:
-      for workdir in created:  # A run that fails at the start leaves nothing.
-        if os.path.isdir(workdir) and not os.listdir(workdir):
-          os.rmdir(workdir)
+      for folder in created:  # A run that fails at the start leaves nothing,
+        if os.path.isdir(folder) and not os.listdir(folder):  # no parent.
+          os.rmdir(folder)
       raise
     for m, result in zip(todo, trained):
       results[m] = result
