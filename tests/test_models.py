@@ -305,7 +305,7 @@ def test_from_config_resnet50_keras_v1_with_init_from():
 
 @pytest.mark.parametrize('entries, message', [
     ({'model': 'resnet18'},
-     'known models: cnn_1m, cnn_263k, hcnet, hcnet_ellipse, hcnet_mask, resnet50, vgg16'),
+     'known models: cnn_1m, cnn_263k, hcnet, hcnet_ellipse, hcnet_mask, hcnet_mask_label, resnet50, vgg16'),
     ({'dtype': 'float16'}, 'choose one of: float32, bfloat16'),
     ({'layers': 'cuda'}, 'choose one of: auto, plain, fast'),
 ])
