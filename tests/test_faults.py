@@ -260,7 +260,8 @@ def _damage_trial(rng, reference, trial_dir, kind):
     candidates = [os.path.join(workdir, 'metrics.jsonl')]
   else:
     candidates = _cache_files(cache, tfds=kind == 'tfds')
-  path = rng.choice(candidates)
+  # Not an empty file (the cache's .prepare.lock): its damage is no damage.
+  path = rng.choice([p for p in candidates if os.path.getsize(p)])
   what = _damage(rng, path)
   if kind == 'lock':  # Left an hour ago, past the grace of a lock being made.
     os.utime(path, (time.time() - 3600,) * 2)
