@@ -19,6 +19,13 @@ fold k's 180 shifted scans and the MAE is taken against their HC. Before
 any of it, the shipped member itself is scored on the same scans, shifted
 and original. Each step is resumable: run the command again.
 
+With `--pseudo_outlines` the fine-tuning keeps the mask terms
+(`configs/hcnet_mask.py`) with outlines the shipped member draws itself: its
+ellipse on each fine-tuning scan, scaled about its centre to the scan's
+known HC (no outline from a person; a scan whose redrawn outline does not
+give its HC within 1 mm, e.g. one cut by the border, trains the HC term
+only).
+
 Writes `<out>/summary.csv` (one row per N: scans, minutes of fine-tuning,
 MAE mm) and prints it as a Markdown table.
 """
@@ -74,6 +81,74 @@ def _write_set(root, names, out, reference):
   os.replace(tmp, out)
 
 
+def _pseudo_outlines(data, out, member, log_path, reference):
+  """`data` (a folder data set) again in `out`, with an outline per scan
+  from the shipped member's own ellipse scaled to the scan's HC."""
+  # pylint: disable=import-outside-toplevel
+  import numpy as np
+  from PIL import Image
+  from hc_jax.data import ellipse as ellipse_lib
+  from hc_jax.data import phantom
+  if os.path.isfile(os.path.join(out, 'labels.csv')):
+    return
+  predicted = os.path.join(out + '.predicted.csv')
+  sizes = out + '.pixel_size.csv'
+  with open(os.path.join(data, 'labels.csv'), newline='') as f, open(
+      sizes, 'w', newline='') as g:
+    writer = csv.writer(g)
+    writer.writerow(['filename', 'pixel size(mm)'])
+    writer.writerows([r['filename'], r['pixel_size_mm']]
+                     for r in csv.DictReader(f))
+  if not os.path.isfile(predicted):
+    archive = os.path.join(REPO, 'hc_jax', 'shipped', member.split(':')[0] +
+                           '.npz')
+    _run([sys.executable, '-m', 'hc_jax.predict',
+          f'--workdir={archive}:{member.split(":")[1]}', f'--images={data}',
+          f'--pixel-sizes={sizes}', f'--out={predicted}', '--no-scan-check'],
+         log_path, ok=(0, 1))
+  with open(predicted, newline='') as f:
+    ellipses = {r['filename']: r for r in csv.DictReader(f)}
+  tmp = out + '.partial'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  with open(os.path.join(data, 'labels.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  kept = 0
+  with open(os.path.join(tmp, 'labels.csv'), 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['filename', 'pixel_size_mm', 'hc_mm', 'subject',
+                     'annotation'])
+    for row in rows:
+      name = row['filename']
+      shutil.copy(os.path.join(data, name), os.path.join(tmp, name))
+      annotation = ''
+      e = ellipses.get(name, {})
+      if e.get('semi_axis_a_px'):
+        a, b = float(e['semi_axis_a_px']), float(e['semi_axis_b_px'])
+        hc_px = float(row['hc_mm']) / float(row['pixel_size_mm'])
+        scale = hc_px / ellipse_lib.ramanujan_perimeter(a, b)
+        with Image.open(os.path.join(data, name)) as image:
+          width, height = image.size
+        outline = phantom.draw_ellipse_outline(
+            height, width, float(e['center_x_px']), float(e['center_y_px']),
+            a * scale, b * scale, float(e['angle_rad']))
+        try:
+          fitted = ellipse_lib.fit_annotation(outline)
+          if abs(fitted.perimeter_px - hc_px) * float(
+              row['pixel_size_mm']) <= 1.0:
+            annotation = name[:-len('.png')] + '_Annotation.png'
+            Image.fromarray(outline).save(os.path.join(tmp, annotation))
+            kept += 1
+        except ValueError:
+          pass
+      writer.writerow([name, row['pixel_size_mm'], row['hc_mm'],
+                       row['subject'], annotation])
+  with open(log_path, 'a') as log:
+    log.write(f'{out}: {kept} of {len(rows)} scans with a drawn outline\n')
+  del np
+  os.replace(tmp, out)
+
+
 def _mae_of_predictions(path, reference):
   with open(path, newline='') as f:
     rows = list(csv.DictReader(f))
@@ -100,6 +175,9 @@ def main():
   parser.add_argument('--sizes', default='25,50,100,200')
   parser.add_argument('--fold', type=int, default=0)
   parser.add_argument('--model', default='hcnet_mask')
+  parser.add_argument('--pseudo_outlines', action='store_true',
+                      help='keep the mask terms, with the shipped member\'s '
+                      'own ellipses scaled to the known HC as outlines')
   args = parser.parse_args()
   from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
   original = args.hc18_dir or hc18.default_dir()
@@ -144,12 +222,18 @@ def main():
     names = ordered[:size]
     data = os.path.join(args.out, f'scans_{size}')
     _write_set(args.shifted, names, data, reference)
-    run = os.path.join(args.out, f'run_{size}')
+    tag = f'pseudo_{size}' if args.pseudo_outlines else f'{size}'
+    config = 'configs/hcnet_mask_label.py'
+    if args.pseudo_outlines:
+      outlined = os.path.join(args.out, f'scans_{tag}')
+      _pseudo_outlines(data, outlined, member, log_path, reference)
+      data, config = outlined, 'configs/hcnet_mask.py'
+    run = os.path.join(args.out, f'run_{tag}')
     steps_per_epoch = max(1, int(size * 0.81) // 8)
     epochs = math.ceil(STEPS / steps_per_epoch)
     started = time.time()
     _run([sys.executable, '-m', 'hc_jax.main',
-          '--config=configs/hcnet_mask_label.py', f'--workdir={run}',
+          f'--config={config}', f'--workdir={run}',
           '--config.data.source=folder', f'--config.data.folder={data}',
           f'--config.init_from=shipped:{member}',
           f'--config.num_folds={INTERNAL_FOLDS}',
@@ -158,16 +242,17 @@ def main():
          log_path)
     with open(os.path.join(run, 'results.json')) as f:
       minutes = json.load(f).get('train_seconds', time.time() - started) / 60
-    predictions = os.path.join(args.out, f'predictions_{size}.csv')
+    predictions = os.path.join(args.out, f'predictions_{tag}.csv')
     if not os.path.isfile(predictions):
       _run([sys.executable, '-m', 'hc_jax.predict', f'--workdir={run}',
             f'--images={test_dir}',
             f'--pixel-sizes={os.path.join(test_dir, "pixel_size.csv")}',
             f'--out={predictions}'], log_path, ok=(0, 1))  # 1: some flagged.
     mae, count = _mae_of_predictions(predictions, reference)
-    rows.append({'scans': size, 'data': 'shifted', 'minutes': minutes,
+    rows.append({'scans': tag, 'data': 'shifted', 'minutes': minutes,
                  'mae_mm': mae, 'images': count})
-  with open(os.path.join(args.out, 'summary.csv'), 'w', newline='') as f:
+  summary = 'summary_pseudo.csv' if args.pseudo_outlines else 'summary.csv'
+  with open(os.path.join(args.out, summary), 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)

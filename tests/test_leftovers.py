@@ -141,6 +141,24 @@ def test_the_hashes_file_leaves_no_temporary_files(tmp_path, sleeper):
       [digests.HASHES_FILE, os.path.basename(live)])
 
 
+def test_an_export_removes_what_killed_exports_left(tmp_path, sleeper):
+  """`python -m hc_jax.prepare --out=DIR` killed while writing leaves its
+  temporary .npz in DIR: the next export there removes it, never a live
+  writer's."""
+  path = str(tmp_path / 'export' / 'hc18_32x32_stretch.npz')
+  os.makedirs(os.path.dirname(path))
+  dead, live = (f'{path}.{pid}.tmp.npz' for pid in (_dead_pid(), sleeper))
+  for leftover in (dead, live):
+    with open(leftover, 'w') as f:
+      f.write('PK')
+  arrays = {name: np.zeros((2, 32, 32, 1) if name == 'images' else (2,),
+                           dtype)
+            for name, dtype in prepare.ARRAY_FIELDS.items()}
+  prepare.save(path, arrays, {'image_hw': [32, 32]})
+  assert sorted(os.listdir(tmp_path / 'export')) == sorted(
+      [os.path.basename(path), os.path.basename(live)])
+
+
 class _Stub:
   predicts_ellipse = False
   kind = 'hc'

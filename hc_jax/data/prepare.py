@@ -146,11 +146,15 @@ def save(path: str, arrays: dict[str, np.ndarray], info: dict[str, Any]
          ) -> None:
   """Writes prepared arrays and their `info` atomically to an .npz.
 
-  `info` gets 'arrays_digest' (`arrays_digest`), which `load` checks.
+  `info` gets 'arrays_digest' (`arrays_digest`), which `load` checks. The
+  temporary files that killed writers of `path` left beside it are removed
+  first (`leftovers.remove_stale`).
   """
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
   arrays = _checked(arrays, path)
   info = {**info, 'arrays_digest': arrays_digest(arrays)}
+  leftovers.remove_stale(folder, os.path.basename(path))
   tmp = leftovers.tmp_name(path, '.npz')
   try:
     np.savez(tmp, info=np.asarray(json.dumps(info, sort_keys=True)),
