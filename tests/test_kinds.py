@@ -92,11 +92,19 @@ def test_a_variant_kind_selects_another_quality_signal_and_threshold():
   assert variant.quality.min_value == 0.9 and kinds.MASK.quality.min_value > .9
 
 
-def test_the_label_only_mask_model_is_the_mask_kind_without_its_signal():
+def test_the_label_only_mask_model_has_the_flip_agreement_signal():
   kind = models.kind_of('hcnet_mask_label')
-  assert kind is kinds.MASK_LABEL and kind.quality is None
+  assert kind is kinds.MASK_LABEL and kind.quality is kinds.FLIP_AGREEMENT
+  assert kind.quality.mirrored
   assert isinstance(kind, kinds.MaskKind)
-  assert kind.columns == kinds.ELLIPSE_COLUMNS
+  assert kind.columns == kinds.ELLIPSE_COLUMNS + (kinds.QUALITY_COLUMN,)
+  # 1 when the mirrored view gives the same perimeter, lower when not.
+  cov = np.asarray([[[400.0, 30.0], [30.0, 200.0]]], np.float32)
+  same = kinds.flip_agreement({'cov': cov}, None,
+                              {'cov': cov * np.asarray([[1, -1], [-1, 1]])})
+  np.testing.assert_allclose(np.asarray(same), 1.0, atol=1e-6)
+  other = kinds.flip_agreement({'cov': cov}, None, {'cov': cov * 1.21})
+  np.testing.assert_allclose(np.asarray(other), 1 - 0.1 / 1.05, atol=1e-4)
   config = ml_collections.ConfigDict({'model': 'hcnet_mask_label',
                                       'mask_loss': {'bce': 0.0, 'dice': 0.0}})
   assert not kind.needs_outlines(config)

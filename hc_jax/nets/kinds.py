@@ -22,7 +22,8 @@ The three kinds:
 * `MASK` ('mask'): a head-mask logit map and its moments' geometry, a dict
   (`hc_jax.nets.mask_head`, `hcnet_mask`); the ellipse is the moments', and
   the mask's outline is drawn on the overlay. `MASK_LABEL` ('mask_label',
-  `hcnet_mask_label`) is the same kind without its quality signal.
+  `hcnet_mask_label`) is the same kind with another quality signal, the
+  HC's agreement with the HC of the mirrored scan (`FLIP_AGREEMENT`).
 
 A kind may have a quality signal (`Quality`): a function of the model's
 outputs, in [0, 1], whose value below a threshold makes a prediction
@@ -73,11 +74,14 @@ class Quality:
     min_value: the default threshold: a prediction whose quality is below
       it is 'uncertain'.
     meaning: what a low value says, the start of the 'uncertain' message.
+    mirrored: `of` also takes the outputs on the left-right mirrored batch,
+      `(outputs, grid, mirrored_outputs)` (a second forward pass).
   """
   name: str
-  of: Callable[[Any, Any], jax.Array]
+  of: Callable[..., jax.Array]
   min_value: float
   meaning: str
+  mirrored: bool = False
 
 
 # A mask model's quality: the soft IoU of its mask and the ellipse of the
@@ -88,6 +92,28 @@ class Quality:
 OWN_ELLIPSE_IOU = Quality(
     name='own_ellipse_iou', of=lambda outputs, grid: outputs['quality'],
     min_value=0.959, meaning='the head mask is not an ellipse')
+
+
+def flip_agreement(outputs, grid, mirrored) -> jax.Array:
+  """`[B]` 1 - |h - h'| / mean(h, h'): h the moments' perimeter (input px) on
+  the scan, h' on its mirror image (a perimeter does not change with a
+  mirroring, so a model that measures the head, not the view, agrees)."""
+  del grid
+  identity = jax.numpy.asarray([1.0, 1.0, 0.0, 0.0], jax.numpy.float32)
+  h = mask_head.hc_px_from_moments(outputs['cov'], identity)
+  h_mirror = mask_head.hc_px_from_moments(mirrored['cov'], identity)
+  return 1.0 - jax.numpy.abs(h - h_mirror) / jax.numpy.maximum(
+      (h + h_mirror) / 2, 1e-6)
+
+
+# The label-only mask model's quality: its HC's agreement with its HC of the
+# mirrored scan (its mask is no filled head, so `OWN_ELLIPSE_IOU` says
+# nothing). The default threshold is the 10th percentile of hcnet_mask_label's
+# flip agreement on fold 0's validation part (69 images), chosen there; see
+# docs/results.md ("HC values only").
+FLIP_AGREEMENT = Quality(
+    name='flip_agreement', of=flip_agreement, min_value=0.986,
+    meaning='its HC changes with a mirrored view', mirrored=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +175,10 @@ class Kind:
     def forward(variables, images):
       outputs = model.apply(variables, images, train=False)
       out = self.predictions(outputs, height, width)
-      if self.quality is not None:
+      if self.quality is not None and self.quality.mirrored:
+        mirrored = model.apply(variables, images[:, :, ::-1], train=False)
+        out['quality'] = self.quality.of(outputs, grid, mirrored)
+      elif self.quality is not None:
         out['quality'] = self.quality.of(outputs, grid)
       return out
 
@@ -321,7 +350,8 @@ MASK = MaskKind()
 # A mask model trained from HC values alone (`hcnet_mask_label`): its mask
 # is not a filled head, so the mask's agreement with its own ellipse says
 # nothing; no quality signal until one is chosen on validation data.
-MASK_LABEL = dataclasses.replace(MASK, name='mask_label', quality=None)
+MASK_LABEL = dataclasses.replace(MASK, name='mask_label',
+                                 quality=FLIP_AGREEMENT)
 KINDS = {kind.name: kind for kind in (HC, ELLIPSE, MASK, MASK_LABEL)}
 
 
