@@ -99,3 +99,47 @@ def test_an_inactive_member_is_left_unchanged():
   assert any(not np.array_equal(after[0], before) for before, after in zip(
       jax.tree.leaves(states[0].params), jax.tree.leaves(new.params)))
   np.testing.assert_array_equal(new.step, [1, 0])
+
+
+def test_the_eta_counts_finished_work_and_whole_epochs():
+  """The progress line's rate and ETA, from a fake clock: the compilation
+  is no work, and once an epoch's wall time is known (validation and
+  checkpoints in it) the ETA is the epochs left at that time."""
+  from hc_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  # 10 steps of 2 s finished after the compiled step first returned; 81
+  # steps per epoch, 50 epochs: 4039 steps left at 0.5 steps/s.
+  rate, left = trainer.estimate(11, 4050, 81, 10, 20.0, None)
+  assert rate == 0.5 and left == 4039 / 0.5
+  # After an epoch of 200 s (162 s of steps + validation): 4039 / 81 epochs.
+  _, left = trainer.estimate(81, 4050, 81, 80, 162.0, 200.0)
+  assert abs(left - 49 * 200.0) < 1e-6
+
+
+def test_the_first_progress_line_comes_after_a_few_steps(capsys):
+  """A progress line FIRST_LOG_STEPS steps after the compiled step
+  returned, not LOG_EVERY_SECONDS after the start, and timed after the
+  queued steps have finished."""
+  import types  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  now = [1000.0]
+  clock = lambda: now[0]  # pylint: disable=unnecessary-lambda-assignment
+  fake = types.SimpleNamespace(
+      data=types.SimpleNamespace(steps=np.asarray([81]), batch_size=8),
+      configs=[None], start_epoch=0, num_epochs=50, rate_start=None,
+      last_log=now[0], epoch_seconds=[])
+
+  class Loss:  # A queued step: reading it waits 2 s on the fake clock.
+    def mean(self):
+      return self
+
+    def __float__(self):
+      now[0] += 2.0
+      return 0.5
+
+  for i in range(trainer.FIRST_LOG_STEPS + 1):
+    trainer.Trainer._progress(fake, 1, i, Loss(), clock=clock)
+  out = capsys.readouterr()
+  lines = [l for l in (out.out + out.err).splitlines() if 'ETA' in l]
+  assert len(lines) == 1 and 'step 4/81' in lines[0], lines
+  # 3 steps finished in the 2 s the last one's loss took: 1.5 steps/s.
+  assert '12 img/s' in lines[0], lines

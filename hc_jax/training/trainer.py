@@ -48,6 +48,34 @@ def _read_diverged(workdir: str) -> int:
     return int(json.load(f)['epoch'])
 
 
+# A first progress line after this many finished steps past the compilation.
+FIRST_LOG_STEPS = 3
+
+
+def estimate(done: int, total: int, steps_per_epoch: int,
+             rate_steps: int, rate_seconds: float,
+             epoch_seconds: float | None) -> tuple[float, float]:
+  """(steps per second, seconds left) of a run from finished work only.
+
+  Args:
+    done, total: steps finished and planned in this call of the run.
+    steps_per_epoch: its steps per epoch.
+    rate_steps, rate_seconds: steps finished since the compiled step first
+      returned, and the seconds they took (the compilation is not work).
+    epoch_seconds: the mean wall time of a whole epoch (steps, validation
+      and checkpoints) once one has finished without compiling, else None.
+
+  Returns:
+    The rate, and the time left: the remaining epochs at `epoch_seconds`
+    when known (so validation counts), else the remaining steps at the rate.
+  """
+  rate = rate_steps / max(rate_seconds, 1e-9)
+  left_steps = max(total - done, 0)
+  if epoch_seconds:
+    return rate, left_steps / steps_per_epoch * epoch_seconds
+  return rate, left_steps / max(rate, 1e-9)
+
+
 def _eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
@@ -260,19 +288,26 @@ class Trainer:
          f' -> {self.how}')
     return state
 
-  def _progress(self, epoch, i, loss):
-    now = time.time()
-    if now - self.last_log < LOG_EVERY_SECONDS:
-      return
-    self.last_log = now
+  def _progress(self, epoch, i, loss, clock=time.time):
     steps = int(self.data.steps.max())
     done = (epoch - 1 - self.start_epoch) * steps + i + 1
+    if self.rate_start is None:  # The compiled step's first return.
+      self.rate_start = (done, clock())
+      return
+    first = done - self.rate_start[0] == FIRST_LOG_STEPS
+    if not first and clock() - self.last_log < LOG_EVERY_SECONDS:
+      return
+    value = float(loss.mean())  # Waits for the queued steps: finished work.
+    now = self.last_log = clock()
     total = (self.num_epochs - self.start_epoch) * steps
-    rate = done / max(now - self.loop_started, 1e-9)
+    epoch_seconds = (sum(self.epoch_seconds) / len(self.epoch_seconds)
+                     if self.epoch_seconds else None)
+    rate, left = estimate(done, total, steps, done - self.rate_start[0],
+                          now - self.rate_start[1], epoch_seconds)
     log.info(f'epoch {epoch}/{self.num_epochs} step {i + 1}/{steps} loss '
-         f'{float(loss.mean()):.4g} '
-         f'{rate * self.data.batch_size * len(self.configs):.3g} img/s ETA '
-         f'{_eta((total - done) / rate)}')
+             f'{value:.4g} '
+             f'{rate * self.data.batch_size * len(self.configs):.3g} img/s ETA '
+             f'{_eta(left)}')
 
   def run(self):
     state = self._restore()
@@ -283,6 +318,8 @@ class Trainer:
     self.compiled = False
     self.compile_seconds = 0.0
     self.compile_started = self.loop_started = self.last_log = time.time()
+    self.rate_start = None  # (steps done, time) when the compiled step returned.
+    self.epoch_seconds = []  # Wall time of each whole epoch (no compiling).
     if self.start_epoch < self.num_epochs:
       log.info('compiling the training step...')
     last_save = time.time()
@@ -290,11 +327,15 @@ class Trainer:
     while epoch < self.num_epochs:
       epoch += 1
       epoch_start = time.time()
+      compiled_before = self.compiled
       state, step_losses, active = self._train_epoch(state, epoch)
       self._check_divergence(epoch, step_losses, active)
       if self._validate_and_save(state, epoch, epoch_start, step_losses,
                                  active, writers, last_save):
         last_save = time.time()
+      # Each epoch's wall time, the first without its compilation.
+      self.epoch_seconds.append(time.time() - epoch_start - (
+          0.0 if compiled_before else self.compile_seconds))
       self._check_budget(epoch, epoch_start)
     for ck in self.checkpoints:
       ck.wait()
