@@ -2,7 +2,7 @@
 
   python -m hc_jax.main --config=configs/hcnet_mask.py --config.fold=0
 
-A small U-Net (hc_jax/nets/hcnet_mask.py, about 250K parameters) at 128x192 (HC18's
+A small U-Net (hc_jax/nets/hcnet_mask.py, 308,985 parameters) at 128x192 (HC18's
 800x540 aspect kept), the mask at half the input resolution with an 8-pixel
 margin beyond the border. The filled reference ellipse is rendered in the
 step by pixel coverage from the augmented ellipse; the loss is BCE + soft
