@@ -119,7 +119,8 @@ def test_a_folder_with_a_csv_trains_the_label_only_model(phantom_hc18,
 
 def test_folder_scans_are_read_as_the_same_pixels(phantom_hc18, tmp_path):
   directory = _folder(phantom_hc18[0], str(tmp_path / 'mine'), jpeg_every=1000)
-  records, sources, notes = folder_lib.scan(directory)
+  records, notes = folder_lib.scan(directory)
+  sources = folder_lib.sources(directory)
   assert not notes
   assert len(records) == 60 and len(sources) == 61
   png = records[1]
@@ -167,7 +168,7 @@ def test_a_folder_csv_without_the_needed_columns_is_refused(tmp_path):
 def test_without_a_subject_column_hc18_names_give_the_subjects(phantom_hc18,
                                                                tmp_path):
   directory = _folder(phantom_hc18[0], str(tmp_path / 'mine'), subject=False)
-  records, _, notes = folder_lib.scan(directory)
+  records, notes = folder_lib.scan(directory)
   assert not notes
   assert records[0].subject_id == hc18.folds.parse_filename('000_HC.png')[0]
   # Other names: each scan a subject of its own, and a note says so.
@@ -178,7 +179,7 @@ def test_without_a_subject_column_hc18_names_give_the_subjects(phantom_hc18,
     text = f.read().replace('scans/', 'scans/x')
   with open(os.path.join(directory, 'labels.csv'), 'w') as f:
     f.write(text)
-  records, _, notes = folder_lib.scan(directory)
+  records, notes = folder_lib.scan(directory)
   assert len({r.subject_id for r in records}) == 60
   assert 'each scan is a subject of its own' in notes[0]
 

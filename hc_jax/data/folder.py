@@ -25,7 +25,8 @@ Every row is read and checked before anything is prepared, and every
 problem (a missing or unreadable file, a bad number, a repeated filename, a
 scan in the folder without a row) is listed in one error; nothing is
 dropped silently. The scans are prepared once (resized as HC18's are) and
-cached by a digest of the CSV's and every listed file's bytes
+cached by a digest of the bytes of the CSV and of every image file under
+the folder
 (`hc_jax.data.prepare.prepare_folder`).
 """
 
@@ -36,7 +37,6 @@ import warnings
 
 import numpy as np
 
-from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import folds
 from hc_jax.data import hc18
 
@@ -56,14 +56,11 @@ COLUMNS = {
 REQUIRED = ('filename', 'pixel_size_mm', 'hc_mm')
 
 
-class FolderError(ValueError):
+class FolderError(hc18.ProblemsError):
   """A folder data set that cannot be read; the message lists every problem."""
 
   def __init__(self, where: str, problems: list[str]):
-    self.problems = list(problems)
-    lines = '\n'.join(f'  {p}' for p in self.problems)
-    super().__init__(
-        f'the scans at {where} have {len(self.problems)} problem(s):\n{lines}')
+    super().__init__(f'the scans at {where} have', problems)
 
 
 def labels_path(folder: str, labels: str = '') -> str:
@@ -142,16 +139,6 @@ def _header(row: list[str]) -> tuple[dict[str, int], list[str]]:
   return where, problems
 
 
-def _number(text: str, what: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise ValueError(f'{what} {text!r} is not a number') from None
-  if not math.isfinite(value) or value <= 0:
-    raise ValueError(f'{what} {text!r} is not a positive number')
-  return value
-
-
 def _inside(folder: str, name: str) -> str | None:
   """The path of `name` under `folder`, or None when it leaves it."""
   if not name or os.path.isabs(name):
@@ -168,7 +155,7 @@ def _read_row(cells: dict[str, str], folder: str
   for column, what in (('pixel_size_mm', 'pixel size (mm)'),
                        ('hc_mm', 'head circumference (mm)')):
     try:
-      values[column] = _number(cells[column], what)
+      values[column] = hc18.positive_number(cells[column], what)
     except ValueError as e:
       errors.append(str(e))
   path = _inside(folder, cells['filename'])
@@ -185,29 +172,22 @@ def _read_row(cells: dict[str, str], folder: str
         warnings.warn(f'{cells["filename"]}: {note}', stacklevel=3)
     except hc18.ImageReadError as e:
       errors.append(str(e))
-  fitted = outline = None
+  fitted = None
   if cells.get('annotation'):
     outline = _inside(folder, cells['annotation'])
     try:
       if outline is None:
         raise ValueError('must be a path inside the folder')
       annotation, _ = read_image(outline)
-      if shape is not None and annotation.shape != shape:
-        raise ValueError(f'size {annotation.shape[::-1]} differs from the '
-                         f'image\'s {shape[::-1]}')
-      fitted = ellipse_lib.fit_annotation(annotation)
-      hc_mm = fitted.perimeter_px * values.get('pixel_size_mm', math.nan)
-      if abs(hc_mm - values.get('hc_mm', math.nan)) > (
-          hc18.MAX_HC_DISAGREEMENT_MM):
-        raise ValueError(f'fitted ellipse gives HC {hc_mm:.2f} mm, the CSV '
-                         f'says {values["hc_mm"]:.2f} mm')
+      fitted = hc18.fit_outline(annotation, shape,
+                                values.get('pixel_size_mm', math.nan),
+                                values.get('hc_mm', math.nan))
     except ValueError as e:  # ImageReadError too.
       errors.append(f'annotation {cells["annotation"]}: {e}')
   if errors:
     return None, errors
   return dict(filename=os.path.relpath(path, folder), image_path=path,
-              ellipse=fitted, outline=outline if fitted else None,
-              **values), []
+              ellipse=fitted, **values), []
 
 
 def _subject_ids(rows: list[dict], subjects: list[str] | None
@@ -225,8 +205,28 @@ def _subject_ids(rows: list[dict], subjects: list[str] | None
         'several scans come from one examination, so that they share a fold')
 
 
+def _image_files(folder: str) -> list[tuple[str, str]]:
+  """(path relative to `folder`, path) of every file under it with an image
+  suffix (scans and outlines), in a fixed order."""
+  files = []
+  for directory, dirs, names in os.walk(folder):
+    dirs.sort()
+    files += [(os.path.relpath(os.path.join(directory, n), folder),
+               os.path.normpath(os.path.join(directory, n)))
+              for n in sorted(names) if is_image_name(n)]
+  return files
+
+
+def sources(folder: str, labels: str = '') -> list[tuple[str, str]]:
+  """(name, path) of every file a folder data set is made of: its CSV and
+  every image file under the folder (scans, outlines, and any scan without
+  a row, which `scan` refuses), for its content digest. Reads no image."""
+  csv_path = labels_path(folder, labels)
+  return [(os.path.basename(csv_path), csv_path)] + _image_files(folder)
+
+
 def scan(folder: str, labels: str = ''
-         ) -> tuple[list[hc18.Record], list[tuple[str, str]], list[str]]:
+         ) -> tuple[list[hc18.Record], list[str]]:
   """Reads and checks a folder data set.
 
   Args:
@@ -234,10 +234,9 @@ def scan(folder: str, labels: str = ''
     labels: its CSV ('' for `<folder>/labels.csv`).
 
   Returns:
-    (records sorted by filename, sources, notes): each record's `filename`
-    is its path relative to the folder, `frame` 0; `sources` are (name, path)
-    of every file read (the CSV, the scans, their outlines), for the data
-    set's content digest; `notes` are status lines for the user.
+    (records sorted by filename, notes): each record's `filename` is its
+    path relative to the folder, `frame` 0; `notes` are status lines for the
+    user.
 
   Raises:
     FolderError: listing every problem, when any is found.
@@ -276,14 +275,10 @@ def scan(folder: str, labels: str = ''
   if 'annotation' in where:
     listed |= {os.path.normpath(os.path.join(folder, r[where['annotation']]))
                for _, r in rows[1:] if where['annotation'] < len(r)}
-  for directory, dirs, names in os.walk(folder):
-    dirs.sort()
-    for name in sorted(names):
-      path = os.path.normpath(os.path.join(directory, name))
-      if (is_image_name(name) and path not in listed and
-          not name.endswith(hc18.ANNOTATION_SUFFIX)):
-        problems.append(f'{os.path.relpath(path, folder)}: a scan in the '
-                        f'folder without a row in {os.path.basename(csv_path)}')
+  for name, path in _image_files(folder):
+    if path not in listed and not name.endswith(hc18.ANNOTATION_SUFFIX):
+      problems.append(f'{name}: a scan in the folder without a row in '
+                      f'{os.path.basename(csv_path)}')
   if not good and not problems:
     problems.append(f'{os.path.basename(csv_path)}: no rows')
   if problems:
@@ -294,17 +289,11 @@ def scan(folder: str, labels: str = ''
                    subject_id=i, frame=0, pixel_size_mm=r['pixel_size_mm'],
                    hc_mm=r['hc_mm'], ellipse=r['ellipse'])
        for r, i in zip(good, ids)), key=lambda r: r.filename)
-  sources = [(os.path.basename(csv_path), csv_path)]
-  for r in sorted(good, key=lambda r: r['filename']):
-    sources.append((r['filename'], r['image_path']))
-    if r['outline']:
-      sources.append((os.path.relpath(r['outline'], folder), r['outline']))
-  return records, sources, [note] if note else []
+  return records, [note] if note else []
 
 
 def ellipse_array(records: list[hc18.Record]) -> np.ndarray:
   """`[N, 5]` reference ellipses, NaN rows where a record has none."""
-  keys = ('center_x', 'center_y', 'semi_axis_a', 'semi_axis_b', 'angle_rad')
-  return np.asarray([[r.ellipse.as_dict()[k] for k in keys]
+  return np.asarray([list(r.ellipse.as_dict().values())
                      if r.ellipse is not None else [math.nan] * 5
                      for r in records], np.float32).reshape(-1, 5)

@@ -50,14 +50,21 @@ class ImageReadError(ValueError):
   """An image file that cannot be read as an 8-bit grayscale scan."""
 
 
-class HC18Error(ValueError):
+class ProblemsError(ValueError):
+  """A data set that cannot be read; the message lists every problem (a
+  command prints them one a line under its first, `cli.error_text`)."""
+
+  def __init__(self, what: str, problems: list[str]):
+    self.problems = list(problems)
+    lines = '\n'.join(f'  {p}' for p in self.problems)
+    super().__init__(f'{what} {len(self.problems)} problem(s):\n{lines}')
+
+
+class HC18Error(ProblemsError):
   """An HC18 directory that cannot be read; the message lists every problem."""
 
   def __init__(self, root: str, problems: list[str]):
-    self.problems = list(problems)
-    lines = '\n'.join(f'  {p}' for p in self.problems)
-    super().__init__(
-        f'HC18 data at {root} has {len(self.problems)} problem(s):\n{lines}')
+    super().__init__(f'HC18 data at {root} has', problems)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +211,9 @@ def _read_csv(path: str, columns: int, problems: list[str]) -> list[list[str]]:
   return good
 
 
-def _positive_number(text: str, what: str) -> float:
+def positive_number(text: str, what: str) -> float:
+  """A CSV cell as a finite positive number (ValueError saying what it is
+  and why not, e.g. "pixel size (mm) 'abc' is not a number")."""
   try:
     value = float(text)
   except ValueError:
@@ -212,6 +221,27 @@ def _positive_number(text: str, what: str) -> float:
   if not math.isfinite(value) or value <= 0:
     raise ValueError(f'{what} {text!r} is not a positive number')
   return value
+
+
+def fit_outline(annotation: np.ndarray, image_shape, pixel_size_mm: float,
+                hc_mm: float) -> ellipse_lib.Ellipse:
+  """The reference ellipse of an annotation outline, checked against its
+  scan: the same size (`image_shape`, None: unknown) and the CSV's HC within
+  MAX_HC_DISAGREEMENT_MM (not checked when either is NaN).
+
+  Raises:
+    ValueError: saying what is wrong.
+  """
+  if image_shape is not None and annotation.shape != image_shape:
+    raise ValueError(f'size {annotation.shape[::-1]} differs from the '
+                     f'image\'s {image_shape[::-1]}')
+  fitted = ellipse_lib.fit_annotation(annotation)
+  gap = abs(fitted.perimeter_px * pixel_size_mm - hc_mm)
+  if gap > MAX_HC_DISAGREEMENT_MM:  # False when either is NaN.
+    raise ValueError(
+        f'fitted ellipse gives HC {fitted.perimeter_px * pixel_size_mm:.2f}'
+        f' mm, the CSV says {hc_mm:.2f} mm')
+  return fitted
 
 
 def _read_row(row: list[str], where: str, image_dir: str, on_disk: bool,
@@ -230,12 +260,12 @@ def _read_row(row: list[str], where: str, image_dir: str, on_disk: bool,
     subject_id = frame = -1
   pixel_size_mm = hc_mm = math.nan
   try:
-    pixel_size_mm = _positive_number(row[1], 'pixel size (mm)')
+    pixel_size_mm = positive_number(row[1], 'pixel size (mm)')
   except ValueError as e:
     errors.append(str(e))
   if labelled:
     try:
-      hc_mm = _positive_number(row[2], 'head circumference (mm)')
+      hc_mm = positive_number(row[2], 'head circumference (mm)')
     except ValueError as e:
       errors.append(str(e))
   image_path = os.path.join(image_dir, filename)
@@ -258,15 +288,7 @@ def _read_row(row: list[str], where: str, image_dir: str, on_disk: bool,
       os.path.join(image_dir, annotation_name)):
     try:
       annotation, _ = read_grayscale(os.path.join(image_dir, annotation_name))
-      if image_shape is not None and annotation.shape != image_shape:
-        raise ValueError(f'size {annotation.shape[::-1]} differs from the '
-                         f'image\'s {image_shape[::-1]}')
-      fitted = ellipse_lib.fit_annotation(annotation)
-      gap = abs(fitted.perimeter_px * pixel_size_mm - hc_mm)
-      if gap > MAX_HC_DISAGREEMENT_MM:  # False when either is NaN.
-        raise ValueError(
-            f'fitted ellipse gives HC {fitted.perimeter_px * pixel_size_mm:.2f}'
-            f' mm, the CSV says {hc_mm:.2f} mm')
+      fitted = fit_outline(annotation, image_shape, pixel_size_mm, hc_mm)
     except ValueError as e:
       errors.append(f'annotation {annotation_name}: {e}')
   if errors:

@@ -356,7 +356,32 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = '',
     digest = digests.source_digest(root)
     content = _content_digest(root, cache_dir, out_hw, mode)
   directory = os.path.join(cache_dir, f'hc18-{content}')
-  path = _prepared_path(directory, out_hw, mode)
+
+  def build():
+    tfds_dir = os.path.join(directory, 'tfds')
+    _remove_leftovers(directory, tfds_dir)
+    _announce(root, out_hw, mode, directory)
+    arrays = _from_tfds(root, tfds_dir, out_hw, mode)
+    return arrays, {
+        'format_version': FORMAT_VERSION, 'source': root or 'download',
+        'source_digest': digest, 'content_digest': content,
+        'image_hw': list(out_hw), 'resize_mode': mode,
+        'num_images': int(len(arrays['images']))}
+
+  return _cached(directory, _prepared_path(directory, out_hw, mode), build,
+                 f'cannot prepare HC18 in the cache {cache_dir} '
+                 f'({cache_flag})')
+
+
+def _cached(directory: str, path: str, build, refusal: str
+            ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The prepared arrays at `path`, or `build()`'s, saved there.
+
+  A damaged file is prepared again (with a warning); the build runs under
+  `_build_lock` in `directory`, so a process that waited reads what the
+  first one wrote. A file system that refuses the cache ends in a
+  CacheError: `refusal` and the reason.
+  """
   if os.path.isfile(path):
     try:
       return load(path, require_digest=True)
@@ -367,23 +392,15 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = '',
       if os.path.isfile(path):  # Prepared by another process meanwhile.
         with contextlib.suppress(PreparedError):
           return load(path, require_digest=True)
-      tfds_dir = os.path.join(directory, 'tfds')
-      _remove_leftovers(directory, tfds_dir)
-      _announce(root, out_hw, mode, directory)
       started = time.time()
-      arrays = _from_tfds(root, tfds_dir, out_hw, mode)
-      info = {'format_version': FORMAT_VERSION, 'source': root or 'download',
-              'source_digest': digest, 'content_digest': content,
-              'image_hw': list(out_hw),
-              'resize_mode': mode, 'num_images': int(len(arrays['images']))}
+      arrays, info = build()
       save(path, arrays, info)
   except Exception as e:  # pylint: disable=broad-except
     text = None if isinstance(e, ValueError) else log.storage_error_text(
         e, directory)
     if text is None:
       raise
-    raise CacheError(f'cannot prepare HC18 in the cache {cache_dir} '
-                     f'({cache_flag}): {text}') from None
+    raise CacheError(f'{refusal}: {text}') from None
   log.status(
       f'prepared {len(arrays["images"])} scans in {time.time() - started:.0f}'
       f' s: {path}')
@@ -442,14 +459,15 @@ def _from_records(records, out_hw, mode: str) -> dict[str, np.ndarray]:
 
 
 def prepare_folder(directory: str, labels: str, out_hw, mode: str,
-                   cache_dir: str = ''
+                   cache_dir: str = '',
+                   cache_flag: str = '--config.data.cache_dir'
                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The prepared arrays of a folder of scans with a CSV of HC values
   (`hc_jax.data.folder`), from cache if made.
 
-  Every row is checked first (`folder.scan`: one error listing every
-  problem); the cache is keyed by a digest of the CSV's and every listed
-  file's bytes, as HC18's is.
+  The cache is keyed by a digest of the bytes of the CSV and of every image
+  file under the folder (`folder.sources`), as HC18's is; before preparing,
+  every row is checked (`folder.scan`: one error listing every problem).
 
   Returns:
     (arrays, info) as `prepare`.
@@ -463,38 +481,27 @@ def prepare_folder(directory: str, labels: str, out_hw, mode: str,
     raise ValueError(f'unknown resize_mode {mode!r}; choose one of '
                      f'{", ".join(RESIZE_MODES)}')
   cache_dir = cache_dir or default_cache_dir()
-  records, sources, notes = folder.scan(directory, labels)
-  for note in notes:
-    log.status(f'note: {note}')
-  content = digests.files_digest(sources,
+  # The digest reads no image, so a prepared set is used without decoding it.
+  content = digests.files_digest(folder.sources(directory, labels),
                                  os.path.join(cache_dir, digests.HASHES_FILE))
   cache = os.path.join(cache_dir, f'folder-{content}')
-  path = os.path.join(cache, f'prepared_{out_hw[0]}x{out_hw[1]}_{mode}.npz')
-  if os.path.isfile(path):
-    try:
-      return load(path, require_digest=True)
-    except PreparedError as e:
-      log.status(f'warning: {e}; preparing it again')
-  log.status(f'preparing {len(records)} scans from {directory} at '
-             f'{out_hw[0]}x{out_hw[1]} ({mode}) into {cache}, once')
-  started = time.time()
-  try:
-    leftovers.remove_stale(cache, 'prepared_')  # Of killed preparations.
+
+  def build():
+    records, notes = folder.scan(directory, labels)
+    for note in notes:
+      log.status(f'note: {note}')
+    _remove_leftovers(cache, os.path.join(cache, 'tfds'))
+    log.status(f'preparing {len(records)} scans from {directory} at '
+               f'{out_hw[0]}x{out_hw[1]} ({mode}) into {cache}, once')
     arrays = _from_records(records, out_hw, mode)
-    info = {'format_version': FORMAT_VERSION,
-            'source': os.path.abspath(directory),
-            'labels': os.path.abspath(folder.labels_path(directory, labels)),
-            'source_digest': content, 'content_digest': content,
-            'image_hw': list(out_hw), 'resize_mode': mode,
-            'num_images': int(len(arrays['images']))}
-    save(path, arrays, info)
-  except Exception as e:  # pylint: disable=broad-except
-    text = None if isinstance(e, ValueError) else log.storage_error_text(
-        e, cache)
-    if text is None:
-      raise
-    raise CacheError(f'cannot prepare the scans in the cache {cache_dir} '
-                     f'(--config.data.cache_dir): {text}') from None
-  log.status(f'prepared {len(records)} scans in {time.time() - started:.0f}'
-             f' s: {path}')
-  return arrays, info
+    return arrays, {
+        'format_version': FORMAT_VERSION,
+        'source': os.path.abspath(directory),
+        'labels': os.path.abspath(folder.labels_path(directory, labels)),
+        'source_digest': content, 'content_digest': content,
+        'image_hw': list(out_hw), 'resize_mode': mode,
+        'num_images': int(len(arrays['images']))}
+
+  return _cached(cache, _prepared_path(cache, out_hw, mode), build,
+                 f'cannot prepare the scans in the cache {cache_dir} '
+                 f'({cache_flag})')

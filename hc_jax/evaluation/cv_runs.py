@@ -343,7 +343,7 @@ def read_reference(hc18_dir: str) -> dict[str, tuple[float, float]]:
   # HC18's own CSV reader; the images are read only where they are scored.
   # pylint: disable=protected-access
   rows = hc18._read_csv(os.path.join(hc18_dir, csv_name), 3, problems)
-  positive_number = hc18._positive_number
+  positive_number = hc18.positive_number
   # pylint: enable=protected-access
   reference = {}
   for row in rows:
