@@ -81,11 +81,10 @@ def _write_set(root, names, out, reference):
   os.replace(tmp, out)
 
 
-def _pseudo_outlines(data, out, member, log_path, reference):
+def _pseudo_outlines(data, out, member, log_path):
   """`data` (a folder data set) again in `out`, with an outline per scan
   from the shipped member's own ellipse scaled to the scan's HC."""
   # pylint: disable=import-outside-toplevel
-  import numpy as np
   from PIL import Image
   from hc_jax.data import ellipse as ellipse_lib
   from hc_jax.data import phantom
@@ -145,7 +144,6 @@ def _pseudo_outlines(data, out, member, log_path, reference):
                        row['subject'], annotation])
   with open(log_path, 'a') as log:
     log.write(f'{out}: {kept} of {len(rows)} scans with a drawn outline\n')
-  del np
   os.replace(tmp, out)
 
 
@@ -226,7 +224,7 @@ def main():
     config = 'configs/hcnet_mask_label.py'
     if args.pseudo_outlines:
       outlined = os.path.join(args.out, f'scans_{tag}')
-      _pseudo_outlines(data, outlined, member, log_path, reference)
+      _pseudo_outlines(data, outlined, member, log_path)
       data, config = outlined, 'configs/hcnet_mask.py'
     run = os.path.join(args.out, f'run_{tag}')
     steps_per_epoch = max(1, int(size * 0.81) // 8)

@@ -309,6 +309,17 @@ class ArgumentParser(argparse.ArgumentParser):
     sys.exit(2)
 
 
+def add_losses_module_flag(parser: argparse.ArgumentParser) -> None:
+  """`--losses_module`, repeatable: files or modules that register losses
+  (`hc_jax.losses.register`), imported with `losses.import_module` before
+  any config is checked (hc_jax.main and hc_jax.grid)."""
+  parser.add_argument('--losses_module', action='append', default=[],
+                      metavar='FILE_OR_MODULE',
+                      help='a Python file or module to import first, which '
+                      'registers losses (hc_jax.losses.register) that '
+                      '--config.loss=NAME can then name; repeatable')
+
+
 def usage_errors() -> tuple[type[BaseException], ...]:
   """The errors a command reports as one line with exit status 2.
 

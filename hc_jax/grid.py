@@ -212,11 +212,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--stack', action='store_true',
                       help='Train runs that differ only in fold, loss or '
                       'seed at once, as members of one jitted step (GPU).')
-  parser.add_argument('--losses_module', action='append', default=[],
-                      metavar='FILE_OR_MODULE',
-                      help='a Python file or module to import first, which '
-                      'registers losses (hc_jax.losses.register) for '
-                      '--config.loss=NAME; repeatable')
+  cli.add_losses_module_flag(parser)
   parser.add_argument('--require_accelerator', action='store_true',
                       help='Stop at once if JAX finds no GPU or TPU.')
   args, unknown = parser.parse_known_args(argv)

@@ -68,11 +68,7 @@ def _parse_args(argv: Sequence[str]):
   parser.add_argument('--workdir', default=None,
                       help='directory of the run (resumed if present; '
                       'default runs/<config file>_fold<k>)')
-  parser.add_argument('--losses_module', action='append', default=[],
-                      metavar='FILE_OR_MODULE',
-                      help='a Python file or module to import first, which '
-                      'registers losses (hc_jax.losses.register) that '
-                      '--config.loss=NAME can then name; repeatable')
+  cli.add_losses_module_flag(parser)
   args = parser.parse_args(rest)
   if path is None:
     parser.error('--config=FILE is required, e.g. '

@@ -41,6 +41,7 @@ import math
 from typing import Any, Callable, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hc_jax.data import ellipse as ellipse_lib
@@ -99,10 +100,10 @@ def flip_agreement(outputs, grid, mirrored) -> jax.Array:
   the scan, h' on its mirror image (a perimeter does not change with a
   mirroring, so a model that measures the head, not the view, agrees)."""
   del grid
-  identity = jax.numpy.asarray([1.0, 1.0, 0.0, 0.0], jax.numpy.float32)
+  identity = jnp.asarray([1.0, 1.0, 0.0, 0.0], jnp.float32)
   h = mask_head.hc_px_from_moments(outputs['cov'], identity)
   h_mirror = mask_head.hc_px_from_moments(mirrored['cov'], identity)
-  return 1.0 - jax.numpy.abs(h - h_mirror) / jax.numpy.maximum(
+  return 1.0 - jnp.abs(h - h_mirror) / jnp.maximum(
       (h + h_mirror) / 2, 1e-6)
 
 

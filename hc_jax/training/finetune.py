@@ -34,7 +34,8 @@ def is_shipped(init_from: str) -> bool:
 
 
 def _archive(init_from: str):
-  """(the archive, the member or None)."""
+  """The archive `init_from` names, restricted to its member if it names
+  one."""
   from hc_jax.evaluation import archive  # pylint: disable=import-outside-toplevel
   if init_from.startswith(PREFIX):
     name, _, member = init_from[len(PREFIX):].partition(':')
@@ -44,7 +45,7 @@ def _archive(init_from: str):
     read = archive.read(path)
   if member:
     read.only(member)
-  return read, member or None
+  return read
 
 
 def _same_class(theirs: str, ours: str) -> bool:
@@ -85,7 +86,7 @@ def load_into(state: Any, config) -> Any:
       archive (one line each).
   """
   try:
-    read, member = _archive(config.init_from)
+    read = _archive(config.init_from)
   except workdir_lib.PredictError as e:
     raise ValueError(f'init_from={config.init_from}: {e}') from None
   for member_config in read.configs:
@@ -98,6 +99,5 @@ def load_into(state: Any, config) -> Any:
     raise ValueError(f'init_from={config.init_from}: {e}') from None
   mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs), 0).astype(xs[0].dtype),
                       *members)
-  del member
   return state.replace(params=mean['params'],
                        batch_stats=mean.get('batch_stats', state.batch_stats))

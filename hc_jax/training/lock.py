@@ -20,6 +20,7 @@ import os
 import socket
 import time
 from typing import Any
+from hc_jax import leftovers
 from hc_jax import log
 from hc_jax import workdir as workdir_lib
 
@@ -43,16 +44,6 @@ def _process_start(pid: int) -> str | None:
     return fields[19]  # Field 22 of proc(5); the first two precede ')'.
   except (OSError, IndexError):
     return None
-
-
-def _pid_running(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # Runs, as another user.
-    return True
-  return True
 
 
 def _parse_time(text: Any) -> float | None:
@@ -197,7 +188,7 @@ class WorkdirLock:
     started = holder.get('started', '?')
     who = f'pid {pid} on host {host} (started {started})'
     if host == socket.gethostname():
-      if not _pid_running(pid):
+      if not leftovers.pid_running(pid):
         return f'{who} is no longer running'
       recorded, current = holder.get('pid_start'), _process_start(pid)
       if recorded is not None and current is not None and recorded != current:

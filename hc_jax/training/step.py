@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hc_jax import log
 from hc_jax import models
 from hc_jax.data import augment as augment_lib
 from hc_jax.data import prepare
@@ -68,24 +69,18 @@ def output_functions(config):
   return kind.loss_of(model, config), kind.hc_of(model)
 
 
-def needs_outlines(config) -> bool:
-  """Whether the config's loss needs the reference ellipse (an annotation
-  outline) of its training images: an ellipse model, or a mask model with a
-  mask term; a label-only mask model and the regressors need HC values
-  only (the model's kind says: `Kind.needs_outlines`)."""
-  return bool(models.kind_of(config).needs_outlines(config))
-
-
 def check_outlines(config, filenames, ellipses) -> None:
-  """Raises ValueError (one line) when a config that needs outlines trains
-  on images without any; warns when some lack one (they add the HC term
-  only)."""
-  if not needs_outlines(config):
+  """Raises ValueError (one line) when a config whose loss needs the
+  reference ellipse (an annotation outline; the model's kind says,
+  `Kind.needs_outlines`) trains on images without any; warns when some lack
+  one (they add the HC term only). Regressors and a label-only mask model
+  need HC values only."""
+  what = models.kind_of(config).needs_outlines(config)
+  if not what:
     return
   missing = [str(f) for f, e in zip(filenames, ellipses)
              if not np.all(np.isfinite(e))]
   if len(missing) == len(filenames):
-    what = models.kind_of(config).needs_outlines(config)
     raise ValueError(
         f'this config trains {config.model}, {what}: it needs the reference '
         'outline (an _Annotation.png, or the annotation column of a folder '
@@ -93,7 +88,6 @@ def check_outlines(config, filenames, ellipses) -> None:
         'has one; train from HC values alone with '
         'configs/hcnet_mask_label.py')
   if missing:
-    from hc_jax import log  # pylint: disable=import-outside-toplevel
     log.warn(f'{len(missing)} of {len(filenames)} training images have no '
              f'reference outline (e.g. {missing[0]}): they train the HC term '
              'only')

@@ -317,7 +317,7 @@ class Trainer:
                for w in self.workdirs]
     self.compiled = False
     self.compile_seconds = 0.0
-    self.compile_started = self.loop_started = self.last_log = time.time()
+    self.compile_started = self.last_log = time.time()
     self.rate_start = None  # (steps done, time) when the compiled step returned.
     self.epoch_seconds = []  # Wall time of each whole epoch (no compiling).
     if self.start_epoch < self.num_epochs:
