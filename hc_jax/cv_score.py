@@ -77,16 +77,18 @@ def _parse_args(argv) -> argparse.Namespace:
                       'moments=window, if not the one trained with')
   parser.add_argument('--quality_thresholds', '--quality-thresholds',
                       dest='quality_thresholds',
-                      help='mask models: comma-separated quality thresholds '
-                      'to print the flag table for (what flagging quality '
-                      'below each catches)')
+                      help='models with a quality signal: comma-separated '
+                      'quality thresholds to print the flag table for (what '
+                      'flagging quality below each catches); "stored": each '
+                      'fold\'s model\'s own, chosen on its validation part')
   args = parser.parse_args(argv)
   try:
-    args.quality_thresholds = [float(x) for x in (
-        args.quality_thresholds or '').split(',') if x.strip()]
+    args.quality_thresholds = [
+        x.strip() if x.strip() == cv_report.STORED else float(x)
+        for x in (args.quality_thresholds or '').split(',') if x.strip()]
   except ValueError:
-    parser.error(f'--quality_thresholds must be numbers, got '
-                 f'{args.quality_thresholds!r}')
+    parser.error(f'--quality_thresholds must be numbers or '
+                 f'{cv_report.STORED!r}, got {args.quality_thresholds!r}')
   args.runs = [root.strip() for spec in args.runs for root in spec.split(',')
                if root.strip()]
   if not args.runs:

@@ -3,11 +3,15 @@ finished fold runs.
 
   python -m hc_jax.shipped --workdir=runs/final/hcnet_mask --out=FILE.npz
   python -m hc_jax.shipped --add-digest=FILE.npz   # an older archive
+  python -m hc_jax.shipped --calibrate=FILE.npz    # its quality threshold
 
 An archive records the digest of its arrays (`archive.DIGEST_KEY`), which
 loading checks. `--add-digest` gives one to an archive exported before
 digests were recorded: the same arrays, written anew with the digest in
-their `meta` (it refuses an archive that has one).
+their `meta` (it refuses an archive that has one). `--calibrate` stores
+the quality threshold of an archive whose runs were trained before runs
+stored one (`calibrate`): chosen on each member's own validation part, as
+training chooses it now.
 """
 
 import argparse
@@ -120,12 +124,50 @@ def export(workdir: str, out: str, name: str | None = None,
   return meta
 
 
-def add_digest(path: str) -> str:
-  """Records the digest of an older archive's arrays in its `meta`, the
-  arrays unchanged; returns the digest.
+def calibrate(path: str, hc18_dir: str | None = None) -> float:
+  """Stores the quality threshold of an archive whose members' results
+  record none: each member's quality signal on its own fold's validation
+  part (`cv.score(part='val')`, never a test fold) becomes its results'
+  'quality' (`kinds.quality_record`), the arrays unchanged. Returns the
+  ensemble's threshold (`kinds.stored_threshold`).
 
   Raises:
-    PredictError: not a readable archive, or one that has a digest already.
+    PredictError: not a readable archive, a model with no quality signal, or
+      one whose members record a threshold already.
+  """
+  # pylint: disable=import-outside-toplevel
+  from hc_jax import models
+  from hc_jax.evaluation import cv
+  from hc_jax.evaluation import cv_runs
+  from hc_jax.nets import kinds
+  arrays, meta = _read_archive(path)
+  quality = models.kind_of(meta['configs'][0]['model']).quality
+  if quality is None:
+    raise workdir_lib.PredictError(
+        f'{path}: its model has no quality signal to calibrate')
+  if all(result.get('quality') for result in meta['results']):
+    raise workdir_lib.PredictError(
+        f'{path} records its quality threshold already; not changed')
+  try:
+    scores = cv.score([path], hc18_dir=hc18_dir, part='val')
+  except cv_runs.ScoreError as e:
+    raise workdir_lib.PredictError(str(e)) from None
+  for result in meta['results']:
+    values = [row['quality'] for row in scores.rows
+              if row['fold'] == result['fold']]
+    if not values:
+      raise workdir_lib.PredictError(
+          f'{path}: no validation images of fold {result["fold"]}')
+    result['quality'] = kinds.quality_record(quality, values)
+  _replace_archive(path, arrays, meta)
+  return kinds.stored_threshold(meta['results'], quality)
+
+
+def _read_archive(path: str) -> tuple[dict[str, np.ndarray], dict]:
+  """An archive's arrays and its `meta`.
+
+  Raises:
+    PredictError: not a readable archive.
   """
   try:
     with np.load(path, allow_pickle=False) as archive:
@@ -137,14 +179,17 @@ def add_digest(path: str) -> str:
   except Exception as e:  # pylint: disable=broad-except  # Any damage.
     raise workdir_lib.PredictError(
         f'{path}: not a readable shipped model ({e})') from None
-  if archive_lib.DIGEST_KEY in meta:
-    raise workdir_lib.PredictError(
-        f'{path} records a digest already; not changed')
-  meta[archive_lib.DIGEST_KEY] = archive_lib.arrays_digest(arrays)
+  return arrays, meta
+
+
+def _replace_archive(path: str, arrays: dict[str, np.ndarray],
+                     meta: dict) -> None:
+  """Writes `arrays` with `meta` over the archive at `path`, whole or not
+  at all."""
   arrays['meta'] = np.array(json.dumps(meta, sort_keys=True))
-  tmp = path + '.digest.tmp' + archive_lib.ARCHIVE_SUFFIX
+  tmp = path + '.meta.tmp' + archive_lib.ARCHIVE_SUFFIX
   if os.path.lexists(tmp):
-    os.unlink(tmp)  # Left by a killed call: only this function writes it.
+    os.unlink(tmp)  # Left by a killed call: only this module writes it.
   _write_archive(tmp, arrays)
   try:
     os.replace(tmp, path)
@@ -152,6 +197,21 @@ def add_digest(path: str) -> str:
     os.unlink(tmp)
     raise workdir_lib.PredictError(
         f'{path} cannot be replaced ({e.strerror or e})') from None
+
+
+def add_digest(path: str) -> str:
+  """Records the digest of an older archive's arrays in its `meta`, the
+  arrays unchanged; returns the digest.
+
+  Raises:
+    PredictError: not a readable archive, or one that has a digest already.
+  """
+  arrays, meta = _read_archive(path)
+  if archive_lib.DIGEST_KEY in meta:
+    raise workdir_lib.PredictError(
+        f'{path} records a digest already; not changed')
+  meta[archive_lib.DIGEST_KEY] = archive_lib.arrays_digest(arrays)
+  _replace_archive(path, arrays, meta)
   return meta[archive_lib.DIGEST_KEY]
 
 
@@ -190,11 +250,26 @@ def main(argv=None) -> int:
                       metavar='FILE.npz',
                       help='record the digest of an older archive\'s arrays '
                       'in it (nothing else changes)')
+  parser.add_argument('--calibrate', metavar='FILE.npz',
+                      help='store the quality threshold of an archive whose '
+                      'runs record none, chosen on each member\'s validation '
+                      'part (nothing else changes)')
+  parser.add_argument('--hc18_dir', '--hc18-dir', dest='hc18_dir',
+                      help='--calibrate: the HC18 copy the members trained on '
+                      '(default: theirs)')
   parser.add_argument('--name', help='the model name (default: from --out)')
   parser.add_argument('--float16', action='store_true',
                       help='store the floats as float16')
   args = parser.parse_args(argv)
   from hc_jax import cli  # pylint: disable=import-outside-toplevel
+  if args.calibrate:
+    if args.workdir or args.out or args.add_digest:
+      parser.error('--calibrate takes no --workdir, --out or --add-digest')
+    cli.quiet_logs()
+    return cli.run_main(lambda: print(
+        f'{args.calibrate}: quality threshold '
+        f'{calibrate(args.calibrate, args.hc18_dir):.4f} stored (chosen on '
+        'the members\' validation parts)'))
   if args.add_digest:
     if args.workdir or args.out:
       parser.error('--add-digest takes no --workdir or --out')

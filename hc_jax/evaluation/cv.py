@@ -20,6 +20,7 @@ image's pixel size; the reference HC is the one of HC18's CSV.
 """
 
 import dataclasses
+import math
 import os
 from typing import Callable, Sequence
 
@@ -34,7 +35,7 @@ from hc_jax.evaluation import cv_runs
 # One row per scored image (the CSV of --out), then one column per member.
 IMAGE_COLUMNS = ('fold', 'filename', 'subject_id', 'pixel_size_mm',
                  'hc_mm_true', 'hc_mm_pred', 'error_mm', 'hc_px_true',
-                 'hc_px_pred', 'quality')
+                 'hc_px_pred', 'quality', 'min_quality')
 # One row per scoring (the CSV that --summary_csv appends to).
 SUMMARY_COLUMNS = ('name', 'runs', 'tta_flip', 'folds', 'num_images',
                    'mae_mm', 'mae_mm_std', 'mae_px', 'mae_px_std', 'pmae',
@@ -128,19 +129,20 @@ def _read_images(paths: Sequence[str]) -> list[np.ndarray]:
 def _predict_hc_px(workdir: str, images, pixel_sizes, tta_flip: bool,
                    filenames, model_options=None
                    ) -> tuple[np.ndarray, np.ndarray]:
-  """A workdir's HC in px of the original images (the mean of its runs), and
-  its quality signal (NaN but for a mask model)."""
+  """A workdir's HC in px of the original images (the mean of its runs), its
+  quality signal (NaN but for a mask model) and its `Predictor`."""
   from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
   try:
-    out = loading.load(workdir, model_options)(
-        images, list(pixel_sizes), tta_flip=tta_flip)
+    predictor = loading.load(workdir, model_options)
+    out = predictor(images, list(pixel_sizes), tta_flip=tta_flip)
   except workdir_lib.PredictError as e:
     raise cv_runs.ScoreError(str(e)) from None
   hc_px = np.asarray(out['hc_px'], np.float64)
   for i in np.flatnonzero(~np.isfinite(hc_px))[:1]:
     raise cv_runs.ScoreError(f'{workdir} gives no HC for {filenames[i]}: '
                              f'{out["message"][i] or out["status"][i]}')
-  return hc_px, np.asarray(out['quality'], np.float64)
+  return hc_px, np.asarray(out['quality'], np.float64), predictor
+
 
 
 def score(run_roots: Sequence[str], tta_flip: bool = False,
@@ -190,13 +192,13 @@ def score(run_roots: Sequence[str], tta_flip: bool = False,
   rows, fold_scores = [], {}
   for fold in members[0]:
     filenames = assignment.split(fold)[part]
-    pixel_size, true_mm, member_px, quality = _predict_fold(
+    pixel_size, true_mm, member_px, quality, min_quality = _predict_fold(
         fold, filenames, [runs[fold] for runs in members], hc18_dir,
         reference, tta_flip, model_options)
     pred_px = member_px.mean(0)
     true_px = true_mm / pixel_size
     rows += _fold_rows(fold, filenames, subjects, labels, pixel_size,
-                       true_mm, member_px, quality)
+                       true_mm, member_px, quality, min_quality)
     fold_scores[fold] = {
         'num_images': len(filenames),
         'mae_mm': float(np.mean(np.abs(pred_px - true_px) * pixel_size))}
@@ -215,7 +217,8 @@ def _predict_fold(fold: int, filenames: Sequence[str],
 
   Returns:
     (pixel sizes in mm, reference HC in mm, each member's HC in px
-    [member, image], the members' mean quality), as float64 arrays.
+    [member, image], the members' mean quality), as float64 arrays, and the
+    fold's quality threshold (`Predictor.default_min_quality`).
 
   Raises:
     ScoreError: an image missing from the HC18 CSV or unreadable, or a
@@ -233,13 +236,17 @@ def _predict_fold(fold: int, filenames: Sequence[str],
   predicted = [_predict_hc_px(workdir, images, pixel_size, tta_flip,
                               filenames, model_options)
                for workdir in workdirs]
-  member_px = np.stack([hc for hc, _ in predicted])
-  quality = np.stack([q for _, q in predicted]).mean(0)
-  return pixel_size, true_mm, member_px, quality
+  member_px = np.stack([hc for hc, _, _ in predicted])
+  quality = np.stack([q for _, q, _ in predicted]).mean(0)
+  # The fold's threshold: its one member's stored one (of several, their
+  # mean), as predict applies it.
+  min_quality = float(np.mean([p.default_min_quality
+                               for _, _, p in predicted]))
+  return pixel_size, true_mm, member_px, quality, min_quality
 
 
 def _fold_rows(fold, filenames, subjects, labels, pixel_size, true_mm,
-               member_px, quality) -> list[dict]:
+               member_px, quality, min_quality=math.nan) -> list[dict]:
   """The `IMAGE_COLUMNS` and member columns of one fold's images."""
   pred_px = member_px.mean(0)
   true_px = true_mm / pixel_size
@@ -250,7 +257,7 @@ def _fold_rows(fold, filenames, subjects, labels, pixel_size, true_mm,
            'hc_mm_pred': pred_px[i] * pixel_size[i],
            'error_mm': (pred_px[i] - true_px[i]) * pixel_size[i],
            'hc_px_true': true_px[i], 'hc_px_pred': pred_px[i],
-           'quality': quality[i]}
+           'quality': quality[i], 'min_quality': min_quality}
     row.update({f'hc_mm_{label}': member_px[m, i] * pixel_size[i]
                 for m, label in enumerate(labels)})
     rows.append(row)

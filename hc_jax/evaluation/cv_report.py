@@ -21,6 +21,9 @@ from hc_jax.evaluation import cv_runs
 # Errors (mm) whose catching by the quality flag is tabulated.
 FLAG_ERRORS_MM = (5.0, 10.0, 20.0)
 DEFAULT_WORST = 10
+# The flag table's threshold meaning the one stored with each fold's model
+# (chosen on its validation part).
+STORED = 'stored'
 
 
 def flag_table(rows: Sequence[dict], thresholds: Sequence[float]
@@ -28,8 +31,9 @@ def flag_table(rows: Sequence[dict], thresholds: Sequence[float]
   """What flagging `quality < threshold` catches, per threshold.
 
   Args:
-    rows: per-image rows with 'quality' and 'error_mm'.
-    thresholds: quality thresholds.
+    rows: per-image rows with 'quality', 'error_mm' and 'min_quality' (the
+      threshold stored with the model that predicted the row).
+    thresholds: quality thresholds; `STORED` for each row's stored one.
 
   Returns:
     One dict per threshold: 'threshold', 'flagged' (images), 'flagged_pct',
@@ -40,9 +44,16 @@ def flag_table(rows: Sequence[dict], thresholds: Sequence[float]
   quality = np.array([row['quality'] for row in rows], np.float64)
   error = np.abs(np.array([row['error_mm'] for row in rows], np.float64))
   table = []
+  stored = np.array([row.get('min_quality', np.nan) for row in rows],
+                    np.float64)
   for threshold in thresholds:
-    flagged = quality < threshold
-    entry = {'threshold': float(threshold), 'flagged': int(flagged.sum()),
+    if threshold == STORED:
+      flagged = quality < stored
+      name = threshold
+    else:
+      flagged = quality < threshold
+      name = float(threshold)
+    entry = {'threshold': name, 'flagged': int(flagged.sum()),
              'flagged_pct': 100.0 * float(flagged.mean())}
     for limit in FLAG_ERRORS_MM:
       over = error > limit
@@ -60,7 +71,9 @@ def format_flag_table(table: Sequence[dict]) -> str:
           f' | flagged with error <= {FLAG_ERRORS_MM[0]:g} mm |')
   lines = [head, '|' + ' --- |' * (3 + len(FLAG_ERRORS_MM))]
   for entry in table:
-    cells = [f'{entry["threshold"]:.3f}',
+    threshold = entry['threshold']
+    cells = [f'{threshold:.3f}' if threshold != STORED else
+             'stored (each fold\'s own)',
              f'{entry["flagged"]} ({entry["flagged_pct"]:.1f} %)']
     cells += [f'{entry[f"caught_{e:g}"]} / {entry[f"over_{e:g}"]}'
               for e in FLAG_ERRORS_MM]

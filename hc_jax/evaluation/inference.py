@@ -135,7 +135,9 @@ class Predictor:
     mask_grid: its kind's grid of the model's output (a mask model's
       stride, margin in cells), else None.
     min_quality: the quality below which a prediction is 'uncertain' (where
-      the kind has a quality signal); None: the kind's default.
+      the kind has a quality signal): `loading.load` sets the threshold
+      stored with the model (chosen on its validation parts,
+      `kinds.stored_threshold`); None: the kind's default.
     trained_on_phantoms: whether a run trained on phantom scans
       (`data.source='synthetic'`, e.g. the demos) rather than HC18.
     scan_check: whether to refuse images that do not look like an
@@ -168,7 +170,8 @@ class Predictor:
 
   @property
   def default_min_quality(self) -> float:
-    """`min_quality`, else the kind's quality's threshold, else 0."""
+    """`min_quality` (the model's stored threshold), else the kind's
+    quality's default threshold, else 0."""
     if self.min_quality is not None:
       return self.min_quality
     return self.kind.quality.min_value if self.kind.quality else 0.0

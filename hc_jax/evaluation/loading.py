@@ -56,6 +56,7 @@ def load(workdir: str | None = None, model_options: dict | None = None,
   # pylint: disable=import-outside-toplevel
   import jax
   import tensorflow as tf
+  from hc_jax.nets import kinds
   if archive:
     configs, results = archive.configs, archive.results
   else:
@@ -80,6 +81,9 @@ def load(workdir: str | None = None, model_options: dict | None = None,
       _prepare=_image_preparer(built.config, built.height, built.width),
       train_hc_mm=train_hc_mm, train_hc_px=train_hc_px, kind=built.kind,
       mask_grid=built.mask_grid,
+      # The threshold chosen on the runs' validation parts, stored with them
+      # (None: the kind's default).
+      min_quality=kinds.stored_threshold(results, built.kind.quality),
       trained_on_phantoms=any(
           dict(c.get('data') or {}).get('source') == 'synthetic'
           for c in configs))

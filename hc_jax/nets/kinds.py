@@ -117,6 +117,51 @@ FLIP_AGREEMENT = Quality(
     meaning='its HC changes with a mirrored view', mirrored=True)
 
 
+# The share of a model's validation images its stored threshold flags
+# (`choose_threshold`): the 10th percentile of its quality there.
+FLAGGED_FRACTION = 0.10
+
+
+def choose_threshold(values, flagged_fraction: float = FLAGGED_FRACTION
+                     ) -> float:
+  """The quality threshold flagging `flagged_fraction` of `values`: their
+  quantile (linear interpolation, as `np.quantile`)."""
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  if not values.size:
+    raise ValueError('no finite quality values to choose a threshold from')
+  return float(np.quantile(values, flagged_fraction))
+
+
+def quality_record(quality: Quality, values) -> dict:
+  """What a run stores of its quality signal on its validation part (its
+  results.json's 'quality'): the signal's name, the chosen threshold, the
+  rule and the values (6 decimals), which an ensemble pools."""
+  values = [round(float(v), 6) for v in np.asarray(values, np.float64)]
+  return {'signal': quality.name,
+          'threshold': choose_threshold(values),
+          'flagged_fraction': FLAGGED_FRACTION,
+          'part': 'val', 'num_images': len(values),
+          'values': values}
+
+
+def stored_threshold(results, quality: 'Quality | None') -> float | None:
+  """The threshold stored with a model: of one run, its own; of several (an
+  ensemble or a shipped model), the `choose_threshold` of their pooled
+  validation values. None when the kind has no signal, or when a run
+  records none or another signal's (its kind's default then applies)."""
+  if quality is None:
+    return None
+  records = [dict(result or {}).get('quality') for result in results]
+  if not records or any(not record or record.get('signal') != quality.name
+                        for record in records):
+    return None
+  if len(records) == 1:
+    return float(records[0]['threshold'])
+  return choose_threshold([v for record in records
+                           for v in record.get('values', ())])
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
   """The 'hc' kind, and the interface every kind has.

@@ -25,6 +25,7 @@ from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment as augment_lib
 from hc_jax.data import pipeline as data_lib
 from hc_jax.data import prepare
+from hc_jax.nets import kinds
 from hc_jax.nets import layers as layers_lib
 from hc_jax.training import checkpoint
 from hc_jax.training import finetune
@@ -450,11 +451,12 @@ class Trainer:
     scored = [self.best[m]['epoch'] > 0 and self.config.score_test
               for m in range(len(self.configs))]
     best_states = [ck.restore_best(self.init_states[m], self.best[m]['epoch'])
-                   if scored[m] else self.init_states[m]
+                   if self.best[m]['epoch'] > 0 else self.init_states[m]
                    for m, ck in enumerate(self.checkpoints)]
     state = jax.device_put(jax.tree.map(lambda *x: jnp.stack(x), *best_states),
                            self.replicated)
     test = self._predict(state, 'test') if any(scored) else None
+    quality = self._val_quality(best_states)
     arrays, results = self.data.arrays, []
     for m, (config, workdir) in enumerate(zip(self.configs, self.workdirs)):
       index, mask, hc_px_pred = test or (None, None, None)
@@ -475,6 +477,8 @@ class Trainer:
                 arrays['pixel_size_mm'][keep], arrays['hc_px'][keep],
                 hc_px_pred[m][mask[m]]))
       result = self._result(m, errors)
+      if quality[m] is not None:
+        result['quality'] = quality[m]
       data_lib.save_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
                          result)
       if errors and not self.rescore_only:
@@ -488,6 +492,32 @@ class Trainer:
              f'{metrics_lib.format_errors(plain)}')
       results.append(result)
     return results
+
+  def _val_quality(self, best_states) -> list[dict | None]:
+    """Each member's quality signal on its validation part with its selected
+    checkpoint, and the threshold chosen there (`kinds.quality_record`);
+    None for a member with no selected epoch, or a kind with no signal."""
+    kind = models.kind_of(self.config)
+    if kind.quality is None:
+      return [None] * len(self.configs)
+    images = self.data.arrays['images']
+    forward = jax.jit(kind.forward(step_lib.create_model(self.config),
+                                   *images.shape[1:3]))
+    size = self.config.eval_batch_size
+    index, mask = self.data.eval_index('val', size)
+    records = []
+    for m, state in enumerate(best_states):
+      keep = index[m][mask[m]]
+      if self.best[m]['epoch'] <= 0 or not keep.size:
+        records.append(None)
+        continue
+      variables = {'params': state.params, 'batch_stats': state.batch_stats}
+      values = [jax.device_get(forward(variables, augment_lib.zscore_batch(
+          jnp.asarray(images[keep[c:c + size]]))))['quality']
+                for c in range(0, keep.size, size)]
+      records.append(kinds.quality_record(kind.quality,
+                                          np.concatenate(values)))
+    return records
 
   def _result(self, m, errors) -> dict:
     """Member `m`'s results.json, with its test `errors` ({} for none)."""
