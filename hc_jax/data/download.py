@@ -11,8 +11,8 @@ so a cut or damaged download never passes for a good one. A file already at
 the destination is kept when its md5 matches and refused, left as it is,
 when it does not. The zips are unpacked to `training_set/` and `test_set/`
 (an existing folder is kept), and the copy is then checked as training
-reads it (`hc18.scan`: every image decoded, every annotation fitted and its
-HC compared with the CSV's).
+reads it (`hc18.scan_split`: every image decoded, every annotation fitted
+and its HC compared with the CSV's).
 
 The URL opener is an argument, so the whole path runs in the tests without
 a network.
@@ -27,7 +27,6 @@ import re
 import shutil
 import time
 from typing import Any, BinaryIO, Callable
-import urllib.error
 import urllib.request
 import zipfile
 
