@@ -1,6 +1,7 @@
 """HC18 from Zenodo: md5 checks, the download through an injected opener,
 unpacking and the check of the copy, all without a network."""
 
+import errno
 import hashlib
 import io
 import json
@@ -241,6 +242,31 @@ def test_a_record_without_a_file_is_named(tmp_path, small_hc18):
                      r'test_set_pixel_size\.csv, training_set'):
     download.fetch_hc18(str(tmp_path / 'hc18'), opener=FakeOpener(urls))
   assert not (tmp_path / 'hc18').exists()
+
+
+def test_a_destination_that_is_a_file_is_refused(tmp_path, small_hc18):
+  urls = fake_zenodo(small_hc18, str(tmp_path / 'zenodo'))
+  (tmp_path / 'hc18').write_text('mine')
+  with pytest.raises(download.DownloadError,
+                     match=r'hc18 exists and is not a folder; give another '
+                     'destination$'):
+    download.fetch_hc18(str(tmp_path / 'hc18'), opener=FakeOpener(urls))
+  assert (tmp_path / 'hc18').read_text() == 'mine'
+
+
+def test_a_full_disk_is_named_as_such(tmp_path, small_hc18, monkeypatch):
+  urls = fake_zenodo(small_hc18, str(tmp_path / 'zenodo'))
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device', args[0])
+
+  real_open = open
+  monkeypatch.setattr('builtins.open', lambda path, mode='r', *args, **kw: (
+      full_disk(path) if 'w' in mode else real_open(path, mode, *args, **kw)))
+  with pytest.raises(download.DownloadError,
+                     match=r'^cannot write training_set\.zip: .*no space left '
+                     'on the device'):
+    download.fetch_hc18(str(tmp_path / 'hc18'), opener=FakeOpener(urls))
 
 
 def test_an_unreachable_record_is_one_line(tmp_path):

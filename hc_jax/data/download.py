@@ -27,6 +27,7 @@ import re
 import shutil
 import time
 from typing import Any, BinaryIO, Callable
+import urllib.error
 import urllib.request
 import zipfile
 
@@ -205,6 +206,10 @@ def _download(name: str, entry: dict, path: str, opener: Opener) -> None:
                           'left as it is, run again to check it')
     os.replace(tmp, path)
   except (OSError, http.client.HTTPException) as e:
+    local = (None if isinstance(e, urllib.error.URLError) else
+             log.storage_error_text(e, tmp))
+    if local:  # This machine's disk, not the network.
+      raise DownloadError(f'cannot write {name}: {local}') from None
     raise DownloadError(f'cannot download {name} from {entry["url"]} '
                         f'({log.error_line(e)}); run again to retry'
                         ) from None
@@ -287,7 +292,15 @@ def fetch_hc18(dest: str, *, opener: Opener | None = None,
     raise DownloadError(f'the Zenodo record {api_url} lists no '
                         f'{", ".join(lacking)} (it lists '
                         f'{", ".join(sorted(files)) or "nothing"})')
-  os.makedirs(dest, exist_ok=True)
+  if os.path.lexists(dest) and not os.path.isdir(dest):
+    raise DownloadError(f'{dest} exists and is not a folder; give another '
+                        'destination')
+  try:
+    os.makedirs(dest, exist_ok=True)
+  except OSError as e:
+    raise DownloadError(f'cannot make {dest}: '
+                        f'{log.storage_error_text(e, dest) or log.error_line(e)}'
+                        ) from None
   _remove_stale(dest, names + tuple(folder for folder, _ in
                                     hc18.SPLITS.values()))
   for name in names:
