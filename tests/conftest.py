@@ -92,3 +92,50 @@ def config_flags(config) -> list[str]:
           f'--config.image_size={config.image_size}',
           f'--config.num_epochs={config.num_epochs}',
           f'--config.eval_batch_size={config.eval_batch_size}']
+
+
+ZENODO_API = 'https://zenodo.org/api/records/1327317'
+
+
+def fake_zenodo(hc18_root: str, out_dir: str, zip_top_folder: bool = True
+                ) -> dict[str, str]:
+  """The four Zenodo files of an HC18 copy, as the record serves them.
+
+  Writes `training_set.zip`, `test_set.zip` (each with its images under a
+  top folder named like the split, as Zenodo's have, or at its root), the two
+  CSVs and the record's API answer (`record.json`: names, links, sizes and
+  'md5:' checksums) into `out_dir`.
+
+  Returns:
+    {url: local file}: the record's API address and each file's link, for
+    an opener that serves them without a network.
+  """
+  # pylint: disable=import-outside-toplevel
+  import hashlib
+  import json
+  import zipfile
+  os.makedirs(out_dir, exist_ok=True)
+  served = {}
+  for folder in ('training_set', 'test_set'):
+    path = os.path.join(out_dir, folder + '.zip')
+    with zipfile.ZipFile(path, 'w') as archive:
+      for name in sorted(os.listdir(os.path.join(hc18_root, folder))):
+        archive.write(os.path.join(hc18_root, folder, name),
+                      f'{folder}/{name}' if zip_top_folder else name)
+    served[folder + '.zip'] = path
+  for name in ('training_set_pixel_size_and_HC.csv',
+               'test_set_pixel_size.csv'):
+    served[name] = shutil.copy(os.path.join(hc18_root, name), out_dir)
+  files, urls = [], {}
+  for name, path in served.items():
+    with open(path, 'rb') as f:
+      md5 = hashlib.md5(f.read()).hexdigest()
+    url = f'{ZENODO_API}/files/{name}/content'
+    files.append({'key': name, 'size': os.path.getsize(path),
+                  'checksum': f'md5:{md5}', 'links': {'self': url}})
+    urls[url] = path
+  record = os.path.join(out_dir, 'record.json')
+  with open(record, 'w') as f:
+    json.dump({'id': 1327317, 'files': files}, f)
+  urls[ZENODO_API] = record
+  return urls
