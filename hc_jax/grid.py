@@ -7,9 +7,11 @@
 Each run is `train.train_and_evaluate(config, ROOT/<config stem>/fold<k>)` in
 this process. `--config.KEY=VALUE` (as for `hc_jax.main`) changes a field
 of every config; a misspelt field is an error.
-Running the command again skips finished runs (those with a results.json) and
-resumes unfinished ones; a workdir that was run with a different config is an
-error, not a silent mix.
+Running the command again skips finished runs and resumes unfinished ones,
+under `hc_jax.main`'s rule (`config_check.check_resume`): a rerun may change
+only the fields that do not change what is trained (more epochs extend a
+finished run); a workdir that was run with a different config is an error,
+not a silent mix.
 
 The table is the paper's: for each configuration, MAE in px, percentage MAE
 and MAE in mm, each mean ± SD over every image of the test folds pooled (not a
@@ -25,18 +27,11 @@ import json
 import os
 import sys
 from typing import Any, Sequence
+
 from hc_jax import workdir as workdir_lib
 from hc_jax.evaluation import aggregate as aggregate_lib
 
-# Fields that may differ between a finished run and a rerun of the grid: they
-# say where things are, how often to log or checkpoint, and how the process
-# allocates memory, not what is trained.
-RERUN_MAY_CHANGE = ('data.hc18_dir', 'data.cache_dir', 'data.prepared',
-                    'data.pipeline', 'log_every_steps', 'members_per_call',
-                    'rescore',
-                    'eval_batch_size', 'distributed',
-                    'checkpoint_every_seconds', 'tune_malloc',
-                    'source_digest', 'content_digest', 'layers_resolved')
+
 def load_config(path: str, overrides: Sequence[str] = ()):
   """Loads a config file as `hc_jax.main` does, with `KEY=VALUE` overrides.
 
@@ -61,27 +56,6 @@ def config_stem(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def check_same_config(workdir: str, config) -> None:
-  """Raises ValueError if `workdir` holds a run of a different config."""
-  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
-  if not os.path.isfile(path):
-    return
-  with open(path) as f:
-    saved = workdir_lib.flatten(json.load(f))
-  from hc_jax.training import train  # pylint: disable=import-outside-toplevel
-  saved = {**train.ADDED_FIELDS, **saved}
-  # Through JSON, so that tuples compare equal to the saved lists.
-  wanted = workdir_lib.flatten(json.loads(json.dumps(config.to_dict())))
-  differ = [f'{key}={saved.get(key)!r} there, {wanted.get(key)!r} now'
-            for key in sorted(set(saved) | set(wanted))
-            if key not in RERUN_MAY_CHANGE
-            and saved.get(key) != wanted.get(key)]
-  if differ:
-    raise ValueError(f'{workdir} was run with another config '
-                     f'({"; ".join(differ)}); use another --root or the same '
-                     'overrides')
-
-
 def plan(config_paths: Sequence[str], folds: Sequence[int], root: str,
          overrides: Sequence[str] = (), seeds: Sequence[int] = ()
          ) -> list[tuple[Any, str]]:
@@ -89,7 +63,7 @@ def plan(config_paths: Sequence[str], folds: Sequence[int], root: str,
 
   With `seeds`, every run is repeated per seed, in ROOT/<stem>_seed<s>/.
   """
-  from hc_jax.training import train  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import config_check  # pylint: disable=import-outside-toplevel
   stems = [config_stem(path) for path in config_paths]
   if len(set(stems)) != len(stems):
     raise ValueError(f'config file names must differ: {list(config_paths)}')
@@ -98,25 +72,25 @@ def plan(config_paths: Sequence[str], folds: Sequence[int], root: str,
     for seed, fold in [(s, f) for s in (seeds or [None]) for f in folds]:
       extra = [f'fold={fold}'] + ([] if seed is None else [f'seed={seed}'])
       config = load_config(path, list(overrides) + extra)
-      train.check_config(config)
+      config_check.check_config(config)
       name = stem if seed is None else f'{stem}_seed{seed}'
       workdir = os.path.join(root, name, f'fold{fold}')
-      check_same_config(workdir, config)
+      config_check.check_resume(config, workdir)
       runs.append((config, workdir))
   return runs
 
 
 def stack_groups(runs: Sequence[tuple[Any, str]]) -> list[list[int]]:
   """Indices of runs that can train as members of one step (configs equal
-  but for `train.MEMBER_FIELDS`)."""
-  from hc_jax.training import train  # pylint: disable=import-outside-toplevel
+  but for `config_check.MEMBER_FIELDS`)."""
+  from hc_jax.training import config_check  # pylint: disable=import-outside-toplevel
   groups = {}
   for i, (config, _) in enumerate(runs):
     key = json.dumps(
         {
             k: v
             for k, v in workdir_lib.flatten(config.to_dict()).items()
-            if k not in train.MEMBER_FIELDS
+            if k not in config_check.MEMBER_FIELDS
         },
         sort_keys=True,
         default=str)
@@ -161,7 +135,7 @@ def run_grid(config_paths: Sequence[str], folds: Sequence[int], root: str,
   done = {'trained': [], 'skipped': [], 'failed': []}
   pending = []
   for config, workdir in runs:
-    if os.path.isfile(os.path.join(workdir, workdir_lib.RESULTS_FILE)):
+    if train.finished_results(config, workdir) is not None:
       print(f'{workdir}: finished, skipped', flush=True)
       done['skipped'].append(workdir)
     else:

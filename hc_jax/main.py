@@ -15,6 +15,7 @@ itself is `train.train_and_evaluate(config, workdir)`.
 """
 
 import argparse
+import functools
 import os
 import sys
 import textwrap
@@ -84,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   mistake in the command line or the config, missing data or a diverged run.
   """
   cli.quiet_logs(tensorflow=False)  # setup_process imports it, quietly.
-  return cli.run_main(lambda: _run(sys.argv[1:] if argv is None else argv))
+  return cli.run_main(
+      functools.partial(_run, sys.argv[1:] if argv is None else argv))
 
 
 def _run(argv: Sequence[str]) -> int:

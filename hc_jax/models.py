@@ -107,7 +107,7 @@ def output_kind(model: Any) -> str:
 
 def smallest_input(model: nn.Module) -> int:
   """The smallest height and width (px) a built model takes, as its class
-  declares it (`smallest_input()`); `hc_jax.training.train` checks a
+  declares it (`smallest_input()`); `hc_jax.training.config_check` checks a
   config's input against it before any data is prepared."""
   declared = getattr(model, 'smallest_input', None)
   if declared is None:

@@ -190,7 +190,7 @@ def _record_calls(monkeypatch, fail_folds=()):
       raise FloatingPointError('loss is nan at step 3 (epoch 1)')
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, workdir_lib.RESULTS_FILE), 'w') as f:
-      json.dump({'fold': config.fold}, f)
+      json.dump({'fold': config.fold, 'planned_epochs': config.num_epochs}, f)
     return {}
 
   def fake_train_members(configs, workdirs):
@@ -205,7 +205,8 @@ def test_finished_runs_are_skipped_and_others_run(tmp_path, monkeypatch):
   calls = _record_calls(monkeypatch)
   root = str(tmp_path)
   os.makedirs(tmp_path / 'cnn263k_mse' / 'fold0')
-  (tmp_path / 'cnn263k_mse' / 'fold0' / workdir_lib.RESULTS_FILE).write_text('{}')
+  (tmp_path / 'cnn263k_mse' / 'fold0' / workdir_lib.RESULTS_FILE).write_text(
+      '{"planned_epochs": 3}')
   os.makedirs(tmp_path / 'cnn263k_mse' / 'fold1')  # Unfinished: resumed.
   done = grid.run_grid([MSE_CONFIG, MAE_CONFIG], [0, 1], root,
                        overrides=['num_epochs=3'])
@@ -240,9 +241,70 @@ def test_a_workdir_of_another_config_is_an_error(tmp_path, monkeypatch):
   grid.run_grid([MSE_CONFIG], [0], str(tmp_path),
                 ['num_epochs=5', 'data.cache_dir=/elsewhere'])
   assert len(calls) == 1
-  with pytest.raises(ValueError, match='num_epochs=5 there, 7 now'):
-    grid.run_grid([MSE_CONFIG], [0], str(tmp_path), ['num_epochs=7'])
+  with pytest.raises(ValueError, match='learning_rate=0.001 there, 0.01 now'):
+    grid.run_grid([MSE_CONFIG], [0], str(tmp_path),
+                  ['num_epochs=5', 'learning_rate=0.01'])
   assert len(calls) == 1
+
+
+def test_more_epochs_extend_a_finished_run_as_main_does(tmp_path,
+                                                        monkeypatch):
+  calls = _record_calls(monkeypatch)
+  grid.run_grid([MSE_CONFIG], [0], str(tmp_path), ['num_epochs=5'])
+  done = grid.run_grid([MSE_CONFIG], [0], str(tmp_path), ['num_epochs=5'])
+  assert len(calls) == 1 and len(done['skipped']) == 1
+  done = grid.run_grid([MSE_CONFIG], [0], str(tmp_path), ['num_epochs=7'])
+  assert [call[3] for call in calls] == [5, 7] and done['trained']
+
+
+@pytest.mark.parametrize('change, refused', [
+    ('num_epochs=7', None),  # Extends the run.
+    ('checkpoint_every_seconds=5.0', None),
+    ('data.cache_dir=/elsewhere', None),
+    ('learning_rate=0.01', 'learning_rate=0.001 there, 0.01 now'),
+    ('loss=mae', "loss='mse' there, 'mae' now"),
+    ('augment.flip=False', 'augment.flip=True there, False now'),
+])
+def test_main_and_grid_accept_and_refuse_the_same_changes(
+    tmp_path, monkeypatch, capsys, change, refused):
+  """One resume rule: a field that may change is taken by both commands; a
+  field that says what is trained is refused by both, in the same line."""
+  # pylint: disable=import-outside-toplevel
+  from hc_jax import main as main_lib
+  from hc_jax.training import trainer
+  started = []
+
+  class FakeTrainer:
+
+    def __init__(self, configs, workdirs):
+      started.append(list(workdirs))
+      self.num_members = len(configs)
+
+    def run(self):
+      return [{}] * self.num_members
+
+  monkeypatch.setattr(trainer, 'Trainer', FakeTrainer)
+  workdir = os.path.join(str(tmp_path), 'cnn263k_mse', 'fold0')
+  os.makedirs(workdir)
+  saved = grid.load_config(MSE_CONFIG, ['num_epochs=5', 'fold=0'])
+  with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), 'w') as f:
+    json.dump(saved.to_dict(), f)
+  overrides = ['num_epochs=5', 'tune_malloc=False', change]
+  status = main_lib.main([f'--config={MSE_CONFIG}', f'--workdir={workdir}'] +
+                         [f'--config.{override}' for override in overrides])
+  main_lines = capsys.readouterr().err.strip().splitlines()
+  try:
+    grid.run_grid([MSE_CONFIG], [0], str(tmp_path), overrides)
+    grid_error = None
+  except ValueError as e:
+    grid_error = str(e)
+  if refused is None:
+    assert status == 0 and grid_error is None, (main_lines, grid_error)
+    assert started == [[workdir], [workdir]]
+  else:
+    assert status == 2 and not started
+    assert refused in grid_error and '\n' not in grid_error, grid_error
+    assert main_lines[-1] == f'error: {grid_error}'
 
 
 @pytest.mark.parametrize('path, overrides, message', [

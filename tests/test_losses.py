@@ -213,13 +213,13 @@ def test_a_loss_registered_after_train_is_imported_passes_its_checks(
     registry, tiny_config):
   del registry
   # pylint: disable=import-outside-toplevel
-  from hc_jax.training import train
+  from hc_jax.training import config_check
   tiny_config.loss = 'quartic'
   with pytest.raises(ValueError, match=r'loss must be one of huber, mae, mse'
                      r' \(or a loss added with hc_jax.losses.register'):
-    train.check_config(tiny_config)
+    config_check.check_config(tiny_config)
   losses.register('quartic', _quartic)
-  train.check_config(tiny_config)  # Read when checked, not at import.
+  config_check.check_config(tiny_config)  # Read when checked, not at import.
 
 
 def test_import_module_takes_a_file_or_a_module_and_fails_in_one_line(

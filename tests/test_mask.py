@@ -25,6 +25,7 @@ from hc_jax.data import prepare
 from hc_jax.nets import ellipse_head
 from hc_jax.nets import hcnet_mask
 from hc_jax.nets import mask_head
+from hc_jax.training import config_check
 from hc_jax.training import step as step_lib
 from hc_jax.training import train
 
@@ -394,8 +395,8 @@ def test_bad_mask_settings_fail_before_any_work(field, value, message):
   group, key = field.split('.')
   config[group][key] = value
   with pytest.raises(ValueError, match=message):
-    train.check_config(config)
+    config_check.check_config(config)
   config = mask_config.get_config()
   config.mask_loss.focal = 1.0
   with pytest.raises(ValueError, match='mask_loss has no terms'):
-    train.check_config(config)
+    config_check.check_config(config)

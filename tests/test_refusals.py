@@ -22,6 +22,7 @@ from hc_jax import models
 from hc_jax import predict
 from hc_jax.data import pipeline
 from hc_jax.data import prepare
+from hc_jax.training import config_check
 from hc_jax.training import train
 
 
@@ -42,10 +43,10 @@ def test_every_model_declares_its_smallest_input(phantom_hc18, name):
   smallest = models.smallest_input(models.from_config(config))
   assert smallest >= 1
   config.image_size = smallest
-  train.check_config(config)
+  config_check.check_config(config)
   config.image_size = smallest - 1
   with pytest.raises(ValueError, match=f'at least {smallest}x{smallest}'):
-    train.check_config(config)
+    config_check.check_config(config)
 
 
 @pytest.mark.parametrize('image_size', [7, 16])

@@ -16,6 +16,7 @@ import pytest
 from conftest import config_flags
 from hc_jax import main as main_lib
 from hc_jax import workdir as workdir_lib
+from hc_jax.training import config_check
 from hc_jax.training import train
 
 
@@ -149,21 +150,21 @@ def test_a_cosine_schedule_keeps_its_num_epochs(tmp_path):
   from hc_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   pipeline.save_json(os.path.join(workdir, workdir_lib.CONFIG_FILE),
                  {**config.to_dict(), 'source_digest': 'x'})
-  train.check_resume(config, workdir)
+  config_check.check_resume(config, workdir)
   config.num_epochs += 10
   with pytest.raises(ValueError, match='num_epochs=250 there, 260 now.*'
                      'part of the schedule'):
-    train.check_resume(config, workdir)
+    config_check.check_resume(config, workdir)
   config.lr_schedule = 'constant'
   with pytest.raises(ValueError, match=r"lr_schedule='cosine' there"):
-    train.check_resume(config, workdir)
+    config_check.check_resume(config, workdir)
 
 
 def test_a_removed_field_warns_and_an_old_run_with_it_resumes(tmp_path,
                                                               capsys):
   """`log_every_steps` (read by nothing): a config that sets it runs with a
   one-line warning; a run whose config.json has it (or lacks a field added
-  since, `train.ADDED_FIELDS`) resumes."""
+  since, `config_check.ADDED_FIELDS`) resumes."""
   from configs import default  # pylint: disable=import-outside-toplevel
   from hc_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   config = default.get_config()
@@ -174,16 +175,16 @@ def test_a_removed_field_warns_and_an_old_run_with_it_resumes(tmp_path,
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
   pipeline.save_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), old)
-  train.check_resume(config, workdir)
+  config_check.check_resume(config, workdir)
   config.log_every_steps = 20
-  train.check_config(config)
+  config_check.check_config(config)
   warnings = [line for line in capsys.readouterr().err.splitlines()
               if 'log_every_steps' in line]
   assert len(warnings) == 1 and 'no longer used' in warnings[0], warnings
-  train.check_resume(config, workdir)
+  config_check.check_resume(config, workdir)
   config.mask_loss.shape = 0.5
   with pytest.raises(ValueError, match='mask_loss.shape'):
-    train.check_resume(config, workdir)
+    config_check.check_resume(config, workdir)
 
 
 # Config validation: every field, before any work.
@@ -229,16 +230,67 @@ def test_every_field_of_every_config_has_a_rule_it_passes():
   for name in names:
     config = importlib.import_module(f'configs.{name}').get_config()
     for key, value in workdir_lib.flatten(config.to_dict()).items():  # pylint: disable=protected-access
-      rule = train.config_rule(key)
+      rule = config_check.field_rule(key, config.model)
       assert rule is not None, f'configs/{name}.py: {key} has no rule'
       assert rule.test(value), f'configs/{name}.py: {key}={value!r}'
-    train.check_config(config)
+    config_check.check_config(config)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('num_epoch', 3,
+     "no config field 'num_epoch' — did you mean 'num_epochs'?"),
+    ('data.hc18dir', '',
+     "no config field 'data.hc18dir' — did you mean 'data.hc18_dir'?"),
+    ('model_options.widht', (8, 8, 8, 8, 8),
+     "model 'hcnet_mask' has no option 'widht' — did you mean "
+     "'model_options.widths'?"),
+    ('model_options.dtype', 'float32',
+     "model 'hcnet_mask' has no option 'dtype'"),
+])
+def test_an_unknown_field_is_one_line_naming_the_nearest(field, value,
+                                                         message):
+  from configs import hcnet_mask  # pylint: disable=import-outside-toplevel
+  config = hcnet_mask.get_config()
+  group, _, name = field.rpartition('.')
+  (config[group] if group else config)[name] = value
+  with pytest.raises(ValueError) as error:
+    config_check.check_config(config)
+  assert message in str(error.value) and '\n' not in str(error.value)
+
+
+def test_the_field_rules_come_from_the_default_config_and_the_models(
+    monkeypatch):
+  """Every field of configs/default.py and every option of every model has
+  a rule by its type; a model's new option is checked with no rule added."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from hc_jax import models  # pylint: disable=import-outside-toplevel
+  fields = workdir_lib.flatten(default.get_config().to_dict())
+  assert set(config_check.default_fields()) == set(fields)
+  for key in fields:
+    assert config_check.field_rule(key).what != 'anything', key
+  for name in models.MODELS:
+    for option in config_check.model_options(name):
+      rule = config_check.field_rule(f'model_options.{option}', name)
+      assert rule.what != 'anything', (name, option)
+
+  @dataclasses.dataclass
+  class Tiny:
+    depth: int = 2
+    gain: float = 1.0
+
+  monkeypatch.setitem(models.MODELS, 'tiny', Tiny)
+  depth = config_check.field_rule('model_options.depth', 'tiny')
+  assert depth.what == 'an integer >= 0' and not depth.test(-1)
+  assert config_check.field_rule('model_options.gain', 'tiny').test(0.5)
+  assert config_check.field_rule('model_options.depth', 'hcnet') is None
 
 
 @pytest.mark.parametrize('value', [True, '3', None, float('nan'), -1, 2.5])
 def test_an_integer_field_takes_only_integers_in_range(value):
-  assert train.CONFIG_RULES['num_epochs'].test(3)
-  assert not train.CONFIG_RULES['num_epochs'].test(value)
+  rule = config_check.field_rule('num_epochs')
+  assert rule.test(3)
+  assert not rule.test(value)
 
 
 # The prepared-data cache: damaged or rewritten files are prepared again.

@@ -1,5 +1,6 @@
 """End-to-end tests of training: artifacts, resume, faults, devices, configs."""
 
+import contextlib
 import csv
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -216,6 +218,50 @@ def test_epoch_is_selected_on_validation_never_on_test(tiny_config, tmp_path,
   assert results['selected_epoch'] == 1 + int(np.argmin(val_mae))
   assert results['val_mae_mm'] == pytest.approx(min(val_mae))
   assert num_val and {line['val_num_images'] for line in lines} == {num_val}
+
+
+@contextlib.contextmanager
+def _compiled_functions():
+  """The names of the functions XLA compiles while the block runs (a
+  persistent-cache hit counts too), from JAX's compile events."""
+  names = []
+
+  def listen(event, duration, **kwargs):
+    del duration  # Unused.
+    if event == '/jax/core/compile/backend_compile_duration':
+      names.append(str(kwargs.get('fun_name', '?')))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def _step_compiles(names):
+  return sum(step_lib.members_train_step.__name__ in name for name in names)
+
+
+def test_a_run_compiles_its_train_step_once(tiny_config, tmp_path):
+  with _compiled_functions() as names:
+    train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
+  assert any('members_predict' in name for name in names), names
+  assert _step_compiles(names) == 1, names
+
+
+def test_auto_members_per_call_compiles_each_way_once(tiny_config, tmp_path):
+  """'auto' times vmap and lax.map, each compiled once as the step that
+  training then calls (not again for training)."""
+  configs = []
+  for fold in (0, 1):
+    config = tiny_config.copy_and_resolve_references()
+    config.fold, config.num_epochs, config.members_per_call = fold, 1, 'auto'
+    configs.append(config)
+  with _compiled_functions() as names:
+    results = train.train_members(
+        configs, [str(tmp_path / f'm{fold}') for fold in (0, 1)])
+  assert _step_compiles(names) == 2, names
+  assert results[0]['members_per_call'] in ('vmap', 'map')
 
 
 def test_members_trained_together_match_each_trained_alone(tiny_config,

@@ -272,14 +272,18 @@ class Trainer:
 
   def _probe(self, state, batch):
     """'auto': times vmap and lax.map on the same batch, keeps the faster.
-    The timed steps are not kept: the state goes on from before them."""
+    Each is compiled once, as the step that training then calls; the timed
+    steps run on a copy of the state (which they consume) and are not kept:
+    the state goes on from before them."""
     times = {}
     for how in self.candidates:
-      step = jax.jit(self.step_fns[how])
-      jax.block_until_ready(step(state, batch, self.members))  # Compiles.
+      step = self.steps[how]
+      copy = jax.device_put(state, self.replicated, may_alias=False)
+      out = step(copy, batch, self.members)  # Compiles.
+      jax.block_until_ready(out)
       start = time.perf_counter()
       for _ in range(AUTO_PROBE_STEPS):
-        out = step(state, batch, self.members)
+        out = step(out[0], batch, self.members)
       jax.block_until_ready(out)
       times[how] = (time.perf_counter() - start) / AUTO_PROBE_STEPS
     self.how = min(times, key=times.get)
