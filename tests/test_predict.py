@@ -32,6 +32,7 @@ from hc_jax.data import prepare
 from hc_jax.evaluation import gestational_age
 from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading
+from hc_jax.evaluation import output_files
 from hc_jax.evaluation import prediction_rows
 from hc_jax.evaluation import scan_files
 from hc_jax.nets import ellipse_head
@@ -729,7 +730,7 @@ def test_help_lists_statuses_and_exit_codes(capsys):
     predict.main(['--help'])
   assert info.value.code == 0
   text = capsys.readouterr().out
-  for word in predict.STATUSES + ('exit codes', '--max-sd-mm', 'message'):
+  for word in prediction_rows.STATUSES + ('exit codes', '--max-sd-mm', 'message'):
     assert word in text
   for code in ('0  every image', '1  some images', '2  usage'):
     assert code in text
@@ -802,7 +803,7 @@ def test_ellipse_model_rows(stub_cli, tmp_path):
                         stub=_ellipse_stub())
   assert code == 0, rows
   with open(out, newline='') as f:
-    assert tuple(next(csv.reader(f))) == (predict.COLUMNS +
+    assert tuple(next(csv.reader(f))) == (prediction_rows.COLUMNS +
                                           prediction_rows.ELLIPSE_COLUMNS)
   row = rows['a.png']
   cells = {key: float(row[key]) for key in prediction_rows.ELLIPSE_COLUMNS}
@@ -898,7 +899,7 @@ def test_ellipse_overlay_draws_the_outline(stub_cli, tmp_path):
                           f'--overlays={overlays / name}', stub=stub)
     assert code == 0, rows
   # The stub's ellipse: centred on input pixel (16, 16), at pi/4.
-  points = np.round(scan_files.ellipse_points(
+  points = np.round(output_files.ellipse_points(
       [*_stretched(16, 16), 96, 64, np.pi / 4])).astype(int)
   points = points[points[:, 1] > 70]  # Below the text.
   for name in ('ellipse', 'label'):
@@ -957,14 +958,14 @@ def test_a_phantom_trained_model_says_so_in_rows_and_summary(
   stub = dataclasses.replace(_stub(), trained_on_phantoms=True)
   code, rows = stub_cli(f'--images={scans}', stub=stub)
   captured = capsys.readouterr()
-  assert predict.PHANTOM_NOTE in rows['a.png']['message']
+  assert prediction_rows.PHANTOM_NOTE in rows['a.png']['message']
   assert 'note: the model was trained on phantom scans, not HC18' in (
       captured.out)
   # The first line says what the slow start goes to.
   assert any(line.startswith('1 scan file(s): loading ') for line in
              captured.err.splitlines())
   code, rows = stub_cli(f'--images={scans}', stub=_stub())
-  assert predict.PHANTOM_NOTE not in rows['a.png']['message']
+  assert prediction_rows.PHANTOM_NOTE not in rows['a.png']['message']
   assert 'note: the model was trained on phantom' not in (
       capsys.readouterr().out)
 
