@@ -26,9 +26,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from hc_jax import archive as archive_lib
 from hc_jax import cli
 from hc_jax.data import hc18
-from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import loading
 from hc_jax.evaluation import prediction_rows
 

@@ -7,7 +7,7 @@
   python -m hc_jax.predict --samples --out=hc.csv --overlays=overlays/
 
 Without `--workdir`, the model shipped with the package predicts
-(`hc_jax.evaluation.archive`: `--model=NAME`, default the five-fold
+(`hc_jax.archive`: `--model=NAME`, default the five-fold
 `hcnet_mask` ensemble), so no training and no HC18 copy are needed;
 `--samples` adds the five HC18 test-set scans shipped with it (and their
 pixel sizes) to `--images`. A workdir whose subdirectories are finished
@@ -51,8 +51,8 @@ import sys
 from typing import Sequence
 import warnings
 
+from hc_jax import archive as archive_lib
 from hc_jax import workdir as workdir_lib
-from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import dicom
 from hc_jax.evaluation import dicom_sr
 from hc_jax.evaluation import inference

@@ -12,8 +12,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 import pytest
 
+from hc_jax import archive as archive_lib
 from hc_jax import predict
-from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import dicom
 from hc_jax.evaluation import prediction_rows
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from hc_jax import archive as archive_lib
 from hc_jax import predict
 from hc_jax import shipped
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import hc18
-from hc_jax.evaluation import archive as archive_lib
 
 MAX_BYTES = 20_000_000
 HCNET_MASK_PARAMS = 308_985

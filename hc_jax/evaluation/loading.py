@@ -88,7 +88,7 @@ def load(workdir: str | None = None, model_options: dict | None = None,
 def _runs_of(workdir: str | None, model: str | None):
   """(the shipped-model archive or None, the run directories) that `load`
   loads, found before the heavy imports: fail fast."""
-  from hc_jax.evaluation import archive as archive_lib
+  from hc_jax import archive as archive_lib
   if workdir is not None and model is not None:
     raise workdir_lib.PredictError(
         'give a workdir or a shipped model, not both')
