@@ -7,9 +7,9 @@ Times what `python -m hc_jax.predict --images=DIR` does for a folder of
 scans: start-up (`loading.load`: reading the archive, building the model,
 TensorFlow's preprocessing graph) is reported apart; then, per round, every
 scan is read from its PNG (`hc18.read_grayscale`) and the scans are
-predicted in chunks of `prediction_rows.PROGRESS_EVERY` (resize, z-score, the jitted
-model, the ellipse and HC in mm, statuses), as predict does. The first
-chunk's compilation is a warm-up round, not timed.
+predicted in chunks of `prediction_rows.PROGRESS_EVERY` (resize, z-score,
+the jitted model, the ellipse and HC in mm, statuses), as predict does. The
+first chunk's compilation is a warm-up round, not timed.
 
 The baseline, measured in the same process on the same scans, is one fold
 model of the same archive: the ratio says what the five-model ensemble

@@ -111,7 +111,8 @@ def _fmt(value) -> object:
 
 def write_rows(path: str, scores: cv.Scores) -> None:
   """Writes the per-image CSV (values rounded to 1e-3), atomically."""
-  from hc_jax.evaluation import output_files  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from hc_jax.evaluation import output_files
   rows = [{key: (value if key == 'pixel_size_mm' else _fmt(value))
            for key, value in row.items()} for row in scores.rows]
   try:
