@@ -17,7 +17,8 @@ runs and `hc_mm_sd` their standard deviation (ddof=1).
 For each image: HC in pixels of the original image, in mm where its pixel
 size is known, the gestational age by Hadlock (1984), a `status` (ok,
 uncertain, implausible, refused, error) and, unless ok, a `message` saying
-why; a model that gives the head's ellipse adds it. `--help` and the
+why, and the `model` that measured it (also on each overlay); a model that
+gives the head's ellipse adds it. `--help` and the
 README say what each column and status means; the code behind them:
 
   hc_jax.evaluation.scan_files       --images (directories, files, globs;

@@ -158,6 +158,24 @@ def test_cli_on_a_trained_run(run, phantom_hc18, tmp_path, capsys):
           in capsys.readouterr().out)
 
 
+def test_the_csv_names_the_model_of_a_workdir(run, grid, phantom_hc18,
+                                              tmp_path):
+  """A run or a fold ensemble: the model of its config and the base name
+  of the folder given; the submission keeps HC18's columns."""
+  test_dir, good = _copy_test_set(phantom_hc18, tmp_path)
+  with open(os.path.join(run, workdir_lib.CONFIG_FILE)) as f:
+    model = json.load(f)['model']
+  for workdir, name in ((run, f'{model} (fold0)'),
+                        (grid, f'{model} ({os.path.basename(grid)})')):
+    out = tmp_path / 'p.csv'
+    predict.main([f'--workdir={workdir}', f'--images={test_dir / good[0]}',
+                  f'--out={out}'])
+    rows = _read_rows(out)
+    assert [row['model'] for row in rows] == [name], rows
+  assert rows[0]['filename'] == good[0]
+  assert predict.load(run).name == f'{model} (fold0)'
+
+
 def test_fold_ensemble_and_flip_tta(grid, phantom_hc18, tmp_path):
   images, pixel_sizes, _ = _test_fold(os.path.join(grid, 'fold0'),
                                       phantom_hc18[0])
@@ -647,6 +665,39 @@ def test_overlay_one_png_per_scan_of_its_size(stub_cli, tmp_path):
   assert (drawn[-20:, -60:] == original[-20:, -60:]).all()
 
 
+def test_overlays_name_the_model_in_their_caption(stub_cli, tmp_path,
+                                                  monkeypatch):
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  Image.fromarray(_scan(400, 300, 1000)).save(scans / 'x.png')
+  drawn_lines = []
+  draw = output_files.write_overlay
+  monkeypatch.setattr(output_files, 'write_overlay', lambda image, lines,
+                      *a, **k: (drawn_lines.append(lines),
+                                draw(image, lines, *a, **k)))
+  overlays = {}
+  for name in ('', 'cnn_263k (fold0)', 'hcnet_mask (cv_grid)'):
+    stub = _stub()
+    stub.name = name
+    folder = tmp_path / f'overlays{len(overlays)}'
+    code, rows = stub_cli(f'--images={scans}', f'--overlays={folder}',
+                          stub=stub)
+    assert code == 0, rows
+    assert rows['x.png']['model'] == name
+    overlays[name] = np.asarray(Image.open(folder / 'x_prediction.png'))
+  assert [lines[-1] for lines in drawn_lines] == [
+      'HC 1000.0 px (pixel size unknown)', 'model: cnn_263k (fold0)',
+      'model: hcnet_mask (cv_grid)']
+  # The name is drawn: the captions differ, in the caption's corner only.
+  unnamed = overlays['']
+  for name in ('cnn_263k (fold0)', 'hcnet_mask (cv_grid)'):
+    changed = np.argwhere((overlays[name] != unnamed).any(-1))
+    assert len(changed), name
+    assert changed[:, 0].max() < 100 and changed[:, 1].max() < 300, name
+  assert (overlays['cnn_263k (fold0)'][:100, :300]
+          != overlays['hcnet_mask (cv_grid)'][:100, :300]).any()
+
+
 def test_pixel_size_lookup(stub_cli, tmp_path):
   scans = tmp_path / 'test_set'
   scans.mkdir()
@@ -823,7 +874,7 @@ def test_ellipse_model_rows(stub_cli, tmp_path):
   with open(out, newline='') as f:
     assert next(csv.reader(f)) == [
         'filename', 'pixel_size_mm', 'hc_px', 'hc_mm', 'hc_mm_sd', 'ga_weeks',
-        'ga_flag', 'status', 'message']
+        'ga_flag', 'status', 'message', 'model']
   # Without a pixel size: the mm cells are empty, px ones written.
   code, rows = stub_cli(f'--images={scans}', stub=_ellipse_stub())
   assert rows['a.png']['center_x_mm'] == rows['a.png']['semi_axis_a_mm'] == ''

@@ -82,7 +82,18 @@ def load(workdir: str | None = None, model_options: dict | None = None,
       mask_grid=built.mask_grid,
       trained_on_phantoms=any(
           dict(c.get('data') or {}).get('source') == 'synthetic'
-          for c in configs))
+          for c in configs),
+      name=_model_name(workdir, archive, configs[0]))
+
+
+def _model_name(workdir: str | None, archive, config: dict) -> str:
+  """What predict's CSV and overlays call the model: a shipped model's name
+  (`hcnet_mask`), else the model of the run's config and the base name of
+  the run, grid or archive file given (`hcnet_mask (cv_grid)`)."""
+  if workdir is None:
+    return archive.meta.get('name') or config.get('model', '')
+  base = os.path.basename(os.path.abspath(workdir))
+  return f'{config.get("model", "?")} ({base})'
 
 
 def _runs_of(workdir: str | None, model: str | None):

@@ -20,10 +20,11 @@ keeps its HC in px, and its `message` says why; one that cannot be read,
 or whose pixel size is outside `PIXEL_SIZE_RANGE_MM`, is an 'error' row.
 
 Each row gets its HC (px, mm, SD), status and message (`fill_row`), its
-gestational age (Hadlock) unless implausible, and the cells of the model's
-kind (`hc_jax.nets.kinds`: an ellipse model's `ELLIPSE_COLUMNS`, a
-quality); the overlay is the scan with what its kind draws (the ellipse, a
-mask's outline) and those lines (`output_files.write_overlay`).
+gestational age (Hadlock) unless implausible, the model that measured it
+(`model`), and the cells of the model's kind (`hc_jax.nets.kinds`: an
+ellipse model's `ELLIPSE_COLUMNS`, a quality); the overlay is the scan with
+what its kind draws (the ellipse, a mask's outline) and those lines, the
+model's name last (`output_files.write_overlay`).
 """
 
 import functools
@@ -43,8 +44,9 @@ from hc_jax.evaluation import scan_files
 from hc_jax.nets import kinds
 
 # The CSV's columns, whatever the model.
+# `model`: which model measured the scan (`inference.Predictor.name`).
 COLUMNS = ('filename', 'pixel_size_mm', 'hc_px', 'hc_mm', 'hc_mm_sd',
-           'ga_weeks', 'ga_flag', 'status', 'message')
+           'ga_weeks', 'ga_flag', 'status', 'message', 'model')
 # Added after COLUMNS for an ellipse model (its kind's).
 ELLIPSE_COLUMNS = kinds.ELLIPSE_COLUMNS
 # Added last when DICOM files are among the scans: where the pixel size came
@@ -232,7 +234,8 @@ def predict_files(predictor, files: dict[str, str],
     chunk_scans = list(itertools.islice(scans, PROGRESS_EVERY))
     if not chunk_scans:
       break
-    chunk = _read_chunk(chunk_scans, files, pixel_sizes, infos, rows, noted)
+    chunk = _read_chunk(chunk_scans, files, pixel_sizes, infos, rows, noted,
+                        getattr(predictor, 'name', ''))
     if chunk:
       out = predictor([image for _, image, _, _ in chunk],
                       [row['pixel_size_mm'] or None for row, *_ in chunk],
@@ -250,9 +253,10 @@ def predict_files(predictor, files: dict[str, str],
 
 def _read_chunk(chunk_scans, files: dict[str, str],
                 pixel_sizes: dict[str, tuple], infos: dict,
-                rows: list[dict], noted: set) -> list[tuple]:
+                rows: list[dict], noted: set, model: str) -> list[tuple]:
   """Reads one chunk of `_scans`, appending a row for each to `rows` (an
-  'error' row for a scan that cannot be read or has no usable pixel size).
+  'error' row for a scan that cannot be read or has no usable pixel size),
+  each naming the `model`.
 
   Returns:
     (row, image, file's filename, why no mm) of the scans read, to predict.
@@ -261,7 +265,7 @@ def _read_chunk(chunk_scans, files: dict[str, str],
   reads = scan_files.parallel_map(lambda scan: scan[2](), chunk_scans)
   for (name, file_name, _), read in zip(chunk_scans, reads):
     row = dict.fromkeys(COLUMNS, '')
-    row.update(filename=name, status='ok')
+    row.update(filename=name, status='ok', model=model)
     rows.append(row)
     csv_path, pixel_size = pixel_sizes[file_name]
     if isinstance(read, Exception):
@@ -359,5 +363,7 @@ def _overlay_lines(row) -> list[str]:
     lines.append(row['ga_flag'])
   if row['status'] != 'ok':
     lines.append(f'{row["status"].upper()}: {row["message"]}')
+  if row.get('model'):
+    lines.append(f'model: {row["model"]}')
   return lines
 
