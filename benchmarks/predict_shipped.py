@@ -7,9 +7,9 @@ Times what `python -m hc_jax.predict --images=DIR` does for a folder of
 scans: start-up (`loading.load`: reading the archive, building the model,
 TensorFlow's preprocessing graph) is reported apart; then, per round, every
 scan is read from its PNG (`hc18.read_grayscale`) and the scans are
-predicted in chunks of `predict.PROGRESS_EVERY` (resize, z-score, the jitted
-model, the ellipse and HC in mm, statuses), as predict does. The first
-chunk's compilation is a warm-up round, not timed.
+predicted in chunks of `prediction_rows.PROGRESS_EVERY` (resize, z-score,
+the jitted model, the ellipse and HC in mm, statuses), as predict does. The
+first chunk's compilation is a warm-up round, not timed.
 
 The baseline, measured in the same process on the same scans, is one fold
 model of the same archive: the ratio says what the five-model ensemble
@@ -26,11 +26,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from hc_jax import archive as archive_lib
 from hc_jax import cli
-from hc_jax import predict
 from hc_jax.data import hc18
-from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import loading
+from hc_jax.evaluation import prediction_rows
 
 
 def _scans(hc18_dir: str | None, count: int) -> list[str]:
@@ -48,8 +48,8 @@ def _time_predictor(predictor, paths: list[str], rounds: int) -> list[float]:
   per_scan = []
   for round_index in range(rounds + 1):  # Round 0 compiles: not timed.
     start = time.perf_counter()
-    for first in range(0, len(paths), predict.PROGRESS_EVERY):
-      chunk = paths[first:first + predict.PROGRESS_EVERY]
+    for first in range(0, len(paths), prediction_rows.PROGRESS_EVERY):
+      chunk = paths[first:first + prediction_rows.PROGRESS_EVERY]
       images = [hc18.read_grayscale(path)[0] for path in chunk]
       out = predictor(images, [0.1] * len(images))
       assert np.isfinite(out['hc_mm']).all()

@@ -26,9 +26,9 @@ import os
 import numpy as np
 from PIL import Image
 
+from hc_jax import archive as archive_lib
 from hc_jax.data import hc18
 from hc_jax.data import phantom
-from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import dicom
 from hc_jax.evaluation import scan_likeness
 

@@ -107,12 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _score(args: argparse.Namespace) -> None:
   """Scores, prints and writes what `args` ask for."""
   # pylint: disable=import-outside-toplevel
-  from hc_jax.evaluation import scan_files
+  from hc_jax.evaluation import output_files
   # Fails fast, before TensorFlow is imported.
   cv_runs.check_members(args.runs, args.unseen_test_ok or args.part == 'val',
                         args.hc18_dir)
   if args.out:
-    scan_files.check_writable(args.out, '--out')
+    output_files.check_writable(args.out, '--out')
   if args.summary_csv:
     cv_report.check_summary_csv(args.summary_csv)
   cli.quiet_logs()

@@ -1,11 +1,14 @@
 """The one way hc_jax's modules say what they do: `info` for progress
 lines on stdout, `status` for a library step's lines on stderr, `warn` for a
-warning; and how an error reads as one line (`error_line`, and
-`storage_error_text` for a file system that refuses or loses a file)."""
+warning, `Progress` for a rate and ETA rewritten in place on a terminal; and
+how an error reads as one line (`error_line`, and `storage_error_text` for a
+file system that refuses or loses a file)."""
 
 import errno
+import math
 import os
 import sys
+import time
 
 
 def info(message: str, file=None) -> None:
@@ -93,3 +96,42 @@ def storage_error_text(error: BaseException, path: str | None = None
   where = named or path
   return f'{where}: {_STORAGE_ERRORS[number]}' if where else (
       _STORAGE_ERRORS[number])
+
+
+class Progress:
+  """A progress line on stderr (rate and ETA), only when it is a terminal.
+
+  It is rewritten in place (carriage return) at each `update` (after each
+  chunk of `chunk` images) and ended with a newline; nothing is written
+  when stderr is not a terminal (a log file, a pipe) or for a single chunk.
+  """
+
+  def __init__(self, total: int, stream=None, clock=time.monotonic,
+               chunk: int = 1):
+    self.total = total
+    self.stream = stream or sys.stderr
+    self.clock = clock
+    self.start = clock()
+    self.shown = False
+    isatty = getattr(self.stream, 'isatty', None)
+    self.enabled = total > chunk and bool(isatty and isatty())
+
+  def line(self, done: int) -> str:
+    """'done/total images, R images/s, ETA m:ss'."""
+    elapsed = max(self.clock() - self.start, 1e-9)
+    rate = done / elapsed
+    left = (self.total - done) / rate if rate > 0 else math.inf
+    eta = (f'{int(left // 60)}:{int(left % 60):02d}' if math.isfinite(left)
+           else '?')
+    return (f'{done}/{self.total} images, {rate:.1f} images/s, ETA {eta}')
+
+  def update(self, done: int) -> None:
+    if self.enabled:
+      self.stream.write('\r' + self.line(done) + '\x1b[K')
+      self.stream.flush()
+      self.shown = True
+
+  def done(self) -> None:
+    if self.shown:
+      self.stream.write('\n')
+      self.stream.flush()

@@ -1,4 +1,4 @@
-"""python -m hc_jax.shipped: writes a shipped model (`hc_jax.evaluation.archive`) from
+"""python -m hc_jax.shipped: writes a shipped model (`hc_jax.archive`) from
 finished fold runs.
 
   python -m hc_jax.shipped --workdir=runs/final/hcnet_mask --out=FILE.npz
@@ -24,8 +24,8 @@ import tempfile
 
 import numpy as np
 
+from hc_jax import archive as archive_lib
 from hc_jax import workdir as workdir_lib
-from hc_jax.evaluation import archive as archive_lib
 
 PROVENANCE = {
     'data': 'HC18 training set (van den Heuvel et al. 2018, Zenodo record '

@@ -184,6 +184,10 @@ def _run(*args):
     (['hc_jax.plots', '--root=/nonexistent/grid', '--out=/tmp/x'],
      'error: /nonexistent/grid'),
     (['hc_jax.predict', '--bogus'], 'error: '),
+    (['hc_jax.plausibility', '--root=/nonexistent/grid'],
+     'error: --root /nonexistent/grid is not a directory'),
+    (['hc_jax.synthetic', '--out=/tmp/x', '--seed=-1'],
+     'error: --seed must be >= 0, got -1'),
 ])
 def test_commands_report_mistakes_in_one_line_with_status_2(args, message):
   result = _run(*args)

@@ -297,7 +297,7 @@ def test_a_shipped_archive_is_scored_as_its_runs(members, single, tmp_path,
   """An exported archive's members predict their own test folds, the folds
   drawn again from the CSV (an archive keeps no folds.json)."""
   from hc_jax import shipped  # pylint: disable=import-outside-toplevel
-  from hc_jax.evaluation import archive as archive_lib
+  from hc_jax import archive as archive_lib
   archive = str(tmp_path / 'tiny.npz')
   shipped.export(members[0], archive)
   got = cv.score([archive])

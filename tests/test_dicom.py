@@ -12,9 +12,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 import pytest
 
+from hc_jax import archive as archive_lib
 from hc_jax import predict
-from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import dicom
+from hc_jax.evaluation import prediction_rows
 
 US_IMAGE = '1.2.840.10008.5.1.4.1.1.6.1'
 US_MULTIFRAME_IMAGE = '1.2.840.10008.5.1.4.1.1.3.1'
@@ -254,10 +255,11 @@ def _scan_folder(root):
 def test_folder_of_dicom_and_png_scans(stub_cli, tmp_path, monkeypatch,
                                        capsys):
   _scan_folder(tmp_path / 'scans')
-  monkeypatch.setattr(predict, 'PROGRESS_EVERY', 4)
+  monkeypatch.setattr(prediction_rows, 'PROGRESS_EVERY', 4)
   code, rows, header = stub_cli(f'--images={tmp_path / "scans"}')
   assert code == 1
-  assert header == list(predict.COLUMNS + predict.DICOM_COLUMNS)
+  assert header == list(prediction_rows.COLUMNS +
+                         prediction_rows.DICOM_COLUMNS)
   assert sorted(rows) == sorted([
       'a.png', 'region.dcm', 'spacing.dcm', 'none.dcm', 'aniso.dcm',
       'multi.dcm#0', 'multi.dcm#1', 'multi.dcm#2', 'rgb.dcm', 'mono1.dcm',
@@ -342,7 +344,7 @@ def test_pixel_size_csv_overrides_the_files_own(stub_cli, tmp_path):
 def test_png_only_csv_is_unchanged(stub_cli, tmp_path):
   Image.fromarray(_noise([16, 20])).save(tmp_path / 'a.png')
   code, rows, header = stub_cli(f'--images={tmp_path / "a.png"}')
-  assert code == 0 and header == list(predict.COLUMNS)
+  assert code == 0 and header == list(prediction_rows.COLUMNS)
 
 
 def test_submission_needs_every_dicoms_pixel_size(stub_cli, tmp_path, capsys):

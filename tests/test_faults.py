@@ -52,11 +52,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from hc_jax import archive as archive_lib
 from hc_jax import main as main_lib
 from hc_jax import predict as predict_lib
 from hc_jax import prepare as prepare_lib
 from hc_jax import workdir as workdir_lib
-from hc_jax.evaluation import archive as archive_lib
 
 # What a damage trial damages or edits.
 KINDS = ('checkpoint', 'metrics', 'lock', 'cache', 'tfds', 'archive',

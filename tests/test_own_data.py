@@ -197,7 +197,7 @@ def _mask_label_config(directory, cache_dir):
 
 
 def test_fine_tuning_starts_from_a_shipped_member(phantom_hc18, tmp_path):
-  from hc_jax.evaluation import archive  # pylint: disable=import-outside-toplevel
+  from hc_jax import archive  # pylint: disable=import-outside-toplevel
   from hc_jax.training import finetune  # pylint: disable=import-outside-toplevel
   from hc_jax.training import step  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel

@@ -32,6 +32,7 @@ from hc_jax.data import prepare
 from hc_jax.evaluation import gestational_age
 from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading
+from hc_jax.evaluation import output_files
 from hc_jax.evaluation import prediction_rows
 from hc_jax.evaluation import scan_files
 from hc_jax.nets import ellipse_head
@@ -155,6 +156,24 @@ def test_cli_on_a_trained_run(run, phantom_hc18, tmp_path, capsys):
   assert code == (1 if flagged else 0)
   assert (f'{len(rows) - flagged} of {len(rows)} images predicted'
           in capsys.readouterr().out)
+
+
+def test_the_csv_names_the_model_of_a_workdir(run, grid, phantom_hc18,
+                                              tmp_path):
+  """A run or a fold ensemble: the model of its config and the base name
+  of the folder given; the submission keeps HC18's columns."""
+  test_dir, good = _copy_test_set(phantom_hc18, tmp_path)
+  with open(os.path.join(run, workdir_lib.CONFIG_FILE)) as f:
+    model = json.load(f)['model']
+  for workdir, name in ((run, f'{model} (fold0)'),
+                        (grid, f'{model} ({os.path.basename(grid)})')):
+    out = tmp_path / 'p.csv'
+    predict.main([f'--workdir={workdir}', f'--images={test_dir / good[0]}',
+                  f'--out={out}'])
+    rows = _read_rows(out)
+    assert [row['model'] for row in rows] == [name], rows
+  assert rows[0]['filename'] == good[0]
+  assert predict.load(run).name == f'{model} (fold0)'
 
 
 def test_fold_ensemble_and_flip_tta(grid, phantom_hc18, tmp_path):
@@ -646,6 +665,39 @@ def test_overlay_one_png_per_scan_of_its_size(stub_cli, tmp_path):
   assert (drawn[-20:, -60:] == original[-20:, -60:]).all()
 
 
+def test_overlays_name_the_model_in_their_caption(stub_cli, tmp_path,
+                                                  monkeypatch):
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  Image.fromarray(_scan(400, 300, 1000)).save(scans / 'x.png')
+  drawn_lines = []
+  draw = output_files.write_overlay
+  monkeypatch.setattr(output_files, 'write_overlay', lambda image, lines,
+                      *a, **k: (drawn_lines.append(lines),
+                                draw(image, lines, *a, **k)))
+  overlays = {}
+  for name in ('', 'cnn_263k (fold0)', 'hcnet_mask (cv_grid)'):
+    stub = _stub()
+    stub.name = name
+    folder = tmp_path / f'overlays{len(overlays)}'
+    code, rows = stub_cli(f'--images={scans}', f'--overlays={folder}',
+                          stub=stub)
+    assert code == 0, rows
+    assert rows['x.png']['model'] == name
+    overlays[name] = np.asarray(Image.open(folder / 'x_prediction.png'))
+  assert [lines[-1] for lines in drawn_lines] == [
+      'HC 1000.0 px (pixel size unknown)', 'model: cnn_263k (fold0)',
+      'model: hcnet_mask (cv_grid)']
+  # The name is drawn: the captions differ, in the caption's corner only.
+  unnamed = overlays['']
+  for name in ('cnn_263k (fold0)', 'hcnet_mask (cv_grid)'):
+    changed = np.argwhere((overlays[name] != unnamed).any(-1))
+    assert len(changed), name
+    assert changed[:, 0].max() < 100 and changed[:, 1].max() < 300, name
+  assert (overlays['cnn_263k (fold0)'][:100, :300]
+          != overlays['hcnet_mask (cv_grid)'][:100, :300]).any()
+
+
 def test_pixel_size_lookup(stub_cli, tmp_path):
   scans = tmp_path / 'test_set'
   scans.mkdir()
@@ -729,7 +781,7 @@ def test_help_lists_statuses_and_exit_codes(capsys):
     predict.main(['--help'])
   assert info.value.code == 0
   text = capsys.readouterr().out
-  for word in predict.STATUSES + ('exit codes', '--max-sd-mm', 'message'):
+  for word in prediction_rows.STATUSES + ('exit codes', '--max-sd-mm', 'message'):
     assert word in text
   for code in ('0  every image', '1  some images', '2  usage'):
     assert code in text
@@ -802,7 +854,7 @@ def test_ellipse_model_rows(stub_cli, tmp_path):
                         stub=_ellipse_stub())
   assert code == 0, rows
   with open(out, newline='') as f:
-    assert tuple(next(csv.reader(f))) == (predict.COLUMNS +
+    assert tuple(next(csv.reader(f))) == (prediction_rows.COLUMNS +
                                           prediction_rows.ELLIPSE_COLUMNS)
   row = rows['a.png']
   cells = {key: float(row[key]) for key in prediction_rows.ELLIPSE_COLUMNS}
@@ -822,7 +874,7 @@ def test_ellipse_model_rows(stub_cli, tmp_path):
   with open(out, newline='') as f:
     assert next(csv.reader(f)) == [
         'filename', 'pixel_size_mm', 'hc_px', 'hc_mm', 'hc_mm_sd', 'ga_weeks',
-        'ga_flag', 'status', 'message']
+        'ga_flag', 'status', 'message', 'model']
   # Without a pixel size: the mm cells are empty, px ones written.
   code, rows = stub_cli(f'--images={scans}', stub=_ellipse_stub())
   assert rows['a.png']['center_x_mm'] == rows['a.png']['semi_axis_a_mm'] == ''
@@ -898,7 +950,7 @@ def test_ellipse_overlay_draws_the_outline(stub_cli, tmp_path):
                           f'--overlays={overlays / name}', stub=stub)
     assert code == 0, rows
   # The stub's ellipse: centred on input pixel (16, 16), at pi/4.
-  points = np.round(scan_files.ellipse_points(
+  points = np.round(output_files.ellipse_points(
       [*_stretched(16, 16), 96, 64, np.pi / 4])).astype(int)
   points = points[points[:, 1] > 70]  # Below the text.
   for name in ('ellipse', 'label'):
@@ -957,14 +1009,14 @@ def test_a_phantom_trained_model_says_so_in_rows_and_summary(
   stub = dataclasses.replace(_stub(), trained_on_phantoms=True)
   code, rows = stub_cli(f'--images={scans}', stub=stub)
   captured = capsys.readouterr()
-  assert predict.PHANTOM_NOTE in rows['a.png']['message']
+  assert prediction_rows.PHANTOM_NOTE in rows['a.png']['message']
   assert 'note: the model was trained on phantom scans, not HC18' in (
       captured.out)
   # The first line says what the slow start goes to.
   assert any(line.startswith('1 scan file(s): loading ') for line in
              captured.err.splitlines())
   code, rows = stub_cli(f'--images={scans}', stub=_stub())
-  assert predict.PHANTOM_NOTE not in rows['a.png']['message']
+  assert prediction_rows.PHANTOM_NOTE not in rows['a.png']['message']
   assert 'note: the model was trained on phantom' not in (
       capsys.readouterr().out)
 

@@ -5,7 +5,9 @@ import io
 import numpy as np
 from PIL import Image
 
+from hc_jax import log
 from hc_jax import predict
+from hc_jax.evaluation import prediction_rows
 
 
 class _CountingStub:
@@ -31,7 +33,7 @@ def test_a_large_folder_is_predicted_in_bounded_chunks(monkeypatch, tmp_path,
   scans = tmp_path / 'scans'
   scans.mkdir()
   rng = np.random.default_rng(0)
-  count = 2 * predict.PROGRESS_EVERY + 5
+  count = 2 * prediction_rows.PROGRESS_EVERY + 5
   for i in range(count):
     Image.fromarray(rng.integers(0, 255, (12, 16), np.uint8)).save(
         scans / f'{i:04d}.png')
@@ -40,7 +42,7 @@ def test_a_large_folder_is_predicted_in_bounded_chunks(monkeypatch, tmp_path,
   out = tmp_path / 'hc.csv'
   assert predict.main([f'--images={scans}', f'--out={out}']) == 0
   assert sum(stub.calls) == count
-  assert max(stub.calls) <= predict.PROGRESS_EVERY  # Never all at once.
+  assert max(stub.calls) <= prediction_rows.PROGRESS_EVERY  # Never all at once.
   assert 'images/s' not in capsys.readouterr().err  # Not a terminal.
 
 
@@ -53,15 +55,15 @@ class _Terminal(io.StringIO):
 def test_progress_line_shows_rate_and_eta_only_on_a_terminal():
   now = [0.0]
   terminal = _Terminal()
-  progress = predict.Progress(1000, terminal, clock=lambda: now[0])
+  progress = log.Progress(1000, terminal, clock=lambda: now[0])
   now[0] = 10.0
   progress.update(200)
   progress.done()
   text = terminal.getvalue()
   assert '200/1000 images, 20.0 images/s, ETA 0:40' in text
   assert text.startswith('\r') and text.endswith('\n')
-  log = io.StringIO()  # Not a terminal: nothing.
-  quiet = predict.Progress(1000, log)
+  stream = io.StringIO()  # Not a terminal: nothing.
+  quiet = log.Progress(1000, stream)
   quiet.update(200)
   quiet.done()
-  assert not log.getvalue()
+  assert not stream.getvalue()

@@ -39,10 +39,11 @@ def _readme_section(title):
 
 
 def test_readme_documents_predicts_csv_statuses_and_exit_codes():
-  from hc_jax import predict  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from hc_jax.evaluation import prediction_rows
   section = _readme_section('Predicting HC for new scans')
   assert 'python -m hc_jax.predict --workdir=' in section
-  for column in predict.COLUMNS:
+  for column in prediction_rows.COLUMNS:
     assert f'`{column}`' in section, column
   for status in ('ok', 'uncertain', 'implausible', 'refused', 'error'):
     assert f'| `{status}` |' in section, status

@@ -13,10 +13,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from hc_jax import archive as archive_lib
 from hc_jax import predict
 from hc_jax.data import hc18
 from hc_jax.data import phantom
-from hc_jax.evaluation import archive as archive_lib
 from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading
 from hc_jax.evaluation import scan_likeness

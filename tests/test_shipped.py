@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from hc_jax import archive as archive_lib
 from hc_jax import predict
 from hc_jax import shipped
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import hc18
-from hc_jax.evaluation import archive as archive_lib
+from hc_jax.evaluation import output_files
 
 MAX_BYTES = 20_000_000
 HCNET_MASK_PARAMS = 308_985
@@ -159,6 +160,26 @@ def test_cli_predicts_the_samples_with_the_shipped_model(tmp_path, capsys):
     assert row['filename'] == want['filename']
     assert abs(float(row['hc_mm']) - float(want['hc_mm'])) <= TOLERANCE_MM
   assert len(os.listdir(overlays)) == 5
+
+
+def test_the_csv_and_overlay_name_the_shipped_model_not_the_submission(
+    tmp_path, capsys):
+  out, submission = tmp_path / 'hc.csv', tmp_path / 'submission.csv'
+  overlays = tmp_path / 'overlays'
+  scan = os.path.join(archive_lib.SAMPLE_IMAGES_DIR, _expected()[0]['filename'])
+  assert predict.main([f'--images={scan}', f'--out={out}',
+                       f'--overlays={overlays}',
+                       f'--submission={submission}']) == predict.EXIT_OK
+  assert '1 of 1 images predicted' in capsys.readouterr().out
+  with open(out, newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [row['model'] for row in rows] == [archive_lib.DEFAULT_MODEL]
+  assert len(os.listdir(overlays)) == 1
+  # HC18's challenge format: its six columns, no model.
+  with open(submission, newline='') as f:
+    lines = list(csv.reader(f))
+  assert tuple(lines[0]) == output_files.SUBMISSION_COLUMNS
+  assert [len(line) for line in lines] == [6, 6]
 
 
 @pytest.mark.slow

@@ -234,7 +234,7 @@ def test_cli_writes_directory_without_importing_tensorflow_or_jax(tmp_path):
   out = tmp_path / 'cli'
   script = (
       'import sys\n'
-      'from hc_jax.data import synthetic\n'
+      'from hc_jax import synthetic\n'
       f'synthetic.main(["--out", {str(out)!r}, "--num_train", "3", "--num_test", "1",'
       ' "--seed", "1"])\n'
       'assert not {"tensorflow", "jax"} & set(sys.modules), sorted(sys.modules)\n')
@@ -243,6 +243,25 @@ def test_cli_writes_directory_without_importing_tensorflow_or_jax(tmp_path):
   assert result.returncode == 0, result.stderr
   assert len(_read_csv(out / 'training_set_pixel_size_and_HC.csv')) == 4
   assert len(_read_csv(out / 'test_set_pixel_size.csv')) == 2
-  result = subprocess.run([sys.executable, '-m', 'hc_jax.data.synthetic', '--help'],
+  result = subprocess.run([sys.executable, '-m', 'hc_jax.synthetic', '--help'],
                           capture_output=True, text=True, check=False)
   assert result.returncode == 0 and '--num_train' in result.stdout
+
+
+def test_cli_writes_nothing_into_a_directory_holding_files(tmp_path, capsys):
+  from hc_jax import synthetic as command  # pylint: disable=import-outside-toplevel
+  used = tmp_path / 'used'
+  used.mkdir()
+  (used / 'training_set_pixel_size_and_HC.csv').write_text('mine\n')
+  with pytest.raises(SystemExit) as info:
+    command.main(['--out', str(used), '--num_train', '2', '--num_test', '1'])
+  assert info.value.code == 2
+  assert capsys.readouterr().err.startswith(
+      f'error: --out {used} exists and is not an empty directory')
+  assert os.listdir(used) == ['training_set_pixel_size_and_HC.csv']
+  assert (used / 'training_set_pixel_size_and_HC.csv').read_text() == 'mine\n'
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  assert command.main(['--out', str(empty), '--num_train', '2',
+                       '--num_test', '1']) == 0
+  assert 'Wrote 2 training images' in capsys.readouterr().out

@@ -14,12 +14,12 @@ pixels off 800x540, and subject numbers rise with head size, so folds drawn as
 contiguous subject ranges are visibly unbalanced.
 The scans and their annotations are drawn by `hc_jax.data.phantom`.
 
-This module needs only numpy and PIL (no TensorFlow, no JAX). Run it as
+This module needs only numpy and PIL (no TensorFlow, no JAX). Its command is
+`hc_jax.synthetic`:
 
-  python -m hc_jax.data.synthetic --out /tmp/hc18_phantom --num_train 40 --num_test 10
+  python -m hc_jax.synthetic --out /tmp/hc18_phantom --num_train 40 --num_test 10
 """
 
-import argparse
 import csv
 import math
 import os
@@ -217,24 +217,3 @@ def write_hc18(root, num_train=20, num_test=5, seed=0):
   for record in train + test:
     del record['pixel_size_text']
   return {'root': str(root), 'train': train, 'test': test}
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--out', required=True, help='Directory to write.')
-  parser.add_argument('--num_train',
-                      type=int,
-                      default=20,
-                      help='Training images.')
-  parser.add_argument('--num_test', type=int, default=5, help='Test images.')
-  parser.add_argument('--seed', type=int, default=0, help='Non-negative seed.')
-  args = parser.parse_args(argv)
-  summary = write_hc18(args.out, args.num_train, args.num_test, args.seed)
-  num_subjects = len({record['subject_id'] for record in summary['train']})
-  print(
-      f'Wrote {len(summary["train"])} training images of {num_subjects} subjects '
-      f'and {len(summary["test"])} test images to {summary["root"]}')
-
-
-if __name__ == '__main__':
-  main()

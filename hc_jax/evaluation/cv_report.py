@@ -124,12 +124,13 @@ def _fmt(value) -> object:
 
 def write_rows(path: str, scores: cv.Scores) -> None:
   """Writes the per-image CSV (values rounded to 1e-3), atomically."""
-  from hc_jax.evaluation import scan_files  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from hc_jax.evaluation import output_files
   rows = [{key: (value if key == 'pixel_size_mm' else _fmt(value))
            for key, value in row.items()} for row in scores.rows]
   try:
-    scan_files.write_csv(path, list(cv.IMAGE_COLUMNS) + scores.member_columns,
-                         rows, '--out')
+    output_files.write_csv(
+        path, list(cv.IMAGE_COLUMNS) + scores.member_columns, rows, '--out')
   except workdir_lib.PredictError as e:
     raise cv_runs.ScoreError(str(e)) from None
 

@@ -24,11 +24,11 @@ size and reference HC.
 import os
 from typing import Sequence
 
+from hc_jax import archive as archive_lib
 from hc_jax import log
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import folds as folds_lib
 from hc_jax.data import hc18
-from hc_jax.evaluation import archive as archive_lib
 
 class ScoreError(ValueError):
   """Runs that cannot be scored as asked (the command line exits 2)."""

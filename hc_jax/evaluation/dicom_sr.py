@@ -125,6 +125,32 @@ def write_reports(directory: str, rows: Sequence[dict], paths: dict,
   return written, missing
 
 
+def write_and_list(directory: str, rows: Sequence[dict],
+                   paths: dict[str, str], model: str) -> bool:
+  """Writes the reports of the DICOM rows among `rows` (`write_reports`)
+  and prints what it wrote and which rows got none.
+
+  Args:
+    directory: where the reports go.
+    rows: every row of predict's CSV; those of a file in `paths` are
+      reported.
+    paths: {DICOM filename: the file}.
+    model: the model's name, for the algorithm identification.
+
+  Returns:
+    Whether every row of a status in `REPORTED` got its report.
+  """
+  dicom_rows = [row for row in rows
+                if row['filename'].partition('#')[0] in paths]
+  written, missing = write_reports(directory, dicom_rows, paths, model)
+  print(f'wrote {len(written)} DICOM SR report(s) to {directory}'
+        + ('' if dicom_rows else ' (no DICOM scans among the inputs)'))
+  for line in missing:
+    print(f'  no report: {line}')
+  reportable = [row for row in dicom_rows if row['status'] in REPORTED]
+  return len(written) >= len(reportable)
+
+
 def _number(cell) -> float | None:
   try:
     value = float(cell)

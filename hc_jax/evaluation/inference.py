@@ -143,6 +143,8 @@ class Predictor:
     scan_check: whether to refuse images that do not look like an
       ultrasound scan (`scan_likeness`); constant images and ones smaller
       than the model input are refused either way.
+    name: which model this is, as predict's CSV and overlays name it
+      (`loading.load`: `hcnet_mask`, or `hcnet_mask (cv_grid)` for a run).
   """
   runs: list[str]
   image_size: int
@@ -159,6 +161,7 @@ class Predictor:
   trained_on_phantoms: bool = False
   min_quality: float | None = None
   scan_check: bool = True
+  name: str = ''
 
   def __post_init__(self):
     self.kind = kinds.get(self.kind)

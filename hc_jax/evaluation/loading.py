@@ -86,13 +86,24 @@ def load(workdir: str | None = None, model_options: dict | None = None,
       min_quality=kinds.stored_threshold(results, built.kind.quality),
       trained_on_phantoms=any(
           dict(c.get('data') or {}).get('source') == 'synthetic'
-          for c in configs))
+          for c in configs),
+      name=_model_name(workdir, archive, configs[0]))
+
+
+def _model_name(workdir: str | None, archive, config: dict) -> str:
+  """What predict's CSV and overlays call the model: a shipped model's name
+  (`hcnet_mask`), else the model of the run's config and the base name of
+  the run, grid or archive file given (`hcnet_mask (cv_grid)`)."""
+  if workdir is None:
+    return archive.meta.get('name') or config.get('model', '')
+  base = os.path.basename(os.path.abspath(workdir))
+  return f'{config.get("model", "?")} ({base})'
 
 
 def _runs_of(workdir: str | None, model: str | None):
   """(the shipped-model archive or None, the run directories) that `load`
   loads, found before the heavy imports: fail fast."""
-  from hc_jax.evaluation import archive as archive_lib
+  from hc_jax import archive as archive_lib
   if workdir is not None and model is not None:
     raise workdir_lib.PredictError(
         'give a workdir or a shipped model, not both')

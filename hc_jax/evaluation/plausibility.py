@@ -1,6 +1,6 @@
 """How well predict's statuses single out bad predictions, on CV test folds.
 
-  python -m hc_jax.evaluation.plausibility --root=runs/grid [--hc18_dir=DIR]
+  python -m hc_jax.plausibility --root=runs/grid [--hc18_dir=DIR]
 
 For every finished `ROOT/<config>/fold<k>` run, the run's own predictor
 (`hc_jax.evaluation.loading.load`, exactly what `python -m hc_jax.predict`
@@ -16,7 +16,6 @@ does not have; it is not measured here.
 """
 
 import os
-import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,6 +44,15 @@ def fold_statuses(run: str, images_dir: str) -> dict[str, np.ndarray]:
   return {'filename': predictions['filename'], 'status': out['status'],
           'error_mm': np.abs(out['hc_mm'] - true_mm),
           'csv_error_mm': aggregate.absolute_errors_mm(predictions)}
+
+
+def config_dirs(root: str) -> list[str]:
+  """The configurations of a grid directory: its subdirectories holding fold
+  runs (`ROOT/<config>/fold<k>`), sorted."""
+  return sorted(
+      os.path.join(root, d) for d in os.listdir(root)
+      if os.path.isdir(os.path.join(root, d)) and
+      workdir_lib.fold_dirs(os.path.join(root, d)))
 
 
 def config_row(config_dir: str, images_dir: str) -> dict[str, Any]:
@@ -92,33 +100,3 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
               ', '.join(f'{k} {v}' for k, v in sorted(row['statuses'].items()))]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  from hc_jax import cli  # pylint: disable=import-outside-toplevel
-  parser = cli.ArgumentParser(prog='python -m hc_jax.evaluation.plausibility',
-                              description=__doc__.splitlines()[0])
-  parser.add_argument('--root', required=True, help='a grid directory')
-  parser.add_argument('--hc18_dir', default=None,
-                      help='HC18 copy (default: $HC18_DIR or ../shared/hc18)')
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  cli.quiet_logs()
-
-  def run():
-    root = args.hc18_dir or hc18.default_dir()
-    if not root:
-      raise ValueError('HC18 not found: pass --hc18_dir=DIR or set HC18_DIR')
-    images_dir = os.path.join(root, hc18.SPLITS['train'][0])
-    config_dirs = sorted(
-        os.path.join(args.root, d) for d in os.listdir(args.root)
-        if os.path.isdir(os.path.join(args.root, d)) and
-        workdir_lib.fold_dirs(os.path.join(args.root, d)))
-    rows = [config_row(d, images_dir) for d in config_dirs]
-    print(format_markdown(rows))
-    return 0
-
-  return cli.run_main(run)
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -49,8 +49,8 @@ from hc_jax.nets import ellipse_head
 from hc_jax.nets import mask_head
 
 # The CSV columns of a kind that predicts the head's ellipse, after
-# `hc_jax.predict.COLUMNS`: the ellipse in px of the original image, then
-# its centre and semi-axes in mm.
+# `hc_jax.evaluation.prediction_rows.COLUMNS`: the ellipse in px of the
+# original image, then its centre and semi-axes in mm.
 ELLIPSE_COLUMNS = ('center_x_px', 'center_y_px', 'semi_axis_a_px',
                    'semi_axis_b_px', 'angle_rad', 'center_x_mm', 'center_y_mm',
                    'semi_axis_a_mm', 'semi_axis_b_mm')
@@ -256,7 +256,8 @@ class Kind:
 
   @property
   def columns(self) -> tuple[str, ...]:
-    """The CSV columns the kind adds after `hc_jax.predict.COLUMNS`."""
+    """The CSV columns the kind adds after
+    `hc_jax.evaluation.prediction_rows.COLUMNS`."""
     return (QUALITY_COLUMN,) if self.quality is not None else ()
 
   def cells(self, out: dict, i: int) -> dict[str, str]:

@@ -28,7 +28,7 @@ PREFIX = 'shipped:'
 def is_shipped(init_from: str) -> bool:
   """Whether `init_from` names a shipped model or an archive (not Keras
   weights)."""
-  from hc_jax.evaluation import archive  # pylint: disable=import-outside-toplevel
+  from hc_jax import archive  # pylint: disable=import-outside-toplevel
   return bool(init_from) and (init_from.startswith(PREFIX) or
                               archive.is_archive(init_from))
 
@@ -36,7 +36,7 @@ def is_shipped(init_from: str) -> bool:
 def _archive(init_from: str):
   """The archive `init_from` names, restricted to its member if it names
   one."""
-  from hc_jax.evaluation import archive  # pylint: disable=import-outside-toplevel
+  from hc_jax import archive  # pylint: disable=import-outside-toplevel
   if init_from.startswith(PREFIX):
     name, _, member = init_from[len(PREFIX):].partition(':')
     read = archive.Archive(archive.path_of(name))

@@ -42,7 +42,7 @@ from hc_jax import workdir as workdir_lib
 
 
 # hc_jax's own directory, where shipped/ and samples/ are.
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 FORMAT = 'hc_jax.shipped/1'
 SHIPPED_DIR = os.path.join(_PACKAGE_DIR, 'shipped')
 DEFAULT_MODEL = 'hcnet_mask'
