@@ -74,7 +74,7 @@ _EPILOG = f"""\
 status of each row (the CSV's `status`; `message` says why unless ok):
   ok           predicted and plausible
   uncertain    fold ensemble SD above --max-sd-mm (pixel size known), or a
-               mask model's quality below --min-quality
+               quality below --min-quality (default: the model's own)
   implausible  HC outside HC18's {inference.HC18_HC_MM[0]:g}-{inference.HC18_HC_MM[1]:g} mm, the model's training
                range, or what fits in the image (each widened by
                {inference.RANGE_MARGIN:.0%}); HC is written, no gestational age
@@ -176,9 +176,10 @@ def _parse_args(argv):
                       f'uncertain (default {inference.DEFAULT_MAX_SD_MM:g})')
   parser.add_argument('--min-quality', '--min_quality', dest='min_quality',
                       type=float, default=None,
-                      help='a mask model\'s quality below which a prediction '
-                      'is uncertain (default: the model\'s own, '
-                      f'{kinds.MASK.quality.min_value:g} for hcnet_mask)')
+                      help='the quality below which a prediction is '
+                      'uncertain (models with a quality signal; default: '
+                      'the threshold stored with the model, chosen on its '
+                      'validation parts)')
   parser.add_argument('--dicom-sr', '--dicom_sr', dest='dicom_sr',
                       metavar='DIR',
                       help='also write a DICOM Structured Report (TID 1500, '

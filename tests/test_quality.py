@@ -144,7 +144,7 @@ def test_an_older_archive_is_calibrated_on_its_validation_parts(
   threshold gets the one its runs would have stored."""
   # pylint: disable=import-outside-toplevel
   from hc_jax import shipped
-  from hc_jax.evaluation import archive as archive_lib
+  from hc_jax import archive as archive_lib
   from hc_jax.evaluation import loading
   # pylint: enable=import-outside-toplevel
   archive = str(tmp_path / 'old.npz')
