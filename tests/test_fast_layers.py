@@ -108,7 +108,13 @@ def test_batch_norm_bfloat16_output():
         ((2, 6, 5, 3), 5, dict(kernel_size=(1, 1))),
         ((2, 7, 6, 3), 5, dict(kernel_size=(1, 1), strides=(2, 2),
                                use_bias=False)),
-        ((2, 6, 5, 3), 4, dict(kernel_size=(3, 3), padding='SAME')),  # Plain.
+        ((2, 6, 5, 3), 4, dict(kernel_size=(3, 3), padding='SAME')),  # Narrow.
+        ((2, 6, 5, 8), 16, dict(kernel_size=(3, 3), padding='SAME',
+                                use_bias=False)),  # Narrow, 16 outputs.
+        ((2, 7, 6, 5), 3, dict(kernel_size=(2, 3), padding='VALID')),
+        ((2, 6, 5, 4), 4, dict(kernel_size=(3, 3),
+                               padding=((2, 0), (0, 2)))),  # Narrow.
+        ((2, 6, 5, 17), 4, dict(kernel_size=(3, 3), padding='SAME')),  # Plain.
         ((2, 6, 5, 1), 4, dict(kernel_size=(3, 3), padding='VALID',
                                kernel_dilation=(2, 2))),  # Plain.
     ])
@@ -155,6 +161,61 @@ def test_conv_im2col_kernel_grad_matches_flax(monkeypatch, max_bytes,
       lambda v, x: (jnp.tanh(module.apply(v, x)) * weights).sum(),
       argnums=(0, 1))(variables, x)
   _close(grad(fast), grad(plain))
+
+
+@pytest.mark.parametrize('in_channels, features, narrow', [
+    (8, 8, True), (8, 16, True), (16, 16, True), (16, 17, False),
+    (48, 16, False)])
+def test_narrow_convolutions_take_the_padded_path(in_channels, features,
+                                                  narrow):
+  conv = nn.Conv(features, (3, 3), use_bias=False,
+                 conv_general_dilated=fast_layers.conv_general_dilated)
+  x = jnp.zeros((1, 6, 5, in_channels))
+  variables = conv.init(jax.random.key(0), x)
+  jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
+  assert ('custom_vjp_call' in jaxpr) == narrow
+  if narrow:  # The kernel's output channels padded for XLA's library path.
+    assert (f'f32[3,3,{in_channels},{fast_layers.NARROW_PADDED_FEATURES}]'
+            in jaxpr)
+
+
+@pytest.mark.xla_optimized  # As a training run compiles it.
+def test_hcnet_mask_same_with_and_without_the_narrow_path(monkeypatch):
+  """hcnet_mask's config network (8- and 16-channel layers at full and half
+  resolution) with the narrow path against without it: the same parameter
+  tree, outputs and gradients of its training loss."""
+  from hc_jax import losses  # pylint: disable=import-outside-toplevel
+  from hc_jax.nets import mask_head  # pylint: disable=import-outside-toplevel
+  model = models.create_model('hcnet_mask', layers='fast',
+                              widths=(8, 16, 32, 64, 64), stride=2, margin=8,
+                              moments='window')
+  images = jax.random.normal(jax.random.key(0), (2, 32, 48, 1))
+  variables = model.init(jax.random.key(1), images, train=False)
+  ellipses = jnp.array([[24.0, 16.0, 14.0, 9.0, 0.4],
+                        [20.0, 18.0, 11.0, 10.0, 2.0]])
+  resize = jnp.array([[1.0, 1.0, 0.0, 0.0]] * 2)
+  target = jnp.array([0.3, 0.35])
+
+  def loss(params):
+    outputs, _ = model.apply({**variables, 'params': params}, images,
+                             train=True, mutable=['batch_stats'])
+    return mask_head.train_loss(
+        outputs, ellipses, resize, target, 200.0, 2, 4, losses.mse,
+        {'bce': 1.0, 'dice': 1.0, 'hc': 1.0}), outputs
+
+  def run():
+    (value, outputs), grads = jax.jit(jax.value_and_grad(
+        loss, has_aux=True))(variables['params'])
+    return value, outputs, grads
+
+  narrow = run()
+  monkeypatch.setattr(fast_layers, 'NARROW_MAX_FEATURES', 0)
+  wide = run()
+  assert jax.tree.structure(narrow[2]) == jax.tree.structure(wide[2])
+  assert jax.tree.map(jnp.shape, narrow[2]) == jax.tree.map(jnp.shape, wide[2])
+  _close(narrow[0], wide[0])
+  _close(narrow[1], wide[1], rtol=1e-4, atol=1e-4)
+  _close_to_scale(narrow[2], wide[2])
 
 
 def test_conv_general_dilated_bfloat16():

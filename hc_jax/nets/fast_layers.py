@@ -13,8 +13,10 @@ layer. Models get them through `hc_jax.nets.layers.Layers('fast')`, never direct
 * `conv_general_dilated`: for `nn.Conv(conv_general_dilated=...)`, which keeps
   `nn.Conv`'s variables and arithmetic and swaps only the primitive: 1x1
   convolutions become matrix products, convolutions of one-channel images
-  shifted multiply-adds, and large convolutions get their kernel gradient from
-  im2col and a matrix product.
+  shifted multiply-adds, narrow convolutions (at most 16 channels in and out)
+  are computed with their output channels padded to `NARROW_PADDED_FEATURES`
+  (forward pass and input gradient), and large convolutions get their kernel
+  gradient from im2col and a matrix product.
 """
 
 import functools
@@ -278,10 +280,66 @@ def _conv_im2col_backward(strides, padding, precision, residuals, dy):
 _conv_im2col_kernel_grad.defvjp(_conv_im2col_forward, _conv_im2col_backward)
 
 
+# XLA:CPU hands a convolution to its fast library (YNNPACK) only when it has
+# more than 16 input or output channels; narrower ones run on a generic
+# convolution several times slower per FLOP (hcnet_mask's full-resolution 8-
+# and 16-channel layers: about 40 % of its training step). Computed with the
+# kernel's output channels zero-padded to this many and the padding sliced
+# off, the same convolution takes YNNPACK's path: 1.5-2x faster for the
+# forward pass and the input gradient despite the extra output channels
+# (docs/benchmarks.md). The kernel gradient stays XLA's own: through
+# YNNPACK, with the whole image as its window, it is slower.
+NARROW_MAX_FEATURES = 16
+NARROW_PADDED_FEATURES = NARROW_MAX_FEATURES + 1
+
+
+def _conv_padded_features(x, kernel, padding, precision):
+  """A stride-1 NHWC/HWIO convolution with the kernel's output channels
+  zero-padded to `NARROW_PADDED_FEATURES` and sliced off after: the same
+  values. (Padding the input channels instead, which needs no slice, was no
+  faster.)"""
+  features = kernel.shape[-1]
+  extra = max(NARROW_PADDED_FEATURES - features, 0)
+  kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, extra)))
+  y = lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                               dimension_numbers=_NHWC, precision=precision)
+  return y[..., :features]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _narrow_conv(x, kernel, padding, precision):
+  """A stride-1 convolution of at most `NARROW_MAX_FEATURES` channels in and
+  out, through the library path (`_conv_padded_features`)."""
+  return _conv_padded_features(x, kernel, padding, precision)
+
+
+def _narrow_conv_forward(x, kernel, padding, precision):
+  return _narrow_conv(x, kernel, padding, precision), (x, kernel)
+
+
+def _narrow_conv_backward(padding, precision, residuals, dy):
+  """The input gradient as the transposed convolution (the kernel flipped,
+  its channel axes swapped, the padding complemented), padded as the forward
+  pass; the kernel gradient as the plain convolution's."""
+  x, kernel = residuals
+  taps = kernel.shape[:2]
+  flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+  transposed = tuple((size - 1 - low, size - 1 - high)
+                     for size, (low, high) in zip(taps, padding))
+  dx = _conv_padded_features(dy, flipped, transposed, precision)
+  dkernel = jax.vjp(lambda kernel: lax.conv_general_dilated(
+      x, kernel, (1, 1), padding, dimension_numbers=_NHWC,
+      precision=precision), kernel)[1](dy)[0]
+  return dx, dkernel
+
+
+_narrow_conv.defvjp(_narrow_conv_forward, _narrow_conv_backward)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, precision=None, **kwargs):
-  """`lax.conv_general_dilated` with faster CPU paths for two special cases.
+  """`lax.conv_general_dilated` with faster CPU paths for special cases.
 
   Pass it to `nn.Conv(conv_general_dilated=...)`. For NHWC images and HWIO
   kernels, without dilation or feature groups:
@@ -295,6 +353,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     faster than XLA's convolution for the first 3x3 layer of the CNNs and
     VGG16); its backward pass is the convolution's own. (ResNet50's 7x7/2
     stem was slower this way, so it stays a convolution.)
+  * a narrow convolution (stride 1, at most `NARROW_MAX_FEATURES` channels in
+    and out, padding no wider than the kernel) runs its forward pass and
+    input gradient with the output channels zero-padded to
+    `NARROW_PADDED_FEATURES`, which XLA:CPU hands to YNNPACK (1.5-2x faster
+    than its generic convolution for hcnet_mask's 8- and 16-channel layers);
+    the kernel gradient is XLA's own.
   * a large convolution (`IM2COL_KERNEL_GRAD_MIN_WORK`) keeps XLA's forward
     pass and input gradient, but its kernel gradient is im2col patches times
     the output gradient, one matrix product: 2-4x faster than XLA's for
@@ -332,6 +396,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   taps = rhs.shape[0] * rhs.shape[1]
   if lhs.shape[3] == 1 and strides == (1, 1) and taps <= 9:
     return _single_channel_conv(lhs, rhs, strides, pads, precision)
+  if (strides == (1, 1)
+      and max(lhs.shape[3], rhs.shape[3]) <= NARROW_MAX_FEATURES
+      and all(low <= size - 1 and high <= size - 1
+              for size, (low, high) in zip(rhs.shape[:2], pads))):
+    return _narrow_conv(lhs, rhs, pads, precision)
   out_pixels = math.prod(
       (size + low + high - taps_along) // stride + 1
       for size, (low, high), taps_along, stride in zip(
