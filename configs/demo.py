@@ -2,19 +2,26 @@
 
   python -m hc_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Needs no data: it writes synthetic scans in the HC18 layout into the workdir.
-The model is the small version of the recommended `configs/hcnet_mask.py`
-(the dense model at 64x96, 30 epochs, on 200 phantoms).
-`configs/demo_label.py` and `configs/demo_ellipse.py` are the same for the
-label-only `hcnet` and for `hcnet_ellipse`.
+Needs no data: it writes 200 phantom scans in the HC18 layout into the
+workdir. The model is the recommended `configs/hcnet_mask.py` (its widths,
+loss and schedule) made small in its input and epochs. Here: a 64x96 input
+(the phantoms' aspect), 30 epochs (2 warm-up), the widths (8, 16, 32, 64, 64).
+`configs/demo_label.py` and `configs/demo_ellipse.py` make the label-only
+`hcnet` and `hcnet_ellipse` small with the same helper but keep its square
+64x64 input and 40 epochs.
 """
 
 from configs import hcnet_mask
 
 
 def small_on_phantoms(config):
-  """`config` at 64x64 on 200 phantom scans, 40 epochs (2 warm-up), with the
-  widths (8, 16, 32, 64, 64); `get_config` makes it 64x96, 30 epochs."""
+  """Sets `config` to 200 phantom scans, a 64x64 input, 40 epochs (2 warm-up)
+  and the widths (8, 16, 32, 64, 64), and returns it.
+
+  `get_config` below then makes the demo's input 64x96 and trains it for 30
+  epochs. `configs/demo_label.py` and `configs/demo_ellipse.py` keep what
+  this sets.
+  """
   config.data.source = 'synthetic'
   config.data.num_synthetic = 200
   config.image_size = 64

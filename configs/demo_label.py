@@ -2,8 +2,10 @@
 
   python -m hc_jax.main --config=configs/demo_label.py --workdir=runs/demo_label
 
-`configs/hcnet_label.py` with half its channels at 64x64, for 40 epochs on
-200 phantoms written into the workdir (as `configs/demo.py`).
+A 64x64 input, 40 epochs (2 warm-up), the widths (8, 16, 32, 64, 64), on
+200 phantom scans written into the workdir. That is `configs/hcnet_label.py`
+with half its channels, a smaller input and fewer epochs, made small by the
+helper of `configs/demo.py` (which itself goes on to 64x96 and 30 epochs).
 """
 
 from configs import demo

@@ -1,4 +1,4 @@
-"""hcnet_mask trained from HC values alone: no outlines, no masks.
+"""hcnet_mask_label: hcnet_mask's network, trained from HC values alone.
 
   python -m hc_jax.main --config=configs/hcnet_mask_label.py --config.fold=0
 
@@ -8,8 +8,9 @@ HC loss on the moments' HC as its only supervision: the mask terms (BCE,
 Dice against the reference ellipse) are off, so the training images need no
 `_Annotation.png` and a data set of scans + a CSV of HC values is enough.
 What the network learns is not a filled head but a mask whose second
-moments give the skull's ellipse. Loss mae (the paper's three: `--config.loss=mse`,
-`--config.loss=huber`), 50 epochs, as configs/hcnet_mask.py otherwise.
+moments give the skull's ellipse. Loss mae, 50 epochs. The paper's other two
+losses: `--config.loss=mse`, `--config.loss=huber`. As configs/hcnet_mask.py
+otherwise.
 """
 
 from configs import hcnet_mask
