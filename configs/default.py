@@ -1,4 +1,4 @@
-"""Default hc_jax configuration: the paper's 263K CNN (cnn_263k) with MSE on HC18, fold 0.
+"""Default: the paper's 263K CNN (cnn_263k) with MSE on HC18, fold 0.
 
   python -m hc_jax.main --config=configs/default.py --workdir=runs/default
 

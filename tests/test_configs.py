@@ -237,9 +237,10 @@ def test_docstring_figures_match_the_config(name):
 
 
 def test_every_helper_is_checked():
+  """Every function of a config file but get_config is in HELPERS."""
   helpers = {f'{name[:-3]}.{function}' for name in NAMES
-             for function in _docstrings(name) if function not in ('',
-                                                                   'get_config')}
+             for function in _docstrings(name)
+             if function not in ('', 'get_config')}
   assert helpers == set(HELPERS)
 
 
