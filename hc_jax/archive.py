@@ -17,7 +17,10 @@ that runs code when it is opened. Its entries:
 `meta` holds: `format` (`FORMAT`), `name`, `members` (e.g. fold0..fold4, in
 order), `configs` and `results` (each member's config.json and results.json
 as trained: the model, its input size and resize mode, `normaliser_px`, the
-training HC range, the HC18 `source_digest`, its test fold's MAE),
+training HC range, the HC18 `source_digest`, its test fold's MAE, and
+`quality`: its quality signal on its validation part and the threshold
+chosen there, which loading pools into the model's `uncertain` threshold,
+`hc_jax.nets.kinds.stored_threshold`),
 `storage_dtype` (the dtype of the stored floats; they are cast back to the
 model's own dtype on loading), `arrays_sha256` (`arrays_digest` of every
 other entry: checked on loading, so a damaged or changed archive is refused

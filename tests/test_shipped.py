@@ -115,14 +115,15 @@ def test_archive_variables_are_checked_against_the_model(tmp_path):
     archive.variables(0, bad)
 
 
-def test_shipped_model_reproduces_its_sample_predictions():
+@pytest.mark.parametrize('name', archive_lib.names())
+def test_shipped_model_reproduces_its_sample_predictions(name):
   # The expected CSV was written by the runs the archive was exported from;
   # the archive (float16 weights) must give the same HC within 0.05 mm.
   from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
   from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
-  expected = _expected()
-  predictor = loading.load()
-  assert predictor.kind.name == 'mask' and len(predictor.runs) == 5
+  expected = _expected(name)
+  predictor = loading.load(model=name)
+  assert predictor.kind.name.startswith('mask') and len(predictor.runs) == 5
   images = [hc18.read_grayscale(os.path.join(archive_lib.SAMPLE_IMAGES_DIR,
                                              row['filename']))[0]
             for row in expected]
@@ -215,6 +216,24 @@ def test_a_huge_image_gets_a_plain_reason_not_an_inverted_range():
   status, _ = predictor._check(  # pylint: disable=protected-access
       1000.0, math.nan, math.nan, (540, 800), 10.0)
   assert status == 'ok'
+
+
+def test_the_shipped_archives_store_their_quality_threshold():
+  """Chosen on each member's validation part and pooled (predict's
+  'uncertain' reads it from the archive, not from a constant)."""
+  from hc_jax import models  # pylint: disable=import-outside-toplevel
+  from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
+  from hc_jax.nets import kinds  # pylint: disable=import-outside-toplevel
+  for name in archive_lib.names():
+    archive = archive_lib.read(name)
+    quality = models.kind_of(archive.configs[0]['model']).quality
+    records = [result['quality'] for result in archive.results]
+    assert all(r['signal'] == quality.name and r['part'] == 'val' and
+               r['num_images'] == len(r['values']) > 0 for r in records)
+    threshold = kinds.stored_threshold(archive.results, quality)
+    assert threshold == pytest.approx(np.quantile(
+        [v for r in records for v in r['values']], kinds.FLAGGED_FRACTION))
+    assert loading.load(model=name).default_min_quality == threshold
 
 
 def test_the_shipped_archives_record_the_digest_of_their_arrays():
