@@ -110,7 +110,8 @@ def get_config():
   # The checkpoint to resume from is written at most this often (and after
   # the last epoch); a resumed run redoes the epochs since, with the same
   # batches, and ends the same. 0 writes it after every epoch. The best
-  # checkpoint is written whenever validation improves.
+  # checkpoint is written whenever validation improves. Ctrl-C or SIGTERM
+  # saves the step the run reached, whatever this says.
   config.checkpoint_every_seconds = 60.0
   config.distributed = False  # jax.distributed.initialize() for multi-host.
   return config

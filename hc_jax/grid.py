@@ -253,4 +253,5 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from hc_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.exit_process(main())

@@ -82,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   """The command line (default: sys.argv[1:]); returns the exit status.
 
   Exit status 0 when the run finished; 2, after one line on stderr, for a
-  mistake in the command line or the config, missing data or a diverged run.
+  mistake in the command line or the config, missing data or a diverged run;
+  130 after Ctrl-C (143 after SIGTERM), after one line saying where the run
+  stopped and what it saved.
   """
   cli.quiet_logs(tensorflow=False)  # setup_process imports it, quietly.
   return cli.run_main(
@@ -107,4 +109,4 @@ def _run(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.exit_process(main())

@@ -372,7 +372,9 @@ def _check_pooled_against_fold_results(root, name, row, folds):
 def test_real_run_of_one_config_and_fold(phantom_hc18, tmp_path, capsys):
   root = tmp_path / 'grid'
   status = _run_real_grid(phantom_hc18, root, [MAE_CONFIG], [3])
-  assert status == 0, capsys.readouterr().err
+  out, err = capsys.readouterr()
+  assert status == 0, err
+  assert 'starting: nothing to resume' in out  # Each run says what it does.
   (row,) = aggregate_lib.aggregate(str(root))
   assert (row['config'], row['num_folds'], row['folds']) == (
       'cnn263k_mae', 1, [3])

@@ -4,6 +4,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,46 +88,104 @@ def _num_lines(path):
     return 0
 
 
-@pytest.mark.parametrize('checkpoint_every_seconds', [
-    0, pytest.param(1e6, marks=pytest.mark.slow)])  # 1e6: ~40 s more.
+# A losses module for the runs a test interrupts: mse, with each step held
+# for HC_JAX_TEST_STEP_SECONDS (0 when unset) in a host callback, so that a
+# signal lands in the middle of an epoch; the values are mse's.
+_SLOW_LOSSES = """
+import os, time
+import jax
+from hc_jax import losses
+
+def _hold():
+  time.sleep(float(os.environ.get('HC_JAX_TEST_STEP_SECONDS', '0')))
+
+@losses.register('slow_mse')
+def slow_mse(predictions, targets, mask=None):
+  jax.debug.callback(_hold)
+  return losses.mse(predictions, targets, mask)
+"""
+
+
+def _epoch_lines(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [{k: v for k, v in json.loads(line).items()
+             if not k.endswith('seconds')} for line in f]
+
+
+@pytest.mark.parametrize('stop, checkpoint_every_seconds', [
+    ('kill', 0), pytest.param('kill', 1e6, marks=pytest.mark.slow),
+    pytest.param('ctrl-c', 1e6, marks=pytest.mark.slow)])
 def test_resume_after_kill_matches_uninterrupted_run(
-    tiny_config, tmp_path, checkpoint_every_seconds):
-  # 0: the latest checkpoint after every epoch, killed after epoch 2's.
-  # 1e6: none before the end, killed after epoch 3: the rerun starts over and
-  # must drop the best checkpoints the killed run left.
+    tiny_config, tmp_path, stop, checkpoint_every_seconds):
+  # kill, 0: the latest checkpoint after every epoch, killed after epoch 2's.
+  # kill, 1e6: none before the end, killed after epoch 3: the rerun starts
+  # over and must drop the best checkpoints the killed run left (~40 s).
+  # ctrl-c, 1e6: SIGINT in epoch 2 (steps held 0.4 s each): the run saves
+  # that step, says so and exits within seconds; the rerun resumes there.
   flags = config_flags(tiny_config) + [
       '--config.num_epochs=5',
       f'--config.checkpoint_every_seconds={checkpoint_every_seconds}']
+  if stop == 'ctrl-c':
+    (tmp_path / 'slow_losses.py').write_text(_SLOW_LOSSES)
+    flags += ['--config.loss=slow_mse',
+              f'--losses_module={tmp_path / "slow_losses.py"}']
   whole = _run_main(tmp_path / 'whole', flags)
   whole_out, whole_err = whole.communicate(timeout=300)
   assert whole.returncode == 0, whole_err[-2000:]
+  assert 'starting: nothing to resume' in whole_out
 
   killed_dir = tmp_path / 'killed'
-  killed = _run_main(killed_dir, flags)
-  if checkpoint_every_seconds:
-    ready = lambda: _num_lines(killed_dir / 'metrics.jsonl') >= 3
-  else:
-    ready = (killed_dir / 'checkpoints' / 'latest' / '2').exists
-  deadline = time.time() + 240
-  while not ready() and killed.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  killed.send_signal(signal.SIGKILL)
-  killed.communicate()
-  assert not (killed_dir / workdir_lib.RESULTS_FILE).exists(), 'finished before kill'
-  if checkpoint_every_seconds:
+  if stop == 'ctrl-c':
+    killed = _run_main(killed_dir, flags,
+                       env={'HC_JAX_TEST_STEP_SECONDS': '0.4'})
+    for line in iter(killed.stdout.readline, ''):
+      if line.startswith('epoch 1: val'):
+        break
+    time.sleep(0.5)
+    signalled = time.time()
+    killed.send_signal(signal.SIGINT)
+    _, err = killed.communicate(timeout=60)
+    seconds = time.time() - signalled
+    assert killed.returncode == 130, err[-2000:]
+    assert seconds < 10, seconds  # One or two 0.4 s steps, a save, the exit.
+    assert 'Traceback' not in err
+    assert re.fullmatch(r'interrupted in epoch 2 at step [1-4]/5: saved; run '
+                        'the same command to resume',
+                        err.splitlines()[-1]), err[-2000:]
+    assert len(os.listdir(killed_dir / 'checkpoints' / 'interrupted')) == 1
     assert not os.listdir(killed_dir / 'checkpoints' / 'latest')
-    assert os.listdir(killed_dir / 'checkpoints' / 'best')
+  else:
+    killed = _run_main(killed_dir, flags)
+    if checkpoint_every_seconds:
+      ready = lambda: _num_lines(killed_dir / 'metrics.jsonl') >= 3
+    else:
+      ready = (killed_dir / 'checkpoints' / 'latest' / '2').exists
+    deadline = time.time() + 240
+    while not ready() and killed.poll() is None and time.time() < deadline:
+      time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    if checkpoint_every_seconds:
+      assert not os.listdir(killed_dir / 'checkpoints' / 'latest')
+      assert os.listdir(killed_dir / 'checkpoints' / 'best')
+  assert not (killed_dir / workdir_lib.RESULTS_FILE).exists(), 'finished early'
 
   resumed = _run_main(killed_dir, flags)
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err[-2000:]
-  assert ('resuming after epoch' in out) == (not checkpoint_every_seconds)
+  if stop == 'ctrl-c':
+    assert re.search(r'^resuming in epoch 2 at step [1-4]/5$', out, re.M), out
+  elif checkpoint_every_seconds:
+    assert 'starting: nothing to resume' in out
+  else:
+    assert 'resuming after epoch 2' in out
   expected, actual = _results(tmp_path / 'whole'), _results(killed_dir)
   for key in RESULT_KEYS + ('selected_epoch',):
     assert actual[key] == pytest.approx(expected[key], rel=1e-4), key
-  with open(killed_dir / 'metrics.jsonl') as f:
-    epochs = [json.loads(line)['epoch'] for line in f]
-  assert epochs == [1, 2, 3, 4, 5, 5]
+  lines = _epoch_lines(killed_dir)
+  assert [line['epoch'] for line in lines] == [1, 2, 3, 4, 5, 5]
+  if stop == 'ctrl-c':  # The epoch it stopped in trained on the same losses.
+    assert lines == _epoch_lines(tmp_path / 'whole')
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path,
@@ -200,9 +259,9 @@ def test_epoch_is_selected_on_validation_never_on_test(tiny_config, tmp_path,
   parts = []
   original = trainer.Trainer._predict
 
-  def spy(self, state, part):
+  def spy(self, state, part, *args):
     parts.append(part)
-    return original(self, state, part)
+    return original(self, state, part, *args)
 
   monkeypatch.setattr(trainer.Trainer, '_predict', spy)
   tiny_config.num_epochs = 4

@@ -207,7 +207,7 @@ class RunData:
             'ellipse': arrays['ellipse'][index],
             'hc_px': arrays['hc_px'][index], 'resize': arrays['resize'][index]}
 
-  def train_batches(self, epoch: int, backend: str = 'auto'
+  def train_batches(self, epoch: int, backend: str = 'auto', start: int = 0
                     ) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of an epoch's training batches.
 
@@ -215,13 +215,15 @@ class RunData:
       epoch: the epoch, from 1.
       backend: 'tf' (a tf.data pipeline that gathers and prefetches in the
         background), 'numpy', or 'auto' (tf where TensorFlow imports).
+      start: the first step to yield (a run resumed in the middle of the
+        epoch): the batches after it are those of the whole epoch.
 
     Yields:
       {'image': uint8 [M, b, H, W, 1], 'ellipse': [M, b, 5], 'hc_px': [M, b],
       'resize': [M, b, 4], 'active': bool [M]}, b the local batch rows.
     """
     index, active = self.epoch_index(epoch)
-    index = index[:, :, self.rows]
+    index, active = index[start:, :, self.rows], active[start:]
     if backend == 'auto':
       backend = 'tf' if _has_tensorflow() else 'numpy'
     if backend == 'numpy':

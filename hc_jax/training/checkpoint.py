@@ -3,7 +3,10 @@
 Two orbax `CheckpointManager`s under `workdir/checkpoints/`: `latest` (for
 resuming) and `best` (the epoch with the lowest validation MAE, for the final
 test). Each checkpoint holds the train state and a small JSON record of
-progress.
+progress. A run stopped by Ctrl-C or SIGTERM in the middle of an epoch saves
+where it is in a third, `interrupted` (one checkpoint, whose progress names
+the step in the epoch and the losses of the steps before); it is deleted as
+soon as a newer latest checkpoint is complete.
 
 Faults a run survives:
 - Killed while saving: orbax writes to a temporary directory and renames it
@@ -48,6 +51,9 @@ _TMP_MARK = '.orbax-checkpoint-tmp'
 # errors come with tracebacks, from each of its threads); stderr gets only
 # the one line of the error that follows.
 ORBAX_LOG = 'orbax.log'
+# In workdir/checkpoints: the checkpoint a run saved when it was interrupted
+# in the middle of an epoch.
+INTERRUPTED_DIR = 'interrupted'
 
 
 # A checkpoint cannot be written or restored; one without its manifest.
@@ -102,6 +108,14 @@ class Checkpoints:
     self.directory = os.path.join(self.workdir, workdir_lib.CHECKPOINTS_DIR)
     self.latest = _open_manager(os.path.join(self.directory, 'latest'))
     self.best = _open_manager(os.path.join(self.directory, 'best'))
+    self._interrupted_dir = os.path.join(self.directory, INTERRUPTED_DIR)
+    self._interrupted = None  # Opened when first needed: no empty folder.
+
+  def _interrupted_manager(self) -> ocp.CheckpointManager | None:
+    """The manager of the mid-epoch checkpoint; None without its folder."""
+    if self._interrupted is None and os.path.isdir(self._interrupted_dir):
+      self._interrupted = _open_manager(self._interrupted_dir)
+    return self._interrupted
 
   @staticmethod
   def _step_dir(manager, step: int) -> str:
@@ -173,6 +187,7 @@ class Checkpoints:
     if not latest:
       return
     self._save(self.latest, epoch, args)
+    self.drop_interrupted()  # Older than this one now.
     steps = sorted(self.latest.all_steps())
     for step in steps[:-self.keep_latest]:
       _delete(self.latest, step)
@@ -183,6 +198,60 @@ class Checkpoints:
     for step in self.best.all_steps():
       if step not in named:
         _delete(self.best, step)
+
+  def save_interrupted(self, key: int, state, progress: dict[str, Any]
+                       ) -> None:
+    """Saves a state from the middle of an epoch as the one `interrupted`
+    checkpoint (any other one is deleted once it is complete).
+
+    Args:
+      key: the checkpoint's step number in `checkpoints/interrupted`, larger
+        for later points of the run.
+      state: the train state.
+      progress: JSON: `epoch` (the epochs finished), `step` (the steps of the
+        next epoch done), `best` and the losses of those steps.
+
+    Raises:
+      CheckpointError: the checkpoint could not be written; the ones written
+        before are kept.
+    """
+    if self._interrupted is None:
+      self._interrupted = _open_manager(self._interrupted_dir)
+    self._save(self._interrupted, key, ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        progress=ocp.args.JsonSave(progress)))
+    for step in self._interrupted.all_steps():
+      if step != key:
+        _delete(self._interrupted, step)
+
+  def restore_interrupted(self, state):
+    """(state, progress) of the `interrupted` checkpoint, or None when there
+    is none or it cannot be restored (a warning then says why)."""
+    manager = self._interrupted_manager()
+    if manager is None:
+      return None
+    manager.reload()
+    steps = manager.all_steps()
+    if not steps:
+      return None
+    try:
+      return self._restore(manager, state, max(steps))
+    except manifest.CheckpointError as e:
+      log.warn(f'not using the checkpoint saved at an interrupt: {e}')
+      return None
+
+  def drop_interrupted(self) -> None:
+    """Deletes the `interrupted` checkpoint and its folder, if any."""
+    manager = self._interrupted_manager()
+    if manager is None:
+      return
+    manager.reload()
+    for step in manager.all_steps():
+      _delete(manager, step)
+    manager.close()
+    self._interrupted = None
+    with contextlib.suppress(OSError):  # Not empty: a file of the user's.
+      os.rmdir(self._interrupted_dir)
 
   def _progress_of(self, step: int) -> dict[str, Any]:
     """The progress saved with latest checkpoint `step`, or {} if unreadable."""
@@ -283,8 +352,9 @@ class Checkpoints:
                             ) from None
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    for manager in (self.latest, self.best, self._interrupted):
+      if manager is not None:
+        manager.wait_until_finished()
 
 
 def _open_manager(directory: str) -> ocp.CheckpointManager:

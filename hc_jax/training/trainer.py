@@ -6,6 +6,14 @@ one `metric_log.MetricWriter` per member workdir. Each epoch it trains every
 member still alive, scores each on its validation part, keeps the best epoch
 per member, and at the end scores each member's test fold with the
 checkpoint its validation part selected.
+
+Ctrl-C or SIGTERM (`interrupt.StopRequest`) stops the run after the step in
+flight: the host dispatches at most one step ahead of the one running, so it
+waits for one or two steps, saves where it is (the `interrupted` checkpoint
+in the middle of an epoch, a latest one between epochs) and raises
+`interrupt.Interrupted`, whose one line says what was kept. The same command
+then resumes at that step with the same batches, keys and optimiser state,
+and ends as an uninterrupted run.
 """
 
 import functools
@@ -29,6 +37,7 @@ from hc_jax.nets import kinds
 from hc_jax.nets import layers as layers_lib
 from hc_jax.training import checkpoint
 from hc_jax.training import finetune
+from hc_jax.training import interrupt
 from hc_jax.training import metric_log
 from hc_jax.training import step as step_lib
 
@@ -211,6 +220,17 @@ class Trainer:
     for m, (ck, epoch) in enumerate(zip(self.checkpoints, epochs)):
       if epoch > start:  # Killed between the members' saves.
         restored[m] = ck.restore_latest(self.init_states[m], max_epoch=start)
+    # Where the run stopped in an epoch (Ctrl-C): the steps done, and their
+    # losses [steps, M], which the epoch's metrics line and NaN check need.
+    self.resume_step, self.resume_losses = 0, None
+    self.latest_epoch = start  # The epoch of the newest latest checkpoint.
+    partial = self._restore_interrupted(start)
+    if partial is not None:
+      restored = partial
+      start = int(partial[0][1]['epoch'])
+      self.resume_step = int(partial[0][1]['step'])
+      self.resume_losses = np.asarray(
+          [p['losses'] for _, p in partial], np.float32).T
     self.start_epoch = start
     self.best = [p.get('best', {'val_mae_mm': float('inf'), 'epoch': 0})
                  for _, p in restored]
@@ -219,11 +239,30 @@ class Trainer:
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *[s for s, _ in restored])
     return jax.device_put(stacked, self.replicated)
 
+  def _restore_interrupted(self, start):
+    """Every member's (state, progress) of the checkpoint saved when the run
+    was interrupted in an epoch, when they all have one at the same step,
+    after the latest checkpoints (epoch `start`); else None, and those
+    checkpoints are deleted."""
+    found = [ck.restore_interrupted(s)
+             for ck, s in zip(self.checkpoints, self.init_states)]
+    points = {None if f is None else (f[1].get('epoch'), f[1].get('step'))
+              for f in found}
+    if len(points) == 1 and None not in points and min(points)[0] >= start:
+      return found
+    if len(points) > 1:  # Killed between the members' saves, or damaged.
+      log.warn('the members were not all saved at the same step when the '
+               f'run was interrupted; resuming after epoch {start} instead')
+    for ck in self.checkpoints:
+      ck.drop_interrupted()
+    return None
+
   def _member_state(self, state, m):
     return jax.tree.map(lambda x: x[m], state)
 
-  def _predict(self, state, part):
-    """Predicted HC (px) of every member on its 'val' or 'test' images."""
+  def _predict(self, state, part, stop=None):
+    """Predicted HC (px) of every member on its 'val' or 'test' images; None
+    when `stop` (a `StopRequest`) is requested before the last batch."""
     size = self.config.eval_batch_size
     index, mask = self.data.eval_index(part, size)
     images = self.data.arrays['images']
@@ -232,6 +271,8 @@ class Trainer:
                                   jax.process_count())
     out = []
     for c in range(0, index.shape[1], size):
+      if stop is not None and stop.requested:
+        return None
       chunk = index[:, c:c + size][:, rows]
       out.append(self.predict_fn(
           state, self._shard(images[chunk]),
@@ -248,27 +289,46 @@ class Trainer:
                                  arrays['pixel_size_mm'][keep])
 
   def _train_epoch(self, state, epoch):
+    """Trains `epoch` (from the step where the run resumed, in its first).
+
+    Returns:
+      `(state, losses [steps, M], active [steps, M], stopped)`: `stopped` is
+      None for a whole epoch, else the number of its steps done when a stop
+      was requested (the state is then that of the last of them).
+    """
     alive = self.diverged == 0
-    losses_, actives = [], []
+    start = self.resume_step if epoch == self.start_epoch + 1 else 0
+    losses_ = list(self.resume_losses) if start else []
+    actives = [a & alive for a in self.data.epoch_index(epoch)[1][:start]]
     batches = self.data.train_batches(epoch, self.config.data.get(
-        'pipeline', 'auto'))
-    first = not self.compiled
-    for i, batch in enumerate(batches):
+        'pipeline', 'auto'), start=start)
+    first, previous = not self.compiled, None
+    for i, batch in enumerate(batches, start):
+      if self.stop.requested:
+        jax.block_until_ready(state)
+        return state, np.asarray(jax.device_get(losses_)), np.asarray(
+            actives), i
       active = batch.pop('active') & alive
       sharded = {k: self._shard(v) for k, v in batch.items()}
       sharded['active'] = jax.device_put(active, self.replicated)
       if self.how is None:  # 'auto' with several members: time both.
         state = self._probe(state, sharded)
       state, loss = self.steps[self.how](state, sharded, self.members)
-      if first and i == 0:
+      if first and i == start:
         jax.block_until_ready(loss)
-        self.compiled = True
+        self.compiled, self.compiled_epoch = True, epoch
         self.compile_seconds = time.time() - self.compile_started
         log.info(f'compiled in {self.compile_seconds:.0f} s')
+      # At most this step waits behind the one running: a stop request is
+      # answered within a step or two, not after a queue of them.
+      if previous is not None:
+        jax.block_until_ready(previous)
+      previous = loss
       losses_.append(loss)
       actives.append(active)
       self._progress(epoch, i, loss)
-    return state, np.asarray(jax.device_get(losses_)), np.asarray(actives)
+    return (state, np.asarray(jax.device_get(losses_)), np.asarray(actives),
+            None)
 
   def _probe(self, state, batch):
     """'auto': times vmap and lax.map on the same batch, keeps the faster.
@@ -295,7 +355,7 @@ class Trainer:
 
   def _progress(self, epoch, i, loss, clock=time.time):
     steps = int(self.data.steps.max())
-    done = (epoch - 1 - self.start_epoch) * steps + i + 1
+    done = (epoch - 1 - self.start_epoch) * steps + i + 1 - self.resume_step
     if self.rate_start is None:  # The compiled step's first return.
       self.rate_start = (done, clock())
       return
@@ -304,7 +364,7 @@ class Trainer:
       return
     value = float(loss.mean())  # Waits for the queued steps: finished work.
     now = self.last_log = clock()
-    total = (self.num_epochs - self.start_epoch) * steps
+    total = (self.num_epochs - self.start_epoch) * steps - self.resume_step
     epoch_seconds = (sum(self.epoch_seconds) / len(self.epoch_seconds)
                      if self.epoch_seconds else None)
     rate, left = estimate(done, total, steps, done - self.rate_start[0],
@@ -320,7 +380,7 @@ class Trainer:
     self._announce()
     writers = [metric_log.MetricWriter(w, resume_epoch=self.start_epoch)
                for w in self.workdirs]
-    self.compiled = False
+    self.compiled, self.compiled_epoch = False, None
     self.compile_seconds = 0.0
     self.compile_started = self.last_log = time.time()
     self.rate_start = None  # (steps done, time) when the compiled step returned.
@@ -329,22 +389,65 @@ class Trainer:
       log.info('compiling the training step...')
     last_save = time.time()
     epoch = self.start_epoch
-    while epoch < self.num_epochs:
-      epoch += 1
-      epoch_start = time.time()
-      compiled_before = self.compiled
-      state, step_losses, active = self._train_epoch(state, epoch)
-      self._check_divergence(epoch, step_losses, active)
-      if self._validate_and_save(state, epoch, epoch_start, step_losses,
-                                 active, writers, last_save):
-        last_save = time.time()
-      # Each epoch's wall time, the first without its compilation.
-      self.epoch_seconds.append(time.time() - epoch_start - (
-          0.0 if compiled_before else self.compile_seconds))
-      self._check_budget(epoch, epoch_start)
+    # One process stops alone (several would wait for each other's step).
+    with interrupt.StopRequest(jax.process_count() == 1) as self.stop:
+      while epoch < self.num_epochs:
+        epoch += 1
+        epoch_start = time.time()
+        compiled_before = self.compiled
+        state, step_losses, active, stopped = self._train_epoch(state, epoch)
+        if stopped is not None:
+          self._stop(state, epoch, stopped, step_losses)
+        val = self._predict(state, 'val', self.stop)
+        if val is None:  # Stopped after the epoch's steps, before its scores.
+          self._stop(state, epoch, len(step_losses), step_losses)
+        self._check_divergence(epoch, step_losses, active)
+        if self._validate_and_save(state, val, epoch, epoch_start, step_losses,
+                                   active, writers, last_save):
+          last_save, self.latest_epoch = time.time(), epoch
+        # Each whole epoch's wall time, the first without its compilation.
+        if not (epoch == self.start_epoch + 1 and self.resume_step):
+          self.epoch_seconds.append(time.time() - epoch_start - (
+              0.0 if compiled_before else self.compile_seconds))
+        self._check_budget(epoch, epoch_start)
+      if self.stop.requested:  # While the last epoch was scored and saved.
+        self._stop(state, epoch + 1, 0, None)
     for ck in self.checkpoints:
       ck.wait()
     return self._score_test(state, writers)
+
+  def _stop(self, state, epoch, done, step_losses):
+    """Saves where a run stopped by a signal is (`done` steps into `epoch`),
+    unless its checkpoints hold it already, and raises
+    `interrupt.Interrupted` saying what is kept."""
+    steps = int(self.data.steps.max())
+    again = ('run the same command to score its test fold'
+             if epoch > self.num_epochs else 'run the same command to resume')
+    if epoch == self.start_epoch + 1 and done == self.resume_step:
+      # Nothing trained since the run started.
+      if done:
+        message = (f'interrupted in epoch {epoch} at step {done}/{steps}, '
+                   f'where it resumed: it is kept; {again}')
+      elif self.start_epoch:
+        message = (f'interrupted before epoch {epoch}: epoch '
+                   f'{self.start_epoch} is kept; {again}')
+      else:
+        message = ('interrupted before the first step: nothing to save; run '
+                   'the same command to start')
+      raise self.stop.error(message)
+    for m, ck in enumerate(self.checkpoints):
+      member = self._member_state(state, m)
+      if done == 0 and self.latest_epoch < epoch - 1 and not self.diverged[m]:
+        ck.save(epoch - 1, member, {'epoch': epoch - 1, 'best': self.best[m]},
+                is_best=False)
+      elif done:
+        ck.save_interrupted((epoch - 1) * steps + done, member, {
+            'epoch': epoch - 1, 'step': done, 'best': self.best[m],
+            'losses': step_losses[:, m].tolist()})
+      ck.wait()
+    raise self.stop.error(
+        f'interrupted in epoch {epoch} at step {done}/{steps}: saved; {again}'
+        if done else f'interrupted after epoch {epoch - 1}: saved; {again}')
 
   def _announce(self) -> None:
     """Logs what is trained, and from where."""
@@ -352,8 +455,13 @@ class Trainer:
     log.info(self._describe())
     log.info(f'{models.count_params(self.init_states[0].params):,} parameters '
          'per member')
-    if self.start_epoch:
+    if self.resume_step:
+      log.info(f'resuming in epoch {self.start_epoch + 1} at step '
+               f'{self.resume_step}/{int(self.data.steps.max())}')
+    elif self.start_epoch:
       log.info(f'resuming after epoch {self.start_epoch}')
+    else:
+      log.info('starting: nothing to resume')
     if (config.model in GPU_MODELS and jax.default_backend() == 'cpu' and
         self.start_epoch < self.num_epochs):
       log.info(
@@ -386,12 +494,12 @@ class Trainer:
           os.path.join(self.workdirs[m], workdir_lib.DIVERGED_FILE),
           {'epoch': epoch})
 
-  def _validate_and_save(self, state, epoch, epoch_start, step_losses,
+  def _validate_and_save(self, state, val, epoch, epoch_start, step_losses,
                          active, writers, last_save) -> bool:
-    """Scores the live members on validation, logs the epoch and saves their
-    checkpoints; returns whether the resume checkpoints were saved too."""
+    """Scores the live members on validation (`val`, their predictions),
+    logs the epoch and saves their checkpoints; returns whether the resume
+    checkpoints were saved too."""
     config, data = self.config, self.data
-    val = self._predict(state, 'val')
     val_errors = [self._errors(val, m) for m in range(len(self.configs))]
     save_latest = (epoch == self.num_epochs or time.time() - last_save >=
                    config.checkpoint_every_seconds)
@@ -427,9 +535,12 @@ class Trainer:
     """Fits the epochs to `time_budget_s` after the first, and stops early
     when the next epoch would pass it."""
     config = self.config
-    if epoch == self.start_epoch + 1 and config.time_budget_s:
-      # The first epoch's compiling (and 'auto' probing) is not repeated.
-      self._fit_budget(time.time() - epoch_start - self.compile_seconds)
+    # Timed on the first whole epoch of this call, without its compiling
+    # (and 'auto' probing), which is not repeated.
+    first = self.start_epoch + 1 + bool(self.resume_step)
+    if epoch == first and config.time_budget_s:
+      self._fit_budget(time.time() - epoch_start - (
+          self.compile_seconds if self.compiled_epoch == epoch else 0.0))
     elif (config.time_budget_s and epoch < self.num_epochs and
           time.time() - self.started + 2 * (time.time() - epoch_start) >
           config.time_budget_s):
