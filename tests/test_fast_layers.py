@@ -215,7 +215,11 @@ def test_hcnet_mask_same_with_and_without_the_narrow_path(monkeypatch):
   assert jax.tree.map(jnp.shape, narrow[2]) == jax.tree.map(jnp.shape, wide[2])
   _close(narrow[0], wide[0])
   _close(narrow[1], wide[1], rtol=1e-4, atol=1e-4)
-  _close_to_scale(narrow[2], wide[2])
+  # Through train-mode BatchNorm on two images and the windowed moments, a
+  # reordered float sum moves some gradients by up to ~0.3 % of their array's
+  # scale (XLA's thread count and fusion differ between processes); a wrong
+  # convolution would move them by the whole scale.
+  _close_to_scale(narrow[2], wide[2], rtol=1e-2)
 
 
 def test_conv_general_dilated_bfloat16():

@@ -177,8 +177,8 @@ def test_resume_after_kill_matches_uninterrupted_run(
     assert re.search(r'^resuming in epoch 2 at step [1-4]/5$', out, re.M), out
   elif checkpoint_every_seconds:
     assert 'starting: nothing to resume' in out
-  else:
-    assert 'resuming after epoch 2' in out
+  else:  # Killed once epoch 2's checkpoint was there, or a little later.
+    assert re.search(r'^resuming after epoch [2-4]$', out, re.M), out
   expected, actual = _results(tmp_path / 'whole'), _results(killed_dir)
   for key in RESULT_KEYS + ('selected_epoch',):
     assert actual[key] == pytest.approx(expected[key], rel=1e-4), key

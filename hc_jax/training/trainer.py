@@ -465,7 +465,7 @@ class Trainer:
     if (config.model in GPU_MODELS and jax.default_backend() == 'cpu' and
         self.start_epoch < self.num_epochs):
       log.info(
-          f'{config.model} on a CPU is GPU work: several minutes to compile, '
+          f'{config.model} on a CPU is GPU work: it compiles in under a minute, '
           'then about a day for 250 epochs (see the README)')
 
   def _check_divergence(self, epoch, step_losses, active) -> None:
