@@ -87,9 +87,9 @@ class Quality:
 
 # A mask model's quality: the soft IoU of its mask and the ellipse of the
 # mask's own moments (`mask_head.quality`, computed in the model's graph).
-# Its default threshold is the 10th percentile of hcnet_mask's quality on the
-# five folds' validation parts (364 images), chosen there; see
-# docs/results.md ("The quality signal").
+# Its default threshold, for a run that stores none, is the 10th percentile
+# of hcnet_mask's quality on the five folds' validation parts, chosen there;
+# a run stores its own (`quality_record`); see docs/results.md.
 OWN_ELLIPSE_IOU = Quality(
     name='own_ellipse_iou', of=lambda outputs, grid: outputs['quality'],
     min_value=0.959, meaning='the head mask is not an ellipse')
@@ -110,8 +110,8 @@ def flip_agreement(outputs, grid, mirrored) -> jax.Array:
 # The label-only mask model's quality: its HC's agreement with its HC of the
 # mirrored scan (its mask is no filled head, so `OWN_ELLIPSE_IOU` says
 # nothing). The default threshold is the 10th percentile of hcnet_mask_label's
-# flip agreement on fold 0's validation part (69 images), chosen there; see
-# docs/results.md ("HC values only").
+# flip agreement on fold 0's validation part (69 images), chosen there, for
+# a run that stores none; see docs/results.md ("HC values only").
 FLIP_AGREEMENT = Quality(
     name='flip_agreement', of=flip_agreement, min_value=0.986,
     meaning='its HC changes with a mirrored view', mirrored=True)
