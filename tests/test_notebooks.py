@@ -198,7 +198,7 @@ def test_colab_install_cell_says_exactly_when_to_restart(monkeypatch, capsys):
   installed = importlib.metadata.version('jax')
   out = _restart_check(monkeypatch, capsys, '0.0.1')
   assert out.startswith(f'RESTART NEEDED: jax 0.0.1 is loaded, {installed} is '
-                        'installed. Runtime > Restart session')
+                        'installed. Restart the runtime (Runtime menu)')
   out = _restart_check(monkeypatch, capsys, installed)
   assert out.startswith('No restart needed'), out
   text = '\n'.join(cell.source for cell in _colab_cells('markdown'))
