@@ -85,6 +85,21 @@ def tiny_config(phantom_hc18):
   return config
 
 
+def tiny_mask_config(name: str, hc18_dir: str, cache_dir: str):
+  """configs/<name>.py (a mask model) shrunk to seconds: 32x48 input,
+  widths (4, 8, 8, 8), 2 epochs."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config.data.hc18_dir, config.data.cache_dir = hc18_dir, cache_dir
+  config.image_size, config.image_width = 32, 48
+  config.model_options.widths = (4, 8, 8, 8)
+  config.model_options.margin = 4
+  config.num_epochs = 2
+  config.warmup_epochs = 1
+  config.eval_batch_size = 8
+  return config
+
+
 def config_flags(config) -> list[str]:
   """The command-line overrides that turn configs/default.py into `config`."""
   return [f'--config.data.hc18_dir={config.data.hc18_dir}',

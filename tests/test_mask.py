@@ -14,6 +14,7 @@ import optax
 import pytest
 from PIL import Image
 
+from conftest import tiny_mask_config
 from hc_jax import losses
 from hc_jax import models
 from hc_jax import workdir as workdir_lib
@@ -314,15 +315,7 @@ def test_the_mask_model_learns_eight_phantoms():
 @pytest.fixture(scope='module')
 def mask_run(phantom_hc18, tmp_path_factory):
   """A finished tiny hcnet_mask run on the phantoms (32x48, 2 epochs)."""
-  from configs import hcnet_mask as mask_config  # pylint: disable=import-outside-toplevel
-  config = mask_config.get_config()
-  config.data.hc18_dir, config.data.cache_dir = phantom_hc18
-  config.image_size, config.image_width = 32, 48
-  config.model_options.widths = (4, 8, 8, 8)
-  config.model_options.margin = 4
-  config.num_epochs = 2
-  config.warmup_epochs = 1
-  config.eval_batch_size = 8
+  config = tiny_mask_config('hcnet_mask', *phantom_hc18)
   workdir = str(tmp_path_factory.mktemp('mask_run') / 'fold0')
   train.train_and_evaluate(config, workdir)
   return workdir

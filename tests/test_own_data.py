@@ -15,24 +15,16 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from conftest import tiny_mask_config
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import folder as folder_lib
 from hc_jax.data import hc18
 from hc_jax.training import train
 
 
-def _label_only(config_dir_hc18, cache_dir):
+def _label_only(hc18_dir, cache_dir):
   """configs/hcnet_mask_label.py shrunk to seconds."""
-  from configs import hcnet_mask_label  # pylint: disable=import-outside-toplevel
-  config = hcnet_mask_label.get_config()
-  config.data.hc18_dir, config.data.cache_dir = config_dir_hc18, cache_dir
-  config.image_size, config.image_width = 32, 48
-  config.model_options.widths = (4, 8, 8, 8)
-  config.model_options.margin = 4
-  config.num_epochs = 2
-  config.warmup_epochs = 1
-  config.eval_batch_size = 8
-  return config
+  return tiny_mask_config('hcnet_mask_label', hc18_dir, cache_dir)
 
 
 @pytest.fixture(scope='module')

@@ -10,23 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import tiny_mask_config
 from hc_jax import workdir as workdir_lib
 from hc_jax.evaluation import cv_report
 from hc_jax.nets import kinds
-
-
-def _label_only(phantom_hc18):
-  """configs/hcnet_mask_label.py shrunk to seconds."""
-  from configs import hcnet_mask_label  # pylint: disable=import-outside-toplevel
-  config = hcnet_mask_label.get_config()
-  config.data.hc18_dir, config.data.cache_dir = phantom_hc18
-  config.image_size, config.image_width = 32, 48
-  config.model_options.widths = (4, 8, 8, 8)
-  config.model_options.margin = 4
-  config.num_epochs = 2
-  config.warmup_epochs = 1
-  config.eval_batch_size = 8
-  return config
 
 
 @pytest.fixture(scope='module')
@@ -34,7 +21,8 @@ def label_run(phantom_hc18, tmp_path_factory):
   """A finished label-only run on the phantom HC18 copy."""
   from hc_jax.training import train  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp('quality') / 'run')
-  train.train_and_evaluate(_label_only(phantom_hc18), workdir)
+  train.train_and_evaluate(
+      tiny_mask_config('hcnet_mask_label', *phantom_hc18), workdir)
   return workdir
 
 

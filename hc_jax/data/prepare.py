@@ -362,15 +362,20 @@ def prepare(root: str | None, out_hw, mode: str, cache_dir: str = '',
     _remove_leftovers(directory, tfds_dir)
     _announce(root, out_hw, mode, directory)
     arrays = _from_tfds(root, tfds_dir, out_hw, mode)
-    return arrays, {
-        'format_version': FORMAT_VERSION, 'source': root or 'download',
-        'source_digest': digest, 'content_digest': content,
-        'image_hw': list(out_hw), 'resize_mode': mode,
-        'num_images': int(len(arrays['images']))}
+    return arrays, _info(arrays, out_hw, mode, source=root or 'download',
+                         source_digest=digest, content_digest=content)
 
   return _cached(directory, _prepared_path(directory, out_hw, mode), build,
                  f'cannot prepare HC18 in the cache {cache_dir} '
                  f'({cache_flag})')
+
+
+def _info(arrays, out_hw, mode, **source) -> dict:
+  """A prepared set's info: the format, what it came from (`source`), its
+  input size, resize mode and number of images."""
+  return {'format_version': FORMAT_VERSION, **source,
+          'image_hw': list(out_hw), 'resize_mode': mode,
+          'num_images': int(len(arrays['images']))}
 
 
 def _cached(directory: str, path: str, build, refusal: str
@@ -494,13 +499,10 @@ def prepare_folder(directory: str, labels: str, out_hw, mode: str,
     log.status(f'preparing {len(records)} scans from {directory} at '
                f'{out_hw[0]}x{out_hw[1]} ({mode}) into {cache}, once')
     arrays = _from_records(records, out_hw, mode)
-    return arrays, {
-        'format_version': FORMAT_VERSION,
-        'source': os.path.abspath(directory),
-        'labels': os.path.abspath(folder.labels_path(directory, labels)),
-        'source_digest': content, 'content_digest': content,
-        'image_hw': list(out_hw), 'resize_mode': mode,
-        'num_images': int(len(arrays['images']))}
+    return arrays, _info(
+        arrays, out_hw, mode, source=os.path.abspath(directory),
+        labels=os.path.abspath(folder.labels_path(directory, labels)),
+        source_digest=content, content_digest=content)
 
   return _cached(cache, _prepared_path(cache, out_hw, mode), build,
                  f'cannot prepare the scans in the cache {cache_dir} '
