@@ -350,6 +350,54 @@ def quiet_closed_event_loop(previous_hook):
   return hook
 
 
+class OneLineErrors:
+  """A command's body as a `with` block that ends in an exit status.
+
+    with cli.OneLineErrors() as outcome:
+      ...  # The command's work.
+    return outcome.status
+
+  `status` is 0 unless the block raised one of the errors below: 2 after
+  printing `error: MESSAGE` (one line, on stderr) for the errors of
+  `usage_errors()` (an hc18.HC18Error adds its list of bad files, one a
+  line) and for a file system that refuses or loses what the command writes
+  (`log.storage_error_text`: read-only, permission denied, full, removed);
+  130 after `error: interrupted` for Ctrl-C; for a training run stopped by
+  Ctrl-C or SIGTERM (`interrupt.Interrupted`), its one line (where it
+  stopped, what was saved) and 128 + the signal's number (130 for Ctrl-C,
+  143 for SIGTERM). Any other exception goes through. orbax's late 'Event
+  loop is closed' reports (`quiet_closed_event_loop`) are dropped from then
+  on, to the end of the process.
+  """
+
+  def __init__(self):
+    self.status = 0
+
+  def __enter__(self) -> 'OneLineErrors':
+    sys.unraisablehook = quiet_closed_event_loop(sys.unraisablehook)
+    return self
+
+  def __exit__(self, kind, error, traceback) -> bool:
+    if error is None:
+      return False
+    if isinstance(error, usage_errors()):
+      print(f'error: {error_text(error)}', file=sys.stderr)
+      self.status = 2
+    elif isinstance(error, OSError):
+      text = log.storage_error_text(error)
+      if text is None:
+        return False
+      print(f'error: {text}', file=sys.stderr)
+      self.status = 2
+    elif isinstance(error, KeyboardInterrupt):
+      # A run that saved where it stopped says so (training.interrupt).
+      print(getattr(error, 'message', 'error: interrupted'), file=sys.stderr)
+      self.status = getattr(error, 'exit_status', 130)
+    else:
+      return False
+    return True
+
+
 def run_main(fn: Callable[[], Any]) -> int:
   """Runs a command's body and returns its exit status.
 
@@ -361,34 +409,12 @@ def run_main(fn: Callable[[], Any]) -> int:
       status (None means 0).
 
   Returns:
-    fn's status; 2 after printing `error: MESSAGE` (one line, on stderr) for
-    the errors of `usage_errors()` (an hc18.HC18Error adds its list of bad
-    files, one a line) and for a file system that refuses or loses what the
-    command writes (`log.storage_error_text`: read-only, permission denied,
-    full, removed); 130 after `error: interrupted` for Ctrl-C; for a
-    training run stopped by Ctrl-C or SIGTERM (`interrupt.Interrupted`), its
-    one line (where it stopped, what was saved) and 128 + the signal's
-    number (130 for Ctrl-C, 143 for SIGTERM). orbax's
-    late 'Event loop is closed' reports (`quiet_closed_event_loop`) are
-    dropped from then on, to the end of the process.
+    fn's status, or that of `OneLineErrors` after one of its errors.
   """
-  sys.unraisablehook = quiet_closed_event_loop(sys.unraisablehook)
-  try:
+  with OneLineErrors() as outcome:
     status = fn()
-  except usage_errors() as e:
-    print(f'error: {error_text(e)}', file=sys.stderr)
-    return 2
-  except OSError as e:
-    text = log.storage_error_text(e)
-    if text is None:
-      raise
-    print(f'error: {text}', file=sys.stderr)
-    return 2
-  except KeyboardInterrupt as e:
-    # A run that saved where it stopped says so (training.interrupt).
-    print(getattr(e, 'message', 'error: interrupted'), file=sys.stderr)
-    return getattr(e, 'exit_status', 130)
-  return 0 if status is None else int(status)
+    outcome.status = 0 if status is None else int(status)
+  return outcome.status
 
 
 def exit_process(status: int) -> NoReturn:

@@ -15,7 +15,6 @@ itself is `train.train_and_evaluate(config, workdir)`.
 """
 
 import argparse
-import functools
 import os
 import sys
 import textwrap
@@ -84,28 +83,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   Exit status 0 when the run finished; 2, after one line on stderr, for a
   mistake in the command line or the config, missing data or a diverged run;
   130 after Ctrl-C (143 after SIGTERM), after one line saying where the run
-  stopped and what it saved.
+  stopped and what it saved (`cli.OneLineErrors`).
   """
   cli.quiet_logs(tensorflow=False)  # setup_process imports it, quietly.
-  return cli.run_main(
-      functools.partial(_run, sys.argv[1:] if argv is None else argv))
-
-
-def _run(argv: Sequence[str]) -> int:
-  args = _parse_args(argv)
-  config = cli.load_config(args.config, args.overrides)
-  # What the next half minute goes to, before the imports and compilation.
-  print(f'{args.config}: starting JAX and TensorFlow (then the data and the '
-        'compilation; about 30 s on a CPU)...', file=sys.stderr, flush=True)
-  cli.setup_process(config)
-  # pylint: disable=import-outside-toplevel
-  from hc_jax import losses
-  from hc_jax.training import train
-  for spec in args.losses_module:  # After setup_process: may import jax.
-    losses.import_module(spec)
-  workdir = args.workdir or default_workdir(args.config, config.fold)
-  train.train_and_evaluate(config, workdir)
-  return 0
+  with cli.OneLineErrors() as outcome:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    config = cli.load_config(args.config, args.overrides)
+    # What the next half minute goes to, before the imports and compilation.
+    print(f'{args.config}: starting JAX and TensorFlow (then the data and the '
+          'compilation; about 30 s on a CPU)...', file=sys.stderr, flush=True)
+    cli.setup_process(config)
+    # pylint: disable=import-outside-toplevel
+    from hc_jax import losses
+    from hc_jax.training import train
+    for spec in args.losses_module:  # After setup_process: may import jax.
+      losses.import_module(spec)
+    workdir = args.workdir or default_workdir(args.config, config.fold)
+    train.train_and_evaluate(config, workdir)
+  return outcome.status
 
 
 if __name__ == '__main__':

@@ -165,7 +165,12 @@ def members_train_step(state, batch, members, *, loss_fns, augment, how,
         new_state, member_state)
     return new_state, loss
 
-  return map_members(one, (state, batch, members), how)
+  if jax.tree.leaves(state)[0].shape[0] > 1:
+    return map_members(one, (state, batch, members), how)
+  # One member (every `python -m hc_jax.main` run): the plain step, called
+  # here, on the member axis's only entry.
+  new_state, loss = one(jax.tree.map(lambda x: x[0], (state, batch, members)))
+  return jax.tree.map(lambda x: x[None], (new_state, loss))
 
 
 def members_predict(state, images, how: str = 'vmap', resize=None,
