@@ -132,7 +132,7 @@ def hc_jax_batch(batch_size: int, image_size) -> dict:
     {'image', 'ellipse', 'hc_px', 'resize'} as NumPy arrays.
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import cache as cache_lib  # pylint: disable=import-outside-toplevel
   images, _ = _random_batch(batch_size, image_size)
   rng = np.random.default_rng(1)
   semi_a = rng.uniform(90.0, 280.0, batch_size)
@@ -144,8 +144,8 @@ def hc_jax_batch(batch_size: int, image_size) -> dict:
   ratio = ((semi_a - semi_b) / (semi_a + semi_b)) ** 2
   hc_px = math.pi * (semi_a + semi_b) * (
       1 + 3 * ratio / (10 + np.sqrt(4 - 3 * ratio)))
-  resize = prepare.resize_geometry([[540, 800]] * batch_size,
-                                   keras_models.as_hw(image_size), 'stretch')
+  resize = cache_lib.resize_geometry([[540, 800]] * batch_size,
+                                     keras_models.as_hw(image_size), 'stretch')
   return {'image': images, 'ellipse': ellipse.astype(np.float32),
           'hc_px': hc_px.astype(np.float32),
           'resize': np.asarray(resize, np.float32)}

@@ -7,7 +7,7 @@ import pytest
 
 from hc_jax import plots
 from hc_jax import workdir as workdir_lib
-from hc_jax.data import synthetic
+from hc_jax.data import phantom_set
 from hc_jax.evaluation import aggregate as aggregate_lib
 from hc_jax.evaluation import figures
 from hc_jax.evaluation import gestational_age
@@ -65,8 +65,8 @@ def test_trimesters_follow_hadlock_ga_of_the_true_hc():
 
 
 def test_worst_cases_show_the_largest_errors(tmp_path):
-  truth = synthetic.write_hc18(str(tmp_path / 'hc18'), num_train=8,
-                               num_test=1, seed=3)['train']
+  truth = phantom_set.write_hc18(str(tmp_path / 'hc18'), num_train=8,
+                                 num_test=1, seed=3)['train']
   filenames = [record['filename'] for record in truth]
   pixel_size = np.array([record['pixel_size_mm'] for record in truth])
   true_px = np.array([record['hc_mm'] for record in truth]) / pixel_size

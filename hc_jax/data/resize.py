@@ -1,6 +1,6 @@
 """Resizing and standardising ultrasound images (TensorFlow ops).
 
-The images are resized once, when HC18 is prepared (`hc_jax.prepare`), and
+The images are resized once, when HC18 is prepared (`hc_jax.data.cache`), and
 again by `hc_jax.predict` for new scans, with the same op, so a model sees
 the same input at training and at inference. Augmentation is not here: it
 runs in JAX inside the jitted training step (`hc_jax.data.augment`).
@@ -38,7 +38,7 @@ def resize(image, size, mode='stretch'):
     mode: 'stretch' resizes the whole image to the output (bilinear with
       antialiasing, as in the paper; the aspect ratio is not kept).
       'letterbox' scales by `min(out_h / H, out_w / W)`, keeping the aspect
-      ratio, and pads with zeros, centred. `hc_jax.prepare.resize_geometry`
+      ratio, and pads with zeros, centred. `cache.resize_geometry`
       gives where an original pixel lands, for either mode.
 
   Returns:
