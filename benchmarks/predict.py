@@ -5,8 +5,8 @@
 
 For each image: read the PNG (`hc18.read_grayscale`), resize to the model's
 input size and round to uint8 as the training cache does, z-score
-(`resize_lib.resize`, `to_uint8`, `zscore`, in one `tf.function`), run the
-jitted model in evaluation mode (built with `inference.LAYERS`, as
+(`resize.resize`, `resize.to_uint8`, `normalise.zscore_tf`, in one
+`tf.function`), run the jitted model in evaluation mode (built with `inference.LAYERS`, as
 `hc_jax.predict` builds it), and convert the output to millimetres with
 the image's pixel size (target x normaliser x pixel size).
 
@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from hc_jax import models
 from hc_jax.data import hc18
+from hc_jax.data import normalise
 from hc_jax.data import resize as resize_lib
 from hc_jax.data import phantom_set
 from hc_jax.evaluation import inference
@@ -75,7 +76,7 @@ class Predictor:
     def prepare(image):
       image = resize_lib.resize(image[:, :, None], self.image_size,
                                 resize_mode)
-      return resize_lib.zscore(resize_lib.to_uint8(image))
+      return normalise.zscore_tf(resize_lib.to_uint8(image))
 
     self.prepare = prepare
 

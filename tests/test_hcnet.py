@@ -18,6 +18,7 @@ from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment
 from hc_jax.data import phantom
 from hc_jax.data import cache as cache_lib
+from hc_jax.data import normalise
 from hc_jax.nets import ellipse_head
 from hc_jax.nets import hcnet
 from hc_jax.training import step as step_lib
@@ -237,7 +238,7 @@ def test_the_ellipse_model_overfits_eight_phantoms():
   def hc_error(state):
     raw, _ = state.apply_fn(
         {'params': state.params, 'batch_stats': state.batch_stats},
-        augment.zscore_batch(batch['image']), train=True,
+        normalise.zscore_batch(batch['image']), train=True,
         mutable=['batch_stats'])
     predicted = ellipse_head.hc_px(ellipse_head.decode(raw, 32, 48),
                                    batch['resize'])

@@ -24,11 +24,11 @@ from scipy import optimize
 from conftest import REPO
 from hc_jax import predict
 from hc_jax import workdir as workdir_lib
-from hc_jax.data import augment
 from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import hc18
 from hc_jax.data import phantom
 from hc_jax.data import cache as cache_lib
+from hc_jax.data import normalise
 from hc_jax.evaluation import gestational_age
 from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading
@@ -230,7 +230,7 @@ def test_non_square_input_predicts_as_the_trainer_evaluates(
            for name in arrays['filename'][:8]]
   np.testing.assert_allclose(
       np.stack([predictor.preprocess(scan) for scan in scans]),
-      augment.zscore_batch(arrays['images'][:8]), atol=1e-5)
+      normalise.zscore_batch(arrays['images'][:8]), atol=1e-5)
   # The test fold: the trainer's evaluation (rounded to 0.001 mm) again.
   images, pixel_sizes, hc_mm_train = _test_fold(workdir, hc18_dir)
   out = predictor(images, pixel_sizes)

@@ -1,4 +1,5 @@
-"""Tests for hc_jax.data.resize (eagerly and inside tf.data) and the resize
+"""Tests for hc_jax.data.resize and the TensorFlow z-score
+(hc_jax.data.normalise), eagerly and inside tf.data, and the resize
 geometry that maps original pixels to the model input (hc_jax.data.cache)."""
 
 import math
@@ -10,6 +11,7 @@ import tensorflow as tf
 from hc_jax.data import augment
 from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import cache as cache_lib
+from hc_jax.data import normalise
 from hc_jax.data import resize as resize_lib
 
 SIZE = 64  # Model input side for most tests: small keeps them fast.
@@ -19,7 +21,7 @@ def draw_ring(height, width, center_x, center_y, semi_axis_a, semi_axis_b,
               angle_rad, thickness_px=6.0):
   """Draws an elliptical ring (a skull outline) into a uint8 [H, W, 1] image."""
   image = np.zeros([height, width], np.uint8)
-  perimeter = ramanujan(semi_axis_a, semi_axis_b)
+  perimeter = ellipse_lib.ramanujan_perimeter(semi_axis_a, semi_axis_b)
   t = np.linspace(0.0, 2.0 * np.pi, int(8 * perimeter), endpoint=False)
   cos_angle, sin_angle = math.cos(angle_rad), math.sin(angle_rad)
   for offset in np.linspace(-thickness_px / 2, thickness_px / 2,
@@ -31,12 +33,6 @@ def draw_ring(height, width, center_x, center_y, semi_axis_a, semi_axis_b,
     inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
     image[y[inside].astype(int), x[inside].astype(int)] = 255
   return image[..., np.newaxis]
-
-
-def ramanujan(semi_axis_a, semi_axis_b):
-  h = ((semi_axis_a - semi_axis_b) / (semi_axis_a + semi_axis_b))**2
-  return math.pi * (semi_axis_a + semi_axis_b) * (
-      1 + 3 * h / (10 + math.sqrt(4 - 3 * h)))
 
 
 def ring_moments(image, threshold=0.3):
@@ -55,7 +51,7 @@ def measure_perimeter(image):
   _, covariance = ring_moments(image)
   eigenvalues = np.linalg.eigvalsh(covariance)
   semi_axis_b, semi_axis_a = np.sqrt(2.0 * eigenvalues)
-  return ramanujan(semi_axis_a, semi_axis_b)
+  return ellipse_lib.ramanujan_perimeter(semi_axis_a, semi_axis_b)
 
 
 OPS = {
@@ -64,7 +60,7 @@ OPS = {
                                                         'letterbox'),
     'to_uint8': lambda image: resize_lib.to_uint8(
         tf.cast(image, tf.float32) * 1.3 - 20.0),
-    'zscore': resize_lib.zscore,
+    'zscore': normalise.zscore_tf,
 }
 
 
@@ -135,7 +131,7 @@ def test_to_uint8_rounds_and_clips():
 
 def test_zscore_standardises():
   image = np.random.RandomState(2).randint(0, 256, [SIZE, SIZE, 1])
-  standardised = resize_lib.zscore(image.astype(np.uint8)).numpy()
+  standardised = normalise.zscore_tf(image.astype(np.uint8)).numpy()
   assert standardised.dtype == np.float32
   assert standardised.mean() == pytest.approx(0.0, abs=1e-5)
   assert standardised.std() == pytest.approx(1.0, abs=1e-4)
@@ -143,7 +139,7 @@ def test_zscore_standardises():
 
 @pytest.mark.parametrize('value', [0, 7, 255])
 def test_zscore_of_constant_image_is_zero_not_nan(value):
-  standardised = resize_lib.zscore(np.full([8, 8, 1], value, np.uint8))
+  standardised = normalise.zscore_tf(np.full([8, 8, 1], value, np.uint8))
   np.testing.assert_array_equal(standardised.numpy(), 0.0)
 
 

@@ -176,6 +176,7 @@ def _image_preparer(config, height: int, width: int):
   as training makes it."""
   # pylint: disable=import-outside-toplevel
   import tensorflow as tf
+  from hc_jax.data import normalise
   from hc_jax.data import resize as resize_lib
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, 1], tf.uint8)])
@@ -183,7 +184,7 @@ def _image_preparer(config, height: int, width: int):
     # As the prepared training images (resized, uint8), then z-scored as the
     # trainer does.
     resized = resize_lib.resize(image, (height, width), config.resize_mode)
-    return resize_lib.zscore(resize_lib.to_uint8(resized))
+    return normalise.zscore_tf(resize_lib.to_uint8(resized))
 
   return prepare_image
 

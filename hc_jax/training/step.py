@@ -19,6 +19,7 @@ from hc_jax import log
 from hc_jax import models
 from hc_jax.data import augment as augment_lib
 from hc_jax.data import cache as cache_lib
+from hc_jax.data import normalise
 
 
 P = jax.sharding.PartitionSpec
@@ -183,7 +184,7 @@ def members_predict(state, images, how: str = 'vmap', resize=None,
     outputs = member_state.apply_fn(
         {'params': member_state.params,
          'batch_stats': member_state.batch_stats},
-        augment_lib.zscore_batch(member_images), train=False)
+        normalise.zscore_batch(member_images), train=False)
     if hc_of is None:
       return outputs
     if len(xs) < 4:

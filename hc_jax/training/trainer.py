@@ -33,6 +33,7 @@ from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment as augment_lib
 from hc_jax.data import pipeline as data_lib
 from hc_jax.data import cache as cache_lib
+from hc_jax.data import normalise
 from hc_jax.nets import kinds
 from hc_jax.nets import layers as layers_lib
 from hc_jax.training import checkpoint
@@ -627,7 +628,7 @@ class Trainer:
         records.append(None)
         continue
       variables = {'params': state.params, 'batch_stats': state.batch_stats}
-      values = [jax.device_get(forward(variables, augment_lib.zscore_batch(
+      values = [jax.device_get(forward(variables, normalise.zscore_batch(
           jnp.asarray(images[keep[c:c + size]]))))['quality']
                 for c in range(0, keep.size, size)]
       records.append(kinds.quality_record(kind.quality,
