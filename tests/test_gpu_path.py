@@ -97,8 +97,8 @@ def test_tensorflow_is_hidden(tmp_path):
 
 def test_training_modules_import_without_tensorflow(tmp_path):
   modules = ('training.train', 'training.trainer', 'grid', 'data.pipeline',
-             'data.prepare', 'data.augment', 'training.checkpoint', 'cli',
-             'evaluation.aggregate')
+             'data.cache', 'data.augment', 'training.checkpoint', 'cli',
+             'evaluation.cv_table')
   result = _python(['-c', '; '.join(
       [f'import hc_jax.{name}' for name in modules] +
       ['import sys',
