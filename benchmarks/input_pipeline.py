@@ -28,8 +28,8 @@ sys.path.insert(0, REPO)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
 from hc_jax.data import hc18
-from hc_jax.data import pipeline
 from hc_jax.data import phantom_set
+from hc_jax.data import pipeline
 
 BACKENDS = ('numpy', 'tf')
 

@@ -36,8 +36,8 @@ import tensorflow as tf
 from hc_jax import models
 from hc_jax.data import hc18
 from hc_jax.data import normalise
-from hc_jax.data import resize as resize_lib
 from hc_jax.data import phantom_set
+from hc_jax.data import resize as resize_lib
 from hc_jax.evaluation import inference
 
 # Input side of each model (the configs' image_size).

@@ -201,8 +201,8 @@ def hc_jax_state_step_batch(model_name: str, batch_size: int, size,
   import jax
   import jax.numpy as jnp
   import optax
-  from hc_jax.data import augment
   from hc_jax import losses
+  from hc_jax.data import augment
   from hc_jax.training import step as step_lib
   # pylint: enable=import-outside-toplevel
   height, width = keras_models.as_hw(size)
@@ -424,8 +424,8 @@ def breakdown(model_name: str, batch_size: int, size, seconds: float,
   """
   # pylint: disable=import-outside-toplevel
   import jax
-  from hc_jax.data import normalise
   from hc_jax import losses
+  from hc_jax.data import normalise
   # pylint: enable=import-outside-toplevel
   state, _, batch = hc_jax_state_step_batch(model_name, batch_size, size)
   images = normalise.zscore_batch(batch['image'])

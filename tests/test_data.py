@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
+from hc_jax.data import cache as cache_lib
 from hc_jax.data import digests
 from hc_jax.data import hc18
 from hc_jax.data import pipeline
-from hc_jax.data import cache as cache_lib
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from hc_jax import losses
 from hc_jax import models
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment
-from hc_jax.data import phantom
 from hc_jax.data import cache as cache_lib
 from hc_jax.data import normalise
+from hc_jax.data import phantom
 from hc_jax.nets import ellipse_head
 from hc_jax.nets import hcnet
 from hc_jax.training import step as step_lib

@@ -19,8 +19,8 @@ import pytest
 from conftest import REPO
 from hc_jax import predict
 from hc_jax import workdir as workdir_lib
-from hc_jax.data import digests
 from hc_jax.data import cache as cache_lib
+from hc_jax.data import digests
 from hc_jax.data import phantom_set
 from hc_jax.training import manifest
 from hc_jax.training import train

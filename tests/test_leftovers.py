@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO
 from hc_jax import leftovers
 from hc_jax import predict
-from hc_jax.data import digests
 from hc_jax.data import cache as cache_lib
+from hc_jax.data import digests
 from hc_jax.data import phantom_set
 
 # Imports, then waits for the file `go` before it prepares: processes

@@ -24,11 +24,11 @@ from scipy import optimize
 from conftest import REPO
 from hc_jax import predict
 from hc_jax import workdir as workdir_lib
+from hc_jax.data import cache as cache_lib
 from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import hc18
-from hc_jax.data import phantom
-from hc_jax.data import cache as cache_lib
 from hc_jax.data import normalise
+from hc_jax.data import phantom
 from hc_jax.evaluation import gestational_age
 from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading

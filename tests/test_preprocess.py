@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 
 from hc_jax.data import augment
-from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import cache as cache_lib
+from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import normalise
 from hc_jax.data import resize as resize_lib
 

@@ -20,8 +20,8 @@ import pytest
 from conftest import REPO
 from hc_jax import models
 from hc_jax import predict
-from hc_jax.data import pipeline
 from hc_jax.data import cache as cache_lib
+from hc_jax.data import pipeline
 from hc_jax.training import config_check
 from hc_jax.training import train
 

@@ -410,9 +410,9 @@ def _first_scan(root):
 
 
 def test_an_image_corrupted_in_place_is_checked_again(hc18_copy, tmp_path):
-  from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
-  from hc_jax.data import digests  # pylint: disable=import-outside-toplevel
   from hc_jax.data import cache as cache_lib  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import digests  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
   cache = str(tmp_path / 'cache')
   cache_lib.prepare(hc18_copy, (32, 32), 'stretch', cache)
   name = _first_scan(hc18_copy)
@@ -431,9 +431,9 @@ def test_an_image_corrupted_in_place_is_checked_again(hc18_copy, tmp_path):
 def test_an_image_replaced_by_another_of_the_same_size_is_prepared_anew(
     hc18_copy, tmp_path, monkeypatch):
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
-  from hc_jax.data import digests  # pylint: disable=import-outside-toplevel
   from hc_jax.data import cache as cache_lib  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import digests  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
   cache = str(tmp_path / 'cache')
   before, info = cache_lib.prepare(hc18_copy, (32, 32), 'stretch', cache)
   name = _first_scan(hc18_copy)

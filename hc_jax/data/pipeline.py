@@ -25,9 +25,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from hc_jax import workdir as workdir_lib
+from hc_jax.data import cache as cache_lib
 from hc_jax.data import folds as folds_lib
 from hc_jax.data import hc18
-from hc_jax.data import cache as cache_lib
 
 
 def hc18_source_dir(config, workdir: str) -> str | None:

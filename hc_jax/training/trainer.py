@@ -31,9 +31,9 @@ from hc_jax import metrics as metrics_lib
 from hc_jax import models
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment as augment_lib
-from hc_jax.data import pipeline as data_lib
 from hc_jax.data import cache as cache_lib
 from hc_jax.data import normalise
+from hc_jax.data import pipeline as data_lib
 from hc_jax.nets import kinds
 from hc_jax.nets import layers as layers_lib
 from hc_jax.training import checkpoint
