@@ -50,7 +50,7 @@ from configs import default  # pylint: disable=wrong-import-position
 from hc_jax import losses  # pylint: disable=wrong-import-position
 from hc_jax import models  # pylint: disable=wrong-import-position
 from hc_jax.data import augment  # pylint: disable=wrong-import-position
-from hc_jax.data import prepare  # pylint: disable=wrong-import-position
+from hc_jax.data import cache as cache_lib  # pylint: disable=wrong-import-position
 from hc_jax.training import step as step_lib
 
 HOWS = ('vmap', 'map')
@@ -108,8 +108,8 @@ def random_arrays(num_images: int, height: int, width: int,
                                  np.uint8),
           'ellipse': ellipse.astype(np.float32),
           'hc_px': hc_px.astype(np.float32),
-          'resize': prepare.resize_geometry(original_hw, (height, width),
-                                            'stretch')}
+          'resize': cache_lib.resize_geometry(original_hw, (height, width),
+                                              'stretch')}
 
 
 def make_batch(arrays, shape: tuple[int, ...], seed: int = 0):
@@ -235,8 +235,8 @@ def main(argv=None):
           'or pass --allow_cpu to measure the CPU')
   if args.data:
     try:
-      arrays, _ = prepare.load(args.data)
-    except prepare.PreparedError as e:
+      arrays, _ = cache_lib.load(args.data)
+    except cache_lib.PreparedError as e:
       _fail(str(e))
     if arrays['images'].shape[1:3] != (args.image_size, args.image_size):
       _fail(f'{args.data} holds {arrays["images"].shape[1]}x'

@@ -4,7 +4,7 @@
       [--batch_size=8] [--members=1] [--epochs=3] [--backends=numpy,tf]
 
 Reads HC18 (the copy beside the checkout, $HC18_DIR or --hc18_dir; 300
-phantom scans when none is found), prepares it once (`hc_jax.prepare`,
+phantom scans when none is found), prepares it once (`hc_jax.data.cache`,
 cached), then times whole epochs of `hc_jax.data.RunData.train_batches` with
 each backend: 'tf' gathers in a tf.data pipeline that prefetches in the
 background, 'numpy' gathers in the loop. Both yield the same batches (uint8
@@ -28,8 +28,8 @@ sys.path.insert(0, REPO)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
 from hc_jax.data import hc18
+from hc_jax.data import phantom_set
 from hc_jax.data import pipeline
-from hc_jax.data import synthetic
 
 BACKENDS = ('numpy', 'tf')
 
@@ -81,7 +81,7 @@ def main(argv=None):
   source, cache_dir = args.hc18_dir, args.cache_dir
   if source is None:
     source = os.path.join(scratch, 'hc18')
-    synthetic.write_hc18(source, num_train=300, num_test=4)
+    phantom_set.write_hc18(source, num_train=300, num_test=4)
     cache_dir = cache_dir or os.path.join(scratch, 'cache')
     print('HC18 not found: using 300 phantom scans')
   configs, workdirs = [], []

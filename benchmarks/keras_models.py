@@ -12,7 +12,7 @@ next to the Flax one.
 The paper's four CNNs take square inputs of the side in `SIZES`. hc_jax's own
 `hcnet` and `hcnet_ellipse` are built as their config files build them
 (`CONFIGS`): the input `(height, width)` is the config's
-(`hc_jax.prepare.input_shape`) and the architecture its `model_options`
+(`hc_jax.data.cache.input_shape`) and the architecture its `model_options`
 (`model_options`), so the twins follow the configs when these change. The
 `hcnet` twin ends in the same bounded output as `hc_jax.nets.hcnet.HCNet`,
 `BOUND_LOW + (BOUND_HIGH - BOUND_LOW) * sigmoid(z)`; `hcnet_ellipse` returns
@@ -48,7 +48,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # `configs` is imported from the checkout.
   sys.path.insert(0, REPO)
 
-from hc_jax.data import prepare  # pylint: disable=wrong-import-position
+from hc_jax.data import cache as cache_lib  # pylint: disable=wrong-import-position
 
 # The config file (in configs/) that sets each of hc_jax's own models.
 CONFIGS = {'hcnet': 'hcnet_label', 'hcnet_ellipse': 'hcnet_ellipse',
@@ -72,7 +72,7 @@ def model_options(name: str) -> dict:
 # Input of each model in the benchmarks: the side of a square one (the
 # paper's configs' image_size), or (height, width) from hc_jax's configs.
 SIZES = {'cnn_263k': 128, 'cnn_1m': 128, 'vgg16': 224, 'resnet50': 224,
-         **{name: prepare.input_shape(load_config(name)) for name in CONFIGS}}
+         **{name: cache_lib.input_shape(load_config(name)) for name in CONFIGS}}
 
 
 def as_hw(image_size) -> tuple[int, int]:

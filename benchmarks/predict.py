@@ -5,8 +5,8 @@
 
 For each image: read the PNG (`hc18.read_grayscale`), resize to the model's
 input size and round to uint8 as the training cache does, z-score
-(`preprocess.resize`, `to_uint8`, `zscore`, in one `tf.function`), run the
-jitted model in evaluation mode (built with `inference.LAYERS`, as
+(`resize.resize`, `resize.to_uint8`, `normalise.zscore_tf`, in one
+`tf.function`), run the jitted model in evaluation mode (built with `inference.LAYERS`, as
 `hc_jax.predict` builds it), and convert the output to millimetres with
 the image's pixel size (target x normaliser x pixel size).
 
@@ -35,8 +35,9 @@ import tensorflow as tf
 
 from hc_jax import models
 from hc_jax.data import hc18
-from hc_jax.data import preprocess
-from hc_jax.data import synthetic
+from hc_jax.data import normalise
+from hc_jax.data import phantom_set
+from hc_jax.data import resize as resize_lib
 from hc_jax.evaluation import inference
 
 # Input side of each model (the configs' image_size).
@@ -50,7 +51,7 @@ def test_images(hc18_dir: str | None, scratch: str) -> list[hc18.Record]:
   """HC18's test records, or phantom ones written under `scratch`."""
   if hc18_dir is None:
     hc18_dir = os.path.join(scratch, 'hc18')
-    synthetic.write_hc18(hc18_dir, num_train=4, num_test=40, seed=0)
+    phantom_set.write_hc18(hc18_dir, num_train=4, num_test=40, seed=0)
     print(f'HC18 not found: using 40 phantom test scans in {hc18_dir}')
   records, problems = hc18.scan_split(hc18_dir, 'test')
   if problems:
@@ -73,9 +74,9 @@ class Predictor:
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.uint8)])
     def prepare(image):
-      image = preprocess.resize(image[:, :, None], self.image_size,
+      image = resize_lib.resize(image[:, :, None], self.image_size,
                                 resize_mode)
-      return preprocess.zscore(preprocess.to_uint8(image))
+      return normalise.zscore_tf(resize_lib.to_uint8(image))
 
     self.prepare = prepare
 

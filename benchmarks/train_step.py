@@ -132,7 +132,10 @@ def hc_jax_batch(batch_size: int, image_size) -> dict:
     {'image', 'ellipse', 'hc_px', 'resize'} as NumPy arrays.
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import cache as cache_lib
+  from hc_jax.data import ellipse as ellipse_lib
+  # pylint: enable=import-outside-toplevel
   images, _ = _random_batch(batch_size, image_size)
   rng = np.random.default_rng(1)
   semi_a = rng.uniform(90.0, 280.0, batch_size)
@@ -140,12 +143,9 @@ def hc_jax_batch(batch_size: int, image_size) -> dict:
   ellipse = np.stack([rng.uniform(300.0, 500.0, batch_size),
                       rng.uniform(200.0, 340.0, batch_size), semi_a, semi_b,
                       rng.uniform(0.0, math.pi, batch_size)], 1)
-  # Ramanujan's perimeter, as hc_jax.data.augment.ramanujan_perimeter.
-  ratio = ((semi_a - semi_b) / (semi_a + semi_b)) ** 2
-  hc_px = math.pi * (semi_a + semi_b) * (
-      1 + 3 * ratio / (10 + np.sqrt(4 - 3 * ratio)))
-  resize = prepare.resize_geometry([[540, 800]] * batch_size,
-                                   keras_models.as_hw(image_size), 'stretch')
+  hc_px = ellipse_lib.ramanujan_perimeter(semi_a, semi_b)
+  resize = cache_lib.resize_geometry([[540, 800]] * batch_size,
+                                     keras_models.as_hw(image_size), 'stretch')
   return {'image': images, 'ellipse': ellipse.astype(np.float32),
           'hc_px': hc_px.astype(np.float32),
           'resize': np.asarray(resize, np.float32)}
@@ -201,8 +201,8 @@ def hc_jax_state_step_batch(model_name: str, batch_size: int, size,
   import jax
   import jax.numpy as jnp
   import optax
-  from hc_jax.data import augment
   from hc_jax import losses
+  from hc_jax.data import augment
   from hc_jax.training import step as step_lib
   # pylint: enable=import-outside-toplevel
   height, width = keras_models.as_hw(size)
@@ -424,11 +424,11 @@ def breakdown(model_name: str, batch_size: int, size, seconds: float,
   """
   # pylint: disable=import-outside-toplevel
   import jax
-  from hc_jax.data import augment
   from hc_jax import losses
+  from hc_jax.data import normalise
   # pylint: enable=import-outside-toplevel
   state, _, batch = hc_jax_state_step_batch(model_name, batch_size, size)
-  images = augment.zscore_batch(batch['image'])
+  images = normalise.zscore_batch(batch['image'])
   target = batch['hc_px'] / NORMALISER_PX
   loss_of = _loss_of(model_name)
 

@@ -29,7 +29,7 @@ import sys
 from typing import Any, Sequence
 
 from hc_jax import workdir as workdir_lib
-from hc_jax.evaluation import aggregate as aggregate_lib
+from hc_jax.evaluation import cv_table
 
 
 def load_config(path: str, overrides: Sequence[str] = ()):
@@ -241,9 +241,9 @@ def _run(args: argparse.Namespace) -> int:
     failed = run_grid(args.configs, args.folds, args.root, args.override,
                       shard=args.shard, stack=args.stack,
                       seeds=args.seeds)['failed']
-  rows = aggregate_lib.aggregate(args.root)
-  md_path, csv_path = aggregate_lib.write_tables(rows, args.root)
-  print(aggregate_lib.format_markdown(rows))
+  rows = cv_table.grid_rows(args.root)
+  md_path, csv_path = cv_table.write_tables(rows, args.root)
+  print(cv_table.format_markdown(rows))
   print(f'wrote {md_path} and {csv_path}')
   if failed:
     print(f'error: {len(failed)} run(s) failed: {", ".join(failed)}',

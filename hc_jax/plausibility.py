@@ -13,6 +13,7 @@ from typing import Sequence
 
 from hc_jax import cli
 from hc_jax.data import hc18
+from hc_jax.evaluation import cv_table
 from hc_jax.evaluation import plausibility
 
 
@@ -34,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ValueError('HC18 not found: pass --hc18_dir=DIR or set HC18_DIR')
     images_dir = os.path.join(root, hc18.SPLITS['train'][0])
     rows = [plausibility.config_row(config_dir, images_dir)
-            for config_dir in plausibility.config_dirs(args.root)]
+            for config_dir in cv_table.config_dirs(args.root)]
     print(plausibility.format_markdown(rows))
     return 0
 

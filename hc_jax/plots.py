@@ -25,7 +25,7 @@ import sys
 from typing import Sequence
 
 from hc_jax import workdir as workdir_lib
-from hc_jax.evaluation import aggregate as aggregate_lib
+from hc_jax.evaluation import cv_table
 from hc_jax.evaluation import figures
 
 
@@ -41,19 +41,19 @@ def configurations(root: str, config: str | None = None
     ValueError: when there is nothing finished to plot.
   """
   label = os.path.basename(os.path.normpath(root))
-  if aggregate_lib.finished(root):
+  if cv_table.finished(root):
     return [(label, [root])]
   if not os.path.isdir(root):
     raise ValueError(f'{root} does not exist')
   if workdir_lib.fold_dirs(root):
     done = [
         w for w in workdir_lib.fold_dirs(root).values()
-        if aggregate_lib.finished(w)
+        if cv_table.finished(w)
     ]
     if not done:
       raise ValueError(f'{root} has no finished fold runs')
     return [(label, done)]
-  rows = [row for row in aggregate_lib.aggregate(root) if row['num_images']]
+  rows = [row for row in cv_table.grid_rows(root) if row['num_images']]
   if config not in (None, 'all'):
     rows = [row for row in rows if row['config'] == config]
     if not rows:
@@ -81,7 +81,7 @@ def plot_all(root: str, out: str, hc18_dir: str | None = None,
   """
   paths = []
   for label, workdirs in configurations(root, config):
-    predictions = aggregate_lib.pool_predictions(workdirs)
+    predictions = cv_table.pool_predictions(workdirs)
     title = f'{label} ({len(workdirs)} fold(s))'
     stem = os.path.join(out, label)
     paths.append(figures.scatter_hc(predictions, f'{stem}_scatter.png',

@@ -1,14 +1,14 @@
 """python -m hc_jax.prepare: exports the prepared HC18 arrays of a config, for
 a machine without TensorFlow (train there with
 `--config.data.prepared=FILE.npz`). The preparation itself is
-`hc_jax.data.prepare`.
+`hc_jax.data.cache`.
 """
 
 import os
 import sys
 
 from hc_jax import cli
-from hc_jax.data import prepare
+from hc_jax.data import cache as cache_lib
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     height, width = info['image_hw']
     path = os.path.join(args.out, f'hc18_{height}x{width}_'
                                   f'{info["resize_mode"]}.npz')
-    prepare.save(path, arrays, info)
+    cache_lib.save(path, arrays, info)
     print(f'{path}: {len(arrays["images"])} scans; train elsewhere with '
           f'--config.data.prepared={path}')
     return 0

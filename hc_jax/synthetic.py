@@ -1,6 +1,6 @@
 """python -m hc_jax.synthetic: writes phantom HC18 data, ultrasound-like scans
 of elliptical skulls laid out as HC18, so the pipeline runs end to end
-without the data (`hc_jax.data.synthetic`). It imports no TensorFlow or JAX,
+without the data (`hc_jax.data.phantom_set`). It imports no TensorFlow or JAX,
 and writes only into a new (or empty) directory.
 
   python -m hc_jax.synthetic --out /tmp/hc18_phantom --num_train 40 --num_test 10
@@ -11,7 +11,7 @@ import sys
 from typing import Sequence
 
 from hc_jax import cli
-from hc_jax.data import synthetic
+from hc_jax.data import phantom_set
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,8 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  'nothing written (give a new directory)')
 
   def run():
-    summary = synthetic.write_hc18(args.out, args.num_train, args.num_test,
-                                   args.seed)
+    summary = phantom_set.write_hc18(args.out, args.num_train, args.num_test,
+                                     args.seed)
     num_subjects = len({record['subject_id'] for record in summary['train']})
     print(f'Wrote {len(summary["train"])} training images of {num_subjects} '
           f'subjects and {len(summary["test"])} test images to '

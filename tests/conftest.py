@@ -66,9 +66,9 @@ def _xla_optimized(request):
 @pytest.fixture(scope='session')
 def phantom_hc18(tmp_path_factory):
   """A phantom HC18 directory (60 train, 6 test images) and a TFDS dir."""
-  from hc_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import phantom_set  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('phantom_hc18')
-  synthetic.write_hc18(str(root / 'hc18'), num_train=60, num_test=6, seed=1)
+  phantom_set.write_hc18(str(root / 'hc18'), num_train=60, num_test=6, seed=1)
   return str(root / 'hc18'), str(root / 'tfds')
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from hc_jax.data import augment
 from hc_jax.data import ellipse as ellipse_lib
+from hc_jax.data import normalise
 from hc_jax.data import phantom
 
 
@@ -146,7 +147,7 @@ def test_targets_follow_random_warps(resize_name):
   assert 0 < np.sum(params['flip']) < batch_size  # Both branches are covered.
   assert np.max(np.abs(params['angle_rad'])) > math.radians(10)
   warped = augment.warp_images(rings, params)
-  np.testing.assert_allclose(images, augment.zscore_batch(warped), atol=1e-4)
+  np.testing.assert_allclose(images, normalise.zscore_batch(warped), atol=1e-4)
   assert_targets_match_image(np.asarray(warped), np.asarray(targets), hc_out,
                              resize)
 
@@ -222,7 +223,7 @@ def test_identity_config_only_zscores(config):
   resizes = np.tile(stretch_resize(), (3, 1)).astype(np.float32)
   out, targets, hc_out = augment.augment_batch(
       jax.random.key(0), images, ellipses, hc_px, resizes, config)
-  np.testing.assert_allclose(out, augment.zscore_batch(images), atol=1e-6)
+  np.testing.assert_allclose(out, normalise.zscore_batch(images), atol=1e-6)
   np.testing.assert_array_equal(targets, ellipses)
   np.testing.assert_array_equal(hc_out, hc_px)
 

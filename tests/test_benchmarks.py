@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hc_jax.data import prepare
+from hc_jax.data import cache as cache_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, 'benchmarks')
@@ -85,7 +85,7 @@ def test_hcnet_twins_match_their_config(name, outputs, image_size):
   # None: the config's input (configs/hcnet_label.py, hcnet_ellipse.py).
   config = keras_models.load_config(name)
   assert config.model == name
-  assert keras_models.SIZES[name] == prepare.input_shape(config)
+  assert keras_models.SIZES[name] == cache_lib.input_shape(config)
   size = keras_models.SIZES[name] if image_size is None else image_size
   keras_count, extra, flax_count = keras_models.compare_params(name,
                                                                image_size)
@@ -297,11 +297,11 @@ def _tiny_export(path, num_images=12, size=32):
       'ellipse': np.stack([np.full(num_images, 400.0), np.full(
           num_images, 270.0), a, 0.8 * a, np.zeros(num_images)], 1),
       'original_hw': np.tile([[540, 800]], (num_images, 1)),
-      'resize': prepare.resize_geometry([[540, 800]] * num_images,
-                                        (size, size), 'stretch')}
-  prepare.save(str(path), arrays, {'format_version': prepare.FORMAT_VERSION,
-                                   'image_hw': [size, size],
-                                   'resize_mode': 'stretch'})
+      'resize': cache_lib.resize_geometry([[540, 800]] * num_images,
+                                          (size, size), 'stretch')}
+  cache_lib.save(str(path), arrays, {'format_version': cache_lib.FORMAT_VERSION,
+                                     'image_hw': [size, size],
+                                     'resize_mode': 'stretch'})
   return str(path)
 
 

@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
+from hc_jax.data import cache as cache_lib
 from hc_jax.data import digests
 from hc_jax.data import hc18
 from hc_jax.data import pipeline
-from hc_jax.data import prepare
 
 
 @pytest.fixture
@@ -63,9 +63,9 @@ def normaliser_config(tmp_path_factory):
   part: a normaliser over training and validation images, or over all, is
   then caught."""
   from configs import default  # pylint: disable=import-outside-toplevel
-  from hc_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import phantom_set  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('normaliser')
-  synthetic.write_hc18(str(root / 'hc18'), num_train=40, num_test=2, seed=5)
+  phantom_set.write_hc18(str(root / 'hc18'), num_train=40, num_test=2, seed=5)
   config = default.get_config()
   config.data.hc18_dir, config.data.cache_dir = (str(root / 'hc18'),
                                                  str(root / 'tfds'))
@@ -126,7 +126,7 @@ def test_prepared_arrays_hold_images_and_geometry(run_data, tiny_config):
   assert np.isfinite(arrays['ellipse']).all()
   np.testing.assert_allclose(
       arrays['resize'],
-      prepare.resize_geometry(arrays['original_hw'], (32, 32), 'stretch'))
+      cache_lib.resize_geometry(arrays['original_hw'], (32, 32), 'stretch'))
   assert run_data.info['source_digest'] == digests.source_digest(
       tiny_config.data.hc18_dir)
 
@@ -162,18 +162,18 @@ def test_another_copy_is_prepared_anew_and_a_broken_one_is_refused(
 def test_prepared_export_is_checked_against_the_config(tiny_config, tmp_path,
                                                        run_data):
   path = str(tmp_path / 'export.npz')
-  prepare.save(path, run_data.arrays, run_data.info)
+  cache_lib.save(path, run_data.arrays, run_data.info)
   tiny_config.data.prepared = path
   loaded = pipeline.load([tiny_config], [str(tmp_path / 'run')])
   np.testing.assert_array_equal(loaded.arrays['images'],
                                 run_data.arrays['images'])
   tiny_config.image_size = 64
-  with pytest.raises(prepare.PreparedError, match='asks for'):
+  with pytest.raises(cache_lib.PreparedError, match='asks for'):
     pipeline.load([tiny_config], [str(tmp_path / 'run2')])
   with open(path, 'wb') as f:
     f.write(b'garbage')
-  with pytest.raises(prepare.PreparedError, match='cannot read'):
-    prepare.load(path)
+  with pytest.raises(cache_lib.PreparedError, match='cannot read'):
+    cache_lib.load(path)
 
 
 def test_hc18_not_found_names_hc_jax_flags_not_a_download(monkeypatch):

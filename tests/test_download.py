@@ -15,7 +15,7 @@ from conftest import ZENODO_API
 from conftest import fake_zenodo
 from hc_jax.data import download
 from hc_jax.data import hc18
-from hc_jax.data import synthetic
+from hc_jax.data import phantom_set
 
 NAMES = hc18.ZENODO_FILES
 
@@ -24,7 +24,7 @@ NAMES = hc18.ZENODO_FILES
 def small_hc18(tmp_path_factory):
   """A phantom HC18 copy of 5 training and 2 test images."""
   root = tmp_path_factory.mktemp('small_hc18') / 'hc18'
-  synthetic.write_hc18(str(root), num_train=5, num_test=2, seed=3)
+  phantom_set.write_hc18(str(root), num_train=5, num_test=2, seed=3)
   return str(root)
 
 

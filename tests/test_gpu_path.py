@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from hc_jax.data import prepare
+from hc_jax.data import cache as cache_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ('configs/cnn263k_mse.py', 'configs/cnn263k_mae.py')
@@ -97,8 +97,8 @@ def test_tensorflow_is_hidden(tmp_path):
 
 def test_training_modules_import_without_tensorflow(tmp_path):
   modules = ('training.train', 'training.trainer', 'grid', 'data.pipeline',
-             'data.prepare', 'data.augment', 'training.checkpoint', 'cli',
-             'evaluation.aggregate')
+             'data.cache', 'data.augment', 'training.checkpoint', 'cli',
+             'evaluation.cv_table')
   result = _python(['-c', '; '.join(
       [f'import hc_jax.{name}' for name in modules] +
       ['import sys',
@@ -125,7 +125,7 @@ def export(phantom_hc18, tmp_path_factory):
 
 
 def test_export_holds_the_prepared_scans(export):
-  arrays, info = prepare.load(export)
+  arrays, info = cache_lib.load(export)
   assert arrays['images'].shape == (60, 32, 32, 1)
   assert arrays['images'].dtype == np.uint8
   assert info['image_hw'] == [32, 32] and info['resize_mode'] == 'stretch'

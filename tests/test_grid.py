@@ -16,7 +16,7 @@ from hc_jax import grid
 from hc_jax import losses
 from hc_jax import metrics
 from hc_jax import workdir as workdir_lib
-from hc_jax.evaluation import aggregate as aggregate_lib
+from hc_jax.evaluation import cv_table
 from hc_jax.training import train
 
 MSE_CONFIG = os.path.join(REPO, 'configs', 'cnn263k_mse.py')
@@ -85,9 +85,9 @@ def _rows_by_config(rows):
   return {row['config']: row for row in rows}
 
 
-def test_aggregate_pools_every_image_of_the_folds(tmp_path):
+def test_grid_rows_pool_every_image_of_the_folds(tmp_path):
   written = fake_grid(str(tmp_path))
-  rows = _rows_by_config(aggregate_lib.aggregate(str(tmp_path)))
+  rows = _rows_by_config(cv_table.grid_rows(str(tmp_path)))
   for name, (filenames, true_px, pred_px, pixel_size) in written.items():
     row = rows[name]
     abs_px = np.abs(pred_px - true_px)
@@ -110,13 +110,13 @@ def test_aggregate_pools_every_image_of_the_folds(tmp_path):
 
 def test_incomplete_rows_are_flagged_and_not_chosen_as_best(tmp_path):
   fake_grid(str(tmp_path))
-  rows = _rows_by_config(aggregate_lib.aggregate(str(tmp_path)))
+  rows = _rows_by_config(cv_table.grid_rows(str(tmp_path)))
   assert rows['partial']['mae_mm'] < rows['good']['mae_mm']  # As designed.
   assert (rows['partial']['num_folds'], rows['partial']['folds'],
           rows['partial']['complete']) == (3, [0, 2, 4], False)
   assert rows['good']['complete'] and rows['worse']['complete']
   assert [name for name, row in rows.items() if row['best']] == ['good']
-  aggregate_lib.write_tables(list(rows.values()), str(tmp_path))
+  cv_table.write_tables(list(rows.values()), str(tmp_path))
   table = (tmp_path / 'results.md').read_text()
   partial_line = next(line for line in table.splitlines()
                       if line.startswith('| partial'))
@@ -128,7 +128,7 @@ def test_incomplete_rows_are_flagged_and_not_chosen_as_best(tmp_path):
 
 def test_wilcoxon_against_the_best_matches_scipy(tmp_path):
   written = fake_grid(str(tmp_path))
-  rows = _rows_by_config(aggregate_lib.aggregate(str(tmp_path)))
+  rows = _rows_by_config(cv_table.grid_rows(str(tmp_path)))
 
   def abs_mm(name):
     filenames, true_px, pred_px, pixel_size = written[name]
@@ -154,7 +154,7 @@ def test_tables_are_written_and_printed(tmp_path, capsys):
   assert '| Config |' in printed and 'results.md' in printed
   with open(tmp_path / 'results.csv', newline='') as f:
     table = {row['config']: row for row in csv.DictReader(f)}
-  rows = _rows_by_config(aggregate_lib.aggregate(str(tmp_path)))
+  rows = _rows_by_config(cv_table.grid_rows(str(tmp_path)))
   assert set(table) == {'good', 'worse', 'partial'}
   for name, row in rows.items():
     assert float(table[name]['mae_mm']) == pytest.approx(row['mae_mm'])
@@ -169,12 +169,12 @@ def test_an_image_in_two_test_folds_is_an_error(tmp_path):
               ['001_HC.png', f'00{fold + 2}_HC.png'], [500.0, 600.0],
               [510.0, 590.0], [0.1, 0.1])
   with pytest.raises(ValueError, match='001_HC.png in the test fold of more'):
-    aggregate_lib.aggregate(str(tmp_path))
+    cv_table.grid_rows(str(tmp_path))
 
 
-def test_aggregate_of_an_empty_or_missing_root_is_an_error(tmp_path, capsys):
+def test_grid_rows_of_an_empty_or_missing_root_is_an_error(tmp_path, capsys):
   with pytest.raises(ValueError, match='holds no'):
-    aggregate_lib.aggregate(str(tmp_path))
+    cv_table.grid_rows(str(tmp_path))
   assert grid.main(['--root', str(tmp_path / 'nope'), '--aggregate_only']) == 2
   assert 'error: grid root' in capsys.readouterr().err
 
@@ -375,14 +375,14 @@ def test_real_run_of_one_config_and_fold(phantom_hc18, tmp_path, capsys):
   out, err = capsys.readouterr()
   assert status == 0, err
   assert 'starting: nothing to resume' in out  # Each run says what it does.
-  (row,) = aggregate_lib.aggregate(str(root))
+  (row,) = cv_table.grid_rows(str(root))
   assert (row['config'], row['num_folds'], row['folds']) == (
       'cnn263k_mae', 1, [3])
   _check_pooled_against_fold_results(root, 'cnn263k_mae', row, [3])
   # Run again: the finished run is skipped, the table is the same.
   status = _run_real_grid(phantom_hc18, root, [MAE_CONFIG], [3])
   assert status == 0 and 'finished, skipped' in capsys.readouterr().out
-  assert aggregate_lib.aggregate(str(root))[0]['mae_mm'] == row['mae_mm']
+  assert cv_table.grid_rows(str(root))[0]['mae_mm'] == row['mae_mm']
 
 
 @pytest.mark.slow  # About 40 s on two free CPU cores, 70 s on busy ones.
@@ -390,7 +390,7 @@ def test_real_grid_of_two_configs_and_two_folds(phantom_hc18, tmp_path, capsys):
   root = tmp_path / 'grid'
   status = _run_real_grid(phantom_hc18, root, [MSE_CONFIG, MAE_CONFIG], [0, 1])
   assert status == 0, capsys.readouterr().err
-  rows = _rows_by_config(aggregate_lib.aggregate(str(root)))
+  rows = _rows_by_config(cv_table.grid_rows(str(root)))
   assert set(rows) == {'cnn263k_mse', 'cnn263k_mae'}
   for name, row in rows.items():
     assert (row['num_folds'], row['complete']) == (2, False)
@@ -434,7 +434,7 @@ def test_the_readmes_loss_module_trains_through_the_grid(
                              np.mean(np.log(np.cosh(residuals))), rtol=1e-5)
   with open(root / 'cnn263k_mse' / 'fold3' / workdir_lib.RESULTS_FILE) as f:
     assert json.load(f)['loss'] == 'log_cosh'
-  (row,) = aggregate_lib.aggregate(str(root))
+  (row,) = cv_table.grid_rows(str(root))
   assert row['folds'] == [3] and np.isfinite(row['mae_mm'])
 
 

@@ -15,7 +15,7 @@ from hc_jax.data import ellipse
 from hc_jax.data import hc18
 from hc_jax.data import hc18_tfds
 from hc_jax.data import phantom as phantom_lib
-from hc_jax.data import synthetic
+from hc_jax.data import phantom_set
 
 TRAIN_CSV = 'training_set_pixel_size_and_HC.csv'
 TEST_CSV = 'test_set_pixel_size.csv'
@@ -25,7 +25,7 @@ REAL_HC18 = hc18.default_dir()
 @pytest.fixture(scope='module')
 def phantom_source(tmp_path_factory):
   root = tmp_path_factory.mktemp('phantom') / 'hc18'
-  summary = synthetic.write_hc18(str(root), num_train=12, num_test=4, seed=3)
+  summary = phantom_set.write_hc18(str(root), num_train=12, num_test=4, seed=3)
   return root, summary
 
 

@@ -16,8 +16,9 @@ from hc_jax import losses
 from hc_jax import models
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment
+from hc_jax.data import cache as cache_lib
+from hc_jax.data import normalise
 from hc_jax.data import phantom
-from hc_jax.data import prepare
 from hc_jax.nets import ellipse_head
 from hc_jax.nets import hcnet
 from hc_jax.training import step as step_lib
@@ -125,7 +126,7 @@ def _random_ellipses(key, count, height, width):
 @pytest.mark.parametrize('mode', ['stretch', 'letterbox'])
 def test_hc_px_is_the_perimeter_of_the_ellipse_mapped_back(mode):
   original = np.array([[540, 800], [600, 700], [480, 640]])
-  resize = jnp.asarray(prepare.resize_geometry(original, (128, 192), mode))
+  resize = jnp.asarray(cache_lib.resize_geometry(original, (128, 192), mode))
   resize = jnp.repeat(resize, 20, axis=0)
   ellipse_in = _random_ellipses(jax.random.key(5), len(resize), 128, 192)
   ellipse_in = ellipse_in.at[:3, 3].set(ellipse_in[:3, 2])  # Circles too.
@@ -173,7 +174,7 @@ def test_gradients_are_finite_for_circles_and_extremes():
                    [1e3, -1e3, 50.0, -50.0, 1e3, 0.0],
                    [0.2, -0.1, 0.5, 0.5, 0.3, -0.7]])
   true = jnp.array([[400.0, 270.0, 150.0, 100.0, 0.5]] * 3)
-  resize = jnp.asarray(prepare.resize_geometry(
+  resize = jnp.asarray(cache_lib.resize_geometry(
       np.array([[600, 600], [540, 800], [540, 800]]), (32, 48), 'letterbox'))
   mae = losses.get_loss('mae')
   grads = jax.jit(jax.grad(lambda raw: ellipse_head.train_loss(
@@ -214,8 +215,8 @@ def _phantoms(count, seed=0):
           'ellipse': ellipses,
           'hc_px': np.asarray(augment.ramanujan_perimeter(ellipses[:, 2],
                                                           ellipses[:, 3])),
-          'resize': prepare.resize_geometry(np.array([[64, 96]] * count),
-                                            (32, 48), 'stretch')}
+          'resize': cache_lib.resize_geometry(np.array([[64, 96]] * count),
+                                              (32, 48), 'stretch')}
 
 
 def test_the_ellipse_model_overfits_eight_phantoms():
@@ -237,7 +238,7 @@ def test_the_ellipse_model_overfits_eight_phantoms():
   def hc_error(state):
     raw, _ = state.apply_fn(
         {'params': state.params, 'batch_stats': state.batch_stats},
-        augment.zscore_batch(batch['image']), train=True,
+        normalise.zscore_batch(batch['image']), train=True,
         mutable=['batch_stats'])
     predicted = ellipse_head.hc_px(ellipse_head.decode(raw, 32, 48),
                                    batch['resize'])

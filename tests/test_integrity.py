@@ -19,9 +19,9 @@ import pytest
 from conftest import REPO
 from hc_jax import predict
 from hc_jax import workdir as workdir_lib
+from hc_jax.data import cache as cache_lib
 from hc_jax.data import digests
-from hc_jax.data import prepare
-from hc_jax.data import synthetic
+from hc_jax.data import phantom_set
 from hc_jax.training import manifest
 from hc_jax.training import train
 
@@ -132,9 +132,9 @@ def test_a_wrong_remembered_hash_is_checked_against_the_bytes(tmp_path,
   prepares a fresh copy under another digest nor makes the run's data look
   other than it trained on; the entry is mended."""
   root = str(tmp_path / 'hc18')
-  synthetic.write_hc18(root, num_train=12, num_test=4, seed=3)
+  phantom_set.write_hc18(root, num_train=12, num_test=4, seed=3)
   cache = str(tmp_path / 'cache')
-  _, info = prepare.prepare(root, (32, 32), 'stretch', cache)
+  _, info = cache_lib.prepare(root, (32, 32), 'stretch', cache)
   hashes_path = os.path.join(cache, digests.HASHES_FILE)
   with open(hashes_path) as f:
     hashes = json.load(f)
@@ -143,7 +143,7 @@ def test_a_wrong_remembered_hash_is_checked_against_the_bytes(tmp_path,
   with open(hashes_path, 'w') as f:
     json.dump(hashes, f)
   capsys.readouterr()
-  _, again = prepare.prepare(root, (32, 32), 'stretch', cache)
+  _, again = cache_lib.prepare(root, (32, 32), 'stretch', cache)
   assert again['content_digest'] == info['content_digest']
   assert sorted(os.listdir(cache)) == sorted(
       [digests.HASHES_FILE, f'hc18-{info["content_digest"]}'])

@@ -119,10 +119,10 @@ def test_imports_point_down_the_layers():
 def test_an_upward_import_is_found():
   assert _upward({'hc_jax.training.trainer': {'hc_jax.evaluation.metrics'},
                   'hc_jax.nets.pretrained': {'hc_jax.models'},
-                  'hc_jax.data.prepare': {'hc_jax.cli', 'hc_jax.log'}}) == {
+                  'hc_jax.data.cache': {'hc_jax.cli', 'hc_jax.log'}}) == {
                       ('hc_jax.training.trainer', 'hc_jax.evaluation.metrics'),
                       ('hc_jax.nets.pretrained', 'hc_jax.models'),
-                      ('hc_jax.data.prepare', 'hc_jax.cli')}
+                      ('hc_jax.data.cache', 'hc_jax.cli')}
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -162,7 +162,7 @@ def _commands_in(path: str) -> list[str]:
 
 def test_commands_live_at_the_top_level_only():
   """A subpackage holds libraries; its commands are top-level modules
-  (`hc_jax/synthetic.py` runs `hc_jax.data.synthetic`)."""
+  (`hc_jax/synthetic.py` runs `hc_jax.data.phantom_set`)."""
   found = [line for module, path in _modules().items()
            if module.count('.') > 1 for line in _commands_in(path)]
   assert not found, found

@@ -1,6 +1,6 @@
 """No leftovers, and no race: what killed processes left is cleaned by the
 next run (never what a live one holds), and two prepares of one fresh cache
-at once both succeed (hc_jax.leftovers, hc_jax.data.prepare)."""
+at once both succeed (hc_jax.leftovers, hc_jax.data.cache)."""
 
 import os
 import signal
@@ -16,9 +16,9 @@ import pytest
 from conftest import REPO
 from hc_jax import leftovers
 from hc_jax import predict
+from hc_jax.data import cache as cache_lib
 from hc_jax.data import digests
-from hc_jax.data import prepare
-from hc_jax.data import synthetic
+from hc_jax.data import phantom_set
 
 # Imports, then waits for the file `go` before it prepares: processes
 # started together prepare at the same moment.
@@ -26,12 +26,12 @@ _PREPARE = textwrap.dedent('''
     import os, sys, time
     from hc_jax import cli
     cli.quiet_logs()
-    from hc_jax.data import prepare
+    from hc_jax.data import cache as cache_lib
     root, cache, go = sys.argv[1:]
     while not os.path.exists(go):
       time.sleep(0.01)
-    arrays, info = prepare.prepare(root, (32, 32), 'stretch', cache)
-    print(prepare.arrays_digest(arrays))
+    arrays, info = cache_lib.prepare(root, (32, 32), 'stretch', cache)
+    print(cache_lib.arrays_digest(arrays))
 ''')
 
 
@@ -54,7 +54,7 @@ def sleeper():
 
 def _phantoms(tmp_path, num_train=12):
   root = str(tmp_path / 'hc18')
-  synthetic.write_hc18(root, num_train=num_train, num_test=4, seed=2)
+  phantom_set.write_hc18(root, num_train=num_train, num_test=4, seed=2)
   return root
 
 
@@ -97,7 +97,7 @@ def test_prepare_removes_what_killed_preparations_left(tmp_path, sleeper):
   for path in (dead, live):
     with open(path, 'wb') as f:
       f.write(b'half an npz')
-  prepare.prepare(root, (32, 32), 'stretch', cache)
+  cache_lib.prepare(root, (32, 32), 'stretch', cache)
   assert not os.path.exists(unfinished) and not os.path.exists(dead)
   assert os.path.exists(live)  # Its writer still runs.
 
@@ -153,8 +153,8 @@ def test_an_export_removes_what_killed_exports_left(tmp_path, sleeper):
       f.write('PK')
   arrays = {name: np.zeros((2, 32, 32, 1) if name == 'images' else (2,),
                            dtype)
-            for name, dtype in prepare.ARRAY_FIELDS.items()}
-  prepare.save(path, arrays, {'image_hw': [32, 32]})
+            for name, dtype in cache_lib.ARRAY_FIELDS.items()}
+  cache_lib.save(path, arrays, {'image_hw': [32, 32]})
   assert sorted(os.listdir(tmp_path / 'export')) == sorted(
       [os.path.basename(path), os.path.basename(live)])
 

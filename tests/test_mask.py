@@ -22,7 +22,7 @@ from hc_jax.data import augment
 from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import hc18
 from hc_jax.data import phantom
-from hc_jax.data import prepare
+from hc_jax.data import cache as prepare
 from hc_jax.nets import ellipse_head
 from hc_jax.nets import hcnet_mask
 from hc_jax.nets import mask_head

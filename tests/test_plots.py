@@ -7,8 +7,8 @@ import pytest
 
 from hc_jax import plots
 from hc_jax import workdir as workdir_lib
-from hc_jax.data import synthetic
-from hc_jax.evaluation import aggregate as aggregate_lib
+from hc_jax.data import phantom_set
+from hc_jax.evaluation import cv_table
 from hc_jax.evaluation import figures
 from hc_jax.evaluation import gestational_age
 from test_grid import fake_grid, write_run
@@ -26,7 +26,7 @@ def _pooled(tmp_path):
   fake_grid(str(tmp_path / 'grid'))
   config_dir = str(tmp_path / 'grid' / 'good')
   workdirs = list(workdir_lib.fold_dirs(config_dir).values())
-  return workdirs, aggregate_lib.pool_predictions(workdirs)
+  return workdirs, cv_table.pool_predictions(workdirs)
 
 
 def test_each_figure_is_written(pooled, tmp_path):
@@ -65,15 +65,15 @@ def test_trimesters_follow_hadlock_ga_of_the_true_hc():
 
 
 def test_worst_cases_show_the_largest_errors(tmp_path):
-  truth = synthetic.write_hc18(str(tmp_path / 'hc18'), num_train=8,
-                               num_test=1, seed=3)['train']
+  truth = phantom_set.write_hc18(str(tmp_path / 'hc18'), num_train=8,
+                                 num_test=1, seed=3)['train']
   filenames = [record['filename'] for record in truth]
   pixel_size = np.array([record['pixel_size_mm'] for record in truth])
   true_px = np.array([record['hc_mm'] for record in truth]) / pixel_size
   pred_px = true_px + np.arange(len(truth))  # The last image is the worst.
   write_run(str(tmp_path / 'run'), 0, 'cnn_263k', 'mse', filenames, true_px,
             pred_px, pixel_size)
-  predictions = aggregate_lib.pool_predictions([str(tmp_path / 'run')])
+  predictions = cv_table.pool_predictions([str(tmp_path / 'run')])
   path = figures.worst_cases(predictions, str(tmp_path / 'worst.png'),
                            hc18_dir=str(tmp_path / 'hc18'), num_cases=4)
   assert path == str(tmp_path / 'worst.png') and _is_png(path)

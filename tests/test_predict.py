@@ -24,11 +24,11 @@ from scipy import optimize
 from conftest import REPO
 from hc_jax import predict
 from hc_jax import workdir as workdir_lib
-from hc_jax.data import augment
+from hc_jax.data import cache as cache_lib
 from hc_jax.data import ellipse as ellipse_lib
 from hc_jax.data import hc18
+from hc_jax.data import normalise
 from hc_jax.data import phantom
-from hc_jax.data import prepare
 from hc_jax.evaluation import gestational_age
 from hc_jax.evaluation import inference
 from hc_jax.evaluation import loading
@@ -225,12 +225,12 @@ def test_non_square_input_predicts_as_the_trainer_evaluates(
   assert predictor.input_shape == (32, 48)
   # The prepared (resized, uint8) training images, z-scored as the trainer
   # does, are what predict makes of the PNGs.
-  arrays, _ = prepare.prepare(hc18_dir, (32, 48), 'stretch', cache_dir)
+  arrays, _ = cache_lib.prepare(hc18_dir, (32, 48), 'stretch', cache_dir)
   scans = [hc18.read_grayscale(os.path.join(hc18_dir, 'training_set', name))[0]
            for name in arrays['filename'][:8]]
   np.testing.assert_allclose(
       np.stack([predictor.preprocess(scan) for scan in scans]),
-      augment.zscore_batch(arrays['images'][:8]), atol=1e-5)
+      normalise.zscore_batch(arrays['images'][:8]), atol=1e-5)
   # The test fold: the trainer's evaluation (rounded to 0.001 mm) again.
   images, pixel_sizes, hc_mm_train = _test_fold(workdir, hc18_dir)
   out = predictor(images, pixel_sizes)

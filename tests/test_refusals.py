@@ -20,8 +20,8 @@ import pytest
 from conftest import REPO
 from hc_jax import models
 from hc_jax import predict
+from hc_jax.data import cache as cache_lib
 from hc_jax.data import pipeline
-from hc_jax.data import prepare
 from hc_jax.training import config_check
 from hc_jax.training import train
 
@@ -91,8 +91,8 @@ def test_a_synthetic_runs_cache_error_names_the_workdir(tmp_path,
   def read_only(*args, **kwargs):
     raise OSError(errno.EROFS, 'Read-only file system', str(tmp_path))
 
-  monkeypatch.setattr(prepare, '_from_tfds', read_only)
-  with pytest.raises(prepare.CacheError) as error:
+  monkeypatch.setattr(cache_lib, '_from_tfds', read_only)
+  with pytest.raises(cache_lib.CacheError) as error:
     pipeline.prepared_arrays(config, str(tmp_path / 'run'))
   assert '--config.data.cache_dir' not in str(error.value)
   assert '--workdir' in str(error.value)

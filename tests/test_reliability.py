@@ -315,9 +315,9 @@ def _flip_byte(path, where):
 def test_a_damaged_or_rewritten_cache_is_prepared_again(phantom_hc18, tmp_path,
                                                         capsys, damage):
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import cache as cache_lib  # pylint: disable=import-outside-toplevel
   root, cache = phantom_hc18[0], str(tmp_path / 'cache')
-  arrays, info = prepare.prepare(root, (32, 32), 'stretch', cache)
+  arrays, info = cache_lib.prepare(root, (32, 32), 'stretch', cache)
   path = _cached_npz(cache)
   size = os.path.getsize(path)
   if damage == 'truncated':
@@ -328,15 +328,15 @@ def test_a_damaged_or_rewritten_cache_is_prepared_again(phantom_hc18, tmp_path,
     forged = dict(arrays, hc_px=np.ones_like(arrays['hc_px']))
     np.savez(path, info=np.asarray(json.dumps(info)), **forged)
   capsys.readouterr()
-  again, _ = prepare.prepare(root, (32, 32), 'stretch', cache)
+  again, _ = cache_lib.prepare(root, (32, 32), 'stretch', cache)
   err = capsys.readouterr().err
   warnings = [line for line in err.splitlines() if line.startswith('warning')]
   assert len(warnings) == 1 and path in warnings[0], err
   assert 'preparing it again' in warnings[0]
-  for name in prepare.ARRAY_FIELDS:
+  for name in cache_lib.ARRAY_FIELDS:
     np.testing.assert_array_equal(again[name], arrays[name])
   capsys.readouterr()
-  prepare.prepare(root, (32, 32), 'stretch', cache)  # Repaired: no warning.
+  cache_lib.prepare(root, (32, 32), 'stretch', cache)  # Repaired: no warning.
   assert 'warning' not in capsys.readouterr().err
 
 
@@ -354,9 +354,9 @@ def _cut_after_first_record(path):
 def test_a_damaged_tfds_build_is_built_again(phantom_hc18, tmp_path, capsys,
                                              damage):
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import cache as cache_lib  # pylint: disable=import-outside-toplevel
   root, cache = phantom_hc18[0], str(tmp_path / 'cache')
-  arrays, _ = prepare.prepare(root, (32, 32), 'stretch', cache)
+  arrays, _ = cache_lib.prepare(root, (32, 32), 'stretch', cache)
   os.remove(_cached_npz(cache))  # As for another input size: read the build.
   records = [os.path.join(d, n) for d, _, names in os.walk(cache)
              for n in names if n.startswith('hc18-train.tfrecord')]
@@ -368,11 +368,11 @@ def test_a_damaged_tfds_build_is_built_again(phantom_hc18, tmp_path, capsys,
   else:
     _cut_after_first_record(records[0])
   capsys.readouterr()
-  again, _ = prepare.prepare(root, (32, 32), 'stretch', cache)
+  again, _ = cache_lib.prepare(root, (32, 32), 'stretch', cache)
   err = capsys.readouterr().err
   warnings = [line for line in err.splitlines() if line.startswith('warning')]
   assert len(warnings) == 1 and 'building it again' in warnings[0], err
-  for name in prepare.ARRAY_FIELDS:
+  for name in cache_lib.ARRAY_FIELDS:
     np.testing.assert_array_equal(again[name], arrays[name])
 
 
@@ -410,11 +410,11 @@ def _first_scan(root):
 
 
 def test_an_image_corrupted_in_place_is_checked_again(hc18_copy, tmp_path):
-  from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import cache as cache_lib  # pylint: disable=import-outside-toplevel
   from hc_jax.data import digests  # pylint: disable=import-outside-toplevel
-  from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
   cache = str(tmp_path / 'cache')
-  prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
+  cache_lib.prepare(hc18_copy, (32, 32), 'stretch', cache)
   name = _first_scan(hc18_copy)
   path = os.path.join(hc18_copy, 'training_set', name)
   digest = digests.source_digest(hc18_copy)
@@ -424,18 +424,18 @@ def test_an_image_corrupted_in_place_is_checked_again(hc18_copy, tmp_path):
     f.write(b'\0' * 64)
   assert digests.source_digest(hc18_copy) == digest  # Names and sizes only.
   with pytest.raises(hc18.HC18Error) as error:
-    prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
+    cache_lib.prepare(hc18_copy, (32, 32), 'stretch', cache)
   assert name in str(error.value)
 
 
 def test_an_image_replaced_by_another_of_the_same_size_is_prepared_anew(
     hc18_copy, tmp_path, monkeypatch):
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import cache as cache_lib  # pylint: disable=import-outside-toplevel
   from hc_jax.data import digests  # pylint: disable=import-outside-toplevel
-  from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import hc18  # pylint: disable=import-outside-toplevel
   cache = str(tmp_path / 'cache')
-  before, info = prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
+  before, info = cache_lib.prepare(hc18_copy, (32, 32), 'stretch', cache)
   name = _first_scan(hc18_copy)
   path = os.path.join(hc18_copy, 'training_set', name)
   image, _ = hc18.read_grayscale(path)
@@ -444,12 +444,12 @@ def test_an_image_replaced_by_another_of_the_same_size_is_prepared_anew(
   with open(path, 'wb') as f:
     f.write(replacement)
   assert digests.source_digest(hc18_copy) == info['source_digest']
-  after, new_info = prepare.prepare(hc18_copy, (32, 32), 'stretch', cache)
+  after, new_info = cache_lib.prepare(hc18_copy, (32, 32), 'stretch', cache)
   assert new_info['content_digest'] != info['content_digest']
   row = list(after['filename']).index(name)
   assert not np.array_equal(after['images'][row], before['images'][row])
-  fresh, _ = prepare.prepare(hc18_copy, (32, 32), 'stretch',
-                             str(tmp_path / 'fresh'))
+  fresh, _ = cache_lib.prepare(hc18_copy, (32, 32), 'stretch',
+                               str(tmp_path / 'fresh'))
   np.testing.assert_array_equal(after['images'], fresh['images'])
   # Unchanged files are hashed once: the next digest reads none of them.
   read = []

@@ -1,4 +1,4 @@
-"""Tests for the phantom HC18 writer (hc_jax.data.synthetic)."""
+"""Tests for the phantom HC18 writer (hc_jax.data.phantom_set)."""
 
 import csv
 import os
@@ -15,7 +15,7 @@ from scipy import ndimage
 from hc_jax.data import ellipse
 from hc_jax.data import hc18
 from hc_jax.data import phantom as phantom_lib
-from hc_jax.data import synthetic
+from hc_jax.data import phantom_set
 
 NUM_TRAIN = 40
 NUM_TEST = 6
@@ -25,7 +25,7 @@ REAL_HC18 = pathlib.Path(hc18.default_dir() or '/nonexistent/hc18')
 @pytest.fixture(scope='module')
 def phantom(tmp_path_factory):
   root = tmp_path_factory.mktemp('hc18')
-  summary = synthetic.write_hc18(root, num_train=NUM_TRAIN, num_test=NUM_TEST, seed=3)
+  summary = phantom_set.write_hc18(root, num_train=NUM_TRAIN, num_test=NUM_TEST, seed=3)
   return root, summary
 
 
@@ -215,9 +215,9 @@ def test_hc_rises_with_subject_number(phantom):
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
-  first = synthetic.write_hc18(tmp_path / 'first', num_train=6, num_test=2, seed=7)
-  second = synthetic.write_hc18(tmp_path / 'second', num_train=6, num_test=2, seed=7)
-  other = synthetic.write_hc18(tmp_path / 'other', num_train=6, num_test=2, seed=8)
+  first = phantom_set.write_hc18(tmp_path / 'first', num_train=6, num_test=2, seed=7)
+  second = phantom_set.write_hc18(tmp_path / 'second', num_train=6, num_test=2, seed=7)
+  other = phantom_set.write_hc18(tmp_path / 'other', num_train=6, num_test=2, seed=8)
   assert first['train'] == second['train'] and first['test'] == second['test']
   first_bytes = _all_bytes(tmp_path / 'first')
   assert first_bytes == _all_bytes(tmp_path / 'second')

@@ -4,7 +4,8 @@ Each image of a batch gets a horizontal flip (probability 0.5), a rotation about
 the image centre (uniform in ±`max_rotate_deg`), a shift (uniform in
 ±`max_translate_px` per axis) and an optional zoom (uniform in `scale_range`),
 combined into one affine map G and applied by one bilinear resampling with
-zeros outside the image; then each image is z-scored.
+zeros outside the image; then each image is z-scored
+(`hc_jax.data.normalise`).
 
 Conventions: x is the column, y the row, pixel centres sit at integers, angles
 turn +x towards +y, and the centre of an H x W image is `((W - 1) / 2,
@@ -26,7 +27,7 @@ HC in original pixels, which this accounts for. Images without an ellipse
 
   images, ellipses, hc_px = augment.augment_batch(
       key, uint8_images, ellipses, hc_px, resize, config)  # training
-  images = augment.zscore_batch(uint8_images)              # evaluation
+  images = normalise.zscore_batch(uint8_images)            # evaluation
 
 Only JAX, NumPy and the standard library are needed.
 """
@@ -38,10 +39,8 @@ from typing import Any, Mapping, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-# Smallest standard deviation a z-score divides by, so a blank frame gives
-# zeros rather than NaN.
-ZSCORE_EPS = 1e-6
-
+from hc_jax.data import ellipse as ellipse_lib
+from hc_jax.data.normalise import zscore_batch
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -108,34 +107,14 @@ class AugmentConfig:
 NO_AUGMENT = AugmentConfig(flip=False, max_translate_px=0.0, max_rotate_deg=0.0)
 
 
-def zscore(image: jax.Array, eps: float = ZSCORE_EPS) -> jax.Array:
-  """Standardises one image to zero mean and unit (population) SD; float32."""
-  image = jnp.asarray(image, jnp.float32)
-  return (image - jnp.mean(image)) / jnp.maximum(jnp.std(image), eps)
-
-
-def zscore_batch(images: jax.Array) -> jax.Array:
-  """`zscore` of each image of a `[B, H, W, C]` batch; float32."""
-  return jax.vmap(zscore)(images)
-
-
 # ----------------------------------------------------------------------------
 # Ellipse geometry. All functions broadcast over leading axes.
 # ----------------------------------------------------------------------------
 
 
 def ramanujan_perimeter(semi_axis_a, semi_axis_b) -> jax.Array:
-  """Ramanujan's first approximation pi (3 (a + b) - sqrt((3a + b)(a + 3b))).
-
-  Computed as pi (6a^2 + 8ab + 6b^2) / (3 (a + b) + sqrt(...)), the same value
-  without the subtraction, so float32 keeps full relative precision.
-  """
-  a = jnp.asarray(semi_axis_a, jnp.float32)
-  b = jnp.asarray(semi_axis_b, jnp.float32)
-  denominator = 3 * (a + b) + jnp.sqrt((3 * a + b) * (a + 3 * b))
-  safe = jnp.where(denominator > 0, denominator, 1.0)
-  return jnp.where(denominator > 0,
-                   math.pi * (6 * a * a + 8 * a * b + 6 * b * b) / safe, 0.0)
+  """`ellipse.ramanujan_perimeter` in JAX: float32, traceable under jit."""
+  return ellipse_lib.ramanujan_perimeter(semi_axis_a, semi_axis_b, xp=jnp)
 
 
 def ellipse_to_matrix(ellipse: jax.Array) -> Tuple[jax.Array, jax.Array]:

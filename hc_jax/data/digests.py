@@ -4,7 +4,7 @@
 `content_digest` hashes the bytes of every file, once: `HASHES_FILE` in the
 cache directory remembers each file's SHA-256 by its path, size and
 modification and change times, so unchanged files are not read again.
-`hc_jax.data.prepare` keys its cache by the content digest, and runs record
+`hc_jax.data.cache` keys its cache by the content digest, and runs record
 both.
 """
 

@@ -10,6 +10,7 @@ NumPy only, so the TF-free paths can use it.
 """
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -39,19 +40,32 @@ class Ellipse:
     return dataclasses.asdict(self)
 
 
-def ramanujan_perimeter(semi_axis_a, semi_axis_b):
-  """Ramanujan's first approximation of an ellipse's perimeter.
+def ramanujan_perimeter(semi_axis_a, semi_axis_b, xp=np):
+  """Ramanujan's first approximation of an ellipse's perimeter,
+  pi (3 (a + b) - sqrt((3a + b)(a + 3b))).
+
+  Computed as pi (6a^2 + 8ab + 6b^2) / (3 (a + b) + sqrt((3a + b)(a + 3b))),
+  the same value without the subtraction, so float32 keeps full relative
+  precision. The one definition of the HC of an ellipse: NumPy callers use it
+  as is, JAX code through `augment.ramanujan_perimeter` (`xp=jax.numpy`).
 
   Args:
     semi_axis_a: semi-axis (scalar or array).
-    semi_axis_b: the other semi-axis, same units.
+    semi_axis_b: the other semi-axis, same units (broadcast with the first).
+    xp: the array module: NumPy (float64) or jax.numpy (float32, traceable
+      under `jax.jit`).
 
   Returns:
-    The perimeter, in the units of the semi-axes.
+    The perimeter, in the units of the semi-axes; 0 where the denominator is
+    not positive (a = b = 0, or a NaN semi-axis).
   """
-  a = np.asarray(semi_axis_a, dtype=np.float64)
-  b = np.asarray(semi_axis_b, dtype=np.float64)
-  return np.pi * (3 * (a + b) - np.sqrt((3 * a + b) * (a + 3 * b)))
+  dtype = xp.float64 if xp is np else xp.float32
+  a = xp.asarray(semi_axis_a, dtype)
+  b = xp.asarray(semi_axis_b, dtype)
+  denominator = 3 * (a + b) + xp.sqrt((3 * a + b) * (a + 3 * b))
+  safe = xp.where(denominator > 0, denominator, 1.0)
+  return xp.where(denominator > 0,
+                  math.pi * (6 * a * a + 8 * a * b + 6 * b * b) / safe, 0.0)
 
 
 def wrap_angle(angle):

@@ -27,7 +27,7 @@ scan in the folder without a row) is listed in one error; nothing is
 dropped silently. The scans are prepared once (resized as HC18's are) and
 cached by a digest of the bytes of the CSV and of every image file under
 the folder
-(`hc_jax.data.prepare.prepare_folder`).
+(`hc_jax.data.cache.prepare_folder`).
 """
 
 import math

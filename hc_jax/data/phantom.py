@@ -7,7 +7,7 @@
 The scan is uint8: soft tissue in a sector-shaped field of view, a darker
 brain with a midline, a bright skull ring whose centreline is the ellipse,
 all under Rayleigh speckle. The annotation is HC18's: a closed 1-pixel
-outline, 255 on 0. `hc_jax.data.synthetic` lays such scans out as HC18. This
+outline, 255 on 0. `hc_jax.data.phantom_set` lays such scans out as HC18. This
 module needs only numpy and PIL.
 """
 

@@ -1,8 +1,8 @@
 """The data of a training run: prepared HC18, its folds, and the batches.
 
 One source for every machine: HC18 prepared once into resized uint8 arrays
-(`hc_jax.prepare`), the subject-grouped folds (`hc_jax.data.folds`), and, per
-member of a run (a test fold, a loss, a seed), its train/validation/test
+(`hc_jax.data.cache`), the subject-grouped folds (`hc_jax.data.folds`), and,
+per member of a run (a test fold, a loss, a seed), its train/validation/test
 positions in those arrays. Training batches are gathered on the host and
 augmented on the accelerator inside the jitted step (`hc_jax.data.augment`).
 
@@ -25,9 +25,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from hc_jax import workdir as workdir_lib
+from hc_jax.data import cache as cache_lib
 from hc_jax.data import folds as folds_lib
 from hc_jax.data import hc18
-from hc_jax.data import prepare
 
 
 def hc18_source_dir(config, workdir: str) -> str | None:
@@ -73,11 +73,11 @@ def write_phantoms(config, root: str) -> None:
   """Writes the phantom scans of a `data.source='synthetic'` config into
   `root` in the HC18 layout, unless a complete set is already there (its
   test CSV, written last)."""
-  from hc_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  from hc_jax.data import phantom_set  # pylint: disable=import-outside-toplevel
   if not os.path.isfile(os.path.join(root, hc18.SPLITS['test'][1])):
-    synthetic.write_hc18(root, num_train=config.data.num_synthetic,
-                         num_test=max(4, config.data.num_synthetic // 10),
-                         seed=config.seed)
+    phantom_set.write_hc18(root, num_train=config.data.num_synthetic,
+                           num_test=max(4, config.data.num_synthetic // 10),
+                           seed=config.seed)
 
 
 def prepared_arrays(config, workdir: str
@@ -89,16 +89,16 @@ def prepared_arrays(config, workdir: str
   `write_phantoms`) is prepared and cached by the digest of its content.
 
   Raises:
-    prepare.PreparedError: for an export made for another input size or
+    cache.PreparedError: for an export made for another input size or
       resize mode.
     hc18.HC18Error: for a broken HC18 copy (every bad file listed).
   """
-  shape = prepare.input_shape(config)
+  shape = cache_lib.input_shape(config)
   if config.data.get('prepared'):
-    arrays, info = prepare.load(config.data.prepared)
+    arrays, info = cache_lib.load(config.data.prepared)
     made = (tuple(info.get('image_hw', ())), info.get('resize_mode'))
     if made != (shape, config.resize_mode):
-      raise prepare.PreparedError(
+      raise cache_lib.PreparedError(
           f'{config.data.prepared} holds {made[0]} images resized by '
           f'{made[1]!r}, but the config asks for {shape} by '
           f'{config.resize_mode!r}')
@@ -106,15 +106,15 @@ def prepared_arrays(config, workdir: str
   root = hc18_source_dir(config, workdir)
   cache_dir = config.data.get('cache_dir', '')
   if config.data.source == 'folder':
-    return prepare.prepare_folder(root, config.data.get('labels', ''), shape,
-                                  config.resize_mode, cache_dir)
+    return cache_lib.prepare_folder(root, config.data.get('labels', ''), shape,
+                                    config.resize_mode, cache_dir)
   cache_flag = '--config.data.cache_dir'
   if config.data.source == 'synthetic':  # Its own cache, in the workdir.
     write_phantoms(config, root)
     cache_dir = os.path.join(workdir, workdir_lib.DATA_CACHE_DIR)
     cache_flag = 'in the workdir, --workdir'
-  return prepare.prepare(root, shape, config.resize_mode, cache_dir,
-                         cache_flag)
+  return cache_lib.prepare(root, shape, config.resize_mode, cache_dir,
+                           cache_flag)
 
 
 def fold_assignment(config, filenames, hc_mm, workdir: str,
@@ -152,7 +152,7 @@ class RunData:
   """The arrays of a run and, per member, its split and batches.
 
   Attributes:
-    arrays: the prepared arrays (`hc_jax.prepare`).
+    arrays: the prepared arrays (`hc_jax.data.cache`).
     info: what they were prepared from ('source_digest', ...).
     assignment: the fold assignment.
     folds: int [M], each member's test fold.

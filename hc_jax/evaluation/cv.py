@@ -7,7 +7,9 @@
 
 The members and their runs are found and checked by
 `hc_jax.evaluation.cv_runs` (same folds, one fold assignment, the HC18 copy
-they trained on); the report and CSVs are `hc_jax.evaluation.cv_report`'s.
+they trained on); the report and CSVs are `hc_jax.evaluation.cv_report`'s,
+and the pooled errors `hc_jax.evaluation.cv_table.pooled_errors`, as in the
+grid's table.
 
 The test images are read from the original PNGs of HC18's training_set/
 (by default the directory each run's config names, else
@@ -27,10 +29,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hc_jax import log
-from hc_jax import metrics
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import hc18
 from hc_jax.evaluation import cv_runs
+from hc_jax.evaluation import cv_table
 
 # One row per scored image (the CSV of --out), then one column per member.
 IMAGE_COLUMNS = ('fold', 'filename', 'subject_id', 'pixel_size_mm',
@@ -70,7 +72,7 @@ class Scores:
     num_images, mae_mm, mae_mm_std, mae_px, mae_px_std, pmae, pmae_std,
     bias_mm: as `metrics.hc_errors` (population SDs) over every image.
     median_mm, worst_mm: median and largest absolute error in mm.
-    worst_file: the image of `worst_mm`.
+    worst_file: the image of `worst_mm` (these as `cv_table.pooled_errors`).
     num_gross: predictions outside `GROSS_RATIO` times the true HC.
     num_outside_10pct: predictions outside `CLOSE_RATIO` times the true HC.
     part: 'test' or 'val', the part of each fold scored.
@@ -268,11 +270,10 @@ def _scores(labels, roots, members, tta_flip, hc18_dir, rows, fold_scores
             ) -> Scores:
   """Scores from the per-image rows."""
   column = lambda key: np.array([row[key] for row in rows], np.float64)
-  errors = metrics.hc_errors(column('hc_px_true'), column('hc_px_pred'),
-                             column('pixel_size_mm'))
-  abs_mm = np.abs(column('error_mm'))
+  errors = cv_table.pooled_errors(
+      column('hc_px_true'), column('hc_px_pred'), column('pixel_size_mm'),
+      [row['filename'] for row in rows])
   ratio = column('hc_px_pred') / column('hc_px_true')
-  worst = int(np.argmax(abs_mm))
   return Scores(
       members=labels, roots=list(roots),
       runs={fold: [runs[fold] for runs in members] for fold in members[0]},
@@ -281,8 +282,8 @@ def _scores(labels, roots, members, tta_flip, hc18_dir, rows, fold_scores
       mae_mm_std=errors['mae_mm_std'], mae_px=errors['mae_px'],
       mae_px_std=errors['mae_px_std'], pmae=errors['pmae'],
       pmae_std=errors['pmae_std'], bias_mm=errors['bias_mm'],
-      median_mm=float(np.median(abs_mm)), worst_mm=float(abs_mm[worst]),
-      worst_file=rows[worst]['filename'],
+      median_mm=errors['median_mm'], worst_mm=errors['worst_mm'],
+      worst_file=errors['worst_file'],
       num_gross=int(np.sum(~((ratio >= GROSS_RATIO[0]) &
                              (ratio <= GROSS_RATIO[1])))),
       num_outside_10pct=int(np.sum(~((ratio >= CLOSE_RATIO[0]) &

@@ -5,7 +5,7 @@
 
 `predictions` are pooled prediction columns ('hc_mm_true', 'hc_mm_pred',
 and for the worst cases 'filename' and 'workdir'), as
-`hc_jax.evaluation.aggregate.pool_predictions` gives them; `python -m
+`hc_jax.evaluation.cv_table.pool_predictions` gives them; `python -m
 hc_jax.plots` draws them all for a run or a grid.
 
 Trimesters are of the gestational age that Hadlock's formula gives for the
@@ -54,7 +54,7 @@ def scatter_hc(predictions, path: str, title: str = '') -> str:
 
   Args:
     predictions: columns with 'hc_mm_true' and 'hc_mm_pred' (as
-      `aggregate.read_predictions` or `aggregate.pool_predictions` give them).
+      `cv_table.read_predictions` or `cv_table.pool_predictions` give them).
     path: the PNG to write.
     title: the figure's title.
 
@@ -268,7 +268,7 @@ def worst_cases(predictions, path: str, hc18_dir: str | None = None,
 
   Args:
     predictions: pooled columns incl. 'filename' and 'workdir' (as
-      `aggregate.pool_predictions` gives them).
+      `cv_table.pool_predictions` gives them).
     path: the PNG to write.
     hc18_dir: an HC18 directory that holds the scans in training_set/; None
       looks where each run's config says (see `images_dir`).

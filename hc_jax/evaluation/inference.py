@@ -20,7 +20,7 @@ an ellipse model ('ellipse', `hcnet_ellipse`) and a mask model ('mask',
 `hcnet_mask`, whose head mask's moments give the ellipse) give the head's
 ellipse in model-input pixels, from which its HC in pixels of the ORIGINAL
 image follows through each image's own resize geometry
-(`prepare.resize_geometry` of its size, the run's input shape and resize
+(`cache.resize_geometry` of its size, the run's input shape and resize
 mode). A kind may have a quality signal (the mask's: the soft IoU of the
 mask and its moments' ellipse), below `min_quality` of which a prediction is
 'uncertain'; the threshold's default is the kind's. Ellipses are `[center_x, center_y, semi_axis_a, semi_axis_b,
@@ -443,8 +443,8 @@ class Predictor:
 
   def _resize(self, images) -> np.ndarray:
     """[N, 4] resize geometry of each image into the model input."""
-    from hc_jax.data import prepare  # pylint: disable=import-outside-toplevel
+    from hc_jax.data import cache as cache_lib  # pylint: disable=import-outside-toplevel
     original_hw = np.array([np.shape(image)[:2] for image in images],
                            np.int64).reshape(-1, 2)
-    return prepare.resize_geometry(np.maximum(original_hw, 1),
-                                   self.input_shape, self.resize_mode)
+    return cache_lib.resize_geometry(np.maximum(original_hw, 1),
+                                     self.input_shape, self.resize_mode)

@@ -139,16 +139,16 @@ def _build_model(config_dict: dict, model_options: dict | None,
   import jax.numpy as jnp
   import ml_collections
   from hc_jax import models
-  from hc_jax.data import prepare
+  from hc_jax.data import cache as cache_lib
   try:
     config = ml_collections.ConfigDict({**config_dict,
                                         'layers': inference.LAYERS})
     if model_options:
       config.model_options.update(model_options)
-    height, width = prepare.input_shape(config)
+    height, width = cache_lib.input_shape(config)
     if min(height, width) < 1:
       raise ValueError(f'the model input is {width}x{height} px')
-    if config.resize_mode not in prepare.RESIZE_MODES:
+    if config.resize_mode not in cache_lib.RESIZE_MODES:
       raise ValueError(f'unknown resize_mode {config.resize_mode!r}')
     model = models.from_config(config)
     abstract = jax.eval_shape(
@@ -176,14 +176,15 @@ def _image_preparer(config, height: int, width: int):
   as training makes it."""
   # pylint: disable=import-outside-toplevel
   import tensorflow as tf
-  from hc_jax.data import preprocess
+  from hc_jax.data import normalise
+  from hc_jax.data import resize as resize_lib
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, 1], tf.uint8)])
   def prepare_image(image):
     # As the prepared training images (resized, uint8), then z-scored as the
     # trainer does.
-    resized = preprocess.resize(image, (height, width), config.resize_mode)
-    return preprocess.zscore(preprocess.to_uint8(resized))
+    resized = resize_lib.resize(image, (height, width), config.resize_mode)
+    return normalise.zscore_tf(resize_lib.to_uint8(resized))
 
   return prepare_image
 

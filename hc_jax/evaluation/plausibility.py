@@ -22,7 +22,7 @@ import numpy as np
 
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import hc18
-from hc_jax.evaluation import aggregate
+from hc_jax.evaluation import cv_table
 
 THRESHOLDS_MM = (5.0, 10.0, 20.0)
 
@@ -30,7 +30,7 @@ THRESHOLDS_MM = (5.0, 10.0, 20.0)
 def fold_statuses(run: str, images_dir: str) -> dict[str, np.ndarray]:
   """The predictor's statuses and errors on one run's test fold."""
   from hc_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
-  predictions = aggregate.read_predictions(
+  predictions = cv_table.read_predictions(
       os.path.join(run, workdir_lib.PREDICTIONS_FILE))
   predictor = loading.load(run)
   images = []
@@ -43,22 +43,13 @@ def fold_statuses(run: str, images_dir: str) -> dict[str, np.ndarray]:
   true_mm = predictions['hc_px_true'] * predictions['pixel_size_mm']
   return {'filename': predictions['filename'], 'status': out['status'],
           'error_mm': np.abs(out['hc_mm'] - true_mm),
-          'csv_error_mm': aggregate.absolute_errors_mm(predictions)}
-
-
-def config_dirs(root: str) -> list[str]:
-  """The configurations of a grid directory: its subdirectories holding fold
-  runs (`ROOT/<config>/fold<k>`), sorted."""
-  return sorted(
-      os.path.join(root, d) for d in os.listdir(root)
-      if os.path.isdir(os.path.join(root, d)) and
-      workdir_lib.fold_dirs(os.path.join(root, d)))
+          'csv_error_mm': cv_table.absolute_errors_mm(predictions)}
 
 
 def config_row(config_dir: str, images_dir: str) -> dict[str, Any]:
   """Counts of caught bad and flagged good predictions over a config's folds."""
   folds = [fold_statuses(run, images_dir) for _, run in sorted(
-      workdir_lib.fold_dirs(config_dir).items()) if aggregate.finished(run)]
+      workdir_lib.fold_dirs(config_dir).items()) if cv_table.finished(run)]
   if not folds:
     return {'config': os.path.basename(config_dir), 'num_images': 0}
   status = np.concatenate([f['status'] for f in folds])

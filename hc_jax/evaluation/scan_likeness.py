@@ -39,8 +39,8 @@ wide margin, and on images that are not scans
                         texture of SD below `MIN_TEXTURE_SD` grey levels
                         (a smooth gradient) counts as none.
 
-The phantom scans of `hc_jax.data.synthetic` (what the tests and demos train and
-predict on) are rendered as scans (fan, speckle, dark background) and count
+The phantom scans of `hc_jax.data.phantom_set` (what the tests and demos
+train and predict on) are rendered as scans (fan, speckle, dark background) and count
 as scan-like: they pass every bound. What these statistics cannot tell from
 an ultrasound scan is another grey medical image with a black background
 (an MR slice, for one); the model's own signals (a mask model's quality, the

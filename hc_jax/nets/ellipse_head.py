@@ -17,7 +17,7 @@ imposed). Every raw vector, however large, decodes to a valid ellipse:
 
 `hc_px(ellipse_in, resize)` maps the ellipse back to ORIGINAL pixels (the
 inverse of x_in = sx x + ox, y_in = sy y + oy) and returns its Ramanujan
-perimeter, the HC in px: the same number as `augment.ramanujan_perimeter`
+perimeter, the HC in px: the same number as `ellipse.ramanujan_perimeter`
 of `augment.transform_ellipse(ellipse_in, diag(1/sx, 1/sy), (-ox/sx,
 -oy/sy))`, computed in a closed form that stays differentiable for a circle
 (the eigen-decomposition there has an infinite derivative).

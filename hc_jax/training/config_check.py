@@ -35,7 +35,7 @@ from hc_jax import losses
 from hc_jax import models
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment as augment_lib
-from hc_jax.data import prepare
+from hc_jax.data import cache as cache_lib
 from hc_jax.nets import hcnet
 from hc_jax.nets import layers as layers_lib
 from hc_jax.nets import mask_head
@@ -146,7 +146,7 @@ RULES = {
     'data.num_synthetic': _integer(1),
     'data.pipeline': _choice(('auto', 'tf', 'numpy')),
     'image_size': _integer(1),
-    'resize_mode': _choice(prepare.RESIZE_MODES),
+    'resize_mode': _choice(cache_lib.RESIZE_MODES),
     'num_folds': _integer(2),
     'fold_seed': _SEED,
     'val_fraction': _real(below=1.0),
@@ -295,7 +295,7 @@ def check_config(config) -> None:
 def _check_model_input(config, model) -> None:
   """Raises ValueError when `model` cannot be built for the config's input
   (traced abstractly: no compiling, no memory for the parameters)."""
-  height, width = prepare.input_shape(config)
+  height, width = cache_lib.input_shape(config)
   smallest = models.smallest_input(model)
   if min(height, width) < smallest:
     raise ValueError(

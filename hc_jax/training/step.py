@@ -18,7 +18,8 @@ import optax
 from hc_jax import log
 from hc_jax import models
 from hc_jax.data import augment as augment_lib
-from hc_jax.data import prepare
+from hc_jax.data import cache as cache_lib
+from hc_jax.data import normalise
 
 
 P = jax.sharding.PartitionSpec
@@ -49,7 +50,7 @@ def create_optimizer(config, steps_per_epoch: int
 
 
 def create_train_state(config, model, key, tx) -> TrainState:
-  height, width = prepare.input_shape(config)
+  height, width = cache_lib.input_shape(config)
   image = jnp.zeros((1, height, width, 1), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(key, image)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
@@ -188,7 +189,7 @@ def members_predict(state, images, how: str = 'vmap', resize=None,
     outputs = member_state.apply_fn(
         {'params': member_state.params,
          'batch_stats': member_state.batch_stats},
-        augment_lib.zscore_batch(member_images), train=False)
+        normalise.zscore_batch(member_images), train=False)
     if hc_of is None:
       return outputs
     if len(xs) < 4:

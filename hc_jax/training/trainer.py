@@ -31,8 +31,9 @@ from hc_jax import metrics as metrics_lib
 from hc_jax import models
 from hc_jax import workdir as workdir_lib
 from hc_jax.data import augment as augment_lib
+from hc_jax.data import cache as cache_lib
+from hc_jax.data import normalise
 from hc_jax.data import pipeline as data_lib
-from hc_jax.data import prepare
 from hc_jax.nets import kinds
 from hc_jax.nets import layers as layers_lib
 from hc_jax.training import checkpoint
@@ -188,7 +189,7 @@ class Trainer:
 
   def _describe(self) -> str:
     c, d = self.config, self.data
-    height, width = prepare.input_shape(c)
+    height, width = cache_lib.input_shape(c)
     parts = ', '.join(f'fold {x.fold} {x.loss}' + (
         f' seed {x.seed}' if x.seed != c.seed else '') for x in self.configs)
     return (f'{c.model} ({parts}): {len(d.split[0]["train"])} train / '
@@ -627,7 +628,7 @@ class Trainer:
         records.append(None)
         continue
       variables = {'params': state.params, 'batch_stats': state.batch_stats}
-      values = [jax.device_get(forward(variables, augment_lib.zscore_batch(
+      values = [jax.device_get(forward(variables, normalise.zscore_batch(
           jnp.asarray(images[keep[c:c + size]]))))['quality']
                 for c in range(0, keep.size, size)]
       records.append(kinds.quality_record(kind.quality,

@@ -16,7 +16,7 @@ Every run trains from the same prepared form, whatever the machine:
                                        of the resized image
 
 The images are decoded by the `hc18` TFDS builder (`hc_jax.data.hc18_tfds`, which
-checks every file) and resized in tf.data (`hc_jax.data.preprocess.resize`), once.
+checks every file) and resized in tf.data (`hc_jax.data.resize.resize`), once.
 The result is cached as an .npz keyed by a digest of the source's content
 (`digests.content_digest`: the bytes of the CSVs and of every image file), so
 another copy of HC18, or one with a file changed in place, is prepared (and
@@ -88,7 +88,7 @@ def input_shape(config) -> tuple[int, int]:
 
 
 def resize_geometry(original_hw, out_hw, mode: str) -> np.ndarray:
-  """Where original pixels land in the resized image (`preprocess.resize`).
+  """Where original pixels land in the resized image (`resize.resize`).
 
   tf.image.resize maps pixel centres as x_out + 0.5 = (x + 0.5) * scale.
 
@@ -240,13 +240,13 @@ def _read_tfds(builder, out_hw, mode: str) -> dict[str, np.ndarray]:
   # pylint: disable=import-outside-toplevel
   import tensorflow as tf
   from hc_jax.data import hc18_tfds
-  from hc_jax.data import preprocess
+  from hc_jax.data import resize as resize_lib
   dataset = builder.as_dataset(split='train', shuffle_files=False)
 
   def resized(example):
     shape = tf.shape(example['image'])[:2]
-    image = preprocess.resize(example['image'], out_hw, mode)
-    return {**example, 'image': preprocess.to_uint8(image),
+    image = resize_lib.resize(example['image'], out_hw, mode)
+    return {**example, 'image': resize_lib.to_uint8(image),
             'original_hw': tf.cast(shape, tf.int32)}
 
   columns = {name: [] for name in ARRAY_FIELDS if name != 'resize'}
@@ -440,14 +440,14 @@ def _from_records(records, out_hw, mode: str) -> dict[str, np.ndarray]:
   # pylint: disable=import-outside-toplevel
   import tensorflow as tf
   from hc_jax.data import folder
-  from hc_jax.data import preprocess
+  from hc_jax.data import resize as resize_lib
   images, original_hw = [], []
   for record in records:
     pixels, _ = folder.read_image(record.image_path)
     original_hw.append(pixels.shape)
-    resized = preprocess.resize(tf.convert_to_tensor(pixels[..., None]),
+    resized = resize_lib.resize(tf.convert_to_tensor(pixels[..., None]),
                                 out_hw, mode)
-    images.append(preprocess.to_uint8(resized).numpy())
+    images.append(resize_lib.to_uint8(resized).numpy())
   original_hw = np.asarray(original_hw, np.int32).reshape(-1, 2)
   return {
       'images': np.stack(images).astype(np.uint8),

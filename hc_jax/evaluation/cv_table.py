@@ -1,10 +1,16 @@
-"""The cross-validation table: pooled test errors per configuration.
+"""The cross-validation tables' rows: test errors pooled over the folds.
 
-`aggregate(root)` reads every `ROOT/<config>/fold<k>/` run (as `hc_jax.grid`
-and `hc_jax.training.train` leave them) and makes one row per configuration: MAE in
-px, percentage MAE and MAE in mm, each mean ± SD over every image of the test
-folds pooled (not a mean of fold means), the median and worst absolute error
-in mm, the folds and images present (rows short of `num_folds` folds are
+`pooled_errors` is what every cross-validation row reports of a set of
+per-image predictions pooled over test folds (never a mean of fold means):
+`metrics.hc_errors`, the median and the worst absolute error in mm. It makes
+the rows of the grid's table here and the scores of `hc_jax.evaluation.cv`
+(`python -m hc_jax.cv_score`).
+
+The grid's table: `grid_rows(root)` reads every `ROOT/<config>/fold<k>/` run
+(as `hc_jax.grid` and `hc_jax.training.train` leave them) and makes one row
+per configuration: MAE in px, percentage MAE and MAE in mm, each mean ± SD
+over every image of the test folds pooled, the median and worst absolute
+error in mm, the folds and images present (rows short of `num_folds` folds are
 flagged), and a two-sided paired Wilcoxon signed-rank test of the best
 configuration (lowest pooled MAE in mm; complete rows are preferred) against
 each other one, on per-image absolute errors in mm paired by filename.
@@ -91,6 +97,39 @@ def _read_json(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
+def pooled_errors(hc_px_true, hc_px_pred, pixel_size_mm, filenames
+                  ) -> dict[str, Any]:
+  """The errors of per-image predictions pooled over folds.
+
+  Args:
+    hc_px_true, hc_px_pred: reference and predicted HC in px, [N] (N > 0).
+    pixel_size_mm: each image's pixel size, [N].
+    filenames: each image's name, [N].
+
+  Returns:
+    `metrics.hc_errors` plus 'median_mm' and 'worst_mm' (the median and the
+    largest absolute error in mm) and 'worst_file' (the image of the latter).
+  """
+  hc_px_true = np.asarray(hc_px_true, np.float64)
+  hc_px_pred = np.asarray(hc_px_pred, np.float64)
+  pixel_size_mm = np.asarray(pixel_size_mm, np.float64)
+  errors = metrics.hc_errors(hc_px_true, hc_px_pred, pixel_size_mm)
+  errors_mm = np.abs(hc_px_pred - hc_px_true) * pixel_size_mm
+  worst = int(np.argmax(errors_mm))
+  errors.update(median_mm=float(np.median(errors_mm)),
+                worst_mm=float(errors_mm[worst]),
+                worst_file=str(filenames[worst]))
+  return errors
+
+
+def config_dirs(root: str) -> list[str]:
+  """The configurations of a grid directory: its subdirectories holding fold
+  runs (`ROOT/<config>/fold<k>`), sorted."""
+  return [os.path.join(root, name) for name in sorted(os.listdir(root))
+          if os.path.isdir(os.path.join(root, name))
+          and workdir_lib.fold_dirs(os.path.join(root, name))]
+
+
 def summarise_config(config_dir: str) -> tuple[dict[str, Any], dict]:
   """One row of the table (without the test) and the pooled predictions."""
   workdirs = workdir_lib.fold_dirs(config_dir)
@@ -107,13 +146,8 @@ def summarise_config(config_dir: str) -> tuple[dict[str, Any], dict]:
          'best': False, 'wilcoxon_num_pairs': 0, 'wilcoxon_p': math.nan}
   pooled = pool_predictions(list(done.values()))
   if len(pooled['filename']):
-    row.update(metrics.hc_errors(pooled['hc_px_true'], pooled['hc_px_pred'],
-                                 pooled['pixel_size_mm']))
-    errors_mm = absolute_errors_mm(pooled)
-    row['median_mm'] = float(np.median(errors_mm))
-    worst = int(np.argmax(errors_mm))
-    row['worst_mm'] = float(errors_mm[worst])
-    row['worst_file'] = str(pooled['filename'][worst])
+    row.update(pooled_errors(pooled['hc_px_true'], pooled['hc_px_pred'],
+                             pooled['pixel_size_mm'], pooled['filename']))
   else:
     row.update(dict.fromkeys(('mae_px', 'mae_px_std', 'mae_mm', 'mae_mm_std',
                               'pmae', 'pmae_std', 'bias_mm', 'median_mm',
@@ -153,7 +187,7 @@ def paired_wilcoxon(best: dict[str, np.ndarray], other: dict[str, np.ndarray]
   return len(shared), float(result.pvalue)
 
 
-def aggregate(root: str) -> list[dict[str, Any]]:
+def grid_rows(root: str) -> list[dict[str, Any]]:
   """The table's rows for every configuration under ROOT, best one marked.
 
   Args:
@@ -168,13 +202,11 @@ def aggregate(root: str) -> list[dict[str, Any]]:
   """
   if not os.path.isdir(root):
     raise ValueError(f'grid root {root!r} does not exist')
-  config_dirs = [os.path.join(root, name) for name in sorted(os.listdir(root))
-                 if os.path.isdir(os.path.join(root, name))
-                 and workdir_lib.fold_dirs(os.path.join(root, name))]
-  if not config_dirs:
+  configs = config_dirs(root)
+  if not configs:
     raise ValueError(f'{root} holds no <config>/fold<k> runs')
   rows, pooled = [], {}
-  for config_dir in config_dirs:
+  for config_dir in configs:
     row, predictions = summarise_config(config_dir)
     rows.append(row)
     pooled[row['config']] = predictions

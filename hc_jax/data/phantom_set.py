@@ -1,4 +1,4 @@
-"""Phantom HC18 data: ultrasound-like scans of elliptical skulls, laid out as HC18.
+"""A phantom data set in HC18's layout: ultrasound-like scans of elliptical skulls.
 
 Writes a directory with the file names, image formats and CSV files of the
 published HC18 data set, so that the pipeline runs end to end without the data:

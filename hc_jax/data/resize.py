@@ -1,6 +1,6 @@
-"""Resizing and standardising ultrasound images (TensorFlow ops).
+"""Resizing ultrasound images to the model input (TensorFlow ops).
 
-The images are resized once, when HC18 is prepared (`hc_jax.prepare`), and
+The images are resized once, when HC18 is prepared (`hc_jax.data.cache`), and
 again by `hc_jax.predict` for new scans, with the same op, so a model sees
 the same input at training and at inference. Augmentation is not here: it
 runs in JAX inside the jitted training step (`hc_jax.data.augment`).
@@ -10,8 +10,6 @@ tests check that the two agree.
 """
 
 import tensorflow as tf
-
-from hc_jax.data.augment import ZSCORE_EPS
 
 RESIZE_MODES = ('stretch', 'letterbox')
 
@@ -38,7 +36,7 @@ def resize(image, size, mode='stretch'):
     mode: 'stretch' resizes the whole image to the output (bilinear with
       antialiasing, as in the paper; the aspect ratio is not kept).
       'letterbox' scales by `min(out_h / H, out_w / W)`, keeping the aspect
-      ratio, and pads with zeros, centred. `hc_jax.prepare.resize_geometry`
+      ratio, and pads with zeros, centred. `cache.resize_geometry`
       gives where an original pixel lands, for either mode.
 
   Returns:
@@ -83,21 +81,3 @@ def to_uint8(image):
   """
   image = tf.cast(image, tf.float32)
   return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-
-def zscore(image, eps=ZSCORE_EPS):
-  """Standardises each image to zero mean and unit standard deviation.
-
-  Args:
-    image: `[H, W, C]` image, or a batch `[B, H, W, C]` (each image on its
-      own), of any real dtype.
-    eps: lower bound on the standard deviation, so a constant image maps to
-      zeros rather than NaN.
-
-  Returns:
-    float32 image of the same shape.
-  """
-  image = tf.cast(image, tf.float32)
-  mean = tf.reduce_mean(image, axis=[-3, -2, -1], keepdims=True)
-  std = tf.math.reduce_std(image, axis=[-3, -2, -1], keepdims=True)
-  return (image - mean) / tf.maximum(std, eps)
