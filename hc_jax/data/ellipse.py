@@ -56,16 +56,22 @@ def ramanujan_perimeter(semi_axis_a, semi_axis_b, xp=np):
       under `jax.jit`).
 
   Returns:
-    The perimeter, in the units of the semi-axes; 0 where the denominator is
-    not positive (a = b = 0, or a NaN semi-axis).
+    The perimeter, in the units of the semi-axes; 0 for a = b = 0. A NaN
+    semi-axis gives NaN with NumPy (a missing ellipse stays missing) and 0
+    with jax.numpy (where the step masks rows without an ellipse, a NaN
+    would reach the gradients through `where`).
   """
   dtype = xp.float64 if xp is np else xp.float32
   a = xp.asarray(semi_axis_a, dtype)
   b = xp.asarray(semi_axis_b, dtype)
   denominator = 3 * (a + b) + xp.sqrt((3 * a + b) * (a + 3 * b))
   safe = xp.where(denominator > 0, denominator, 1.0)
-  return xp.where(denominator > 0,
-                  math.pi * (6 * a * a + 8 * a * b + 6 * b * b) / safe, 0.0)
+  perimeter = xp.where(denominator > 0,
+                       math.pi * (6 * a * a + 8 * a * b + 6 * b * b) / safe,
+                       0.0)
+  if xp is np:
+    return np.where(np.isnan(denominator), np.nan, perimeter)
+  return perimeter
 
 
 def wrap_angle(angle):
