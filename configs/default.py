@@ -32,6 +32,9 @@ def get_config():
   config.mask_loss.ellipse = 0.0
   # The mask's disagreement with the ellipse of its own moments (no label).
   config.mask_loss.shape = 0.0
+  # With a boundary refinement (model_options.refine_rays > 0): each ray's
+  # boundary against where it leaves the reference ellipse.
+  config.mask_loss.rays = 0.0
   # Pretrained weights to start from ('' for none): a Keras ResNet50 .h5 or
   # .keras file in the keras.applications layout (see
   # hc_jax/nets/pretrained.py).

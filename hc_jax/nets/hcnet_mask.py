@@ -24,6 +24,17 @@ is drawn whole. The mask's cells keep exact input-pixel coordinates
 mask's centroid and second moments, the ellipse in model-input pixels and
 the quality signal. `mask_head.hc_px(outputs, resize)` is the HC in original
 pixels. Registered as 'hcnet_mask' in `hc_jax.models.MODELS`, kind 'mask'.
+
+With `refine_rays` > 0 (off by default) a boundary refinement follows the
+mask (`hc_jax.nets.boundary`): from the mask's centre, `refine_rays` rays
+each sample `refine_samples` points between 0.7 and 1.3 times the mask
+ellipse's radius on the full-resolution features (the padded image and the
+first encoder level); a small network along the rays (1D convolutions along
+each ray, one circular convolution across neighbouring rays) gives a
+soft-argmax radius per ray, and the polygon of those boundary points gives
+the reported centre, moments and ellipse. The mask's own moments stay as
+'center_coarse' and 'cov_coarse' (no gradient flows from the refinement
+into them).
 """
 
 from typing import Any, ClassVar, Sequence
@@ -32,6 +43,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from hc_jax.nets import boundary
 from hc_jax.nets import kinds
 from hc_jax.nets import layers as layers_lib
 from hc_jax.nets import mask_head
@@ -39,6 +51,8 @@ from hc_jax.nets import mask_head
 
 # The logits' initial bias: sigmoid(-3) = 0.05.
 LOGIT_PRIOR = -3.0
+# Channels of the boundary refinement's convolutions along the rays.
+REFINE_WIDTH = 16
 
 
 class HCNetMaskError(ValueError):
@@ -85,6 +99,75 @@ class _Attention(nn.Module):
     return (tokens + h).reshape(batch, rows, cols, width).astype(x.dtype)
 
 
+class _Boundary(nn.Module):
+  """The boundary along rays from the mask's ellipse, and its polygon's moments.
+
+  Attributes:
+    rays: K, the rays (evenly spaced angles).
+    samples: R, the radial positions on each ray.
+    margin: input pixels of the feature canvas before the input's first.
+    layers: 'plain' or 'fast'.
+    dtype: compute dtype of the convolutions.
+  """
+
+  rays: int
+  samples: int
+  margin: int
+  layers: str
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, features, center, cov):
+    """Finds the boundary on each ray.
+
+    Args:
+      features: `[B, H, W, C]` on the padded canvas, one element per input
+        pixel (the input's pixel (0, 0) at [margin, margin]).
+      center: `[B, 2]` the rays' origin, model-input pixels.
+      cov: `[B, 2, 2]` the first ellipse's moments.
+
+    Returns:
+      (radius `[B, K]` of the boundary on each ray, the polygon's centre
+      `[B, 2]` and moments `[B, 2, 2]`, model-input pixels).
+    """
+    batch, height, width, channels = features.shape
+    direction = boundary.directions(self.rays)  # [K, 2]
+    radius = jnp.clip(boundary.ellipse_radius(cov, direction), 1.0,
+                      float(max(height, width)))
+    positions = boundary.radial_positions(radius, self.samples)  # [B, K, R]
+    points = (center[:, None, None, :] +
+              positions[..., None] * direction[:, None, :])
+    # Input pixel centres are at integers (`mask_head.grid_coordinates`);
+    # the canvas holds pixel (x, y) at [y + margin, x + margin].
+    strip = boundary.bilinear(
+        features, points.reshape(batch, -1, 2) + self.margin)
+    strip = strip.reshape(batch, self.rays, self.samples, channels)
+    where = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, self.samples),
+                             (batch, self.rays, self.samples))
+    x = jnp.concatenate([strip.astype(self.dtype),
+                         where[..., None].astype(self.dtype)], -1)
+    layers = layers_lib.Layers(self.layers, self.dtype)
+    # [B, K, R, C] as an image: rays down, radial positions across.
+    x = nn.relu(layers.conv(REFINE_WIDTH, (1, 5), padding=((0, 0), (2, 2)),
+                            name='radial0')(x))
+    # Neighbouring rays, around the circle.
+    x = jnp.concatenate([x[:, -1:], x, x[:, :1]], 1)
+    x = nn.relu(layers.conv(REFINE_WIDTH, (3, 1), padding='VALID',
+                            name='across')(x))
+    x = nn.relu(layers.conv(REFINE_WIDTH, (1, 5), padding=((0, 0), (4, 4)),
+                            kernel_dilation=(1, 2), name='radial1')(x))
+    # Small initial logits: the soft-argmax starts near the mean position,
+    # the first ellipse itself.
+    logits = layers.conv(1, (1, 1), dtype=jnp.float32,
+                         kernel_init=nn.initializers.normal(1e-2),
+                         name='logits')(x)[..., 0]
+    weights = jax.nn.softmax(logits.astype(jnp.float32), -1)
+    ray_radius = jnp.sum(weights * positions, -1)
+    _, refined_center, refined_cov = boundary.polygon_moments(
+        center[:, None, :] + ray_radius[..., None] * direction)
+    return ray_radius, refined_center, refined_cov
+
+
 class HCNetMask(nn.Module):
   """The dense HC model.
 
@@ -98,6 +181,9 @@ class HCNetMask(nn.Module):
     attention_heads: its heads.
     moments: 'plain' or 'window' (`mask_head.moments`).
     window_radius: the window's normalised radius for 'window'.
+    refine_rays: rays of the boundary refinement (0: none, the mask's
+      moments are the output).
+    refine_samples: radial positions on each ray.
     layers: 'plain' or 'fast' (see `hc_jax.nets.layers`).
     dtype: compute dtype; the logits and the geometry stay float32.
   """
@@ -111,6 +197,8 @@ class HCNetMask(nn.Module):
   attention_heads: int = 4
   moments: str = 'plain'
   window_radius: float = 1.4
+  refine_rays: int = 0
+  refine_samples: int = 32
   layers: str = 'plain'
   dtype: Any = jnp.float32
 
@@ -137,6 +225,12 @@ class HCNetMask(nn.Module):
       raise HCNetMaskError(f'moments must be one of '
                            f'{", ".join(mask_head.MOMENT_MODES)}, got '
                            f'{self.moments!r}')
+    if self.refine_rays < 0 or 0 < self.refine_rays < 3:
+      raise HCNetMaskError(f'refine_rays must be 0 (no refinement) or at '
+                           f'least 3, got {self.refine_rays}')
+    if self.refine_samples < 2:
+      raise HCNetMaskError(f'refine_samples must be at least 2, got '
+                           f'{self.refine_samples}')
 
   def smallest_input(self) -> int:
     """The smallest height and width it takes: the image itself (not its
@@ -162,7 +256,11 @@ class HCNetMask(nn.Module):
     Returns:
       `mask_head.geometry`: 'logits' `[batch, rows, cols]` with rows =
       ceil(height / stride) + 2 margin / stride (likewise cols), 'center',
-      'cov', 'ellipse_in' (model-input pixels), 'mass', 'quality'.
+      'cov', 'ellipse_in' (model-input pixels), 'mass', 'quality'. With
+      `refine_rays` > 0, 'center', 'cov' and 'ellipse_in' are the refined
+      boundary's, the mask's are 'center_coarse' and 'cov_coarse', and
+      'ray_radius' `[batch, refine_rays]` is the boundary's distance from
+      'center_coarse' along each ray (`boundary.directions`).
     """
     self._check(x)
     levels = len(self.widths)
@@ -173,6 +271,7 @@ class HCNetMask(nn.Module):
     pad_w = -(width + 2 * m) % unit
     x = jnp.pad(x, ((0, 0), (m, m + pad_h), (m, m + pad_w), (0, 0)))
     x = x.astype(self.dtype)
+    canvas = x
     skips = []
     for i, channels in enumerate(self.widths[:-1]):
       x = _ConvBlock(channels, self.layers, self.dtype, name=f'down{i}')(
@@ -205,8 +304,21 @@ class HCNetMask(nn.Module):
     rows = -(-height // self.stride) + 2 * cells
     cols = -(-width // self.stride) + 2 * cells
     logits = logits[:, :rows, :cols]
-    return mask_head.geometry(logits, self.stride, cells, self.moments,
-                              self.window_radius)
+    outputs = mask_head.geometry(logits, self.stride, cells, self.moments,
+                                 self.window_radius)
+    if not self.refine_rays:
+      return outputs
+    center = jax.lax.stop_gradient(outputs['center'])
+    cov = jax.lax.stop_gradient(outputs['cov'])
+    ray_radius, refined_center, refined_cov = _Boundary(
+        self.refine_rays, self.refine_samples, m, self.layers, self.dtype,
+        name='boundary')(jnp.concatenate([canvas, skips[0]], -1), center, cov)
+    return {**outputs, 'center_coarse': outputs['center'],
+            'cov_coarse': outputs['cov'], 'center': refined_center,
+            'cov': refined_cov,
+            'ellipse_in': mask_head.ellipse_from_moments(refined_center,
+                                                         refined_cov),
+            'ray_radius': ray_radius}
 
 
 class HCNetMaskLabel(HCNetMask):

@@ -342,9 +342,9 @@ class MaskKind(EllipseKind):
     'shape') trains from HC values."""
     weights = dict(config.get('mask_loss', {}) or {})
     if any(weights.get(term, 1.0 if term in ('bce', 'dice') else 0.0)
-           for term in ('bce', 'dice', 'ellipse')):
-      return ('a mask model with mask terms (mask_loss.bce, .dice or '
-              '.ellipse > 0)')
+           for term in ('bce', 'dice', 'ellipse', 'rays')):
+      return ('a mask model with mask terms (mask_loss.bce, .dice, .ellipse '
+              'or .rays > 0)')
     return ''
 
   def loss_of(self, model, config):

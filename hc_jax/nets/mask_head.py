@@ -38,9 +38,10 @@ import jax
 import jax.numpy as jnp
 
 from hc_jax.data import augment
+from hc_jax.nets import boundary
 
 # The terms of `train_loss` (the config's `mask_loss` weights).
-LOSS_TERMS = ('bce', 'dice', 'hc', 'ellipse', 'shape')
+LOSS_TERMS = ('bce', 'dice', 'hc', 'ellipse', 'shape', 'rays')
 # Moment passes a model may use.
 MOMENT_MODES = ('plain', 'window')
 # Sub-cells per side of the coverage rendering.
@@ -346,10 +347,13 @@ def train_loss(outputs: dict[str, jax.Array], ellipse_true: jax.Array,
     normaliser_px: the run's normaliser.
     stride, margin: the model's grid.
     base_loss: the config's HC loss.
-    weights: {'bce', 'dice', 'hc', 'ellipse', 'shape'}.
+    weights: {'bce', 'dice', 'hc', 'ellipse', 'shape', 'rays'}.
 
   Returns:
     The scalar loss.
+
+  Raises:
+    MaskHeadError: a 'rays' weight for outputs without 'ray_radius'.
   """
   from hc_jax.nets import ellipse_head  # pylint: disable=import-outside-toplevel
   logits = outputs['logits']
@@ -379,4 +383,20 @@ def train_loss(outputs: dict[str, jax.Array], ellipse_true: jax.Array,
     loss = loss + weights['shape'] * jnp.mean(own_ellipse_disagreement(
         jax.nn.sigmoid(logits), outputs['center'], outputs['cov'], stride,
         margin))
+  if weights.get('rays', 0.0):
+    if 'ray_radius' not in outputs:
+      raise MaskHeadError('mask_loss.rays needs a model with a boundary '
+                          'refinement (model_options.refine_rays > 0)')
+    radius = outputs['ray_radius']
+    direction = boundary.directions(radius.shape[-1])
+    safe_true = jnp.where(known[:, None], true_in, 1.0)
+    true_center, true_shape = augment.ellipse_to_matrix(safe_true)
+    target, hits = boundary.ray_ellipse_distance(
+        jax.lax.stop_gradient(outputs['center_coarse']), direction,
+        true_center, true_shape)
+    hits = hits & known[:, None]
+    side = (rows + cols) * stride / 2.0
+    error = jnp.abs(radius - jax.lax.stop_gradient(target)) / side
+    loss = loss + weights['rays'] * jnp.sum(
+        jnp.where(hits, error, 0.0)) / jnp.maximum(jnp.sum(hits), 1)
   return loss

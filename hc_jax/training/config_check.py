@@ -66,7 +66,8 @@ RECORDED_FIELDS = ('source_digest', 'content_digest', 'layers_resolved')
 REMOVED_FIELDS = {'log_every_steps': 'progress is logged every 30 s'}
 # Fields added to configs/default.py after runs were written without them:
 # a run whose config.json lacks one ran with this value.
-ADDED_FIELDS = {'mask_loss.shape': 0.0, 'data.folder': '', 'data.labels': ''}
+ADDED_FIELDS = {'mask_loss.shape': 0.0, 'mask_loss.rays': 0.0,
+                'data.folder': '', 'data.labels': ''}
 MEMBERS_PER_CALL = ('auto', 'vmap', 'map')
 # Model class fields that are not `model_options`: the config's own `dtype`
 # and `layers` set them, Flax sets the others.
@@ -285,6 +286,11 @@ def check_config(config) -> None:
   losses.get_loss(config)
   model = models.from_config(config)  # A dtype it cannot do.
   _check_model_input(config, model)
+  if (config.get('mask_loss') or {}).get('rays', 0.0) and not getattr(
+      model, 'refine_rays', 0):
+    raise ValueError(f'mask_loss.rays={config.mask_loss.rays} needs a '
+                     'boundary refinement: model_options.refine_rays > 0 '
+                     '(configs/hcnet_mask_refine.py)')
   num_devices = jax.device_count()
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] % num_devices:
