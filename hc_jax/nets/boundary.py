@@ -26,6 +26,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from hc_jax.data import augment
+
 # The radial positions along a ray, as fractions of the first ellipse's
 # radius in its direction: (first, last).
 SPAN = (0.7, 1.3)
@@ -178,3 +180,34 @@ def ray_ellipse_distance(center: jax.Array, direction: jax.Array,
   disc = qe ** 2 - ee * (qq - 1)
   t = (-qe + jnp.sqrt(jnp.maximum(disc, 0.0))) / jnp.maximum(ee, 1e-12)
   return t, (disc > 0) & (t > 0)
+
+
+def ray_loss(outputs: dict[str, jax.Array], true_in: jax.Array,
+             known: jax.Array, side: float) -> jax.Array:
+  """The refinement's ray term (the config's `mask_loss.rays`).
+
+  The mean absolute difference, over every (image, ray) pair whose ray meets
+  the reference ellipse, between each ray's boundary radius and where the
+  ray (cast from the first pass's centre) leaves the reference, over `side`
+  (the mean input side).
+
+  Args:
+    outputs: a refined mask model's outputs ('ray_radius' `[B, K]`,
+      'center_coarse' `[B, 2]`).
+    true_in: `[B, 5]` reference ellipses in model-input pixels.
+    known: `[B]` whether the image has a reference ellipse.
+    side: the mean input side, in input pixels.
+
+  Returns:
+    The scalar term.
+  """
+  radius = outputs['ray_radius']
+  direction = directions(radius.shape[-1])
+  safe_true = jnp.where(known[:, None], true_in, 1.0)
+  true_center, true_shape = augment.ellipse_to_matrix(safe_true)
+  target, hits = ray_ellipse_distance(
+      jax.lax.stop_gradient(outputs['center_coarse']), direction,
+      true_center, true_shape)
+  hits = hits & known[:, None]
+  error = jnp.abs(radius - jax.lax.stop_gradient(target)) / side
+  return jnp.sum(jnp.where(hits, error, 0.0)) / jnp.maximum(jnp.sum(hits), 1)

@@ -387,16 +387,6 @@ def train_loss(outputs: dict[str, jax.Array], ellipse_true: jax.Array,
     if 'ray_radius' not in outputs:
       raise MaskHeadError('mask_loss.rays needs a model with a boundary '
                           'refinement (model_options.refine_rays > 0)')
-    radius = outputs['ray_radius']
-    direction = boundary.directions(radius.shape[-1])
-    safe_true = jnp.where(known[:, None], true_in, 1.0)
-    true_center, true_shape = augment.ellipse_to_matrix(safe_true)
-    target, hits = boundary.ray_ellipse_distance(
-        jax.lax.stop_gradient(outputs['center_coarse']), direction,
-        true_center, true_shape)
-    hits = hits & known[:, None]
-    side = (rows + cols) * stride / 2.0
-    error = jnp.abs(radius - jax.lax.stop_gradient(target)) / side
-    loss = loss + weights['rays'] * jnp.sum(
-        jnp.where(hits, error, 0.0)) / jnp.maximum(jnp.sum(hits), 1)
+    loss = loss + weights['rays'] * boundary.ray_loss(
+        outputs, true_in, known, (rows + cols) * stride / 2.0)
   return loss
