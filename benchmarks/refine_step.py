@@ -18,11 +18,13 @@ import functools
 import os
 import statistics
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # Run as a script from anywhere.
   sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from hcnet_step import time_steps  # pylint: disable=wrong-import-position
 
 BATCH_SIZE = 8
 
@@ -60,20 +62,6 @@ def make_step(config):
       step_lib.train_step, loss_fn=losses.get_loss(config.loss),
       augment=augment.AugmentConfig(), loss_of=loss_of), donate_argnums=(0,))
   return step, state, jax.device_put(batch), member
-
-
-def time_steps(step, state, batch, member, seconds):
-  """Runs `step` for about `seconds`; returns (ms per step, state)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  steps, start = 0, time.perf_counter()
-  while True:
-    state, loss = step(state, batch, member)
-    steps += 1
-    if steps % 5 == 0:
-      jax.block_until_ready(loss)
-      elapsed = time.perf_counter() - start
-      if elapsed >= seconds:
-        return 1e3 * elapsed / steps, state
 
 
 def main(argv=None):
