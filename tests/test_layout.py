@@ -211,3 +211,37 @@ def test_the_run_directorys_file_names_are_written_in_workdir_only():
               if isinstance(node, ast.Constant) and node.value in names
               and id(node) not in docstrings]
   assert not found, found
+
+
+# hc_jax's own frames from the command to the step: main.main,
+# train.train_and_evaluate, train.train_members, Trainer.run,
+# Trainer._train_epoch, step.members_train_step, step.train_step.
+MAX_FRAMES_TO_THE_STEP = 7
+
+
+def test_the_command_reaches_the_pure_step_in_few_frames(tiny_config, tmp_path,
+                                                         monkeypatch):
+  """`python -m hc_jax.main` reaches `train_step` through a short path
+  (flax's imagenet example: main, train_and_evaluate, the step)."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  from conftest import config_flags  # pylint: disable=import-outside-toplevel
+  from hc_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
+  paths = []
+  original = step_lib.train_step
+
+  def spy(*args, **kwargs):
+    paths.append([f'{os.path.basename(f.filename)}:{f.function}'
+                  for f in inspect.stack()
+                  if os.path.abspath(f.filename).startswith(PACKAGE + os.sep)])
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(step_lib, 'train_step', spy)
+  assert main_lib.main(['--config=configs/default.py',
+                        f'--workdir={tmp_path / "run"}',
+                        *config_flags(tiny_config),
+                        '--config.num_epochs=1']) == 0
+  assert paths, 'train_step was never called'
+  path = paths[0][::-1] + ['step.py:train_step']  # Outermost first.
+  assert path[0] == 'main.py:main', path
+  assert len(path) <= MAX_FRAMES_TO_THE_STEP, path

@@ -1,16 +1,13 @@
 """The mask model's boundary refinement: rays, polygon moments, the option."""
 
 import csv
-import functools
 import json
 import math
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 import pytest
 from jax.scipy import ndimage
 
@@ -25,10 +22,10 @@ from hc_jax.nets import boundary
 from hc_jax.nets import hcnet_mask
 from hc_jax.nets import mask_head
 from hc_jax.training import config_check
-from hc_jax.training import step as step_lib
 from hc_jax.training import train
 
 from test_mask import _phantoms
+from test_mask import train_on_phantoms
 
 ELLIPSES = np.array([[50.0, 40.0, 30.0, 18.0, 0.6],
                      [10.0, -5.0, 80.0, 60.0, 2.0],
@@ -129,7 +126,10 @@ def test_refine_off_is_the_model_as_it_was():
   np.testing.assert_array_equal(out_on['cov_coarse'], out_off['cov'])
 
 
-@pytest.mark.parametrize('layers', ['plain', 'fast'])
+# The plain layers' gradients equal the fast ones' (tests/test_fast_layers.py):
+# the plain variant runs with the slow tests.
+@pytest.mark.parametrize('layers', [pytest.param('plain', marks=pytest.mark.slow),
+                                    'fast'])
 def test_refine_on_outputs_and_gradients(layers):
   rays, samples = 16, 8
   batch = _phantoms(4)
@@ -207,31 +207,12 @@ def test_the_refine_config_is_hcnet_mask_with_the_option():
 
 
 def test_a_refined_model_trains_on_eight_phantoms():
-  batch = _phantoms(8)
-  model = hcnet_mask.HCNetMask(widths=(8, 16, 16, 16), stride=2, margin=4,
-                               moments='window', refine_rays=32,
-                               refine_samples=16, layers='fast')
-  variables = _init(model, jnp.zeros((1, 32, 48, 1)))
-  state = step_lib.TrainState.create(
-      apply_fn=model.apply, params=variables['params'],
-      batch_stats=variables['batch_stats'], tx=optax.adam(3e-3))
-  normaliser = float(batch['hc_px'].max())
-  member = {'key': jax.random.key(0), 'normaliser_px': jnp.float32(normaliser)}
-  config = ml_collections.ConfigDict({
-      'model': 'hcnet_mask',
-      'model_options': {'stride': 2, 'margin': 4, 'refine_rays': 32,
-                        'refine_samples': 16},
-      'mask_loss': {'bce': 1.0, 'dice': 1.0, 'hc': 1.0, 'rays': 1.0}})
-  loss_of, _ = step_lib.output_functions(config)
-  step = jax.jit(functools.partial(
-      step_lib.train_step, loss_fn=losses.get_loss('mae'),
-      augment=augment.NO_AUGMENT, loss_of=loss_of))
-  history = []
-  for _ in range(40):
-    state, loss = step(state, batch, member)
-    history.append(float(loss))
+  history, before, after = train_on_phantoms(
+      40, {'bce': 1.0, 'dice': 1.0, 'hc': 1.0, 'rays': 1.0},
+      refine_rays=32, refine_samples=16)
   assert np.all(np.isfinite(history))
   assert np.mean(history[-5:]) < 0.7 * np.mean(history[:5]), history
+  assert after < before, (before, after)
 
 
 @pytest.fixture(scope='module')

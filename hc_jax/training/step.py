@@ -152,6 +152,20 @@ def members_train_step(state, batch, members, *, loss_fns, augment, how,
   """One step of every member; a member whose `batch['active']` is False is
   left unchanged (it has fewer steps this epoch, or it diverged)."""
 
+  def keep_inactive(new_state, old_state, active):
+    return jax.tree.map(lambda new, old: jnp.where(active, new, old),
+                        new_state, old_state)
+
+  if jax.tree.leaves(state)[0].shape[0] == 1:
+    # One member (every `python -m hc_jax.main` run): the plain step on the
+    # member axis's only entry.
+    state, batch, member = jax.tree.map(lambda x: x[0],
+                                        (state, batch, members))
+    new_state, loss = train_step(state, batch, member, loss_fn=loss_fns[0],
+                                 augment=augment, loss_of=loss_of)
+    new_state = keep_inactive(new_state, state, batch['active'])
+    return jax.tree.map(lambda x: x[None], (new_state, loss))
+
   def one(xs):
     member_state, member_batch, member = xs
     if len(loss_fns) == 1:
@@ -161,17 +175,9 @@ def members_train_step(state, batch, members, *, loss_fns, augment, how,
     new_state, loss = train_step(member_state, member_batch, member,
                                  loss_fn=loss_fn, augment=augment,
                                  loss_of=loss_of)
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(member_batch['active'], new, old),
-        new_state, member_state)
-    return new_state, loss
+    return keep_inactive(new_state, member_state, member_batch['active']), loss
 
-  if jax.tree.leaves(state)[0].shape[0] > 1:
-    return map_members(one, (state, batch, members), how)
-  # One member (every `python -m hc_jax.main` run): the plain step, called
-  # here, on the member axis's only entry.
-  new_state, loss = one(jax.tree.map(lambda x: x[0], (state, batch, members)))
-  return jax.tree.map(lambda x: x[None], (new_state, loss))
+  return map_members(one, (state, batch, members), how)
 
 
 def members_predict(state, images, how: str = 'vmap', resize=None,
