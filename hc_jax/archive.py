@@ -2,7 +2,7 @@
 
   python -m hc_jax.predict --samples --out=hc.csv    # the default model
   predictor = loading.load()                         # the same, as a library
-  predictor = loading.load(model='hcnet_mask')
+  predictor = loading.load(model='hcnet_mask')     # another shipped model
 
 A shipped model is one NumPy archive, `hc_jax/shipped/<name>.npz`, holding
 every member of a fold ensemble. It is read with
@@ -48,7 +48,7 @@ from hc_jax import workdir as workdir_lib
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 FORMAT = 'hc_jax.shipped/1'
 SHIPPED_DIR = os.path.join(_PACKAGE_DIR, 'shipped')
-DEFAULT_MODEL = 'hcnet_mask'
+DEFAULT_MODEL = 'hcnet_mask_refine'
 SAMPLES_DIR = os.path.join(_PACKAGE_DIR, 'samples')
 # The shipped sample scans (HC18 test-set images, CC BY 4.0; see
 # samples/ATTRIBUTION.md) and the predictions each shipped model gave them

@@ -8,7 +8,7 @@
 
 Without `--workdir`, the model shipped with the package predicts
 (`hc_jax.archive`: `--model=NAME`, default the five-fold
-`hcnet_mask` ensemble), so no training and no HC18 copy are needed;
+`hcnet_mask_refine` ensemble), so no training and no HC18 copy are needed;
 `--samples` adds the five HC18 test-set scans shipped with it (and their
 pixel sizes) to `--images`. A workdir whose subdirectories are finished
 runs (`fold0/` ... `fold4/`) is a fold ensemble: HC is the mean over the
@@ -96,14 +96,15 @@ only). Pixel size: the file's --pixel-sizes row, else its ultrasound region
 HC in px only, and the message says why. The CSV then ends with
 {", ".join(prediction_rows.DICOM_COLUMNS)} (ultrasound_region, PixelSpacing, csv, or empty).
 
-models that give the head's ellipse (hcnet_mask, the shipped default, and
-hcnet_ellipse; not the HC regressors) add it, in pixels of the original
-image and in mm where the pixel size is known (x the column, y the row,
-semi-axes a >= b, angle_rad the angle of a from +x towards +y, i.e.
-clockwise on the screen, in [0, pi)); overlays draw it:
+models that give the head's ellipse (the mask models, such as the shipped
+default hcnet_mask_refine, and hcnet_ellipse; not the HC regressors) add
+it, in pixels of the original image and in mm where the pixel size is
+known (x the column, y the row, semi-axes a >= b, angle_rad the angle of a
+from +x towards +y, i.e. clockwise on the screen, in [0, pi)); overlays
+draw it:
   {", ".join(prediction_rows.ELLIPSE_COLUMNS[:5])},
   {", ".join(prediction_rows.ELLIPSE_COLUMNS[5:])}
-mask models (hcnet_mask) add {kinds.QUALITY_COLUMN}, the soft IoU of the
+mask models add {kinds.QUALITY_COLUMN}, the soft IoU of the
 head mask and the ellipse of its moments (1: the mask is an ellipse); overlays
 also draw the mask's outline (red dots)
 

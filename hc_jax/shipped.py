@@ -4,6 +4,11 @@ finished fold runs.
   python -m hc_jax.shipped --workdir=runs/final/hcnet_mask --out=FILE.npz
   python -m hc_jax.shipped --add-digest=FILE.npz   # an older archive
   python -m hc_jax.shipped --calibrate=FILE.npz    # its quality threshold
+  python -m hc_jax.shipped --record_command=FILE.npz --command='...'
+
+The archive's provenance records the command that trained its runs:
+`--command`, by default the grid command of `configs/<name>.py`;
+`--record_command` replaces it in an archive exported with a wrong one.
 
 An archive records the digest of its arrays (`archive.DIGEST_KEY`), which
 loading checks. `--add-digest` gives one to an archive exported before
@@ -33,9 +38,14 @@ PROVENANCE = {
             'subjects',
     'evaluation': '5-fold subject-grouped cross-validation, the epoch with '
                   'the lowest validation MAE of each fold',
-    'command': 'python -m hc_jax.grid --configs=configs/hcnet_mask.py '
-               '--folds=0,1,2,3,4 --root=runs/final',
 }
+
+
+def default_command(name: str) -> str:
+  """The command recorded for a model trained as the grid trains
+  `configs/<name>.py` over five folds."""
+  return (f'python -m hc_jax.grid --configs=configs/{name}.py '
+          '--folds=0,1,2,3,4 --root=runs/final')
 
 
 def pooled_cv(run_dirs: list[str]) -> dict | None:
@@ -69,7 +79,7 @@ def pooled_cv(run_dirs: list[str]) -> dict | None:
 
 
 def export(workdir: str, out: str, name: str | None = None,
-           storage_dtype: str = 'float32') -> dict:
+           storage_dtype: str = 'float32', command: str | None = None) -> dict:
   """Writes the shipped-model archive of finished runs.
 
   Args:
@@ -77,6 +87,8 @@ def export(workdir: str, out: str, name: str | None = None,
     out: the archive to write; it must not exist yet.
     name: the model's name (default: the archive's base name).
     storage_dtype: 'float32', or 'float16' to halve the file.
+    command: the command that trained the runs, for the provenance (default:
+      `default_command(name)`).
 
   Returns:
     The archive's `meta`.
@@ -105,9 +117,10 @@ def export(workdir: str, out: str, name: str | None = None,
       if np.issubdtype(value.dtype, np.floating):
         value = value.astype(storage_dtype)
       arrays[f'{member}/{path}'] = value
+  name = name or os.path.basename(out)[:-len(archive_lib.ARCHIVE_SUFFIX)]
   meta = {
       'format': archive_lib.FORMAT,
-      'name': name or os.path.basename(out)[:-len(archive_lib.ARCHIVE_SUFFIX)],
+      'name': name,
       'members': members,
       'configs': workdir_lib.read_configs(run_dirs),
       'results': [
@@ -116,7 +129,8 @@ def export(workdir: str, out: str, name: str | None = None,
       ],
       'storage_dtype': storage_dtype,
       'cv': pooled_cv(run_dirs),
-      'provenance': PROVENANCE,
+      'provenance': {**PROVENANCE,
+                     'command': command or default_command(name)},
   }
   meta[archive_lib.DIGEST_KEY] = archive_lib.arrays_digest(arrays)
   arrays['meta'] = np.array(json.dumps(meta, sort_keys=True))
@@ -199,6 +213,20 @@ def _replace_archive(path: str, arrays: dict[str, np.ndarray],
         f'{path} cannot be replaced ({e.strerror or e})') from None
 
 
+def record_command(path: str, command: str) -> None:
+  """Replaces the training command an archive's provenance records, the
+  arrays and everything else unchanged.
+
+  Raises:
+    PredictError: not a readable archive, or an empty command.
+  """
+  if not command.strip():
+    raise workdir_lib.PredictError('--command is empty')
+  arrays, meta = _read_archive(path)
+  meta['provenance'] = {**meta.get('provenance', {}), 'command': command}
+  _replace_archive(path, arrays, meta)
+
+
 def add_digest(path: str) -> str:
   """Records the digest of an older archive's arrays in its `meta`, the
   arrays unchanged; returns the digest.
@@ -260,6 +288,14 @@ def main(argv=None) -> int:
   parser.add_argument('--name', help='the model name (default: from --out)')
   parser.add_argument('--float16', action='store_true',
                       help='store the floats as float16')
+  parser.add_argument('--command',
+                      help='the command that trained the runs, recorded in '
+                      'the archive (default: the grid command of '
+                      'configs/<name>.py)')
+  parser.add_argument('--record-command', '--record_command',
+                      dest='record_command', metavar='FILE.npz',
+                      help='replace the training command recorded in an '
+                      'archive with --command (nothing else changes)')
   args = parser.parse_args(argv)
   from hc_jax import cli  # pylint: disable=import-outside-toplevel
   if args.calibrate:
@@ -270,6 +306,11 @@ def main(argv=None) -> int:
         f'{args.calibrate}: quality threshold '
         f'{calibrate(args.calibrate, args.hc18_dir):.4f} stored (chosen on '
         'the members\' validation parts)'))
+  if args.record_command:
+    if args.workdir or args.out or args.add_digest or not args.command:
+      parser.error('--record-command takes --command, and no --workdir, '
+                   '--out or --add-digest')
+    return cli.run_main(lambda: _record_command(args))
   if args.add_digest:
     if args.workdir or args.out:
       parser.error('--add-digest takes no --workdir or --out')
@@ -283,10 +324,15 @@ def main(argv=None) -> int:
   return cli.run_main(lambda: _export(args))
 
 
+def _record_command(args: argparse.Namespace) -> None:
+  record_command(args.record_command, args.command)
+  print(f'{args.record_command}: training command recorded')
+
+
 def _export(args: argparse.Namespace) -> None:
   """Exports as `args` ask and prints what was written."""
   meta = export(args.workdir, args.out, args.name,
-                'float16' if args.float16 else 'float32')
+                'float16' if args.float16 else 'float32', args.command)
   cv = meta['cv']
   print(f'wrote {args.out}: {len(meta["members"])} members, '
         f'{os.path.getsize(args.out) / 1e6:.2f} MB ({meta["storage_dtype"]})'

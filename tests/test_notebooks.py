@@ -70,10 +70,10 @@ def test_quickstart_runs_end_to_end(tmp_path, monkeypatch):
   # The shipped model measures a shipped HC18 scan as it did when exported.
   match = re.search(r'092_HC.png: the shipped model measures ([\d.]+) mm '
                     r'\(SD [\d.]+ mm over its folds, status ok; '
-                    r'expected_hcnet_mask.csv: ([\d.]+) mm\)', outputs)
+                    r'expected_hcnet_mask_refine.csv: ([\d.]+) mm\)', outputs)
   assert match, outputs[-2000:]
-  assert float(match.group(2)) == 187.8
-  assert float(match.group(1)) == pytest.approx(187.8, abs=0.15)
+  assert float(match.group(2)) == 188.7
+  assert float(match.group(1)) == pytest.approx(188.7, abs=0.15)
   # The demo's predictor reproduces the run's own test prediction of the
   # phantom, and says what the demo is.
   match = re.search(r'demo model, phantom \S+: predicted (-?[\d.]+) mm '

@@ -152,4 +152,30 @@ def test_an_older_archive_is_calibrated_on_its_validation_parts(
   # Once is enough; the arrays' digest is unchanged.
   assert shipped.main([f'--calibrate={archive}']) == 2
   assert 'already' in capsys.readouterr().err
-  archive_lib.read(archive).variables  # pylint: disable=pointless-statement
+  archive_lib.read(archive)  # The arrays still match their digest.
+
+
+def test_an_archive_records_the_command_that_trained_it(label_run, tmp_path,
+                                                        capsys):
+  """The provenance names the model's own config (not another model's), and
+  `--record-command` corrects it without touching the arrays."""
+  # pylint: disable=import-outside-toplevel
+  from hc_jax import archive as archive_lib
+  from hc_jax import shipped
+  # pylint: enable=import-outside-toplevel
+  archive = str(tmp_path / 'hcnet_mask_label.npz')
+  shipped.export(label_run, archive)
+  meta = archive_lib.read(archive).meta
+  assert meta['provenance']['command'] == (
+      'python -m hc_jax.grid --configs=configs/hcnet_mask_label.py '
+      '--folds=0,1,2,3,4 --root=runs/final')
+  command = 'python -m hc_jax.main --config=configs/hcnet_mask_label.py'
+  assert shipped.main([f'--record-command={archive}',
+                       f'--command={command}']) == 0
+  assert 'training command recorded' in capsys.readouterr().out
+  after = archive_lib.read(archive)  # Checks the arrays against the digest.
+  assert after.meta['provenance']['command'] == command
+  assert after.meta['provenance']['data'] == meta['provenance']['data']
+  assert after.meta[archive_lib.DIGEST_KEY] == meta[archive_lib.DIGEST_KEY]
+  with pytest.raises(SystemExit):  # A usage error: no --command.
+    shipped.main([f'--record-command={archive}'])

@@ -20,7 +20,9 @@ from hc_jax.data import hc18
 from hc_jax.evaluation import output_files
 
 MAX_BYTES = 20_000_000
-HCNET_MASK_PARAMS = 308_985
+# Parameters per member of each shipped model.
+PARAMS = {'hcnet_mask': 308_985, 'hcnet_mask_label': 308_985,
+          'hcnet_mask_refine': 311_898}
 TOLERANCE_MM = 0.05
 
 
@@ -51,9 +53,8 @@ def test_archives_are_plain_arrays_and_json_within_the_size_budget():
       assert result['source_digest'] == config['source_digest']
       params = sum(a.size for key, a in arrays.items()
                    if key.startswith(f'{member}/params/'))
-      if name == 'hcnet_mask':
-        assert params == HCNET_MASK_PARAMS
-        assert any(key.startswith(f'{member}/batch_stats/') for key in arrays)
+      assert params == PARAMS[name], name
+      assert any(key.startswith(f'{member}/batch_stats/') for key in arrays)
     assert 'HC18' in meta['provenance']['data']
   assert total <= MAX_BYTES
   meta = archive_lib.read().meta
@@ -248,7 +249,7 @@ def test_the_shipped_archives_record_the_digest_of_their_arrays():
 
 
 def _copy_of_the_shipped_model(tmp_path):
-  copy = tmp_path / 'hcnet_mask.npz'
+  copy = tmp_path / f'{archive_lib.DEFAULT_MODEL}.npz'
   with open(archive_lib.path_of(archive_lib.DEFAULT_MODEL), 'rb') as f:
     copy.write_bytes(f.read())
   return copy

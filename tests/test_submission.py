@@ -187,10 +187,10 @@ def test_ellipse_run_reproduces_its_test_predictions(ellipse_run,
 
 # The committed HC18 challenge submissions (docs/results.md says how they
 # were made): the ellipse of each of the 335 test scans of the copy the
-# results were measured on, by the dense model and by hcnet_ellipse.
+# results were measured on, by the dense models and by hcnet_ellipse.
 SUBMISSIONS = [os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'submissions', f'hc18_test_{name}.csv')
-               for name in ('hcnet_mask', 'hcnet_ellipse')]
+               for name in ('hcnet_mask_refine', 'hcnet_mask', 'hcnet_ellipse')]
 SUBMISSION_HEADER = ['filename', 'center_x_mm', 'center_y_mm',
                      'semi_axes_a_mm', 'semi_axes_b_mm', 'angle_rad']
 
