@@ -3,8 +3,9 @@
   python -m hc_jax.main --config=configs/demo.py --workdir=runs/demo
 
 Needs no data: it writes 200 phantom scans in the HC18 layout into the
-workdir. The model is the recommended `configs/hcnet_mask.py` (its widths,
-loss and schedule) made small in its input and epochs. Here: a 64x96 input
+workdir. The model is `configs/hcnet_mask.py` (the recommended model without
+its boundary refinement: its widths, loss and schedule) made small in its
+input and epochs. Here: a 64x96 input
 (the phantoms' aspect), 30 epochs (2 warm-up), the widths (8, 16, 32, 64, 64).
 `configs/demo_label.py` and `configs/demo_ellipse.py` make the label-only
 `hcnet` and `hcnet_ellipse` small with the same helper but keep its square

@@ -1,5 +1,7 @@
 """hcnet_mask with a boundary refinement: the skull placed along rays at full resolution.
 
+The recommended model (shipped as hc_jax/shipped/hcnet_mask_refine.npz).
+
   python -m hc_jax.main --config=configs/hcnet_mask_refine.py --config.fold=0
 
 The network of configs/hcnet_mask.py (a small U-Net whose soft mask, at half
