@@ -36,8 +36,9 @@ def pytest_unconfigure(config):
 # The longest modules first (about 40 s to 100 s of work each), so that the
 # parallel workers, each running whole modules (`--dist loadfile` in
 # setup.cfg), finish together; the others follow in their usual order.
-_LONGEST_FIRST = ('test_train.py', 'test_mask.py', 'test_reliability.py',
-                  'test_predict.py', 'test_benchmarks.py', 'test_gpu_path.py',
+_LONGEST_FIRST = ('test_train.py', 'test_mask.py', 'test_refine.py',
+                  'test_reliability.py', 'test_predict.py', 'test_own_data.py',
+                  'test_benchmarks.py', 'test_gpu_path.py', 'test_leftovers.py',
                   'test_fast_layers.py', 'test_models.py', 'test_notebooks.py')
 
 

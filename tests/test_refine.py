@@ -207,6 +207,9 @@ def test_the_refine_config_is_hcnet_mask_with_the_option():
   assert base.mask_loss.rays == 0.0 and config.mask_loss.rays == 1.0
 
 
+# The refined run below trains end to end in the default run; this one, that
+# the refinement learns, with the slow tests.
+@pytest.mark.slow
 def test_a_refined_model_trains_on_eight_phantoms():
   history, before, after = train_on_phantoms(
       40, {'bce': 1.0, 'dice': 1.0, 'hc': 1.0, 'rays': 1.0},

@@ -349,15 +349,27 @@ def _cut_after_first_record(path):
   os.truncate(path, 8 + 4 + length + 4)
 
 
+@pytest.fixture(scope='module')
+def tfds_build(phantom_hc18, tmp_path_factory):
+  """`(arrays, cache)`: the phantoms prepared once at 32x32 into `cache`,
+  its arrays file removed (as for another input size: read the build)."""
+  from hc_jax.data import cache as cache_lib  # pylint: disable=import-outside-toplevel
+  cache = str(tmp_path_factory.mktemp('tfds_build') / 'cache')
+  arrays, _ = cache_lib.prepare(phantom_hc18[0], (32, 32), 'stretch', cache)
+  os.remove(_cached_npz(cache))
+  return arrays, cache
+
+
 @pytest.mark.parametrize('damage', ['flipped_byte', 'removed',
                                     'cut_after_a_record'])
-def test_a_damaged_tfds_build_is_built_again(phantom_hc18, tmp_path, capsys,
-                                             damage):
+def test_a_damaged_tfds_build_is_built_again(phantom_hc18, tfds_build,
+                                             tmp_path, capsys, damage):
+  import shutil  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from hc_jax.data import cache as cache_lib  # pylint: disable=import-outside-toplevel
   root, cache = phantom_hc18[0], str(tmp_path / 'cache')
-  arrays, _ = cache_lib.prepare(root, (32, 32), 'stretch', cache)
-  os.remove(_cached_npz(cache))  # As for another input size: read the build.
+  arrays = tfds_build[0]
+  shutil.copytree(tfds_build[1], cache)  # A copy of the build to damage.
   records = [os.path.join(d, n) for d, _, names in os.walk(cache)
              for n in names if n.startswith('hc18-train.tfrecord')]
   assert len(records) == 1, records

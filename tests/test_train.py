@@ -213,12 +213,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path,
     ('--config.checkpoint_every_seconds=-1', 'checkpoint_every_seconds must'),
     ('--config.data.hc18_dir=/no/such/dir', 'holds no'),
 ])
-def test_bad_config_gives_one_clear_line(tiny_config, tmp_path, flag, message):
-  process = _run_main(tmp_path / 'run', config_flags(tiny_config) + [flag])
-  _, err = process.communicate(timeout=120)
-  assert process.returncode == 2
+def test_bad_config_gives_one_clear_line(tiny_config, tmp_path, capsys, flag,
+                                         message):
+  # In this process: the command's own code path, without a JAX start-up per
+  # case (tests/test_cli.py runs the command as a process).
+  from hc_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  assert main_lib.main(['--config=configs/default.py',
+                        f'--workdir={tmp_path / "run"}',
+                        *config_flags(tiny_config), flag]) == 2
+  err = capsys.readouterr().err
   assert 'Traceback' not in err
   assert message in err.strip().splitlines()[-1]
+  assert not (tmp_path / 'run').exists()  # Refused before anything is written.
 
 
 def test_misspelt_config_field_is_an_error(tiny_config, tmp_path):
@@ -227,17 +233,21 @@ def test_misspelt_config_field_is_an_error(tiny_config, tmp_path):
   assert process.returncode != 0 and 'num_epoch' in err
 
 
-def test_one_and_eight_devices_agree(tiny_config, tmp_path):
+def test_one_and_eight_devices_agree(tiny_config, tmp_path, capsys):
+  from hc_jax import main as main_lib  # pylint: disable=import-outside-toplevel
   flags = config_flags(tiny_config)
-  runs = {}
-  for devices in (1, 8):
-    workdir = tmp_path / f'devices{devices}'
-    process = _run_main(workdir, flags, env={
-        'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'})
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-2000:]
-    assert f'{devices} cpu device(s)' in out
-    runs[devices] = _results(workdir)
+  # Eight devices in a command of their own, one in this process meanwhile.
+  process = _run_main(tmp_path / 'devices8', flags, env={
+      'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert jax.device_count() == 1
+  assert main_lib.main(['--config=configs/default.py',
+                        f'--workdir={tmp_path / "devices1"}', *flags]) == 0
+  assert '1 cpu device(s)' in capsys.readouterr().out
+  out, err = process.communicate(timeout=300)
+  assert process.returncode == 0, err[-2000:]
+  assert '8 cpu device(s)' in out
+  runs = {devices: _results(tmp_path / f'devices{devices}')
+          for devices in (1, 8)}
   for key in RESULT_KEYS:
     assert runs[8][key] == pytest.approx(runs[1][key], rel=1e-3), key
 
