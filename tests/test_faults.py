@@ -222,14 +222,15 @@ def _predict_trial(rng, reference, trial_dir, kind):
                  _predict_flags(workdir, os.path.join(hc18_dir, 'test_set'),
                                 out),
                  lambda status: False, names=path, refusal='must')
-  path = str(trial_dir / 'hcnet_mask.npz')
+  name = f'{archive_lib.DEFAULT_MODEL}.npz'
+  path = str(trial_dir / name)
   shutil.copyfile(archive_lib.path_of(archive_lib.DEFAULT_MODEL), path)
   what = _damage(rng, path)
   sample = os.path.join(archive_lib.SAMPLE_IMAGES_DIR, '020_HC.png')
 
   def same(status):  # Damage of bytes that hold nothing the model reads.
     if not outputs['archive']:  # Predicts with the intact archive, once.
-      intact = str(trial_dir / 'intact' / 'hcnet_mask.npz')
+      intact = str(trial_dir / 'intact' / name)
       os.makedirs(os.path.dirname(intact))
       shutil.copyfile(archive_lib.path_of(archive_lib.DEFAULT_MODEL), intact)
       expected = str(trial_dir / 'intact' / 'predicted.csv')
@@ -238,7 +239,7 @@ def _predict_trial(rng, reference, trial_dir, kind):
           _read(expected))
     return _same_prediction(outputs['archive'], out)(status)
 
-  return Trial(f'archive: {what} of hcnet_mask.npz', 'predict',
+  return Trial(f'archive: {what} of {name}', 'predict',
                _predict_flags(path, sample, out), same, names=path)
 
 
