@@ -339,15 +339,15 @@ def test_predict_help_and_readme_say_the_shipped_model_gives_the_ellipse(
   with pytest.raises(SystemExit):
     predict.main(['--help'])
   text = ' '.join(capsys.readouterr().out.split())
-  assert "models that give the head's ellipse (hcnet_mask, the shipped " \
-      'default, and hcnet_ellipse' in text
+  assert "models that give the head's ellipse (the mask models, such as " \
+      'the shipped default hcnet_mask_refine, and hcnet_ellipse' in text
   assert 'It needs a model that gives the ellipse (the shipped one does)' \
       in text
   assert 'needs an ellipse model' not in text
   with open(os.path.join(REPO, 'README.md')) as f:
     readme = ' '.join(f.read().split())
-  assert "For a model that gives the head's ellipse (the shipped " \
-      '`hcnet_mask`' in readme
+  assert "For a model that gives the head's ellipse (the shipped mask " \
+      'models' in readme
 
 
 def test_main_imports_losses_modules_and_reports_a_missing_one(capsys):
