@@ -390,6 +390,7 @@ def test_a_finished_run_is_left_alone_unless_rescored(tiny_config, tmp_path,
   rescored = train.train_and_evaluate(tiny_config, str(workdir))
   for key in RESULT_KEYS:
     assert rescored[key] == pytest.approx(first[key], rel=1e-5)
+  assert rescored['train_seconds'] == first['train_seconds']  # The training's.
   assert (workdir / 'metrics.jsonl').read_text() == metrics
 
 

@@ -635,6 +635,17 @@ class Trainer:
                                           np.concatenate(values)))
     return records
 
+  def _train_seconds(self, m) -> float:
+    """This call's wall time, or, when it trained nothing (a rescore of a
+    finished run), the training's time that results.json recorded."""
+    path = os.path.join(self.workdirs[m], workdir_lib.RESULTS_FILE)
+    if self.start_epoch >= self.num_epochs and os.path.isfile(path):
+      with open(path) as f:
+        previous = json.load(f).get('train_seconds')
+      if previous is not None:
+        return previous
+    return round(time.time() - self.started, 1)
+
   def _result(self, m, errors) -> dict:
     """Member `m`'s results.json, with its test `errors` ({} for none)."""
     config, arrays = self.configs[m], self.data.arrays
@@ -650,7 +661,7 @@ class Trainer:
         'source_digest': self.data.info.get('source_digest'),
         'num_members': len(self.configs),
         'members_per_call': self.how if len(self.configs) > 1 else None,
-        'train_seconds': round(time.time() - self.started, 1),
+        'train_seconds': self._train_seconds(m),
         **{f'train_hc_{unit}_{stat}': float(fn(arrays[f'hc_{unit}'][
             train_index])) for unit in ('mm', 'px')
            for stat, fn in (('min', np.min), ('max', np.max))},
