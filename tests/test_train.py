@@ -16,6 +16,7 @@ import pytest
 
 from conftest import config_flags, REPO
 from hc_jax import workdir as workdir_lib
+from hc_jax.training import manifest
 from hc_jax.training import step as step_lib
 from hc_jax.training import train
 
@@ -159,7 +160,10 @@ def test_resume_after_kill_matches_uninterrupted_run(
     if checkpoint_every_seconds:
       ready = lambda: _num_lines(killed_dir / 'metrics.jsonl') >= 3
     else:
-      ready = (killed_dir / 'checkpoints' / 'latest' / '2').exists
+      # Epoch 2's checkpoint complete: its manifest is written last (the
+      # folder alone can exist before; a kill then resumes after epoch 1).
+      ready = (killed_dir / 'checkpoints' / 'latest' / '2' /
+               manifest.MANIFEST_FILE).exists
     deadline = time.time() + 240
     while not ready() and killed.poll() is None and time.time() < deadline:
       time.sleep(0.02)
