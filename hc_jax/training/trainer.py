@@ -640,8 +640,7 @@ class Trainer:
     finished run), the training's time that results.json recorded."""
     path = os.path.join(self.workdirs[m], workdir_lib.RESULTS_FILE)
     if self.start_epoch >= self.num_epochs and os.path.isfile(path):
-      with open(path) as f:
-        previous = json.load(f).get('train_seconds')
+      previous = workdir_lib.read_json(path).get('train_seconds')
       if previous is not None:
         return previous
     return round(time.time() - self.started, 1)
