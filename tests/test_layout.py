@@ -214,9 +214,8 @@ def test_the_run_directorys_file_names_are_written_in_workdir_only():
 
 
 # hc_jax's own frames from the command to the step: main.main,
-# train.train_and_evaluate, train.train_members, Trainer.run,
-# Trainer._train_epoch, step.members_train_step, step.train_step.
-MAX_FRAMES_TO_THE_STEP = 7
+# train.train_and_evaluate, Trainer.run (the epoch loop), step.train_step.
+MAX_FRAMES_TO_THE_STEP = 4
 
 
 def test_the_command_reaches_the_pure_step_in_few_frames(tiny_config, tmp_path,

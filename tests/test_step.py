@@ -126,7 +126,7 @@ def test_the_first_progress_line_comes_after_a_few_steps(capsys):
   fake = types.SimpleNamespace(
       data=types.SimpleNamespace(steps=np.asarray([81]), batch_size=8),
       configs=[None], start_epoch=0, resume_step=0, num_epochs=50,
-      rate_start=None, last_log=now[0], epoch_seconds=[])
+      rate_start=None, last_log=now[0], epoch_seconds=[], compiled=True)
 
   class Loss:  # A queued step: reading it waits 2 s on the fake clock.
     def mean(self):

@@ -312,7 +312,9 @@ def _compiled_functions():
 
 
 def _step_compiles(names):
-  return sum(step_lib.members_train_step.__name__ in name for name in names)
+  """How many of `names` are the training step (one member's `train_step`,
+  or several members' `members_train_step`)."""
+  return sum(step_lib.train_step.__name__ in name for name in names)
 
 
 def test_a_run_compiles_its_train_step_once(tiny_config, tmp_path):

@@ -147,24 +147,20 @@ def map_members(fn, xs, how: str = 'vmap'):
   return jax.vmap(fn)(xs) if how == 'vmap' else jax.lax.map(fn, xs)
 
 
+def one_member_step(*, loss_fn, augment, loss_of=None):
+  """The step of a run of one member (every `python -m hc_jax.main` run),
+  to jit: `train_step` under `jax.vmap` over the member axis of size one on
+  which the trainer keeps its states. As fast as the unbatched step
+  (`benchmarks/one_member_step.py`), and one call from the trainer's loop
+  to `train_step`."""
+  return jax.vmap(functools.partial(train_step, loss_fn=loss_fn,
+                                    augment=augment, loss_of=loss_of))
+
+
 def members_train_step(state, batch, members, *, loss_fns, augment, how,
                        loss_of=None):
   """One step of every member; a member whose `batch['active']` is False is
   left unchanged (it has fewer steps this epoch, or it diverged)."""
-
-  def keep_inactive(new_state, old_state, active):
-    return jax.tree.map(lambda new, old: jnp.where(active, new, old),
-                        new_state, old_state)
-
-  if jax.tree.leaves(state)[0].shape[0] == 1:
-    # One member (every `python -m hc_jax.main` run): the plain step on the
-    # member axis's only entry.
-    state, batch, member = jax.tree.map(lambda x: x[0],
-                                        (state, batch, members))
-    new_state, loss = train_step(state, batch, member, loss_fn=loss_fns[0],
-                                 augment=augment, loss_of=loss_of)
-    new_state = keep_inactive(new_state, state, batch['active'])
-    return jax.tree.map(lambda x: x[None], (new_state, loss))
 
   def one(xs):
     member_state, member_batch, member = xs
@@ -175,7 +171,10 @@ def members_train_step(state, batch, members, *, loss_fns, augment, how,
     new_state, loss = train_step(member_state, member_batch, member,
                                  loss_fn=loss_fn, augment=augment,
                                  loss_of=loss_of)
-    return keep_inactive(new_state, member_state, member_batch['active']), loss
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(member_batch['active'], new, old),
+        new_state, member_state)
+    return new_state, loss
 
   return map_members(one, (state, batch, members), how)
 

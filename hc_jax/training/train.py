@@ -6,7 +6,8 @@ differ only in `config_check.MEMBER_FIELDS`: test fold, loss, seed) with ONE jit
 over a leading member axis: the member states are stacked, and the step maps
 the members either in one `jax.vmap` or one after another with `jax.lax.map`
 inside the same compiled step (`members_per_call`; 'auto' times both on the
-first steps). With one member the step is the plain one. A member's results
+first steps). With one member the step is `train_step` itself, vmapped over
+the member axis of size one (`step.one_member_step`). A member's results
 do not depend on which members train beside it.
 
 The step is pure: gather-free (batches of uint8 images come from
@@ -58,7 +59,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       checkpoint can be restored).
     FloatingPointError: on a NaN or inf loss (the last good checkpoint stays).
   """
-  return train_members([config], [workdir])[0]
+  (result,), todo = _results_and_todo([config], [workdir])
+  if todo:
+    from hc_jax.training import trainer  # pylint: disable=import-outside-toplevel
+    with _holding([workdir]):
+      (result,) = trainer.Trainer([config], [workdir]).run()
+  return result
 
 
 def _missing(workdir: str) -> list[str]:
@@ -83,6 +89,44 @@ def finished_results(config, workdir: str) -> dict[str, Any] | None:
       None)
 
 
+def _results_and_todo(configs, workdirs):
+  """Checks everything that can refuse the command before anything in the
+  workdirs is written (the configs, the config each workdir was run with);
+  returns the results of the members already finished (None for the
+  others) and the indices of those to train."""
+  config_check.check_members(configs)
+  if len(set(map(os.path.abspath, workdirs))) != len(workdirs):
+    raise ValueError(f'members need distinct workdirs: {list(workdirs)}')
+  for config, workdir in zip(configs, workdirs):  # Before anything is written.
+    config_check.check_resume(config, workdir)
+  results = [finished_results(c, w) for c, w in zip(configs, workdirs)]
+  for result, workdir in zip(results, workdirs):
+    if result is not None:
+      log.info(
+          f'already finished: {os.path.join(workdir, workdir_lib.RESULTS_FILE)} '
+          '(--config.rescore=True scores its test fold again)')
+  return results, [m for m, r in enumerate(results) if r is None]
+
+
+@contextlib.contextmanager
+def _holding(workdirs):
+  """Holds each workdir's lock (on the first host) while the block trains;
+  a block that fails leaves none of the folders it would have created."""
+  created = sorted({folder for w in workdirs for folder in _missing(w)},
+                   key=len, reverse=True)  # Deepest first.
+  try:
+    with contextlib.ExitStack() as stack:
+      for workdir in workdirs:
+        if jax.process_index() == 0:
+          stack.enter_context(lock_lib.WorkdirLock(workdir))
+      yield
+  except BaseException:
+    for folder in created:  # A run that fails at the start leaves nothing,
+      if os.path.isdir(folder) and not os.listdir(folder):  # no parent.
+        os.rmdir(folder)
+    raise
+
+
 def train_members(configs: Sequence[Any], workdirs: Sequence[str]
                   ) -> list[dict[str, Any]]:
   """Trains several members at once; see the module docstring.
@@ -99,38 +143,12 @@ def train_members(configs: Sequence[Any], workdirs: Sequence[str]
     ValueError: a bad config, or a workdir run with another config (see
       `config_check.check_resume`) or on other data.
   """
-  config_check.check_members(configs)
-  if len(set(map(os.path.abspath, workdirs))) != len(workdirs):
-    raise ValueError(f'members need distinct workdirs: {list(workdirs)}')
-  for config, workdir in zip(configs, workdirs):  # Before anything is written.
-    config_check.check_resume(config, workdir)
-  results = [None] * len(configs)
-  todo = []
-  for m, (config, workdir) in enumerate(zip(configs, workdirs)):
-    finished = finished_results(config, workdir)
-    if finished is not None:
-      log.info(
-          f'already finished: {os.path.join(workdir, workdir_lib.RESULTS_FILE)} '
-          '(--config.rescore=True scores its test fold again)')
-      results[m] = finished
-    else:
-      todo.append(m)
+  results, todo = _results_and_todo(configs, workdirs)
   if todo:
-    created = sorted({folder for m in todo for folder in _missing(workdirs[m])},
-                     key=len, reverse=True)  # Deepest first.
-    try:
-      with contextlib.ExitStack() as stack:
-        for m in todo:  # One lock per workdir, held by the first host.
-          if jax.process_index() == 0:
-            stack.enter_context(lock_lib.WorkdirLock(workdirs[m]))
-        from hc_jax.training import trainer  # pylint: disable=import-outside-toplevel
-        trained = trainer.Trainer([configs[m] for m in todo],
-                                  [workdirs[m] for m in todo]).run()
-    except BaseException:
-      for folder in created:  # A run that fails at the start leaves nothing,
-        if os.path.isdir(folder) and not os.listdir(folder):  # no parent.
-          os.rmdir(folder)
-      raise
+    from hc_jax.training import trainer  # pylint: disable=import-outside-toplevel
+    with _holding([workdirs[m] for m in todo]):
+      trained = trainer.Trainer([configs[m] for m in todo],
+                                [workdirs[m] for m in todo]).run()
     for m, result in zip(todo, trained):
       results[m] = result
   return results

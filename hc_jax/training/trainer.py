@@ -1,4 +1,4 @@
-"""The training loop behind `train.train_members`: epochs, checkpoints, scores.
+"""The training loop behind `train.train_and_evaluate` and `train_members`.
 
 A `Trainer` holds a run of M members (see `hc_jax.training.train`): their data
 (`hc_jax.data`), the stacked train state, one `checkpoint.Checkpoints` and
@@ -93,7 +93,9 @@ def _eta(seconds: float) -> str:
 
 
 class Trainer:
-  """The state and loop of one call of `train.train_members`."""
+  """The state and loop of one call of `train.train_and_evaluate` or
+  `train.train_members`; `run` is the epoch loop, and calls the jitted
+  step, the validation, the checkpoints and the test scoring."""
 
   def __init__(self, configs, workdirs):
     self.configs, self.workdirs = list(configs), list(workdirs)
@@ -146,16 +148,15 @@ class Trainer:
     self.how = None if how == 'auto' and len(
         configs) > 1 else self.candidates[0]
     loss_of, hc_of = step_lib.output_functions(config)
-    self.step_fns = {
-        c:
-            functools.partial(step_lib.members_train_step,
-                              loss_fns=self.loss_fns,
-                              augment=self.augment,
-                              how=c,
-                              loss_of=loss_of) for c in self.candidates
-    }
-    self.steps = {c: jax.jit(fn, donate_argnums=(0,))
-                  for c, fn in self.step_fns.items()}
+    if len(configs) == 1:
+      self.steps = {self.how: jax.jit(step_lib.one_member_step(
+          loss_fn=self.loss_fns[0], augment=self.augment, loss_of=loss_of),
+                                      donate_argnums=(0,))}
+    else:
+      self.steps = {c: jax.jit(functools.partial(
+          step_lib.members_train_step, loss_fns=self.loss_fns,
+          augment=self.augment, how=c, loss_of=loss_of), donate_argnums=(0,))
+                    for c in self.candidates}
     self.predict_fn = jax.jit(functools.partial(
         step_lib.members_predict, how='vmap', hc_of=hc_of),
                               out_shardings=self.replicated)
@@ -289,48 +290,6 @@ class Trainer:
     return metrics_lib.hc_errors(arrays['hc_px'][keep], hc_px_pred[m][mask[m]],
                                  arrays['pixel_size_mm'][keep])
 
-  def _train_epoch(self, state, epoch):
-    """Trains `epoch` (from the step where the run resumed, in its first).
-
-    Returns:
-      `(state, losses [steps, M], active [steps, M], stopped)`: `stopped` is
-      None for a whole epoch, else the number of its steps done when a stop
-      was requested (the state is then that of the last of them).
-    """
-    alive = self.diverged == 0
-    start = self.resume_step if epoch == self.start_epoch + 1 else 0
-    losses_ = list(self.resume_losses) if start else []
-    actives = [a & alive for a in self.data.epoch_index(epoch)[1][:start]]
-    batches = self.data.train_batches(epoch, self.config.data.get(
-        'pipeline', 'auto'), start=start)
-    first, previous = not self.compiled, None
-    for i, batch in enumerate(batches, start):
-      if self.stop.requested:
-        jax.block_until_ready(state)
-        return state, np.asarray(jax.device_get(losses_)), np.asarray(
-            actives), i
-      active = batch.pop('active') & alive
-      sharded = {k: self._shard(v) for k, v in batch.items()}
-      sharded['active'] = jax.device_put(active, self.replicated)
-      if self.how is None:  # 'auto' with several members: time both.
-        state = self._probe(state, sharded)
-      state, loss = self.steps[self.how](state, sharded, self.members)
-      if first and i == start:
-        jax.block_until_ready(loss)
-        self.compiled, self.compiled_epoch = True, epoch
-        self.compile_seconds = time.time() - self.compile_started
-        log.info(f'compiled in {self.compile_seconds:.0f} s')
-      # At most this step waits behind the one running: a stop request is
-      # answered within a step or two, not after a queue of them.
-      if previous is not None:
-        jax.block_until_ready(previous)
-      previous = loss
-      losses_.append(loss)
-      actives.append(active)
-      self._progress(epoch, i, loss)
-    return (state, np.asarray(jax.device_get(losses_)), np.asarray(actives),
-            None)
-
   def _probe(self, state, batch):
     """'auto': times vmap and lax.map on the same batch, keeps the faster.
     Each is compiled once, as the step that training then calls; the timed
@@ -355,6 +314,13 @@ class Trainer:
     return state
 
   def _progress(self, epoch, i, loss, clock=time.time):
+    """Logs the compilation when the first step returns, then the loss,
+    speed and time left every `LOG_EVERY_SECONDS`."""
+    if not self.compiled:
+      jax.block_until_ready(loss)
+      self.compiled, self.compiled_epoch = True, epoch
+      self.compile_seconds = time.time() - self.compile_started
+      log.info(f'compiled in {self.compile_seconds:.0f} s')
     steps = int(self.data.steps.max())
     done = (epoch - 1 - self.start_epoch) * steps + i + 1 - self.resume_step
     if self.rate_start is None:  # The compiled step's first return.
@@ -376,6 +342,9 @@ class Trainer:
              f'{_eta(left)}')
 
   def run(self):
+    """Trains the epochs left (resumed where the workdirs stopped), each
+    followed by validation and checkpoints, then scores the test folds;
+    returns the members' results."""
     state = self._restore()
     self._write_run_files()
     self._announce()
@@ -390,15 +359,39 @@ class Trainer:
       log.info('compiling the training step...')
     last_save = time.time()
     epoch = self.start_epoch
+    pipeline = self.config.data.get('pipeline', 'auto')
     # One process stops alone (several would wait for each other's step).
     with interrupt.StopRequest(jax.process_count() == 1) as self.stop:
       while epoch < self.num_epochs:
         epoch += 1
         epoch_start = time.time()
         compiled_before = self.compiled
-        state, step_losses, active, stopped = self._train_epoch(state, epoch)
-        if stopped is not None:
-          self._stop(state, epoch, stopped, step_losses)
+        # The epoch's steps, from the step where the run resumed in its first.
+        start = self.resume_step if epoch == self.start_epoch + 1 else 0
+        alive = self.diverged == 0
+        step_losses = list(self.resume_losses) if start else []
+        active = [a & alive for a in self.data.epoch_index(epoch)[1][:start]]
+        previous = None
+        for i, batch in enumerate(
+            self.data.train_batches(epoch, pipeline, start=start), start):
+          if self.stop.requested:
+            jax.block_until_ready(state)
+            self._stop(state, epoch, i, np.asarray(jax.device_get(step_losses)))
+          active.append(batch.pop('active') & alive)
+          batch = {k: self._shard(v) for k, v in batch.items()}
+          batch['active'] = jax.device_put(active[-1], self.replicated)
+          if self.how is None:  # 'auto' with several members: time both.
+            state = self._probe(state, batch)
+          state, loss = self.steps[self.how](state, batch, self.members)
+          # At most this step waits behind the one running: a stop request is
+          # answered within a step or two, not after a queue of them.
+          if previous is not None:
+            jax.block_until_ready(previous)
+          previous = loss
+          step_losses.append(loss)
+          self._progress(epoch, i, loss)
+        step_losses = np.asarray(jax.device_get(step_losses))
+        active = np.asarray(active)
         val = self._predict(state, 'val', self.stop)
         if val is None:  # Stopped after the epoch's steps, before its scores.
           self._stop(state, epoch, len(step_losses), step_losses)
