@@ -217,7 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   """The command line; returns the exit status."""
   from hc_jax import cli  # pylint: disable=import-outside-toplevel
   args = _parse_args(sys.argv[1:] if argv is None else argv)
-  cli.quiet_logs(tensorflow=not args.aggregate_only)
+  # TensorFlow (quietly) once the first config has loaded: a mistake in the
+  # command line or config is one line within a second.
+  cli.quiet_logs(tensorflow=False)
   # Bad input (hc18.HC18Error is a ValueError too): one line, exit 2.
   return cli.run_main(lambda: _run(args))
 

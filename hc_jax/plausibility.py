@@ -25,7 +25,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--hc18_dir', default=None,
                       help='HC18 copy (default: $HC18_DIR or ../shared/hc18)')
   args = parser.parse_args(argv)
-  cli.quiet_logs()
 
   def run():
     if not os.path.isdir(args.root):
@@ -33,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = args.hc18_dir or hc18.default_dir()
     if not root:
       raise ValueError('HC18 not found: pass --hc18_dir=DIR or set HC18_DIR')
+    cli.quiet_logs()  # After the checks: a mistake is one line at once.
     images_dir = os.path.join(root, hc18.SPLITS['train'][0])
     rows = [plausibility.config_row(config_dir, images_dir)
             for config_dir in cv_table.config_dirs(args.root)]

@@ -207,7 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   failed or were flagged, 2 usage, configuration or model error)."""
   args = _parse_args(argv)
   from hc_jax import cli  # pylint: disable=import-outside-toplevel
-  cli.quiet_logs()  # Before TensorFlow is imported.
+  # TensorFlow (quietly) only once the inputs have been checked: a mistake
+  # in them is one line within a second (`_predict`).
+  cli.quiet_logs(tensorflow=False)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO.
@@ -242,6 +244,8 @@ def _predict(args: argparse.Namespace) -> int:
   print(f'{len(files)} scan file(s): loading '
         f'{args.workdir or args.model or "the shipped model"} (JAX and '
         'TensorFlow start in about 10 s)...', file=sys.stderr, flush=True)
+  from hc_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.quiet_logs()  # Imports TensorFlow without its start-up lines.
   predictor = (load(args.workdir) if args.workdir else
                load(model=args.model))  # None: the default shipped one.
   predictor.scan_check = args.scan_check

@@ -34,7 +34,8 @@ HCNET_GAP_PARAMS = 245_233
 
 def _init(model, height, width, batch=1):
   images = jnp.zeros((batch, height, width, 1), jnp.float32)
-  return model.init(jax.random.key(0), images, train=False)
+  return jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0), images)
 
 
 def _count(model, height, width):
@@ -62,9 +63,10 @@ def test_non_square_inputs(name, shape, train_mode):
   model = models.create_model(name, widths=(8, 8, 16), dilated=True)
   variables = _init(model, 32, 48)
   images = jax.random.normal(jax.random.key(1), (3, 32, 48, 1))
-  out = model.apply(variables, images, train=train_mode,
-                    mutable=['batch_stats'] if train_mode else False,
-                    rngs={'dropout': jax.random.key(2)})
+  out = jax.jit(functools.partial(
+      model.apply, train=train_mode,
+      mutable=['batch_stats'] if train_mode else False))(
+          variables, images, rngs={'dropout': jax.random.key(2)})
   out = out[0] if train_mode else out
   assert out.shape == shape and out.dtype == jnp.float32
   assert np.all(np.isfinite(out))

@@ -161,8 +161,9 @@ def test_geometry_is_exact_under_the_resize(mode, input_hw):
 def test_the_model_takes_any_input_size(input_hw):
   model = hcnet_mask.HCNetMask(widths=(4, 8, 8, 8), stride=2, margin=4)
   x = jnp.zeros((2, *input_hw, 1))
-  variables = model.init(jax.random.key(0), x, train=False)
-  out = model.apply(variables, x, train=False)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0), x)
+  out = jax.jit(functools.partial(model.apply, train=False))(variables, x)
   assert out['logits'].shape == (2, -(-input_hw[0] // 2) + 4,
                                  -(-input_hw[1] // 2) + 4)
   assert out['ellipse_in'].shape == (2, 5) and out['quality'].shape == (2,)
@@ -172,10 +173,12 @@ def test_the_model_takes_any_input_size(input_hw):
 def test_the_model_with_attention_runs_and_has_its_parameters():
   model = hcnet_mask.HCNetMask(widths=(4, 8, 8, 8), attention=True)
   x = jnp.zeros((1, 48, 64, 1))
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0), x)
   assert 'attention' in variables['params']
   plain = hcnet_mask.HCNetMask(widths=(4, 8, 8, 8))
-  plain_vars = plain.init(jax.random.key(0), x, train=False)
+  plain_vars = jax.eval_shape(functools.partial(plain.init, train=False),
+                              jax.random.key(0), x)
   assert models.count_params(variables) > models.count_params(plain_vars)
 
 
@@ -287,8 +290,8 @@ def train_on_phantoms(steps, mask_loss, **options):
   batch = _phantoms(8)
   model = hcnet_mask.HCNetMask(widths=(8, 16, 16, 16), stride=2, margin=4,
                                moments='window', layers='fast', **options)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 48, 1)),
-                         train=False)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0), jnp.zeros((1, 32, 48, 1)))
   state = step_lib.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=optax.adam(3e-3))
@@ -303,12 +306,16 @@ def train_on_phantoms(steps, mask_loss, **options):
       step_lib.train_step, loss_fn=losses.get_loss('mae'),
       augment=augment.NO_AUGMENT, loss_of=loss_of))
 
-  def hc_error(state):
+  @jax.jit
+  def hc_of_batch(state):
     out, _ = state.apply_fn(
         {'params': state.params, 'batch_stats': state.batch_stats},
         augment.zscore_batch(batch['image']), train=True,
         mutable=['batch_stats'])
-    predicted = np.asarray(hc_of(out, batch['resize'], normaliser, (32, 48)))
+    return hc_of(out, batch['resize'], normaliser, (32, 48))
+
+  def hc_error(state):
+    predicted = np.asarray(hc_of_batch(state))
     return float(np.mean(np.abs(predicted * normaliser - batch['hc_px']) /
                          batch['hc_px']))
 

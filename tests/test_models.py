@@ -1,5 +1,7 @@
 """Tests for hc_jax.models."""
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,19 @@ CNN_1M_PARAMS_256 = 1_072_961
 VGG16_PARAMS = 14_845_121
 VGG16_BN_PARAMS = 14_853_569
 RESNET50_PARAMS = 23_503_809
+
+
+def _init(model, images, key=1):
+  """The model's variables, initialised in one compiled call."""
+  return jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(key), images)
+
+
+def _train_apply(model, variables, images):
+  """`(predictions, updates)` of a train-mode forward pass, compiled."""
+  return jax.jit(functools.partial(
+      model.apply, train=True, mutable=['batch_stats']))(
+          variables, images, rngs={'dropout': jax.random.key(2)})
 
 
 def _abstract_variables(model, image_size, batch_size=1, width=None):
@@ -102,15 +117,13 @@ def cnn_263k():
   """The small CNN, its initial variables and a batch of 64x64 images."""
   model = models.CNN263K()
   images = jax.random.normal(jax.random.key(0), (4, 64, 64, 1))
-  variables = model.init(jax.random.key(1), images, train=False)
+  variables = _init(model, images)
   return model, variables, images
 
 
 def test_train_mode_updates_batch_stats(cnn_263k):
   model, variables, images = cnn_263k
-  _, updates = model.apply(
-      variables, images, train=True, mutable=['batch_stats'],
-      rngs={'dropout': jax.random.key(2)})
+  _, updates = _train_apply(model, variables, images)
   old = jax.tree.leaves(variables['batch_stats'])
   new = jax.tree.leaves(updates['batch_stats'])
   assert len(old) == len(new) == 6
@@ -161,10 +174,8 @@ def test_train_mode_needs_dropout_rng(cnn_263k):
 def test_cnn_1m_runs_at_128():
   model = models.CNN1M()
   images = jax.random.normal(jax.random.key(0), (2, 128, 128, 1))
-  variables = model.init(jax.random.key(1), images, train=False)
-  predictions, _ = model.apply(
-      variables, images, train=True, mutable=['batch_stats'],
-      rngs={'dropout': jax.random.key(2)})
+  variables = _init(model, images)
+  predictions, _ = _train_apply(model, variables, images)
   assert predictions.shape == (2,)
   assert np.all(np.isfinite(predictions))
 
@@ -180,12 +191,10 @@ def test_cnn_1m_runs_at_128():
 def test_big_models_run(name, kwargs):
   model = models.create_model(name, **kwargs)
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
-  variables = jax.jit(
-      lambda key: model.init(key, images, train=False))(jax.random.key(1))
-  predictions, _ = model.apply(
-      variables, images, train=True, mutable=['batch_stats'],
-      rngs={'dropout': jax.random.key(2)})
-  eval_predictions = model.apply(variables, images, train=False)
+  variables = _init(model, images)
+  predictions, _ = _train_apply(model, variables, images)
+  eval_predictions = jax.jit(functools.partial(model.apply, train=False))(
+      variables, images)
   for output in (predictions, eval_predictions):
     assert output.shape == (2,)
     assert output.dtype == jnp.float32
@@ -257,13 +266,12 @@ def test_paper_cnn_flatten_follows_height_and_width():
 def test_paper_cnns_run_on_non_square_images(name, dtype):
   model = models.create_model(name, dtype=dtype)
   images = jax.random.normal(jax.random.key(0), (2, 40, 56, 1))
-  variables = model.init(jax.random.key(1), images, train=False)
-  predictions, _ = model.apply(
-      variables, images, train=True, mutable=['batch_stats'],
-      rngs={'dropout': jax.random.key(2)})
+  variables = _init(model, images)
+  predictions, _ = _train_apply(model, variables, images)
   assert predictions.shape == (2,) and predictions.dtype == jnp.float32
   assert np.all(np.isfinite(predictions))
-  assert np.all(np.isfinite(model.apply(variables, images, train=False)))
+  assert np.all(np.isfinite(jax.jit(functools.partial(
+      model.apply, train=False))(variables, images)))
 
 
 def _config(**entries):
