@@ -5,6 +5,7 @@ run and print what they promise; they measure nothing.
 """
 
 import collections
+import importlib.util
 import json
 import os
 import re
@@ -161,6 +162,21 @@ def _run(script, *flags, env=None, returncode=0):
   return result.stdout if returncode == 0 else result.stderr
 
 
+def _run_here(capsys, monkeypatch, script, *flags):
+  """The script's `main` run in this process (its imports are this
+  process's already: seconds less than a fresh interpreter); its stdout."""
+  path = os.path.join(BENCHMARKS, script)
+  spec = importlib.util.spec_from_file_location(
+      f'benchmark_{script[:-3]}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  monkeypatch.setattr(sys, 'argv', [path, *flags])
+  capsys.readouterr()
+  status = module.main()
+  assert status in (None, 0), status
+  return capsys.readouterr().out
+
+
 NUMBER = r'[0-9]+\.[0-9]+'
 
 
@@ -233,10 +249,10 @@ def test_train_step_rejects_a_bad_image_size():
           "'128x'") in result.stderr, result.stderr
 
 
-def test_train_step_breakdown():
-  out = _run('train_step.py', '--breakdown', '--models=cnn_1m',
-             '--batch_sizes=2', '--image_size=32', '--seconds=0',
-             '--min_steps=1')
+def test_train_step_breakdown(capsys, monkeypatch):
+  out = _run_here(capsys, monkeypatch, 'train_step.py', '--breakdown',
+                  '--models=cnn_1m', '--batch_sizes=2', '--image_size=32',
+                  '--seconds=0', '--min_steps=1')
   for stage in ('forward', 'forward\\+gradient', 'full step'):
     assert re.search(rf'cnn_1m 32x32 batch 2 {stage}: {NUMBER} ms', out), out
 
@@ -250,10 +266,11 @@ def test_train_step_rejects_unknown_variant():
   assert "unknown variant 'pytorch'" in result.stderr
 
 
-def test_predict_runs_on_phantom_scans(phantom_hc18):
+def test_predict_runs_on_phantom_scans(phantom_hc18, capsys, monkeypatch):
   hc18_dir, _ = phantom_hc18
-  out = _run('predict.py', f'--hc18_dir={hc18_dir}', '--models=cnn_263k',
-             '--num_images=3', '--batch_size=2', '--num_batches=1')
+  out = _run_here(capsys, monkeypatch, 'predict.py', f'--hc18_dir={hc18_dir}',
+                  '--models=cnn_263k', '--num_images=3', '--batch_size=2',
+                  '--num_batches=1')
   assert re.search(
       rf'cnn_263k 128x128: batch 1 latency p50 {NUMBER} ms, p95 {NUMBER} ms '
       rf'.*; batch 2: {NUMBER} img/s', out), out
@@ -266,8 +283,8 @@ def test_profile_step_lists_operations():
   assert len(re.findall(rf'^ *{NUMBER} ms +{NUMBER} % ', out, re.M)) == 5, out
 
 
-def test_keras_models_script_reports_matches():
-  out = _run('keras_models.py', '--models=cnn_263k')
+def test_keras_models_script_reports_matches(capsys, monkeypatch):
+  out = _run_here(capsys, monkeypatch, 'keras_models.py', '--models=cnn_263k')
   assert 'cnn_263k 128x128: Keras 263,633 trainable, hc_jax 263,633: match' \
       in out, out
 
@@ -354,11 +371,12 @@ def test_gpu_train_step_rejects_an_export_of_another_size(tmp_path):
   assert 'holds 32x32 images, not --image_size=64' in err, err
 
 
-def test_input_pipeline_compares_backends(phantom_hc18):
+def test_input_pipeline_compares_backends(phantom_hc18, capsys, monkeypatch):
   hc18_dir, cache_dir = phantom_hc18
-  out = _run('input_pipeline.py', f'--hc18_dir={hc18_dir}',
-             f'--cache_dir={cache_dir}', '--image_size=32', '--members=2',
-             '--epochs=1', '--backends=tf,numpy')
+  out = _run_here(capsys, monkeypatch, 'input_pipeline.py',
+                  f'--hc18_dir={hc18_dir}', f'--cache_dir={cache_dir}',
+                  '--image_size=32', '--members=2', '--epochs=1',
+                  '--backends=tf,numpy')
   assert re.search(r'60 scans at 32x32 ready .* 2 member\(s\), batch 8, '
                    r'[0-9]+ steps per epoch', out), out
   rate = r'[0-9,]+\.[0-9]'
