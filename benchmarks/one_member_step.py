@@ -4,6 +4,8 @@ member axis of size one.
   taskset -c 1 python benchmarks/one_member_step.py [--seconds=10] [--rounds=3]
       [--config=hcnet_mask_refine]
 
+(`--config` names a mask model's file in configs/, e.g. hcnet_mask or demo.)
+
 The trainer keeps its members' states stacked on a leading axis, also for
 the single member of every `python -m hc_jax.main` run. This times, in one
 process and in turn for `--rounds` rounds, two ways of jitting that one
@@ -75,7 +77,7 @@ def main(argv=None):
       stacked_batch, stacked_member = stack(batch), stack(member)
       jax.block_until_ready(run_state)
       start = time.perf_counter()
-      while time.perf_counter() - start < args.seconds:
+      while not count or time.perf_counter() - start < args.seconds:
         run_state, loss = step(run_state, stacked_batch, stacked_member)
         jax.block_until_ready(loss)
         count += 1

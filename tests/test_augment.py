@@ -18,6 +18,10 @@ from hc_jax.data import normalise
 from hc_jax.data import phantom
 
 
+# One compiled call per shape, not op by op (the config is static).
+_augment_batch = jax.jit(augment.augment_batch, static_argnames='config')
+
+
 @pytest.fixture(autouse=True, scope='module')
 def _fast_compiles():
   """Compile time dominates these small programs; restored afterwards."""
@@ -141,7 +145,7 @@ def test_targets_follow_random_warps(resize_name):
   hc_px = perimeters(ellipses)
   resizes = np.tile(resize, (batch_size, 1)).astype(np.float32)
   key = jax.random.key(3)
-  images, targets, hc_out = augment.augment_batch(
+  images, targets, hc_out = _augment_batch(
       key, rings, ellipses, hc_px, resizes, FULL)
   params = augment.draw_params(key, batch_size, FULL)
   assert 0 < np.sum(params['flip']) < batch_size  # Both branches are covered.
@@ -205,7 +209,7 @@ def test_hc_scales_with_zoom_under_isotropic_resize(max_rotate_deg):
   resizes = np.tile(letterbox_resize(), (batch_size, 1)).astype(np.float32)
   key = jax.random.key(7)
   images = np.zeros((batch_size, 8, 12, 1), np.uint8)
-  _, _, hc_out = augment.augment_batch(key, images, ellipses, hc_px, resizes,
+  _, _, hc_out = _augment_batch(key, images, ellipses, hc_px, resizes,
                                        config)
   zoom = np.asarray(augment.draw_params(key, batch_size, config)['zoom'])
   assert zoom.min() < 0.85 and zoom.max() > 1.15
@@ -221,7 +225,7 @@ def test_identity_config_only_zscores(config):
   ellipses = head_ellipses((270, 300), 3)
   hc_px = np.array([150.0, 250.0, 350.0], np.float32)
   resizes = np.tile(stretch_resize(), (3, 1)).astype(np.float32)
-  out, targets, hc_out = augment.augment_batch(
+  out, targets, hc_out = _augment_batch(
       jax.random.key(0), images, ellipses, hc_px, resizes, config)
   np.testing.assert_allclose(out, normalise.zscore_batch(images), atol=1e-6)
   np.testing.assert_array_equal(targets, ellipses)
@@ -234,7 +238,7 @@ def test_missing_ellipse_falls_back_to_zoom():
   hc_px = np.array([200.0, 300.0, 400.0, 500.0], np.float32)
   resizes = np.tile(stretch_resize(), (4, 1)).astype(np.float32)
   key = jax.random.key(2)
-  _, targets, hc_out = (np.asarray(v) for v in augment.augment_batch(
+  _, targets, hc_out = (np.asarray(v) for v in _augment_batch(
       key, np.zeros((4, 8, 12, 1), np.float32), ellipses, hc_px, resizes, FULL))
   zoom = np.asarray(augment.draw_params(key, 4, FULL)['zoom'])
   assert np.all(np.isnan(targets[[1, 3]]))
@@ -246,7 +250,7 @@ def test_output_is_zscored_float32():
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, (4, 16, 24, 3), dtype=np.uint8)
   ellipses = head_ellipses((400, 480), 4)
-  out, targets, hc_out = augment.augment_batch(
+  out, targets, hc_out = _augment_batch(
       jax.random.key(1), images, ellipses, np.ones(4, np.float32),
       np.tile(stretch_resize(), (4, 1)), FULL)
   assert out.dtype == targets.dtype == hc_out.dtype == jnp.float32
@@ -369,9 +373,9 @@ def test_approximate_labels_keep_hc_times_zoom_only():
   approximate = augment.AugmentConfig(max_rotate_deg=30.0,
                                       scale_range=(0.8, 1.2),
                                       exact_labels=False)
-  _, moved, exact_hc = augment.augment_batch(key, images, ellipses, hc_px,
+  _, moved, exact_hc = _augment_batch(key, images, ellipses, hc_px,
                                              resize, config)
-  _, moved_too, approx_hc = augment.augment_batch(key, images, ellipses, hc_px,
+  _, moved_too, approx_hc = _augment_batch(key, images, ellipses, hc_px,
                                                   resize, approximate)
   zoom = augment.draw_params(key, 4, config)['zoom']
   np.testing.assert_allclose(approx_hc, hc_px * zoom, rtol=1e-6)

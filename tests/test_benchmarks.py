@@ -390,3 +390,13 @@ def test_input_pipeline_compares_backends(phantom_hc18, capsys, monkeypatch):
 def test_input_pipeline_rejects_a_bad_backend():
   err = _run('input_pipeline.py', '--backends=numpy,jax', returncode=2)
   assert "error: --backends takes numpy, tf; got 'numpy,jax'" in err, err
+
+
+@pytest.mark.slow  # Two compilations of the demo's mask network: ~20 s.
+def test_one_member_step_compares_both_ways(capsys, monkeypatch):
+  out = _run_here(capsys, monkeypatch, 'one_member_step.py', '--config=demo',
+                  '--seconds=0', '--rounds=1')
+  for way in ('unbatched', 'vmap'):
+    assert re.search(rf'round 1 {way}: {NUMBER} ms/step', out), out
+  assert re.search(rf'vmap: {NUMBER} ms/step, {NUMBER}x unbatched', out), out
+  assert 'largest loss difference over the first 5 steps' in out, out

@@ -43,8 +43,8 @@ def test_batch_norm_matches_flax_in_training(shape):
   fast, plain = _batch_norm_pair()
   x = 3.0 * jax.random.normal(jax.random.key(0), shape) + 1.5
   weights = jax.random.normal(jax.random.key(1), shape)
-  variables = plain.init(jax.random.key(2), x)
-  assert jax.tree.structure(fast.init(jax.random.key(2), x)) == \
+  variables = jax.jit(plain.init)(jax.random.key(2), x)
+  assert jax.tree.structure(jax.jit(fast.init)(jax.random.key(2), x)) == \
       jax.tree.structure(variables)
   variables = {**variables, 'params': {  # Not the identity initialisation.
       'scale': jnp.linspace(0.5, 2.0, shape[-1]),
@@ -58,7 +58,8 @@ def test_batch_norm_matches_flax_in_training(shape):
     return ((y * weights).sum() + (y ** 2).sum() + stats['mean'].sum()
             + 3.0 * stats['var'].sum()), (y, updates)
 
-  grad = jax.grad(loss, argnums=(1, 2), has_aux=True)
+  grad = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True),
+                 static_argnums=0)  # One compiled call per module.
   (fast_grads, (fast_y, fast_updates)) = grad(fast, variables, x)
   (plain_grads, (plain_y, plain_updates)) = grad(plain, variables, x)
   _close(fast_y, plain_y)
@@ -124,17 +125,18 @@ def test_conv_general_dilated_matches_flax(in_shape, features, conv_kwargs):
                  **conv_kwargs)
   plain = nn.Conv(features, **conv_kwargs)
   x = jax.random.normal(jax.random.key(0), in_shape)
-  variables = plain.init(jax.random.key(1), x)
+  variables = jax.jit(plain.init)(jax.random.key(1), x)
   if 'bias' in variables['params']:
     variables = {'params': {**variables['params'], 'bias': jnp.arange(
         features, dtype=jnp.float32)}}
-  fast_y, plain_y = fast.apply(variables, x), plain.apply(variables, x)
+  fast_y = jax.jit(fast.apply)(variables, x)
+  plain_y = jax.jit(plain.apply)(variables, x)
   assert fast_y.shape == plain_y.shape
   _close(fast_y, plain_y)
   weights = jax.random.normal(jax.random.key(2), plain_y.shape)
-  grad = lambda module: jax.grad(
+  grad = lambda module: jax.jit(jax.grad(  # One compiled call each.
       lambda v, x: (jnp.tanh(module.apply(v, x)) * weights).sum(),
-      argnums=(0, 1))(variables, x)
+      argnums=(0, 1)))(variables, x)
   _close(grad(fast), grad(plain))
 
 
@@ -153,13 +155,13 @@ def test_conv_im2col_kernel_grad_matches_flax(monkeypatch, max_bytes,
                  **conv_kwargs)
   plain = nn.Conv(6, **conv_kwargs)
   x = jax.random.normal(jax.random.key(0), (2, 7, 8, 3))
-  variables = plain.init(jax.random.key(1), x)
-  plain_y = plain.apply(variables, x)
-  _close(fast.apply(variables, x), plain_y)
+  variables = jax.jit(plain.init)(jax.random.key(1), x)
+  plain_y = jax.jit(plain.apply)(variables, x)
+  _close(jax.jit(fast.apply)(variables, x), plain_y)
   weights = jax.random.normal(jax.random.key(2), plain_y.shape)
-  grad = lambda module: jax.grad(
+  grad = lambda module: jax.jit(jax.grad(  # One compiled call each.
       lambda v, x: (jnp.tanh(module.apply(v, x)) * weights).sum(),
-      argnums=(0, 1))(variables, x)
+      argnums=(0, 1)))(variables, x)
   _close(grad(fast), grad(plain))
 
 
