@@ -32,6 +32,14 @@ def _close_to_scale(actual, expected, rtol=1e-4, floor=1e-5):
                actual, expected)
 
 
+# The whole-model checks compile without XLA's optimisations in the default
+# run (the same equivalence in about half the time) and, with `-m slow`, also
+# with them, as a user's run compiles the model.
+XLA_MODES = ['unoptimised',
+             pytest.param('optimised',
+                          marks=[pytest.mark.slow, pytest.mark.xla_optimized])]
+
+
 def _batch_norm_pair(epsilon=1e-3, momentum=0.99, train=True, **kwargs):
   common = dict(use_running_average=not train, momentum=momentum,
                 epsilon=epsilon, **kwargs)
@@ -181,11 +189,12 @@ def test_narrow_convolutions_take_the_padded_path(in_channels, features,
             in jaxpr)
 
 
-@pytest.mark.xla_optimized  # As a training run compiles it.
-def test_hcnet_mask_same_with_and_without_the_narrow_path(monkeypatch):
+@pytest.mark.parametrize('xla', XLA_MODES)
+def test_hcnet_mask_same_with_and_without_the_narrow_path(monkeypatch, xla):
   """hcnet_mask's config network (8- and 16-channel layers at full and half
   resolution) with the narrow path against without it: the same parameter
   tree, outputs and gradients of its training loss."""
+  del xla  # Its mark sets XLA's optimisations.
   from hc_jax import losses  # pylint: disable=import-outside-toplevel
   from hc_jax.nets import mask_head  # pylint: disable=import-outside-toplevel
   model = models.create_model('hcnet_mask', layers='fast',
@@ -253,8 +262,9 @@ def _custom_vjp_calls(model, variables, images):
     pytest.param('resnet50', {'stage_sizes': (1, 1, 1, 1)},  # Every layer kind.
                  marks=pytest.mark.slow),  # 20-40 s on 2 CPU cores.
 ])
-@pytest.mark.xla_optimized  # The two must agree as a user's run compiles them.
-def test_models_same_with_plain_and_fast_layers(name, kwargs):
+@pytest.mark.parametrize('xla', XLA_MODES)
+def test_models_same_with_plain_and_fast_layers(name, kwargs, xla):
+  del xla  # Its mark sets XLA's optimisations.
   fast = models.create_model(name, layers='fast', **kwargs)
   plain = models.create_model(name, layers='plain', **kwargs)
   images = jax.random.normal(jax.random.key(0), (4, 32, 48, 1))  # Not square.

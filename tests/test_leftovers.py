@@ -103,7 +103,7 @@ def test_prepare_removes_what_killed_preparations_left(tmp_path, sleeper):
 
 
 def test_a_prepare_killed_mid_build_leaves_nothing_after_the_rerun(tmp_path):
-  root = _phantoms(tmp_path, num_train=120)
+  root = _phantoms(tmp_path, num_train=60)
   cache, go = str(tmp_path / 'cache'), str(tmp_path / 'go')
   directory = os.path.join(cache, f'hc18-{digests.content_digest(root)}')
   builds = os.path.join(directory, 'tfds', 'hc18')

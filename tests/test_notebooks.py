@@ -59,14 +59,14 @@ def test_quickstart_runs_end_to_end(tmp_path, monkeypatch):
   _use_this_interpreter(monkeypatch, tmp_path)
   workdir = tmp_path / 'quickstart'
   monkeypatch.setenv('HC_JAX_QUICKSTART_EPOCHS', '1')
-  monkeypatch.setenv('HC_JAX_QUICKSTART_IMAGES', '60')
+  monkeypatch.setenv('HC_JAX_QUICKSTART_IMAGES', '30')
   monkeypatch.setenv('HC_JAX_QUICKSTART_WORKDIR', str(workdir))
   notebook = _read('quickstart.ipynb')
   NotebookClient(notebook, kernel_name=KERNEL, timeout=300,
                  resources={'metadata': {'path': NOTEBOOKS}}).execute()
   assert (workdir / 'results.json').is_file()
   outputs = '\n'.join(_text_outputs(cell) for cell in notebook.cells)
-  assert '1 epochs, 60 phantom scans' in outputs
+  assert '1 epochs, 30 phantom scans' in outputs
   # The shipped model measures a shipped HC18 scan as it did when exported.
   match = re.search(r'092_HC.png: the shipped model measures ([\d.]+) mm '
                     r'\(SD [\d.]+ mm over its folds, status ok; '

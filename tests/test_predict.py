@@ -44,10 +44,12 @@ def grid(phantom_hc18, tmp_path_factory):
   """Two finished tiny runs of one config, seeds 0 and 1: grid/fold{0,1}.
 
   Built like conftest's `tiny_config` (function-scoped, so not usable here),
-  with one epoch.
+  with one epoch; trained as two members of one step (one compilation; a
+  member's results do not depend on the others, tests/test_train.py).
   """
   from configs import default  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('grid')
+  configs = []
   for seed in (0, 1):
     config = default.get_config()
     config.data.hc18_dir, config.data.cache_dir = phantom_hc18
@@ -56,7 +58,8 @@ def grid(phantom_hc18, tmp_path_factory):
     config.batch_size = 8
     config.eval_batch_size = 8
     config.seed = seed
-    train.train_and_evaluate(config, str(root / f'fold{seed}'))
+    configs.append(config)
+  train.train_members(configs, [str(root / f'fold{seed}') for seed in (0, 1)])
   return str(root)
 
 
