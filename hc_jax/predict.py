@@ -47,7 +47,6 @@ images get the very predictions in its `predictions_test.csv`.
 
 import argparse
 import math
-import os
 import sys
 from typing import Sequence
 import warnings
@@ -207,12 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   failed or were flagged, 2 usage, configuration or model error)."""
   args = _parse_args(argv)
   from hc_jax import cli  # pylint: disable=import-outside-toplevel
-  # TensorFlow (quietly) only once the inputs have been checked: a mistake
-  # in them is one line within a second (`_predict`).
+  # Orbax's INFO lines off; TensorFlow once the inputs are checked (_predict).
   cli.quiet_logs(tensorflow=False)
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from absl import logging  # pylint: disable=import-outside-toplevel
-  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO.
   with warnings.catch_warnings():
     warnings.showwarning = _print_warning
     warnings.simplefilter('always', UserWarning)
