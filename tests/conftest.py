@@ -66,33 +66,10 @@ def _xla_optimized(request):
 
 @pytest.fixture(scope='session')
 def phantom_hc18(tmp_path_factory):
-  """A phantom HC18 directory (60 train, 6 test images) and a cache dir.
-
-  One copy for the whole test run: the parallel workers share it (written
-  once, under a lock), and with it the cache, where each input size is then
-  prepared once, not once per worker (the cache is safe for concurrent
-  preparers, tests/test_leftovers.py). Where `fcntl` is missing, each worker
-  writes its own.
-  """
+  """A phantom HC18 directory (60 train, 6 test images) and a TFDS dir."""
   from hc_jax.data import phantom_set  # pylint: disable=import-outside-toplevel
-  try:
-    import fcntl  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    fcntl = None
-  if fcntl is None or 'PYTEST_XDIST_WORKER' not in os.environ:
-    root = tmp_path_factory.mktemp('phantom_hc18')
-    phantom_set.write_hc18(str(root / 'hc18'), num_train=60, num_test=6,
-                           seed=1)
-    return str(root / 'hc18'), str(root / 'tfds')
-  # The workers' base temporary directories share this parent.
-  root = tmp_path_factory.getbasetemp().parent / 'phantom_hc18_shared'
-  root.mkdir(exist_ok=True)
-  with open(root / 'lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (root / 'written').exists():
-      phantom_set.write_hc18(str(root / 'hc18'), num_train=60, num_test=6,
-                             seed=1)
-      (root / 'written').touch()
+  root = tmp_path_factory.mktemp('phantom_hc18')
+  phantom_set.write_hc18(str(root / 'hc18'), num_train=60, num_test=6, seed=1)
   return str(root / 'hc18'), str(root / 'tfds')
 
 
