@@ -7,10 +7,10 @@
 
 For each compute dtype, times in images per second:
 
-* one model: `hc_jax.training.train.train_step` (augmentation, forward, loss,
+* one model: `hc_jax.training.step.train_step` (augmentation, forward, loss,
   gradient, Adam) on batches of `--batch_size` images; the baseline;
 * `--members` models stacked on a leading member axis in one jitted step,
-  `hc_jax.training.train.members_train_step`, each on its own batch of `--batch_size`
+  `hc_jax.training.step.members_train_step`, each on its own batch of `--batch_size`
   images, with `how='vmap'` (one vmap: grouped convolutions) and `how='map'`
   (the members one after another inside the step, `jax.lax.map`): what
   `python -m hc_jax.grid --stack` runs;

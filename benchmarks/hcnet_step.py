@@ -2,7 +2,7 @@
 
   taskset -c 1 python benchmarks/hcnet_step.py [--seconds=10] [--rounds=3]
 
-Times the jitted `hc_jax.training.train.train_step` (state donated) as training runs
+Times the jitted `hc_jax.training.step.train_step` (state donated) as training runs
 it: the default augmentation (flip, ±5 px shift, ±10° rotation) on the
 device, MAE, gradient and Adam (lr 1e-3), batch 8, on a fixed random batch;
 hcnet and hcnet_ellipse at their configs' 128x128, cnn_1m at the same size,
@@ -40,11 +40,12 @@ def make_step(name, height, width):
   from hc_jax.data import augment
   from hc_jax import losses
   from hc_jax import models
-  from hc_jax.training import train
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from hc_jax.training import step as step_lib
   model = models.create_model(name, layers='auto')
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.key(0), jnp.zeros((1, height, width, 1)))
-  state = train.TrainState.create(
+  state = step_lib.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=optax.adam(1e-3))
   rng = np.random.default_rng(0)
@@ -57,9 +58,14 @@ def make_step(name, height, width):
       'resize': np.tile(np.concatenate([scale, 0.5 * scale - 0.5]),
                         (BATCH_SIZE, 1)).astype(np.float32)}
   member = {'key': jax.random.key(1), 'normaliser_px': jnp.float32(1786.5)}
+  # The model kind's loss (hcnet_ellipse: the HC of its ellipse, and the
+  # shape term at configs/hcnet_ellipse.py's weight); None for an HC
+  # regressor.
+  loss_of, _ = step_lib.output_functions(ml_collections.ConfigDict(
+      {'model': name, 'model_options': {}, 'ellipse_weight': 0.3}))
   step = jax.jit(functools.partial(
-      train.train_step, loss_fn=losses.get_loss('mae'),
-      augment=augment.AugmentConfig()), donate_argnums=(0,))
+      step_lib.train_step, loss_fn=losses.get_loss('mae'),
+      augment=augment.AugmentConfig(), loss_of=loss_of), donate_argnums=(0,))
   batch = jax.device_put(batch)
   return step, state, batch, member
 

@@ -3,7 +3,7 @@
   python benchmarks/profile_step.py --model=cnn_1m --batch_size=32
       [--steps=10] [--top=25] [--image_size=S|HxW] [--plain_layers]
 
-Runs the jitted `hc_jax.training.train.train_step` (forward, MSE, gradient, Adam) under
+Runs the jitted `hc_jax.training.step.train_step` (forward, MSE, gradient, Adam) under
 `jax.profiler.trace`, sums the time of each XLA operation (a fusion, a
 convolution, a matrix product: what XLA:CPU runs as one thunk) over the
 traced steps, and prints the costliest per step with what each one computes:

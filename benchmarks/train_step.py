@@ -11,7 +11,7 @@ model_options, see `benchmarks/keras_models.py`).
 One step is forward, MSE, gradient and Adam (lr 1e-3) on a fixed random batch
 at the model's configured input size (`SIZES`; `--image_size` overrides it
 for every model, as one side or HxW). hc_jax times the jitted
-`hc_jax.training.train.train_step` (state donated) on a valid random batch (540x800
+`hc_jax.training.step.train_step` (state donated) on a valid random batch (540x800
 originals stretched to the input, random head ellipses and their HC), with no
 augmentation; Keras times `train_on_batch` on the twin model from
 `benchmarks/keras_models.py`, compiled with Adam(1e-3) and 'mse' (no XLA:
@@ -119,7 +119,7 @@ def _random_batch(batch_size: int, image_size, outputs: int = 1):
 
 
 def hc_jax_batch(batch_size: int, image_size) -> dict:
-  """A valid random batch for `hc_jax.training.train.train_step`, any model.
+  """A valid random batch for `hc_jax.training.step.train_step`, any model.
 
   The images of `_random_batch`; HC18-sized (540x800) originals stretched to
   the input, random head ellipses in original pixels and their HC.
@@ -166,7 +166,7 @@ def _time_steps(step, seconds: float, min_steps: int,
 
 
 def _loss_of(model_name: str):
-  """The model kind's loss of `hc_jax.training.train.train_step` (None for kind 'hc'),
+  """The model kind's loss of `hc_jax.training.step.train_step` (None for kind 'hc'),
   with the config's settings for a model in `keras_models.CONFIGS`."""
   # pylint: disable=import-outside-toplevel
   import ml_collections
@@ -194,7 +194,7 @@ def hc_jax_state_step_batch(model_name: str, batch_size: int, size,
 
   Returns:
     (state, step, batch): `step(state, batch) -> (state, loss)` is the jitted
-    `hc_jax.training.train.train_step` with the state donated.
+    `hc_jax.training.step.train_step` with the state donated.
   """
   # pylint: disable=import-outside-toplevel
   import functools
@@ -419,7 +419,7 @@ def breakdown(model_name: str, batch_size: int, size, seconds: float,
               min_steps: int) -> None:
   """Prints ms per step for hc_jax's forward, forward + gradient, full step.
 
-  The forward pass and gradient are those of `hc_jax.training.train.train_step`'s loss
+  The forward pass and gradient are those of `hc_jax.training.step.train_step`'s loss
   (for an ellipse or mask model, its kind's loss).
   """
   # pylint: disable=import-outside-toplevel

@@ -400,3 +400,13 @@ def test_one_member_step_compares_both_ways(capsys, monkeypatch):
     assert re.search(rf'round 1 {way}: {NUMBER} ms/step', out), out
   assert re.search(rf'vmap: {NUMBER} ms/step, {NUMBER}x unbatched', out), out
   assert 'largest loss difference over the first 5 steps' in out, out
+
+
+@pytest.mark.slow  # Three models compiled at 128x128: ~20 s.
+def test_hcnet_step_times_each_model(capsys, monkeypatch):
+  out = _run_here(capsys, monkeypatch, 'hcnet_step.py', '--seconds=0',
+                  '--rounds=1')
+  for name in ('cnn_1m', 'hcnet', 'hcnet_ellipse'):
+    assert re.search(rf'round 1 {name}: {NUMBER} ms/step', out), out
+  assert re.search(rf'hcnet_ellipse 128x128: {NUMBER} ms/step, {NUMBER}x '
+                   'cnn_1m', out), out
