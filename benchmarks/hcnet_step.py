@@ -43,8 +43,7 @@ def make_step(name, height, width):
   import ml_collections  # pylint: disable=import-outside-toplevel
   from hc_jax.training import step as step_lib
   model = models.create_model(name, layers='auto')
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), jnp.zeros((1, height, width, 1)))
+  variables = models.init_variables(model, jnp.zeros((1, height, width, 1)))
   state = step_lib.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=optax.adam(1e-3))

@@ -67,9 +67,8 @@ class Predictor:
   def __init__(self, model_name: str, resize_mode: str = 'stretch'):
     self.image_size = SIZES[model_name]
     model = models.create_model(model_name, layers=inference.LAYERS)
-    self.variables = jax.jit(functools.partial(model.init, train=False))(
-        jax.random.key(0),
-        jnp.zeros((1, self.image_size, self.image_size, 1)))
+    self.variables = models.init_variables(
+        model, jnp.zeros((1, self.image_size, self.image_size, 1)))
     self.apply = jax.jit(functools.partial(model.apply, train=False))
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.uint8)])

@@ -202,14 +202,14 @@ def hc_jax_state_step_batch(model_name: str, batch_size: int, size,
   import jax.numpy as jnp
   import optax
   from hc_jax import losses
+  from hc_jax import models
   from hc_jax.data import augment
   from hc_jax.training import step as step_lib
   # pylint: enable=import-outside-toplevel
   height, width = keras_models.as_hw(size)
   model = keras_models.flax_model(model_name,
                                   layers='fast' if fast_layers else 'plain')
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), jnp.zeros((1, height, width, 1)))
+  variables = models.init_variables(model, jnp.zeros((1, height, width, 1)))
   state = step_lib.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables.get('batch_stats', {}), tx=optax.adam(1e-3))

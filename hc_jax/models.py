@@ -35,6 +35,7 @@ lookup with a clear error for an unknown name, and `from_config` builds the
 model a training config asks for.
 """
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -177,6 +178,13 @@ def from_config(config: Any) -> nn.Module:
     kwargs[key] = tuple(value) if isinstance(value, list) else value
   return create_model(config.model, layers=config.get('layers', 'auto'),
                       **kwargs)
+
+
+def init_variables(model: nn.Module, images: Any, key: Any = None) -> Any:
+  """A model's initial variables (eval mode) from one compiled call, not op
+  by op; `key` defaults to `jax.random.key(0)`."""
+  key = jax.random.key(0) if key is None else key
+  return jax.jit(functools.partial(model.init, train=False))(key, images)
 
 
 def count_params(params: Any) -> int:

@@ -201,8 +201,7 @@ def test_hcnet_mask_same_with_and_without_the_narrow_path(monkeypatch, xla):
                               widths=(8, 16, 32, 64, 64), stride=2, margin=8,
                               moments='window')
   images = jax.random.normal(jax.random.key(0), (2, 32, 48, 1))
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(1), images)
+  variables = models.init_variables(model, images, jax.random.key(1))
   ellipses = jnp.array([[24.0, 16.0, 14.0, 9.0, 0.4],
                         [20.0, 18.0, 11.0, 10.0, 2.0]])
   resize = jnp.array([[1.0, 1.0, 0.0, 0.0]] * 2)
@@ -269,8 +268,9 @@ def test_models_same_with_plain_and_fast_layers(name, kwargs, xla):
   plain = models.create_model(name, layers='plain', **kwargs)
   images = jax.random.normal(jax.random.key(0), (4, 32, 48, 1))  # Not square.
   targets = jnp.linspace(0.2, 1.0, 4)
-  init = lambda model: jax.jit(functools.partial(model.init, train=False))(  # pylint: disable=unnecessary-lambda-assignment
-      jax.random.key(1), images)
+  def init(model):
+    return models.init_variables(model, images, jax.random.key(1))
+
   variables = init(plain)
   _close(init(fast), variables)
   # The fast model does take the fast paths (custom VJPs), the plain none.

@@ -34,8 +34,7 @@ HCNET_GAP_PARAMS = 245_233
 
 def _init(model, height, width, batch=1):
   images = jnp.zeros((batch, height, width, 1), jnp.float32)
-  return jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), images)
+  return models.init_variables(model, images)
 
 
 def _count(model, height, width):

@@ -161,8 +161,7 @@ def test_geometry_is_exact_under_the_resize(mode, input_hw):
 def test_the_model_takes_any_input_size(input_hw):
   model = hcnet_mask.HCNetMask(widths=(4, 8, 8, 8), stride=2, margin=4)
   x = jnp.zeros((2, *input_hw, 1))
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), x)
+  variables = models.init_variables(model, x)
   out = jax.jit(functools.partial(model.apply, train=False))(variables, x)
   assert out['logits'].shape == (2, -(-input_hw[0] // 2) + 4,
                                  -(-input_hw[1] // 2) + 4)
@@ -173,8 +172,7 @@ def test_the_model_takes_any_input_size(input_hw):
 def test_the_model_with_attention_runs_and_has_its_parameters():
   model = hcnet_mask.HCNetMask(widths=(4, 8, 8, 8), attention=True)
   x = jnp.zeros((1, 48, 64, 1))
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), x)
+  variables = models.init_variables(model, x)
   assert 'attention' in variables['params']
   plain = hcnet_mask.HCNetMask(widths=(4, 8, 8, 8))
   plain_vars = jax.eval_shape(functools.partial(plain.init, train=False),
@@ -290,8 +288,7 @@ def train_on_phantoms(steps, mask_loss, **options):
   batch = _phantoms(8)
   model = hcnet_mask.HCNetMask(widths=(8, 16, 16, 16), stride=2, margin=4,
                                moments='window', layers='fast', **options)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), jnp.zeros((1, 32, 48, 1)))
+  variables = models.init_variables(model, jnp.zeros((1, 32, 48, 1)))
   state = step_lib.TrainState.create(
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=optax.adam(3e-3))

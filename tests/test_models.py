@@ -25,8 +25,7 @@ RESNET50_PARAMS = 23_503_809
 
 def _init(model, images, key=1):
   """The model's variables, initialised in one compiled call."""
-  return jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(key), images)
+  return models.init_variables(model, images, jax.random.key(key))
 
 
 def _train_apply(model, variables, images):

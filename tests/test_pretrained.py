@@ -280,8 +280,7 @@ def test_flax_vgg16_computes_what_keras_does(tmp_path):
   keras_features = np.asarray(keras_model(np.repeat(images, 3, axis=-1)))
 
   model = models.VGG16()
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), images)
+  variables = models.init_variables(model, images)
   state = step_lib.TrainState.create(
       apply_fn=model.apply, params=variables['params'], batch_stats={},
       tx=optax.adam(1e-3))

@@ -98,8 +98,7 @@ def test_bilinear_matches_map_coordinates_and_passes_gradients():
 
 
 def _init(model, x):
-  return jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), x)
+  return models.init_variables(model, x)
 
 
 def test_refine_off_is_the_model_as_it_was():

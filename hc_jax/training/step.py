@@ -52,7 +52,7 @@ def create_optimizer(config, steps_per_epoch: int
 def create_train_state(config, model, key, tx) -> TrainState:
   height, width = cache_lib.input_shape(config)
   image = jnp.zeros((1, height, width, 1), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(key, image)
+  variables = models.init_variables(model, image, key)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            batch_stats=variables.get('batch_stats', {}), tx=tx)
 
